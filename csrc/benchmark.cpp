@@ -1,0 +1,49 @@
+#include "palmcore/benchmark.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+
+#include "palmcore/ops.h"
+#include "palmcore/random.h"
+
+namespace palmcore {
+namespace {
+
+double seconds_since(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+Tensor random_tensor(std::vector<int64_t> shape, uint64_t stream) {
+  Tensor t = Tensor::zeros(std::move(shape));
+  for (int64_t i = 0; i < t.numel(); ++i) t.data<float>()[i] = static_cast<float>(uniform01(7, stream, i) - 0.5);
+  return t;
+}
+
+}  // namespace
+
+double measure_matmul_gflops(int64_t m, int64_t n, int64_t k, int repeats) {
+  Tensor a = random_tensor({m, k}, 0), b = random_tensor({k, n}, 1), c = Tensor::zeros({m, n});
+  matmul(a, false, b, false, c);
+  double best = 1e30;
+  for (int r = 0; r < repeats; ++r) {
+    const auto start = std::chrono::steady_clock::now();
+    matmul(a, false, b, false, c);
+    best = std::min(best, seconds_since(start));
+  }
+  return 2.0 * m * n * k / best * 1e-9;
+}
+
+double measure_copy_gbps(int64_t bytes, int repeats) {
+  Tensor src = random_tensor({bytes / 4}, 2), dst = Tensor::zeros({bytes / 4});
+  std::memcpy(dst.data<float>(), src.data<float>(), bytes);
+  double best = 1e30;
+  for (int r = 0; r < repeats; ++r) {
+    const auto start = std::chrono::steady_clock::now();
+    std::memcpy(dst.data<float>(), src.data<float>(), bytes);
+    best = std::min(best, seconds_since(start));
+  }
+  return 2.0 * bytes / best * 1e-9;
+}
+
+}  // namespace palmcore

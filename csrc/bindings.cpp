@@ -1,0 +1,112 @@
+// The only file that knows Python: converts arrays, checks what the C++ side cannot know
+// (dtype, contiguity, rank), releases the GIL around compute, and calls the runtime.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cmath>
+#include <cstring>
+#include <string>
+
+#include "palmcore/benchmark.h"
+#include "palmcore/model.h"
+#include "palmcore/threads.h"
+
+namespace py = pybind11;
+using namespace palmcore;
+
+namespace {
+
+using IntArray = py::array_t<int32_t, py::array::c_style>;
+using FloatArray = py::array_t<float, py::array::c_style>;
+
+std::vector<int64_t> shape_of(const py::array& a) {
+  return std::vector<int64_t>(a.shape(), a.shape() + a.ndim());
+}
+
+Tensor borrow_tokens(const IntArray& tokens, const char* what) {
+  if (tokens.ndim() != 2)
+    throw std::invalid_argument(std::string(what) + " must be 2-D [batch, seq], got " +
+                                std::to_string(tokens.ndim()) + "-D");
+  return Tensor::borrow(const_cast<int32_t*>(tokens.data()), shape_of(tokens), DType::I32);
+}
+
+py::array_t<float> to_numpy(const Tensor& t) {
+  py::array_t<float> out(t.shape());
+  std::memcpy(out.mutable_data(), t.data<float>(), t.numel() * sizeof(float));
+  return out;
+}
+
+Model make_model(const py::dict& c, uint64_t seed) {
+  ModelConfig config{c["vocab_size"].cast<int64_t>(), c["d_model"].cast<int64_t>(),
+                     c["n_layers"].cast<int64_t>(),   c["n_heads"].cast<int64_t>(),
+                     c["n_kv_heads"].cast<int64_t>(), c["head_dim"].cast<int64_t>(),
+                     c["ffn_dim"].cast<int64_t>(),    c["max_seq_len"].cast<int64_t>(),
+                     c["rope_base"].cast<double>(),   c["norm_eps"].cast<double>(),
+                     c["z_loss"].cast<double>()};
+  py::gil_scoped_release release;
+  return Model(config, seed);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "palmcore's C++ runtime (use the palmcore package, not this module)";
+  m.def("set_num_threads", &set_num_threads, py::arg("n"));
+  m.def("get_num_threads", &get_num_threads);
+  m.def("measure_sgemm_gflops", &measure_matmul_gflops, py::arg("m"), py::arg("n"), py::arg("k"),
+        py::arg("repeats") = 5, py::call_guard<py::gil_scoped_release>());
+  m.def("measure_copy_gbps", &measure_copy_gbps, py::arg("bytes"), py::arg("repeats") = 5,
+        py::call_guard<py::gil_scoped_release>());
+
+  py::class_<Model>(m, "Model")
+      .def(py::init(&make_model), py::arg("config"), py::arg("seed"))
+      .def("param_names",
+           [](const Model& model) {
+             std::vector<std::string> names;
+             for (const ParamInfo& p : model.params_info()) names.push_back(p.name);
+             return names;
+           })
+      .def("param_shape", [](const Model& model, const std::string& name) { return model.info(name).shape; })
+      .def("num_params", [](Model& model) { return model.flat_params().numel(); })
+      .def("get_param", [](const Model& model, const std::string& name) { return to_numpy(model.param(name)); })
+      .def("get_grad", [](const Model& model, const std::string& name) { return to_numpy(model.grad(name)); })
+      .def("set_param",
+           [](Model& model, const std::string& name, const FloatArray& value) {
+             Tensor dst = model.param(name);
+             if (shape_of(value) != dst.shape())
+               throw std::invalid_argument("parameter '" + name + "' must have shape " + dst.shape_string());
+             const float* src = value.data();
+             for (int64_t i = 0; i < dst.numel(); ++i)
+               if (!std::isfinite(src[i]))
+                 throw std::invalid_argument("parameter '" + name + "' holds a non-finite value (NaN or Inf)");
+             std::memcpy(dst.data<float>(), src, dst.numel() * sizeof(float));
+           })
+      .def("forward",
+           [](Model& model, const IntArray& tokens) {
+             Tensor t = borrow_tokens(tokens, "tokens");
+             const int64_t V = model.config().vocab_size;
+             py::array_t<float> logits({t.dim(0), t.dim(1), V});
+             Tensor out = Tensor::borrow(logits.mutable_data(), {t.dim(0) * t.dim(1), V}, DType::F32);
+             {
+               py::gil_scoped_release release;
+               model.forward(t, out);
+             }
+             return logits;
+           })
+      .def("forward_backward",
+           [](Model& model, const IntArray& tokens, const IntArray& targets) {
+             Tensor t = borrow_tokens(tokens, "tokens"), y = borrow_tokens(targets, "targets");
+             LossStats s;
+             {
+               py::gil_scoped_release release;
+               s = model.forward_backward(t, y);
+             }
+             py::dict out;
+             out["loss"] = s.loss;
+             out["ce"] = s.ce;
+             out["tokens"] = s.tokens;
+             return out;
+           })
+      .def("zero_grad", &Model::zero_grad);
+}

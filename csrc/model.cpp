@@ -1,0 +1,296 @@
+// The PaLM graph (PALM_SPEC.md "Forward pass", "Loss"), forward and backward, over the ops.
+// It knows no backend: every computation is an op call on tensors.
+#include "palmcore/model.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+#include <unordered_map>
+
+#include "palmcore/random.h"
+
+namespace palmcore {
+
+namespace {
+
+void require(bool ok, const std::string& message) {
+  if (!ok) throw std::invalid_argument(message);
+}
+
+// Rows of the logits computed at once in the loss: bounds the [rows, V] buffer to ~64 MiB.
+int64_t logits_chunk_rows(int64_t vocab, int64_t rows) {
+  return std::min(rows, std::max<int64_t>(64, (int64_t{16} << 20) / vocab));
+}
+
+}  // namespace
+
+void ModelConfig::validate() const {
+  const std::pair<const char*, int64_t> positive[] = {
+      {"vocab_size", vocab_size}, {"d_model", d_model}, {"n_layers", n_layers},
+      {"n_heads", n_heads},       {"n_kv_heads", n_kv_heads}, {"head_dim", head_dim},
+      {"ffn_dim", ffn_dim},       {"max_seq_len", max_seq_len}};
+  for (const auto& [name, value] : positive)
+    require(value > 0, std::string(name) + " must be positive, got " + std::to_string(value));
+  require(vocab_size <= INT32_MAX, "vocab_size must fit in int32");
+  require(head_dim % 2 == 0, "head_dim must be even for RoPE, got " + std::to_string(head_dim));
+  require(n_heads % n_kv_heads == 0, "n_heads (" + std::to_string(n_heads) +
+                                         ") must be a multiple of n_kv_heads (" +
+                                         std::to_string(n_kv_heads) + ")");
+  require(rope_base > 0 && std::isfinite(rope_base), "rope_base must be positive and finite");
+  require(norm_eps > 0 && std::isfinite(norm_eps), "norm_eps must be positive and finite");
+  require(z_loss >= 0 && std::isfinite(z_loss), "z_loss must be non-negative and finite");
+}
+
+int64_t ParamInfo::numel() const {
+  int64_t n = 1;
+  for (int64_t extent : shape) n *= extent;
+  return n;
+}
+
+Model::Model(const ModelConfig& config, uint64_t seed, Device device) : config_(config), device_(device) {
+  config_.validate();
+  const int64_t V = config_.vocab_size, D = config_.d_model, F = config_.ffn_dim;
+  const int64_t q_width = config_.n_heads * config_.head_dim;
+  const int64_t kv_width = config_.n_kv_heads * config_.head_dim;
+  int64_t offset = 0;
+  auto add = [&](std::string name, std::vector<int64_t> shape, double init_std) {
+    info_.push_back({std::move(name), std::move(shape), offset, init_std});
+    offset += info_.back().numel();
+  };
+  // Spec order and init: embed ~ N(0, 1); dense kernels ~ N(0, 1/fan_in); norm scales = 1.
+  add("embed", {V, D}, 1.0);
+  for (int64_t i = 0; i < config_.n_layers; ++i) {
+    const std::string p = "layers." + std::to_string(i) + ".";
+    add(p + "norm.scale", {D}, 0.0);
+    add(p + "attn.wq", {D, q_width}, 1.0 / std::sqrt(double(D)));
+    add(p + "attn.wk", {D, kv_width}, 1.0 / std::sqrt(double(D)));
+    add(p + "attn.wv", {D, kv_width}, 1.0 / std::sqrt(double(D)));
+    add(p + "attn.wo", {q_width, D}, 1.0 / std::sqrt(double(q_width)));
+    add(p + "mlp.w_gate", {D, F}, 1.0 / std::sqrt(double(D)));
+    add(p + "mlp.w_up", {D, F}, 1.0 / std::sqrt(double(D)));
+    add(p + "mlp.w_down", {F, D}, 1.0 / std::sqrt(double(F)));
+  }
+  add("final_norm.scale", {D}, 0.0);
+
+  params_ = Tensor::zeros({offset}, DType::F32, device_);
+  grads_ = Tensor::zeros({offset}, DType::F32, device_);
+  // Element e of parameter number s is draw (seed, s, e): independent of threads and layout.
+  for (size_t s = 0; s < info_.size(); ++s) {
+    const ParamInfo& p = info_[s];
+    float* w = params_.data<float>() + p.offset;
+    const int64_t n = p.numel();
+#pragma omp parallel for schedule(static)
+    for (int64_t e = 0; e < n; ++e)
+      w[e] = p.init_std == 0.0 ? 1.0f : static_cast<float>(p.init_std * standard_normal(seed, s, e));
+  }
+  weights_ = views_of(params_);
+  weight_grads_ = views_of(grads_);
+
+  // RoPE tables: θ = p · base^(-2i/dh), computed in double.
+  const int64_t half = config_.head_dim / 2;
+  rope_cos_ = Tensor::zeros({config_.max_seq_len, half}, DType::F32, device_);
+  rope_sin_ = Tensor::zeros({config_.max_seq_len, half}, DType::F32, device_);
+  for (int64_t pos = 0; pos < config_.max_seq_len; ++pos)
+    for (int64_t i = 0; i < half; ++i) {
+      const double theta = pos * std::pow(config_.rope_base, -2.0 * i / config_.head_dim);
+      rope_cos_.data<float>()[pos * half + i] = static_cast<float>(std::cos(theta));
+      rope_sin_.data<float>()[pos * half + i] = static_cast<float>(std::sin(theta));
+    }
+}
+
+const ParamInfo& Model::info(const std::string& name) const {
+  for (const ParamInfo& p : info_)
+    if (p.name == name) return p;
+  throw std::invalid_argument("no parameter named '" + name + "'");
+}
+
+Tensor Model::param(const std::string& name) const {
+  const ParamInfo& p = info(name);
+  return params_.view(p.offset, p.shape);
+}
+
+Tensor Model::grad(const std::string& name) const {
+  const ParamInfo& p = info(name);
+  return grads_.view(p.offset, p.shape);
+}
+
+Model::Weights Model::views_of(const Tensor& flat) const {
+  std::unordered_map<std::string, Tensor> by_name;
+  for (const ParamInfo& p : info_) by_name[p.name] = flat.view(p.offset, p.shape);
+  Weights w;
+  w.embed = by_name.at("embed");
+  w.final_norm = by_name.at("final_norm.scale");
+  for (int64_t i = 0; i < config_.n_layers; ++i) {
+    const std::string p = "layers." + std::to_string(i) + ".";
+    w.layers.push_back({by_name.at(p + "norm.scale"), by_name.at(p + "attn.wq"),
+                        by_name.at(p + "attn.wk"), by_name.at(p + "attn.wv"),
+                        by_name.at(p + "attn.wo"), by_name.at(p + "mlp.w_gate"),
+                        by_name.at(p + "mlp.w_up"), by_name.at(p + "mlp.w_down")});
+  }
+  return w;
+}
+
+AttentionShape Model::attention_shape() const {
+  return {act_.batch, act_.seq, config_.n_heads, config_.n_kv_heads, config_.head_dim};
+}
+
+// Size every activation and scratch buffer for batch shape [B, T], once per shape.
+void Model::prepare(int64_t batch, int64_t seq) {
+  if (batch == act_.batch && seq == act_.seq) return;
+  act_ = Activations();
+  const int64_t rows = batch * seq, D = config_.d_model, F = config_.ffn_dim;
+  const int64_t qw = config_.n_heads * config_.head_dim, kvw = config_.n_kv_heads * config_.head_dim;
+  auto f32 = [&](std::vector<int64_t> shape) { return Tensor::zeros(std::move(shape), DType::F32, device_); };
+  act_.batch = batch;
+  act_.seq = seq;
+  act_.tokens = Tensor::zeros({rows}, DType::I32, device_);
+  act_.targets = Tensor::zeros({rows}, DType::I32, device_);
+  act_.positions = Tensor::zeros({rows}, DType::I32, device_);
+  for (int64_t r = 0; r < rows; ++r) act_.positions.data<int32_t>()[r] = static_cast<int32_t>(r % seq);
+  act_.x = f32({rows, D});
+  for (int64_t i = 0; i < config_.n_layers; ++i)
+    act_.layers.push_back({f32({rows, D}), f32({rows}), f32({rows, D}), f32({rows, qw}),
+                           f32({rows, kvw}), f32({rows, kvw}), f32({rows, qw}),
+                           f32({batch * config_.n_heads * seq}), f32({rows, F}), f32({rows, F})});
+  act_.final_xhat = f32({rows, D});
+  act_.final_rstd = f32({rows});
+  act_.final_h = f32({rows, D});
+  act_.dx = f32({rows, D});
+  act_.dh = f32({rows, D});
+  act_.dfinal_h = f32({rows, D});
+  act_.dattn = f32({rows, qw});
+  act_.dq = f32({rows, qw});
+  act_.dk = f32({rows, kvw});
+  act_.dv = f32({rows, kvw});
+  act_.swiglu = f32({rows, F});
+  act_.dswiglu = f32({rows, F});
+  act_.dgate = f32({rows, F});
+  act_.dup = f32({rows, F});
+  const int64_t chunk = logits_chunk_rows(config_.vocab_size, rows);
+  act_.logits_chunk = f32({chunk, config_.vocab_size});
+  act_.row_ce = f32({chunk});
+  act_.row_lse = f32({chunk});
+  act_.attention = AttentionWorkspace::create(attention_shape(), device_);
+}
+
+void Model::check_tokens(const Tensor& tokens, const char* what, bool allow_ignored) const {
+  require(tokens.dtype() == DType::I32, std::string(what) + " must be int32");
+  require(tokens.ndim() == 2, std::string(what) + " must be 2-D [batch, seq], got " + tokens.shape_string());
+  require(tokens.dim(0) > 0 && tokens.dim(1) > 0, std::string(what) + " must not be empty");
+  require(tokens.dim(1) <= config_.max_seq_len,
+          std::string(what) + " has sequence length " + std::to_string(tokens.dim(1)) +
+              " > max_seq_len " + std::to_string(config_.max_seq_len));
+  const int32_t* t = tokens.data<int32_t>();
+  for (int64_t i = 0; i < tokens.numel(); ++i)
+    if (t[i] >= config_.vocab_size || (t[i] < 0 && !allow_ignored))
+      throw std::invalid_argument(std::string(what) + " id " + std::to_string(t[i]) + " at flat index " +
+                              std::to_string(i) + " is outside the vocabulary [0, " +
+                              std::to_string(config_.vocab_size) + ")");
+}
+
+// x = embed[t]; each layer: h = LN(x); x += attn(h) @ wo + swiglu(h) @ w_down; final LN.
+void Model::run_forward(const Tensor& tokens) {
+  check_tokens(tokens, "tokens", false);
+  prepare(tokens.dim(0), tokens.dim(1));
+  std::memcpy(act_.tokens.data<int32_t>(), tokens.data<int32_t>(), tokens.numel() * sizeof(int32_t));
+  const float eps = static_cast<float>(config_.norm_eps);
+  embedding_forward(weights_.embed, act_.tokens, act_.x);
+  for (int64_t i = 0; i < config_.n_layers; ++i) {
+    const LayerWeights& w = weights_.layers[i];
+    LayerActivations& a = act_.layers[i];
+    layernorm_forward(act_.x, w.norm, eps, a.h, a.xhat, a.rstd);
+    matmul(a.h, false, w.wq, false, a.q);
+    matmul(a.h, false, w.wk, false, a.k);
+    matmul(a.h, false, w.wv, false, a.v);
+    rope_apply(a.q, act_.positions, rope_cos_, rope_sin_, config_.n_heads, false);
+    rope_apply(a.k, act_.positions, rope_cos_, rope_sin_, config_.n_kv_heads, false);
+    attention_forward(a.q, a.k, a.v, a.attn, a.lse, attention_shape(), act_.attention);
+    matmul(a.h, false, w.w_gate, false, a.gate);
+    matmul(a.h, false, w.w_up, false, a.up);
+    swiglu_forward(a.gate, a.up, act_.swiglu);
+    matmul(a.attn, false, w.wo, false, act_.x, 1.0f, 1.0f);        // parallel block:
+    matmul(act_.swiglu, false, w.w_down, false, act_.x, 1.0f, 1.0f);  // both branches add to x
+  }
+  layernorm_forward(act_.x, weights_.final_norm, eps, act_.final_h, act_.final_xhat, act_.final_rstd);
+}
+
+// z = LN(x) @ embed^T / sqrt(D)
+void Model::forward(const Tensor& tokens, Tensor& logits) {
+  run_forward(tokens);
+  matmul(act_.final_h, false, weights_.embed, true, logits,
+         1.0f / std::sqrt(static_cast<float>(config_.d_model)));
+}
+
+LossStats Model::forward_backward(const Tensor& tokens, const Tensor& targets) {
+  check_tokens(targets, "targets", true);
+  require(targets.shape() == tokens.shape(),
+          "targets shape " + targets.shape_string() + " differs from tokens shape " + tokens.shape_string());
+  run_forward(tokens);
+  const int64_t rows = act_.batch * act_.seq;
+  std::memcpy(act_.targets.data<int32_t>(), targets.data<int32_t>(), rows * sizeof(int32_t));
+  const int32_t* y = act_.targets.data<int32_t>();
+  LossStats stats;
+  for (int64_t r = 0; r < rows; ++r) stats.tokens += y[r] >= 0;
+  if (stats.tokens == 0) return stats;  // nothing counted: loss 0, no gradient
+
+  // Loss and its gradient, a chunk of rows at a time (never the whole [rows, V] logits).
+  const float logit_scale = 1.0f / std::sqrt(static_cast<float>(config_.d_model));
+  const float grad_scale = 1.0f / static_cast<float>(stats.tokens);
+  const int64_t chunk = act_.logits_chunk.dim(0);
+  double ce_sum = 0.0, loss_sum = 0.0;
+  for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
+    const int64_t r1 = std::min(rows, r0 + chunk);
+    Tensor z = act_.logits_chunk.rows(0, r1 - r0);
+    Tensor h = act_.final_h.rows(r0, r1);
+    Tensor dh = act_.dfinal_h.rows(r0, r1);
+    matmul(h, false, weights_.embed, true, z, logit_scale);
+    cross_entropy_forward_backward(z, act_.targets.view(r0, {r1 - r0}), static_cast<float>(config_.z_loss),
+                                   grad_scale, act_.row_ce, act_.row_lse);
+    for (int64_t r = r0; r < r1; ++r) {
+      if (y[r] < 0) continue;
+      const double ce = act_.row_ce.data<float>()[r - r0], lse = act_.row_lse.data<float>()[r - r0];
+      ce_sum += ce;
+      loss_sum += ce + config_.z_loss * lse * lse;
+    }
+    matmul(z, false, weights_.embed, false, dh, logit_scale);                     // dh = dz @ E / √D
+    matmul(z, true, h, false, weight_grads_.embed, logit_scale, 1.0f);            // dE += dzᵀ h / √D
+  }
+  stats.ce = ce_sum / stats.tokens;
+  stats.loss = loss_sum / stats.tokens;
+
+  act_.dx.fill_zero();
+  layernorm_backward(act_.dfinal_h, act_.final_xhat, act_.final_rstd, weights_.final_norm, act_.dx,
+                     weight_grads_.final_norm);
+  for (int64_t i = config_.n_layers - 1; i >= 0; --i) {
+    const LayerWeights& w = weights_.layers[i];
+    LayerWeights& gw = weight_grads_.layers[i];
+    LayerActivations& a = act_.layers[i];
+    // dx reaches both branches unchanged (x_out = x_in + attn + mlp).
+    matmul(a.attn, true, act_.dx, false, gw.wo, 1.0f, 1.0f);
+    matmul(act_.dx, false, w.wo, true, act_.dattn);
+    swiglu_forward(a.gate, a.up, act_.swiglu);  // recomputed rather than kept per layer
+    matmul(act_.swiglu, true, act_.dx, false, gw.w_down, 1.0f, 1.0f);
+    matmul(act_.dx, false, w.w_down, true, act_.dswiglu);
+    swiglu_backward(a.gate, a.up, act_.dswiglu, act_.dgate, act_.dup);
+    attention_backward(a.q, a.k, a.v, a.attn, a.lse, act_.dattn, act_.dq, act_.dk, act_.dv,
+                       attention_shape(), act_.attention);
+    rope_apply(act_.dq, act_.positions, rope_cos_, rope_sin_, config_.n_heads, true);
+    rope_apply(act_.dk, act_.positions, rope_cos_, rope_sin_, config_.n_kv_heads, true);
+    // dh = Σ over the five projections of h: d(out) @ Wᵀ; dW += hᵀ d(out)
+    const std::pair<const Tensor*, Tensor*> projections[] = {
+        {&w.wq, &act_.dq}, {&w.wk, &act_.dk}, {&w.wv, &act_.dv}, {&w.w_gate, &act_.dgate}, {&w.w_up, &act_.dup}};
+    Tensor* weight_grad[] = {&gw.wq, &gw.wk, &gw.wv, &gw.w_gate, &gw.w_up};
+    for (int j = 0; j < 5; ++j) {
+      matmul(*projections[j].second, false, *projections[j].first, true, act_.dh, 1.0f, j == 0 ? 0.0f : 1.0f);
+      matmul(a.h, true, *projections[j].second, false, *weight_grad[j], 1.0f, 1.0f);
+    }
+    layernorm_backward(act_.dh, a.xhat, a.rstd, w.norm, act_.dx, gw.norm);
+  }
+  embedding_backward(act_.dx, act_.tokens, weight_grads_.embed);
+  return stats;
+}
+
+}  // namespace palmcore

@@ -1,0 +1,82 @@
+// One dispatch per op: the device of the op's first tensor picks the backend's kernel.
+#include "palmcore/ops.h"
+
+#include <stdexcept>
+#include <string>
+
+#include "cpu/cpu_ops.h"
+
+namespace palmcore {
+
+#define PALMCORE_DISPATCH(op, device, ...)                                                   \
+  switch (device) {                                                                          \
+    case Device::CPU:                                                                        \
+      return cpu::op(__VA_ARGS__);                                                           \
+    default:                                                                                 \
+      throw std::runtime_error(std::string(#op) + ": no kernel for device " + device_name(device)); \
+  }
+
+void matmul(const Tensor& a, bool transpose_a, const Tensor& b, bool transpose_b, Tensor& c,
+            float alpha, float beta) {
+  PALMCORE_DISPATCH(matmul, c.device(), a, transpose_a, b, transpose_b, c, alpha, beta);
+}
+
+void embedding_forward(const Tensor& table, const Tensor& tokens, Tensor& out) {
+  PALMCORE_DISPATCH(embedding_forward, out.device(), table, tokens, out);
+}
+
+void embedding_backward(const Tensor& dout, const Tensor& tokens, Tensor& dtable) {
+  PALMCORE_DISPATCH(embedding_backward, dtable.device(), dout, tokens, dtable);
+}
+
+void layernorm_forward(const Tensor& x, const Tensor& scale, float eps, Tensor& out, Tensor& xhat,
+                       Tensor& rstd) {
+  PALMCORE_DISPATCH(layernorm_forward, x.device(), x, scale, eps, out, xhat, rstd);
+}
+
+void layernorm_backward(const Tensor& dout, const Tensor& xhat, const Tensor& rstd,
+                        const Tensor& scale, Tensor& dx, Tensor& dscale) {
+  PALMCORE_DISPATCH(layernorm_backward, dx.device(), dout, xhat, rstd, scale, dx, dscale);
+}
+
+void rope_apply(Tensor& x, const Tensor& positions, const Tensor& cos_table,
+                const Tensor& sin_table, int64_t heads, bool inverse) {
+  PALMCORE_DISPATCH(rope_apply, x.device(), x, positions, cos_table, sin_table, heads, inverse);
+}
+
+AttentionWorkspace AttentionWorkspace::create(const AttentionShape& s, Device device) {
+  AttentionWorkspace ws;
+  ws.keys_t = Tensor::zeros({s.batch * s.kv_heads, s.head_dim, s.seq}, DType::F32, device);
+  ws.values_t = Tensor::zeros({s.batch * s.kv_heads, s.head_dim, s.seq}, DType::F32, device);
+  ws.dkeys_part = Tensor::zeros({s.batch * s.heads, s.seq, s.head_dim}, DType::F32, device);
+  ws.dvalues_part = Tensor::zeros({s.batch * s.heads, s.seq, s.head_dim}, DType::F32, device);
+  return ws;
+}
+
+void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, Tensor& out, Tensor& lse,
+                       const AttentionShape& shape, AttentionWorkspace& ws) {
+  PALMCORE_DISPATCH(attention_forward, q.device(), q, k, v, out, lse, shape, ws);
+}
+
+void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+                        const Tensor& lse, const Tensor& dout, Tensor& dq, Tensor& dk, Tensor& dv,
+                        const AttentionShape& shape, AttentionWorkspace& ws) {
+  PALMCORE_DISPATCH(attention_backward, q.device(), q, k, v, out, lse, dout, dq, dk, dv, shape, ws);
+}
+
+void swiglu_forward(const Tensor& gate, const Tensor& up, Tensor& out) {
+  PALMCORE_DISPATCH(swiglu_forward, out.device(), gate, up, out);
+}
+
+void swiglu_backward(const Tensor& gate, const Tensor& up, const Tensor& dout, Tensor& dgate,
+                     Tensor& dup) {
+  PALMCORE_DISPATCH(swiglu_backward, dgate.device(), gate, up, dout, dgate, dup);
+}
+
+void cross_entropy_forward_backward(Tensor& logits, const Tensor& targets, float z_loss,
+                                    float grad_scale, Tensor& row_ce, Tensor& row_lse) {
+  PALMCORE_DISPATCH(cross_entropy_forward_backward, logits.device(), logits, targets, z_loss,
+                    grad_scale, row_ce, row_lse);
+}
+
+}  // namespace palmcore

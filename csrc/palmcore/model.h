@@ -1,0 +1,92 @@
+// The PaLM model (PALM_SPEC.md): parameters in one flat buffer, the graph written once over
+// the ops of palmcore/ops.h, activations sized once per batch shape.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "palmcore/ops.h"
+#include "palmcore/tensor.h"
+
+namespace palmcore {
+
+struct ModelConfig {
+  int64_t vocab_size, d_model, n_layers, n_heads, n_kv_heads, head_dim, ffn_dim, max_seq_len;
+  double rope_base, norm_eps, z_loss;
+  // Throws std::invalid_argument naming the first field that breaks the spec's rules.
+  void validate() const;
+};
+
+// One named parameter: its spec name, shape, place in the flat buffer and init std
+// (0 means "initialized to ones", the norm scales).
+struct ParamInfo {
+  std::string name;
+  std::vector<int64_t> shape;
+  int64_t offset;
+  double init_std;
+  int64_t numel() const;
+};
+
+struct LossStats {
+  double loss = 0.0;  // mean over counted positions of ce + z_loss · lse²
+  double ce = 0.0;    // mean over counted positions of ce
+  int64_t tokens = 0; // counted positions (targets >= 0)
+};
+
+class Model {
+ public:
+  Model(const ModelConfig& config, uint64_t seed, Device device = Device::CPU);
+
+  const ModelConfig& config() const { return config_; }
+  const std::vector<ParamInfo>& params_info() const { return info_; }
+  const ParamInfo& info(const std::string& name) const;
+  Tensor param(const std::string& name) const;
+  Tensor grad(const std::string& name) const;
+  Tensor& flat_params() { return params_; }
+  Tensor& flat_grads() { return grads_; }
+
+  // tokens: int32 [B, T] in [0, V). logits: float [B·T, V].
+  void forward(const Tensor& tokens, Tensor& logits);
+  // Adds d(loss)/d(params) to the gradients; targets < 0 are ignored.
+  LossStats forward_backward(const Tensor& tokens, const Tensor& targets);
+  void zero_grad() { grads_.fill_zero(); }
+
+ private:
+  struct LayerWeights {
+    Tensor norm, wq, wk, wv, wo, w_gate, w_up, w_down;
+  };
+  struct Weights {
+    Tensor embed, final_norm;
+    std::vector<LayerWeights> layers;
+  };
+  struct LayerActivations {
+    Tensor xhat, rstd, h, q, k, v, attn, lse, gate, up;
+  };
+  struct Activations {
+    int64_t batch = 0, seq = 0;
+    Tensor tokens, targets, positions, x;
+    std::vector<LayerActivations> layers;
+    Tensor final_xhat, final_rstd, final_h;
+    // backward scratch
+    Tensor dx, dh, dfinal_h, dattn, dq, dk, dv, swiglu, dswiglu, dgate, dup;
+    Tensor logits_chunk, row_ce, row_lse;
+    AttentionWorkspace attention;
+  };
+
+  Weights views_of(const Tensor& flat) const;
+  void prepare(int64_t batch, int64_t seq);
+  void check_tokens(const Tensor& tokens, const char* what, bool allow_ignored) const;
+  void run_forward(const Tensor& tokens);
+  AttentionShape attention_shape() const;
+
+  ModelConfig config_;
+  Device device_;
+  std::vector<ParamInfo> info_;
+  Tensor params_, grads_;
+  Weights weights_, weight_grads_;
+  Tensor rope_cos_, rope_sin_;
+  Activations act_;
+};
+
+}  // namespace palmcore

@@ -1,0 +1,42 @@
+// Counter-based random numbers: Philox4x32-10 (Salmon et al., "Parallel random numbers: as
+// easy as 1, 2, 3", SC 2011). A draw is a pure function of (key, counter), so any element can
+// be drawn by any thread in any order and the result never depends on the thread count.
+#pragma once
+
+#include <array>
+#include <cmath>
+#include <cstdint>
+
+namespace palmcore {
+
+inline std::array<uint32_t, 4> philox4x32(uint64_t key, std::array<uint32_t, 4> ctr) {
+  uint32_t k0 = static_cast<uint32_t>(key), k1 = static_cast<uint32_t>(key >> 32);
+  for (int round = 0; round < 10; ++round) {
+    const uint64_t p0 = uint64_t{0xD2511F53u} * ctr[0];
+    const uint64_t p1 = uint64_t{0xCD9E8D57u} * ctr[2];
+    ctr = {static_cast<uint32_t>(p1 >> 32) ^ ctr[1] ^ k0, static_cast<uint32_t>(p1),
+           static_cast<uint32_t>(p0 >> 32) ^ ctr[3] ^ k1, static_cast<uint32_t>(p0)};
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  return ctr;
+}
+
+// Uniform in [0, 1) with 53 random bits, from draw (key, stream, index).
+inline double uniform01(uint64_t key, uint64_t stream, uint64_t index) {
+  const auto r = philox4x32(key, {static_cast<uint32_t>(index), static_cast<uint32_t>(index >> 32),
+                                  static_cast<uint32_t>(stream), static_cast<uint32_t>(stream >> 32)});
+  const uint64_t bits = (uint64_t{r[0]} << 21) ^ r[1];
+  return static_cast<double>(bits & ((uint64_t{1} << 53) - 1)) * 0x1.0p-53;
+}
+
+// Standard normal by Box-Muller from one Philox block, draw (key, stream, index).
+inline double standard_normal(uint64_t key, uint64_t stream, uint64_t index) {
+  const auto r = philox4x32(key, {static_cast<uint32_t>(index), static_cast<uint32_t>(index >> 32),
+                                  static_cast<uint32_t>(stream), static_cast<uint32_t>(stream >> 32)});
+  const double u1 = (static_cast<double>((uint64_t{r[0]} << 21) ^ r[1]) + 1.0) * 0x1.0p-53;  // (0, 1]
+  const double u2 = static_cast<double>((uint64_t{r[2]} << 21) ^ r[3]) * 0x1.0p-53;
+  return std::sqrt(-2.0 * std::log(u1)) * std::cos(2.0 * M_PI * u2);
+}
+
+}  // namespace palmcore

@@ -1,0 +1,80 @@
+#include "palmcore/tensor.h"
+
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <stdexcept>
+
+namespace palmcore {
+
+const char* device_name(Device device) { return device == Device::CPU ? "cpu" : "cuda"; }
+
+size_t dtype_size(DType dtype) { return dtype == DType::F32 ? sizeof(float) : sizeof(int32_t); }
+
+Buffer::Buffer(Device device, size_t bytes) : device_(device), bytes_(bytes), data_(nullptr) {
+  if (device != Device::CPU) throw std::runtime_error("palmcore was built without the CUDA backend");
+  // 64-byte alignment: one cache line, one AVX-512 vector.
+  size_t rounded = (bytes + 63) / 64 * 64;
+  data_ = std::aligned_alloc(64, rounded == 0 ? 64 : rounded);
+  if (data_ == nullptr) throw std::bad_alloc();
+}
+
+Buffer::~Buffer() {
+  if (owned_) std::free(data_);
+}
+
+Tensor Tensor::zeros(std::vector<int64_t> shape, DType dtype, Device device) {
+  Tensor t;
+  t.shape_ = std::move(shape);
+  t.dtype_ = dtype;
+  for (int64_t extent : t.shape_)
+    if (extent < 0) throw std::invalid_argument("negative tensor extent");
+  t.buffer_ = std::make_shared<Buffer>(device, static_cast<size_t>(t.numel()) * dtype_size(dtype));
+  t.fill_zero();
+  return t;
+}
+
+Tensor Tensor::borrow(void* data, std::vector<int64_t> shape, DType dtype, Device device) {
+  Tensor t;
+  t.shape_ = std::move(shape);
+  t.dtype_ = dtype;
+  t.buffer_ = std::make_shared<Buffer>(device, data, static_cast<size_t>(t.numel()) * dtype_size(dtype));
+  return t;
+}
+
+int64_t Tensor::numel() const {
+  int64_t n = 1;
+  for (int64_t extent : shape_) n *= extent;
+  return n;
+}
+
+std::string Tensor::shape_string() const {
+  std::string s = "[";
+  for (size_t i = 0; i < shape_.size(); ++i) s += (i ? ", " : "") + std::to_string(shape_[i]);
+  return s + "]";
+}
+
+Tensor Tensor::view(int64_t element_offset, std::vector<int64_t> shape) const {
+  Tensor t = *this;
+  t.shape_ = std::move(shape);
+  t.byte_offset_ = byte_offset_ + static_cast<size_t>(element_offset) * dtype_size(dtype_);
+  if (element_offset < 0 || t.byte_offset_ + t.numel() * dtype_size(dtype_) > buffer_->bytes())
+    throw std::out_of_range("tensor view outside its buffer");
+  return t;
+}
+
+Tensor Tensor::rows(int64_t begin, int64_t end) const {
+  std::vector<int64_t> shape = shape_;
+  shape[0] = end - begin;
+  return view(begin * (numel() / shape_[0]), std::move(shape));
+}
+
+Tensor Tensor::reshape(std::vector<int64_t> shape) const {
+  Tensor t = view(0, std::move(shape));
+  if (t.numel() != numel()) throw std::invalid_argument("reshape changes the number of elements");
+  return t;
+}
+
+void Tensor::fill_zero() { std::memset(data<char>(), 0, static_cast<size_t>(numel()) * dtype_size(dtype_)); }
+
+}  // namespace palmcore

@@ -1,0 +1,41 @@
+"""palmcore: a PaLM language-model runtime with a C++ core.
+
+    import palmcore
+    cfg = palmcore.PaLMConfig.preset("seed")
+    model = palmcore.PaLM(cfg, seed=0)
+    out = model.forward_backward(tokens, targets)
+"""
+
+import os as _os
+
+from palmcore import _core
+from palmcore.config import PaLMConfig
+from palmcore.model import PaLM
+
+__all__ = ["PaLMConfig", "PaLM", "set_num_threads", "get_num_threads"]
+__version__ = "0.1.0"
+
+
+def set_num_threads(n: int) -> None:
+    """Threads used by every CPU kernel (the OpenMP loops and the BLAS together)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"the thread count must be a positive integer, got {n!r}")
+    _core.set_num_threads(n)
+
+
+def get_num_threads() -> int:
+    return _core.get_num_threads()
+
+
+def _threads_from_environment() -> None:
+    value = _os.environ.get("PALMCORE_NUM_THREADS")
+    if value is None:
+        return
+    try:
+        n = int(value)
+    except ValueError:
+        raise ValueError(f"PALMCORE_NUM_THREADS must be a positive integer, got {value!r}") from None
+    set_num_threads(n)
+
+
+_threads_from_environment()

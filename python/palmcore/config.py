@@ -1,0 +1,123 @@
+"""PaLMConfig: the model's shape, as in PALM_SPEC.md ("Configuration"), and its presets."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+# Shapes from PALM_SPEC.md: `seed` is the seed article's example code, the rest are the
+# PaLM paper's Table 1 (for planning and accounting, not for training on a CPU).
+_PRESETS = {
+    "seed": dict(vocab_size=10000, d_model=256, n_layers=6, n_heads=8, head_dim=32,
+                 ffn_dim=1024, n_kv_heads=1),
+    "palm-8b": dict(vocab_size=256000, d_model=4096, n_layers=32, n_heads=16, head_dim=256,
+                    ffn_dim=16384, n_kv_heads=1),
+    "palm-62b": dict(vocab_size=256000, d_model=8192, n_layers=64, n_heads=32, head_dim=256,
+                     ffn_dim=32768, n_kv_heads=1),
+    "palm-540b": dict(vocab_size=256000, d_model=18432, n_layers=118, n_heads=48, head_dim=256,
+                      ffn_dim=73728, n_kv_heads=1),
+}
+
+
+@dataclasses.dataclass
+class PaLMConfig:
+    """The shape of a PaLM model. ``head_dim`` defaults to ``d_model // n_heads`` and
+    ``ffn_dim`` to ``4 * d_model``; every field is checked on construction."""
+
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int = 1
+    head_dim: int | None = None
+    ffn_dim: int | None = None
+    max_seq_len: int = 2048
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    z_loss: float = 1e-4
+
+    def __post_init__(self):
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "max_seq_len"):
+            _require_positive_int(name, getattr(self, name))
+        if self.head_dim is None:
+            if self.d_model % self.n_heads:
+                raise ValueError(f"d_model ({self.d_model}) is not divisible by n_heads "
+                                 f"({self.n_heads}); give head_dim explicitly")
+            self.head_dim = self.d_model // self.n_heads
+        if self.ffn_dim is None:
+            self.ffn_dim = 4 * self.d_model
+        _require_positive_int("head_dim", self.head_dim)
+        _require_positive_int("ffn_dim", self.ffn_dim)
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for RoPE's rotate-half, got {self.head_dim}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads "
+                             f"({self.n_kv_heads})")
+        for name in ("rope_base", "norm_eps"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+        if not (isinstance(self.z_loss, (int, float)) and math.isfinite(self.z_loss)
+                and self.z_loss >= 0):
+            raise ValueError(f"z_loss must be a non-negative finite number, got {self.z_loss!r}")
+        self.rope_base = float(self.rope_base)
+        self.norm_eps = float(self.norm_eps)
+        self.z_loss = float(self.z_loss)
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "PaLMConfig":
+        """A named preset (``seed``, ``palm-8b``, ``palm-62b``, ``palm-540b``), with overrides."""
+        if name not in _PRESETS:
+            raise ValueError(f"unknown preset {name!r}; known: {', '.join(sorted(_PRESETS))}")
+        return cls(**{**_PRESETS[name], **overrides})
+
+    @staticmethod
+    def presets() -> list[str]:
+        return list(_PRESETS)
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every parameter's spec name and shape, in the spec's order."""
+        V, D, F = self.vocab_size, self.d_model, self.ffn_dim
+        q_width, kv_width = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        shapes = {"embed": (V, D)}
+        for i in range(self.n_layers):
+            p = f"layers.{i}."
+            shapes[p + "norm.scale"] = (D,)
+            shapes[p + "attn.wq"] = (D, q_width)
+            shapes[p + "attn.wk"] = (D, kv_width)
+            shapes[p + "attn.wv"] = (D, kv_width)
+            shapes[p + "attn.wo"] = (q_width, D)
+            shapes[p + "mlp.w_gate"] = (D, F)
+            shapes[p + "mlp.w_up"] = (D, F)
+            shapes[p + "mlp.w_down"] = (F, D)
+        shapes["final_norm.scale"] = (D,)
+        return shapes
+
+    def num_params(self) -> int:
+        """Parameter count N (the embedding is counted once: it is tied)."""
+        return sum(math.prod(s) for s in self.param_shapes().values())
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token, as in the PaLM paper (appendix B): 6N + 12·L·H·dh·T."""
+        _require_positive_int("seq_len", seq_len)
+        return 6 * self.num_params() + 12 * self.n_layers * self.n_heads * self.head_dim * seq_len
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, fields: dict) -> "PaLMConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(fields) - known
+        if unknown:
+            raise ValueError(f"unknown config fields: {', '.join(sorted(unknown))}")
+        return cls(**fields)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+def _require_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")

@@ -1,0 +1,352 @@
+"""The PaLM model of PALM_SPEC.md in float64 NumPy: forward pass, loss and analytic gradients.
+
+This module is the oracle of the tests and the spec written as code: it favours plain,
+readable math over speed. Every piece has its forward and its backward side by side; a
+``*_forward`` returns ``(output, cache)`` and the matching ``*_backward`` takes the gradient
+of the output and that cache and returns the gradients of the inputs and weights.
+
+Conventions (as in the spec): row vectors, ``y = x @ W`` with ``W`` shaped ``[in, out]``.
+Shapes: B batch, T positions, V vocabulary, D width, H query heads, Hkv key/value heads,
+G = H // Hkv query heads per key/value head, dh head width, F SwiGLU hidden width.
+
+Public entry points: :func:`forward` (logits) and :func:`loss_and_grads`. This module
+imports only NumPy; ``cfg`` is anything with PaLMConfig's fields.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _rows(x):
+    """[..., n] -> [rows, n]: the batch and position axes flattened, for weight gradients."""
+    return x.reshape(-1, x.shape[-1])
+
+
+def sigmoid(u):
+    """1 / (1 + exp(-u)), written with tanh so it never overflows."""
+    return 0.5 * (1.0 + np.tanh(0.5 * u))
+
+
+def logsumexp(z):
+    """log(sum(exp(z))) over the last axis, shifted by the max for stability."""
+    m = z.max(axis=-1, keepdims=True)
+    return (m + np.log(np.exp(z - m).sum(axis=-1, keepdims=True)))[..., 0]
+
+
+def softmax(z):
+    """exp(z - logsumexp(z)) over the last axis (entries at -inf get probability 0)."""
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+# --------------------------------------------------------------------------- layer norm
+
+def layernorm_forward(x, g, eps):
+    """LN(x, g) = (x - mean(x)) / sqrt(var(x) + eps) * g over the last axis.
+
+    Biased variance (divide by D), scale only, no bias."""
+    mu = x.mean(axis=-1, keepdims=True)
+    xc = x - mu
+    rstd = 1.0 / np.sqrt((xc * xc).mean(axis=-1, keepdims=True) + eps)
+    xhat = xc * rstd
+    return xhat * g, (xhat, rstd, g)
+
+
+def layernorm_backward(dy, cache):
+    """With xhat = (x - mu) * rstd and y = xhat * g:
+
+        dg     = sum over all rows of dy * xhat
+        dxhat  = dy * g
+        dx     = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
+
+    The first mean is the path through mu, the second the path through var
+    (d rstd / dx_k = -rstd^3 (x_k - mu) / D)."""
+    xhat, rstd, g = cache
+    dg = _rows(dy * xhat).sum(axis=0)
+    dxhat = dy * g
+    dx = rstd * (dxhat - dxhat.mean(axis=-1, keepdims=True)
+                 - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True))
+    return dx, dg
+
+
+# --------------------------------------------------------------------------- rotary embedding
+
+def rope_angles(T, dh, base):
+    """theta[p, i] = p * f_i with f_i = base^(-2i/dh), for p in [0, T), i in [0, dh/2)."""
+    f = base ** (-2.0 * np.arange(dh // 2) / dh)
+    return np.arange(T, dtype=np.float64)[:, None] * f[None, :]          # [T, dh/2]
+
+
+def rope_forward(x, theta):
+    """Rotate-half RoPE on x [B, T, heads, dh] with angles theta [T, dh/2]:
+
+        x1, x2 = x[..., :dh/2], x[..., dh/2:]
+        rope(x) = concat(x1 cos(theta) - x2 sin(theta),  x2 cos(theta) + x1 sin(theta))
+
+    i.e. each pair (x1_i, x2_i) is rotated by theta_i. No weights, so no cache."""
+    cos = np.cos(theta)[None, :, None, :]
+    sin = np.sin(theta)[None, :, None, :]
+    x1, x2 = np.split(x, 2, axis=-1)
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def rope_backward(dy, theta):
+    """RoPE is a rotation of each pair by theta; its transpose is the rotation by -theta."""
+    return rope_forward(dy, -theta)
+
+
+# --------------------------------------------------------------------------- attention
+
+def attention_forward(q, k, v):
+    """Causal grouped-query attention. q [B, T, H, dh]; k, v [B, T, Hkv, dh] -> [B, T, H, dh].
+
+    Query head j = kv * G + g reads key/value head kv = j // G. For each head:
+        s[i, t] = q_i . k_t / sqrt(dh)   for t <= i (causal), -inf otherwise
+        p[i, :] = softmax(s[i, :])
+        o_i     = sum_t p[i, t] v_t"""
+    B, T, H, dh = q.shape
+    Hkv = k.shape[2]
+    qg = q.reshape(B, T, Hkv, H // Hkv, dh)                  # [b, i, kv, g, d]
+    s = np.einsum("bikgd,btkd->bkgit", qg, k) / np.sqrt(dh)
+    causal = np.tril(np.ones((T, T), dtype=bool))            # causal[i, t] = t <= i
+    p = softmax(np.where(causal, s, -np.inf))
+    o = np.einsum("bkgit,btkd->bikgd", p, v)
+    return o.reshape(B, T, H, dh), (qg, k, v, p)
+
+
+def attention_backward(do, cache):
+    """Gradients of attention_forward, from do [B, T, H, dh]:
+
+        dv_t     = sum_i p[i, t] do_i                 (also summed over the G heads sharing kv)
+        dp[i, t] = do_i . v_t
+        ds       = p * (dp - sum_t p * dp)            (softmax backward; masked p = 0)
+        dq_i     = sum_t ds[i, t] k_t / sqrt(dh)
+        dk_t     = sum_i ds[i, t] q_i / sqrt(dh)      (also summed over the G heads)"""
+    qg, k, v, p = cache
+    B, T, Hkv, G, dh = qg.shape
+    dog = do.reshape(B, T, Hkv, G, dh)
+    dv = np.einsum("bkgit,bikgd->btkd", p, dog)
+    dp = np.einsum("bikgd,btkd->bkgit", dog, v)
+    ds = p * (dp - (p * dp).sum(axis=-1, keepdims=True))
+    dq = np.einsum("bkgit,btkd->bikgd", ds, k) / np.sqrt(dh)
+    dk = np.einsum("bkgit,bikgd->btkd", ds, qg) / np.sqrt(dh)
+    return dq.reshape(B, T, Hkv * G, dh), dk, dv
+
+
+# --------------------------------------------------------------------------- SwiGLU MLP
+
+def silu(u):
+    """silu(u) = u * sigmoid(u)."""
+    return u * sigmoid(u)
+
+
+def silu_grad(u):
+    """d silu / du = sigmoid(u) * (1 + u * (1 - sigmoid(u)))."""
+    s = sigmoid(u)
+    return s * (1.0 + u * (1.0 - s))
+
+
+def swiglu_forward(h, w_gate, w_up, w_down):
+    """mlp(h) = (silu(h @ w_gate) * (h @ w_up)) @ w_down."""
+    a = h @ w_gate
+    b = h @ w_up
+    m = silu(a) * b
+    return m @ w_down, (h, a, b, m, w_gate, w_up, w_down)
+
+
+def swiglu_backward(dy, cache):
+    """With a = h @ w_gate, b = h @ w_up, m = silu(a) * b, y = m @ w_down:
+
+        dw_down = m^T dy,        dm = dy @ w_down^T
+        da = dm * b * silu'(a),  db = dm * silu(a)
+        dw_gate = h^T da,        dw_up = h^T db
+        dh = da @ w_gate^T + db @ w_up^T"""
+    h, a, b, m, w_gate, w_up, w_down = cache
+    dw_down = _rows(m).T @ _rows(dy)
+    dm = dy @ w_down.T
+    da = dm * b * silu_grad(a)
+    db = dm * silu(a)
+    dw_gate = _rows(h).T @ _rows(da)
+    dw_up = _rows(h).T @ _rows(db)
+    dh = da @ w_gate.T + db @ w_up.T
+    return dh, dw_gate, dw_up, dw_down
+
+
+# --------------------------------------------------------------------------- loss
+
+def cross_entropy_forward(z, y, z_loss):
+    """Cross-entropy with z-loss over the counted positions (targets y >= 0).
+
+        lse    = logsumexp(z)            per position
+        ce_pos = lse - z[y]
+        loss   = mean over counted of (ce_pos + z_loss * lse^2)
+        ce     = mean over counted of ce_pos
+
+    Returns (loss, ce, N, cache); with N = 0 counted positions, loss = ce = 0."""
+    counted = y >= 0
+    n = int(counted.sum())
+    lse = logsumexp(z)
+    z_y = np.take_along_axis(z, np.where(counted, y, 0)[..., None], axis=-1)[..., 0]
+    ce_pos = lse - z_y
+    if n == 0:
+        loss = ce = 0.0
+    else:
+        loss = float((ce_pos + z_loss * lse * lse)[counted].sum() / n)
+        ce = float(ce_pos[counted].sum() / n)
+    return loss, ce, n, (z, y, counted, n, lse, z_loss)
+
+
+def cross_entropy_backward(cache):
+    """d loss / dz at a counted position, using d lse / dz = softmax(z):
+
+        dz = (softmax(z) - onehot(y) + 2 * z_loss * lse * softmax(z)) / N
+
+    and 0 at ignored positions (all 0 when N = 0)."""
+    z, y, counted, n, lse, z_loss = cache
+    if n == 0:
+        return np.zeros_like(z)
+    p = softmax(z)
+    dz = p * (1.0 + 2.0 * z_loss * lse)[..., None]
+    b_idx, t_idx = np.nonzero(counted)
+    dz[b_idx, t_idx, y[b_idx, t_idx]] -= 1.0
+    return dz * counted[..., None] / n
+
+
+# --------------------------------------------------------------------------- one block
+
+def block_forward(x, p, cfg, theta):
+    """PaLM's parallel block: h = LN(x); x + attention(h) + mlp(h).
+
+    p: this layer's weights by short name ("norm.scale", "attn.wq", ...)."""
+    B, T, _ = x.shape
+    H, Hkv, dh = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    h, ln = layernorm_forward(x, p["norm.scale"], cfg.norm_eps)
+    q = (h @ p["attn.wq"]).reshape(B, T, H, dh)
+    k = (h @ p["attn.wk"]).reshape(B, T, Hkv, dh)
+    v = (h @ p["attn.wv"]).reshape(B, T, Hkv, dh)
+    o, att = attention_forward(rope_forward(q, theta), rope_forward(k, theta), v)
+    o = o.reshape(B, T, H * dh)                               # concat_heads
+    attn = o @ p["attn.wo"]
+    mlp, mc = swiglu_forward(h, p["mlp.w_gate"], p["mlp.w_up"], p["mlp.w_down"])
+    return x + attn + mlp, (h, ln, o, att, mc, p, theta)
+
+
+def block_backward(dout, cache):
+    """out = x + attn(h) + mlp(h), h = LN(x): dx = dout + LN_backward(dh_attn + dh_mlp)."""
+    h, ln, o, att, mc, p, theta = cache
+    B, T, _ = h.shape
+    g = {}
+    # attn = o @ wo
+    g["attn.wo"] = _rows(o).T @ _rows(dout)
+    do = (dout @ p["attn.wo"].T).reshape(B, T, -1, att[0].shape[-1])
+    dq_rot, dk_rot, dv = attention_backward(do, att)
+    dq = rope_backward(dq_rot, theta).reshape(B, T, -1)
+    dk = rope_backward(dk_rot, theta).reshape(B, T, -1)
+    dv = dv.reshape(B, T, -1)
+    # q, k, v = h @ wq, h @ wk, h @ wv
+    g["attn.wq"] = _rows(h).T @ _rows(dq)
+    g["attn.wk"] = _rows(h).T @ _rows(dk)
+    g["attn.wv"] = _rows(h).T @ _rows(dv)
+    dh = dq @ p["attn.wq"].T + dk @ p["attn.wk"].T + dv @ p["attn.wv"].T
+    dh_mlp, g["mlp.w_gate"], g["mlp.w_up"], g["mlp.w_down"] = swiglu_backward(dout, mc)
+    dx_ln, g["norm.scale"] = layernorm_backward(dh + dh_mlp, ln)
+    return dout + dx_ln, g
+
+
+# --------------------------------------------------------------------------- whole model
+
+def _layer(params, i):
+    """Layer i's weights by short name: "layers.{i}.attn.wq" -> "attn.wq"."""
+    prefix = f"layers.{i}."
+    return {name[len(prefix):]: w for name, w in params.items() if name.startswith(prefix)}
+
+
+def _check_params(params, cfg):
+    """float64 copies of the parameters, after checking names and shapes against the spec."""
+    shapes = cfg.param_shapes()
+    missing = [n for n in shapes if n not in params]
+    unknown = [n for n in params if n not in shapes]
+    if missing or unknown:
+        raise ValueError(f"parameter names do not match the spec: missing {missing}, "
+                         f"unknown {unknown}")
+    out = {}
+    for name, shape in shapes.items():
+        w = np.asarray(params[name], dtype=np.float64)
+        if w.shape != tuple(shape):
+            raise ValueError(f"{name}: shape {w.shape}, the spec wants {tuple(shape)}")
+        out[name] = w
+    return out
+
+
+def _check_ids(a, what, cfg, allow_negative):
+    a = np.asarray(a)
+    if a.ndim != 2:
+        raise ValueError(f"{what} must be [B, T], got shape {a.shape}")
+    if a.size == 0:
+        raise ValueError(f"{what} is empty: shape {a.shape}")
+    if not np.issubdtype(a.dtype, np.integer):
+        raise ValueError(f"{what} must be integers, got dtype {a.dtype}")
+    a = a.astype(np.int64)
+    low = a.min() if not allow_negative else 0
+    if low < 0 or a.max() >= cfg.vocab_size:
+        raise ValueError(f"{what} out of range [0, {cfg.vocab_size}): "
+                         f"min {a.min()}, max {a.max()}")
+    return a
+
+
+def _forward(params, cfg, tokens):
+    """Logits [B, T, V] and the caches for _backward; params already float64 and checked."""
+    B, T = tokens.shape
+    theta = rope_angles(T, cfg.head_dim, cfg.rope_base)
+    x = params["embed"][tokens]                               # no embedding scaling
+    blocks = []
+    for i in range(cfg.n_layers):
+        x, c = block_forward(x, _layer(params, i), cfg, theta)
+        blocks.append(c)
+    hf, ln = layernorm_forward(x, params["final_norm.scale"], cfg.norm_eps)
+    z = hf @ params["embed"].T / np.sqrt(cfg.d_model)         # tied output embedding
+    return z, (tokens, blocks, hf, ln)
+
+
+def _backward(dz, params, cfg, caches):
+    """Gradients of all parameters, by spec name, from d loss / d logits."""
+    tokens, blocks, hf, ln = caches
+    s = 1.0 / np.sqrt(cfg.d_model)
+    grads = {}
+    # z = hf @ embed^T * s: the output half of the tied embedding's gradient
+    d_embed = _rows(dz).T @ _rows(hf) * s                     # [V, D]
+    dx, grads["final_norm.scale"] = layernorm_backward(dz @ params["embed"] * s, ln)
+    for i in reversed(range(cfg.n_layers)):
+        dx, g = block_backward(dx, blocks[i])
+        for short, value in g.items():
+            grads[f"layers.{i}.{short}"] = value
+    # x = embed[tokens]: the input half, a scatter-add (a token may repeat)
+    np.add.at(d_embed, tokens.ravel(), _rows(dx))
+    grads["embed"] = d_embed
+    return {name: grads[name] for name in cfg.param_shapes()}  # the spec's order
+
+
+def forward(params: dict, cfg, tokens) -> np.ndarray:
+    """Logits float64 [B, T, V] for tokens [B, T] at positions 0..T-1."""
+    params = _check_params(params, cfg)
+    tokens = _check_ids(tokens, "tokens", cfg, allow_negative=False)
+    return _forward(params, cfg, tokens)[0]
+
+
+def loss_and_grads(params: dict, cfg, tokens, targets) -> dict:
+    """Loss (cross-entropy + z-loss, mean over targets >= 0) and its gradient for every parameter.
+
+    Returns {"loss": float, "ce": float, "tokens": N, "grads": {spec name: float64 array}};
+    with no counted target, loss = ce = 0.0, tokens = 0 and every gradient is zero."""
+    params = _check_params(params, cfg)
+    tokens = _check_ids(tokens, "tokens", cfg, allow_negative=False)
+    targets = _check_ids(targets, "targets", cfg, allow_negative=True)
+    if targets.shape != tokens.shape:
+        raise ValueError(f"targets shape {targets.shape} != tokens shape {tokens.shape}")
+    z, caches = _forward(params, cfg, tokens)
+    loss, ce, n, ce_cache = cross_entropy_forward(z, targets, cfg.z_loss)
+    grads = _backward(cross_entropy_backward(ce_cache), params, cfg, caches)
+    return {"loss": loss, "ce": ce, "tokens": n, "grads": grads}

@@ -46,8 +46,6 @@ void rope_apply(Tensor& x, const Tensor& positions, const Tensor& cos_table,
 
 AttentionWorkspace AttentionWorkspace::create(const AttentionShape& s, Device device) {
   AttentionWorkspace ws;
-  ws.keys_t = Tensor::zeros({s.batch * s.kv_heads, s.head_dim, s.seq}, DType::F32, device);
-  ws.values_t = Tensor::zeros({s.batch * s.kv_heads, s.head_dim, s.seq}, DType::F32, device);
   ws.dkeys_part = Tensor::zeros({s.batch * s.heads, s.seq, s.head_dim}, DType::F32, device);
   ws.dvalues_part = Tensor::zeros({s.batch * s.heads, s.seq, s.head_dim}, DType::F32, device);
   return ws;

@@ -11,7 +11,7 @@ namespace palmcore {
 void set_num_threads(int n) {
   if (n < 1) throw std::invalid_argument("the thread count must be at least 1");
   omp_set_num_threads(n);
-  scipy_openblas_set_num_threads(n);
+  scipy_openblas_set_num_threads(1);  // the BLAS runs inside our threads (cpu/matmul.cpp)
 }
 
 int get_num_threads() { return omp_get_max_threads(); }

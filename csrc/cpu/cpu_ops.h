@@ -27,6 +27,11 @@ void swiglu_backward(const Tensor& gate, const Tensor& up, const Tensor& dout, T
 void cross_entropy_forward_backward(Tensor& logits, const Tensor& targets, float z_loss,
                                     float grad_scale, Tensor& row_ce, Tensor& row_lse);
 
+// One single-threaded BLAS call on raw row-major matrices with leading dimensions:
+// C[m, n] = alpha · op(A) @ op(B) + beta · C. The building block of matmul and attention.
+void gemm(bool transpose_a, bool transpose_b, int64_t m, int64_t n, int64_t k, float alpha,
+          const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
+
 // Columns [0, width) in blocks of this many floats: the unit of work of the deterministic
 // column-parallel reductions (each output column summed over rows in row order by one thread).
 constexpr int64_t kColumnBlock = 64;

@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include "cpu/cpu_ops.h"
+#include "cpu/vector_math.h"
 
 namespace palmcore::cpu {
 
@@ -24,11 +25,9 @@ void cross_entropy_forward_backward(Tensor& logits, const Tensor& targets, float
     const float target_logit = z[y[r]];
     float max_z = z[0];
     for (int64_t c = 1; c < vocab; ++c) max_z = std::max(max_z, z[c]);
+    for (int64_t c = 0; c < vocab; ++c) z[c] = exp_approx(z[c] - max_z);  // unnormalized probabilities
     double sum = 0.0;
-    for (int64_t c = 0; c < vocab; ++c) {
-      z[c] = std::exp(z[c] - max_z);  // z now holds the unnormalized probabilities
-      sum += z[c];
-    }
+    for (int64_t c = 0; c < vocab; ++c) sum += z[c];
     const float lse = max_z + static_cast<float>(std::log(sum));
     ce[r] = lse - target_logit;
     lses[r] = lse;

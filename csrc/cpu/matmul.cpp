@@ -1,10 +1,29 @@
 // C = alpha · op(A) @ op(B) + beta · C through the BLAS (scipy-openblas32, prefixed symbols).
+//
+// The BLAS runs single-threaded inside our OpenMP threads: the output is cut into slices along
+// its longer side and each slice is one BLAS call. The cut depends on the shape alone, never on
+// the thread count, so each element comes from the same call and the same summation order
+// whatever the number of threads (bit-identical results), and only one thread pool exists
+// (two pools, OpenMP's and the BLAS's, spin against each other on a small machine).
+#include <algorithm>
 #include <stdexcept>
 
-#include "cpu/cpu_ops.h"
 #include "cblas.h"
+#include "cpu/cpu_ops.h"
 
 namespace palmcore::cpu {
+namespace {
+
+constexpr int64_t kMinSlice = 128;  // rows or columns per BLAS call, at least
+constexpr int64_t kMaxSlices = 16;
+
+}  // namespace
+
+void gemm(bool transpose_a, bool transpose_b, int64_t m, int64_t n, int64_t k, float alpha,
+          const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  scipy_cblas_sgemm(CblasRowMajor, transpose_a ? CblasTrans : CblasNoTrans,
+                    transpose_b ? CblasTrans : CblasNoTrans, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
 
 void matmul(const Tensor& a, bool transpose_a, const Tensor& b, bool transpose_b, Tensor& c,
             float alpha, float beta) {
@@ -16,9 +35,25 @@ void matmul(const Tensor& a, bool transpose_a, const Tensor& b, bool transpose_b
     throw std::invalid_argument("matmul: shapes " + a.shape_string() + " x " + b.shape_string() +
                                 " -> " + c.shape_string() + " do not agree");
   if (m == 0 || n == 0) return;
-  scipy_cblas_sgemm(CblasRowMajor, transpose_a ? CblasTrans : CblasNoTrans,
-                    transpose_b ? CblasTrans : CblasNoTrans, m, n, k, alpha, a.data<float>(),
-                    a.dim(1), b.data<float>(), b.dim(1), beta, c.data<float>(), n);
+  const int64_t lda = a.dim(1), ldb = b.dim(1);
+  const bool split_rows = m >= n;
+  const int64_t extent = split_rows ? m : n;
+  const int64_t slices = std::clamp<int64_t>(extent / kMinSlice, 1, kMaxSlices);
+  const int64_t slice = (extent + slices - 1) / slices;
+  const float* A = a.data<float>();
+  const float* B = b.data<float>();
+  float* C = c.data<float>();
+#pragma omp parallel for schedule(static, 1) if (slices > 1)
+  for (int64_t s = 0; s < slices; ++s) {
+    const int64_t begin = s * slice, len = std::min(extent, begin + slice) - begin;
+    if (len <= 0) continue;
+    // Row slice: rows of op(A) and C. Column slice: columns of op(B) and C.
+    const float* a_part = split_rows ? A + begin * (transpose_a ? 1 : lda) : A;
+    const float* b_part = split_rows ? B : B + begin * (transpose_b ? ldb : 1);
+    float* c_part = split_rows ? C + begin * n : C + begin;
+    gemm(transpose_a, transpose_b, split_rows ? len : m, split_rows ? n : len, k, alpha, a_part, lda,
+         b_part, ldb, beta, c_part, n);
+  }
 }
 
 }  // namespace palmcore::cpu

@@ -1,11 +1,8 @@
 // SwiGLU gate, forward and backward; math in palmcore/ops.h.
-#include <cmath>
-
 #include "cpu/cpu_ops.h"
+#include "cpu/vector_math.h"
 
 namespace palmcore::cpu {
-
-static inline float sigmoid(float u) { return 1.0f / (1.0f + std::exp(-u)); }
 
 // out = silu(gate) · up
 void swiglu_forward(const Tensor& gate, const Tensor& up, Tensor& out) {
@@ -14,7 +11,7 @@ void swiglu_forward(const Tensor& gate, const Tensor& up, Tensor& out) {
   const float* u = up.data<float>();
   float* o = out.data<float>();
 #pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < n; ++i) o[i] = g[i] * sigmoid(g[i]) * u[i];
+  for (int64_t i = 0; i < n; ++i) o[i] = g[i] * sigmoid_approx(g[i]) * u[i];
 }
 
 // dgate = dout · up · σ(g)(1 + g(1 - σ(g))),  dup = dout · silu(g)
@@ -28,7 +25,7 @@ void swiglu_backward(const Tensor& gate, const Tensor& up, const Tensor& dout, T
   float* du = dup.data<float>();
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < n; ++i) {
-    const float s = sigmoid(g[i]);
+    const float s = sigmoid_approx(g[i]);
     dg[i] = d[i] * u[i] * s * (1.0f + g[i] * (1.0f - s));
     du[i] = d[i] * g[i] * s;
   }

@@ -40,14 +40,13 @@ void rope_apply(Tensor& x, const Tensor& positions, const Tensor& cos_table,
 // Causal multi-query / grouped attention. q: [B·T, H·dh], k, v: [B·T, Hkv·dh];
 // query head j reads key/value head j / (H / Hkv).
 //   out_i = Σ_{j ≤ i} softmax_j(q_i · k_j / sqrt(dh)) v_j,   lse_i = log Σ_{j ≤ i} exp(q_i·k_j/sqrt(dh))
-// Streams over keys a row at a time: no [B, H, T, T] tensor is ever held.
+// Works a block of queries at a time: no [B, H, T, T] tensor is ever held.
 struct AttentionShape {
   int64_t batch, seq, heads, kv_heads, head_dim;
 };
-// Workspace both directions share: transposed keys and values, partial key/value gradients.
+// Backward workspace: partial key/value gradients, one slice per query head, summed per group.
 struct AttentionWorkspace {
-  Tensor keys_t, values_t;        // [B·Hkv, dh, T]
-  Tensor dkeys_part, dvalues_part;  // [B·H, T, dh]: one slice per query head, summed per group
+  Tensor dkeys_part, dvalues_part;  // [B·H, T, dh]
   static AttentionWorkspace create(const AttentionShape& shape, Device device);
 };
 void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, Tensor& out, Tensor& lse,

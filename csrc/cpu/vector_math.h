@@ -1,0 +1,32 @@
+// Element-wise math written so the compiler vectorizes it (no branches, no libm calls).
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+namespace palmcore::cpu {
+
+// e^x for float, relative error below 2e-7 on [-87, 88]: e^x = 2^n · e^r with
+// n = round(x / ln 2), r = x - n·ln 2 in [-ln2/2, ln2/2], e^r by a degree-6 Taylor polynomial,
+// 2^n built in the exponent bits. Inputs below -87 give 0-ish, above 88 are clamped.
+inline float exp_approx(float x) {
+  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  // round to nearest by adding and removing 1.5 · 2^23 (vectorizes, unlike roundf)
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // ln 2 split in two for accuracy
+  float p = 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+inline float sigmoid_approx(float x) { return 1.0f / (1.0f + exp_approx(-x)); }
+
+}  // namespace palmcore::cpu

@@ -1,0 +1,3 @@
+from palmcore.cli import main
+import sys
+sys.exit(main())

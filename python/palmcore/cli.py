@@ -1,0 +1,95 @@
+"""The `palmcore` command line.
+
+    palmcore            the main job on its embedded default (for now: `demo`)
+    palmcore demo       forward + backward of the `seed` preset on the Python standard library's text
+    palmcore info       presets, parameter counts and FLOPs per token, threads
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import sysconfig
+import time
+
+import numpy as np
+
+import palmcore
+from palmcore.config import PaLMConfig
+
+
+def stdlib_text(max_bytes: int) -> bytes:
+    """The running interpreter's own standard-library sources (test folders left out): a
+    corpus every machine with Python has."""
+    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    chunks, size = [], 0
+    for path in sorted(root.rglob("*.py")):
+        if any(part in ("test", "tests", "idlelib", "site-packages") for part in path.relative_to(root).parts):
+            continue
+        data = path.read_bytes()
+        chunks.append(data)
+        size += len(data)
+        if size >= max_bytes:
+            break
+    return b"".join(chunks)[:max_bytes]
+
+
+def demo(args: argparse.Namespace) -> None:
+    cfg = PaLMConfig.preset(args.preset)
+    B, T = args.batch_size, args.seq_len
+    if args.threads:
+        palmcore.set_num_threads(args.threads)
+    print(f"palmcore {palmcore.__version__}: preset '{args.preset}', {cfg.num_params() / 1e6:.2f}M "
+          f"parameters, batch {B} x {T}, {palmcore.get_num_threads()} threads")
+    # Bytes as token ids (every byte < 256 < V) until the tokenizer lands.
+    text = np.frombuffer(stdlib_text(B * (T + 1) * args.steps), dtype=np.uint8).astype(np.int64)
+    windows = text[: (len(text) // (T + 1)) * (T + 1)].reshape(-1, T + 1)
+    model = palmcore.PaLM(cfg, seed=args.seed)
+    flops = cfg.flops_per_token(T)
+    for step in range(args.steps):
+        rows = windows[np.arange(step * B, (step + 1) * B) % len(windows)]
+        model.zero_grad()
+        start = time.perf_counter()
+        out = model.forward_backward(rows[:, :-1], rows[:, 1:])
+        elapsed = time.perf_counter() - start
+        grad_norm = np.sqrt(sum(float((g.astype(np.float64) ** 2).sum()) for g in model.grads().values()))
+        tokens_per_s = B * T / elapsed
+        print(f"step {step}: loss {out['loss']:.4f}  ce {out['ce']:.4f}  ppl {np.exp(out['ce']):.1f}  "
+              f"|grad| {grad_norm:.3f}  {tokens_per_s:,.0f} tokens/s  "
+              f"{flops * tokens_per_s / 1e9:.1f} GFLOP/s")
+    print(f"(an untrained model: expect ce near ln V = {np.log(cfg.vocab_size):.2f}; "
+          "training and generation come with `palmcore train` and `palmcore generate`)")
+
+
+def info(args: argparse.Namespace) -> None:
+    print(f"palmcore {palmcore.__version__}, {palmcore.get_num_threads()} threads")
+    print(f"{'preset':<10} {'params':>12} {'GFLOP/token (T=2048)':>22}")
+    for name in PaLMConfig.presets():
+        cfg = PaLMConfig.preset(name)
+        print(f"{name:<10} {cfg.num_params():>12,} {cfg.flops_per_token(2048) / 1e9:>22.3f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="palmcore", description="A PaLM runtime with a C++ core.")
+    sub = parser.add_subparsers(dest="command")
+    p_demo = sub.add_parser("demo", help="forward + backward of a preset on the stdlib's text")
+    p_demo.add_argument("--preset", default="seed", choices=["seed"])
+    p_demo.add_argument("--batch-size", type=int, default=8)
+    p_demo.add_argument("--seq-len", type=int, default=256)
+    p_demo.add_argument("--steps", type=int, default=5)
+    p_demo.add_argument("--threads", type=int, default=0, help="0: PALMCORE_NUM_THREADS or all cores")
+    p_demo.add_argument("--seed", type=int, default=0)
+    sub.add_parser("info", help="presets, parameter counts, FLOPs per token")
+    args = parser.parse_args(argv)
+    if args.command in (None, "demo"):
+        if args.command is None:
+            args = parser.parse_args(["demo"])
+        demo(args)
+    elif args.command == "info":
+        info(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,326 @@
+"""Bad input to palmcore raises a Python exception (ValueError or TypeError) whose message
+names the problem; nothing crashes the interpreter, and a rejected call changes nothing
+(parameters and accumulated gradients stay as they were)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import palmcore
+from palmcore import PaLM, PaLMConfig, _core
+
+from helpers import random_params, random_tokens
+
+CFG = PaLMConfig(vocab_size=37, d_model=12, n_layers=2, n_heads=4, n_kv_heads=1,
+                 head_dim=4, ffn_dim=20, max_seq_len=16, z_loss=1e-2)
+V = CFG.vocab_size
+
+
+@pytest.fixture
+def model():
+    m = PaLM(CFG, seed=0)
+    m.load_state_dict({n: w.astype(np.float32) for n, w in random_params(CFG, 1).items()})
+    return m
+
+
+def snapshot(m):
+    return m.state_dict(), m.grads()
+
+
+def assert_unchanged(m, snap):
+    state, grads = snap
+    for name, w in m.state_dict().items():
+        assert np.array_equal(w, state[name]), f"parameter {name} changed"
+    for name, g in m.grads().items():
+        assert np.array_equal(g, grads[name]), f"gradient {name} changed"
+
+
+def good_batch(B=2, T=5):
+    return random_tokens(CFG, B, T, seed=2), random_tokens(CFG, B, T, seed=3)
+
+
+# --------------------------------------------------------------------------- tokens, targets
+
+BAD_TOKENS = [
+    # (tokens, exception, message regex)
+    (np.array([[0, 1, -1]]), ValueError, r"tokens id -1 .*outside the vocabulary \[0, 37\)"),
+    (np.array([[0, V, 1]]), ValueError, r"tokens id 37 .*outside the vocabulary \[0, 37\)"),
+    (np.array([[0, 1], [2, 10**6]]), ValueError, r"tokens id 1000000 .*outside the vocabulary"),
+    (np.array([[0, 2**40]]), ValueError, r"tokens holds ids outside the int32 range"),
+    (np.array([[0, -(2**40)]]), ValueError, r"tokens holds ids outside the int32 range"),
+    (np.array([[0, 2**63]], dtype=np.uint64), ValueError, r"int32 range"),
+    (np.array([[0.0, 1.0]]), TypeError, r"tokens must be an integer array, got dtype float64"),
+    (np.array([[0, 1]], dtype=np.float32), TypeError, r"tokens must be an integer array.*float32"),
+    (np.array([[True, False]]), TypeError, r"tokens must be an integer array, got dtype bool"),
+    (np.array([["a", "b"]]), TypeError, r"tokens must be an integer array"),
+    (np.array([[0, None]], dtype=object), TypeError, r"tokens must be an integer array.*object"),
+    ([[0, 1.5]], TypeError, r"tokens must be an integer array"),
+    (np.array([0, 1, 2]), ValueError, r"tokens must be 2-D \[batch, seq\], got shape \(3,\)"),
+    (np.array(3), ValueError, r"tokens must be 2-D \[batch, seq\], got shape \(\)"),
+    (np.zeros((2, 3, 4), np.int64), ValueError, r"tokens must be 2-D \[batch, seq\], got shape \(2, 3, 4\)"),
+    (np.zeros((2, 17), np.int64), ValueError, r"sequence length 17 > max_seq_len 16"),
+    (np.zeros((1, 1000), np.int64), ValueError, r"sequence length 1000 > max_seq_len 16"),
+    (np.zeros((0, 5), np.int64), ValueError, r"tokens must not be empty"),
+    (np.zeros((2, 0), np.int64), ValueError, r"tokens must not be empty"),
+]
+BAD_TOKEN_IDS = ["negative", "eq-V", "huge", "over-int32", "under-int32", "uint64-huge",
+                 "float64", "float32", "bool", "str", "object", "list-float", "1-D", "0-D",
+                 "3-D", "T>max", "T>>max", "empty-B", "empty-T"]
+
+
+@pytest.mark.parametrize("tokens,exc,match", BAD_TOKENS, ids=BAD_TOKEN_IDS)
+def test_bad_tokens_in_forward(model, tokens, exc, match):
+    snap = snapshot(model)
+    with pytest.raises(exc, match=match):
+        model.forward(tokens)
+    assert_unchanged(model, snap)
+
+
+@pytest.mark.parametrize("tokens,exc,match", BAD_TOKENS, ids=BAD_TOKEN_IDS)
+def test_bad_tokens_in_forward_backward(model, tokens, exc, match):
+    model.forward_backward(*good_batch())            # some gradient to keep
+    snap = snapshot(model)
+    targets = np.zeros(np.shape(tokens), np.int64) if np.ndim(tokens) == 2 else np.zeros((1, 1), np.int64)
+    with pytest.raises(exc, match=match.replace("tokens", "(tokens|targets)")):
+        model.forward_backward(tokens, targets)
+    assert_unchanged(model, snap)
+
+
+BAD_TARGETS = [
+    (lambda t: np.full(t.shape, V), ValueError, r"targets id 37 .*outside the vocabulary \[0, 37\)"),
+    (lambda t: np.where(t == t[0, 0], 10**5, t), ValueError, r"targets id 100000 .*outside the vocabulary"),
+    (lambda t: t[:, :3], ValueError, r"targets shape \[2, 3\] differs from tokens shape \[2, 5\]"),
+    (lambda t: t.T, ValueError, r"targets shape \[5, 2\] differs from tokens shape \[2, 5\]"),
+    (lambda t: t[:1], ValueError, r"targets shape .* differs from tokens shape"),
+    (lambda t: t.ravel(), ValueError, r"targets must be 2-D \[batch, seq\], got shape \(10,\)"),
+    (lambda t: t[None], ValueError, r"targets must be 2-D \[batch, seq\]"),
+    (lambda t: t.astype(np.float64), TypeError, r"targets must be an integer array, got dtype float64"),
+    (lambda t: t > 3, TypeError, r"targets must be an integer array, got dtype bool"),
+    (lambda t: np.full(t.shape, -(2**31) - 1), ValueError, r"targets holds ids outside the int32 range"),
+]
+
+
+@pytest.mark.parametrize("make,exc,match", BAD_TARGETS,
+                         ids=["eq-V", "huge", "short", "transposed", "fewer-rows", "1-D", "3-D",
+                              "float", "bool", "under-int32"])
+def test_bad_targets(model, make, exc, match):
+    tokens, targets = good_batch()
+    model.forward_backward(tokens, targets)
+    snap = snapshot(model)
+    with pytest.raises(exc, match=match):
+        model.forward_backward(tokens, make(targets))
+    assert_unchanged(model, snap)
+    # the model still works, and gives what it gave before the failed call
+    model.zero_grad()
+    assert model.forward_backward(tokens, targets) == palm_result(tokens, targets)
+
+
+def palm_result(tokens, targets):
+    m = PaLM(CFG, seed=0)
+    m.load_state_dict({n: w.astype(np.float32) for n, w in random_params(CFG, 1).items()})
+    return m.forward_backward(tokens, targets)
+
+
+def test_model_works_after_errors(model):
+    tokens, targets = good_batch(3, 7)
+    want_logits = model.forward(tokens)
+    want = model.forward_backward(tokens, targets)
+    want_grads = model.grads()
+    for bad in (np.zeros((2, 17), np.int64), np.array([[V]]), np.zeros((1, 2, 3), np.int64)):
+        with pytest.raises(ValueError):
+            model.forward(bad)
+    model.zero_grad()
+    assert np.array_equal(model.forward(tokens), want_logits)
+    assert model.forward_backward(tokens, targets) == want
+    for name, g in model.grads().items():
+        assert np.array_equal(g, want_grads[name]), name
+
+
+# --------------------------------------------------------------------------- load_state_dict
+
+def _fresh_state():
+    """A full, valid state different from the model's (so a partial load would show)."""
+    return {n: (w + 0.5).astype(np.float32) for n, w in random_params(CFG, 9).items()}
+
+
+LAST = "final_norm.scale"   # the last parameter in order: every other one would load first
+
+
+def _missing(s):
+    del s[LAST]
+
+
+def _missing_first(s):
+    del s["embed"]
+
+
+def _extra(s):
+    s["lm_head"] = np.zeros((V, 12), np.float32)
+
+
+def _renamed(s):
+    s["layers.2.norm.scale"] = s.pop("layers.1.norm.scale")
+
+
+BAD_STATES = [
+    (_missing, ValueError, r"missing \['final_norm\.scale'\], unexpected \[\]"),
+    (_missing_first, ValueError, r"missing \['embed'\]"),
+    (_extra, ValueError, r"missing \[\], unexpected \['lm_head'\]"),
+    (_renamed, ValueError, r"missing \['layers\.1\.norm\.scale'\], unexpected \['layers\.2\.norm\.scale'\]"),
+    (lambda s: s.update({LAST: np.ones(13, np.float32)}), ValueError,
+     r"parameter 'final_norm\.scale' has shape \(13,\), expected \(12,\)"),
+    (lambda s: s.update({"layers.1.attn.wk": np.zeros((4, 12), np.float32)}), ValueError,
+     r"parameter 'layers\.1\.attn\.wk' has shape \(4, 12\), expected \(12, 4\)"),
+    (lambda s: s.update({"embed": s["embed"][None]}), ValueError,
+     r"parameter 'embed' has shape \(1, 37, 12\), expected \(37, 12\)"),
+    (lambda s: s.update({LAST: np.ones(12, np.float64)}), TypeError,
+     r"parameter 'final_norm\.scale' must be a float32 ndarray, got float64"),
+    (lambda s: s.update({LAST: np.ones(12, np.float16)}), TypeError, r"must be a float32 ndarray, got float16"),
+    (lambda s: s.update({LAST: np.ones(12, np.int32)}), TypeError, r"must be a float32 ndarray, got int32"),
+    (lambda s: s.update({LAST: [1.0] * 12}), TypeError, r"'final_norm\.scale' must be a float32 ndarray, got list"),
+    (lambda s: s[LAST].__setitem__(3, np.nan), ValueError,
+     r"parameter 'final_norm\.scale' holds a non-finite value \(NaN or Inf\)"),
+    (lambda s: s[LAST].__setitem__(0, np.inf), ValueError, r"'final_norm\.scale' holds a non-finite value"),
+    (lambda s: s["layers.1.mlp.w_down"].__setitem__((5, 2), -np.inf), ValueError,
+     r"'layers\.1\.mlp\.w_down' holds a non-finite value"),
+]
+
+
+@pytest.mark.parametrize("corrupt,exc,match", BAD_STATES,
+                         ids=["missing", "missing-first", "extra", "renamed", "shape-last",
+                              "shape-transposed", "rank", "float64", "float16", "int32", "list",
+                              "nan", "inf", "neg-inf"])
+def test_bad_load_state_dict_changes_nothing(model, corrupt, exc, match):
+    model.forward_backward(*good_batch())
+    snap = snapshot(model)
+    state = _fresh_state()
+    corrupt(state)
+    with pytest.raises(exc, match=match):
+        model.load_state_dict(state)
+    assert_unchanged(model, snap)
+    # the same dict without the fault loads fine
+    model.load_state_dict(_fresh_state())
+    assert np.array_equal(model.state_dict()["embed"], _fresh_state()["embed"])
+
+
+# --------------------------------------------------------------------------- config
+
+BASE = dict(vocab_size=37, d_model=16, n_layers=2, n_heads=4)   # head_dim 4
+
+BAD_CONFIGS = [
+    (dict(n_kv_heads=3), r"n_heads \(4\) must be a multiple of n_kv_heads \(3\)"),
+    (dict(n_heads=6, n_kv_heads=4, head_dim=2), r"n_heads \(6\) must be a multiple of n_kv_heads \(4\)"),
+    (dict(n_kv_heads=8), r"n_heads \(4\) must be a multiple of n_kv_heads \(8\)"),
+    (dict(head_dim=3), r"head_dim must be even.*got 3"),
+    (dict(d_model=12, n_heads=12), r"head_dim must be even.*got 1"),
+    (dict(d_model=10), r"d_model \(10\) is not divisible by n_heads \(4\)"),
+    (dict(head_dim=0), r"head_dim must be a positive integer, got 0"),
+    (dict(head_dim=-4), r"head_dim must be a positive integer, got -4"),
+    (dict(ffn_dim=0), r"ffn_dim must be a positive integer, got 0"),
+    (dict(ffn_dim=-1), r"ffn_dim must be a positive integer, got -1"),
+    (dict(rope_base=0.0), r"rope_base must be a positive finite number, got 0\.0"),
+    (dict(rope_base=float("inf")), r"rope_base must be a positive finite number"),
+    (dict(norm_eps=-1e-5), r"norm_eps must be a positive finite number"),
+    (dict(norm_eps=float("nan")), r"norm_eps must be a positive finite number, got nan"),
+    (dict(z_loss=-1e-4), r"z_loss must be a non-negative finite number"),
+    (dict(z_loss=float("inf")), r"z_loss must be a non-negative finite number"),
+    (dict(rope_base="10000"), r"rope_base must be a positive finite number, got '10000'"),
+]
+for _field in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "max_seq_len"):
+    BAD_CONFIGS += [
+        ({_field: 0}, rf"{_field} must be a positive integer, got 0"),
+        ({_field: -3}, rf"{_field} must be a positive integer, got -3"),
+        ({_field: 4.0}, rf"{_field} must be a positive integer, got 4\.0"),
+        ({_field: True}, rf"{_field} must be a positive integer, got True"),
+        ({_field: None}, rf"{_field} must be a positive integer, got None"),
+    ]
+
+
+@pytest.mark.parametrize("overrides,match", BAD_CONFIGS,
+                         ids=[",".join(f"{k}={v!r}" for k, v in o.items()) for o, _ in BAD_CONFIGS])
+def test_bad_config(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        PaLMConfig(**{**BASE, **overrides})
+
+
+def test_unknown_preset_and_fields():
+    with pytest.raises(ValueError, match=r"unknown preset 'palm-1t'; known: palm-540b, palm-62b, palm-8b, seed"):
+        PaLMConfig.preset("palm-1t")
+    with pytest.raises(ValueError, match=r"unknown preset 'Seed'"):
+        PaLMConfig.preset("Seed")
+    with pytest.raises(ValueError, match=r"n_heads \(8\) must be a multiple of n_kv_heads \(3\)"):
+        PaLMConfig.preset("seed", n_kv_heads=3)
+    with pytest.raises(ValueError, match=r"unknown config fields: dropout, n_experts"):
+        PaLMConfig.from_dict({**BASE, "dropout": 0.1, "n_experts": 8})
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'dropout'"):
+        PaLMConfig.preset("seed", dropout=0.1)
+    with pytest.raises(ValueError, match=r"seq_len must be a positive integer, got 0"):
+        PaLMConfig(**BASE).flops_per_token(0)
+
+
+def test_bad_model_arguments():
+    cfg = PaLMConfig(**BASE)
+    with pytest.raises(TypeError, match=r"config must be a PaLMConfig, got str"):
+        PaLM("seed")
+    with pytest.raises(TypeError, match=r"config must be a PaLMConfig, got dict"):
+        PaLM(cfg.to_dict())
+    for seed in (-1, 2**64, 1.0, True, "0", None):
+        with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*64\)"):
+            PaLM(cfg, seed=seed)
+    PaLM(cfg, seed=np.uint64(2**64 - 1))       # the largest seed, as a NumPy integer, is fine
+
+
+def test_core_validates_config_itself():
+    """The C++ runtime checks its configuration too (for callers that bypass PaLMConfig)."""
+    good = PaLMConfig(**BASE).to_dict()
+    cases = [
+        ({"n_kv_heads": 3}, r"n_heads \(4\) must be a multiple of n_kv_heads \(3\)"),
+        ({"head_dim": 3}, r"head_dim must be even for RoPE, got 3"),
+        ({"d_model": 0}, r"d_model must be positive, got 0"),
+        ({"n_layers": -1}, r"n_layers must be positive, got -1"),
+        ({"max_seq_len": 0}, r"max_seq_len must be positive, got 0"),
+        ({"norm_eps": 0.0}, r"norm_eps must be positive and finite"),
+        ({"rope_base": float("nan")}, r"rope_base must be positive and finite"),
+        ({"z_loss": -1.0}, r"z_loss must be non-negative and finite"),
+        ({"vocab_size": 2**31}, r"vocab_size must fit in int32"),
+    ]
+    for change, match in cases:
+        with pytest.raises(ValueError, match=match):
+            _core.Model({**good, **change}, 0)
+
+
+# --------------------------------------------------------------------------- threads
+
+@pytest.mark.parametrize("n", [0, -1, 1.5, True, "2", None])
+def test_bad_thread_count(n):
+    before = palmcore.get_num_threads()
+    with pytest.raises(ValueError, match=r"the thread count must be a positive integer, got "):
+        palmcore.set_num_threads(n)
+    assert palmcore.get_num_threads() == before
+
+
+def test_core_rejects_zero_threads():
+    before = palmcore.get_num_threads()
+    with pytest.raises(ValueError, match=r"the thread count must be at least 1"):
+        _core.set_num_threads(0)
+    assert palmcore.get_num_threads() == before
+
+
+@pytest.mark.parametrize("value,ok", [("abc", False), ("0", False), ("-2", False), ("2", True)])
+def test_thread_count_from_environment(value, ok):
+    env = {**os.environ, "PALMCORE_NUM_THREADS": value}
+    proc = subprocess.run([sys.executable, "-c", "import palmcore; print(palmcore.get_num_threads())"],
+                          env=env, cwd="/", capture_output=True, text=True, timeout=60)
+    if ok:
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip() == value
+    else:
+        assert proc.returncode == 1, proc.stderr          # an exception, not a crash (signal)
+        assert re.search(r"ValueError: (PALMCORE_NUM_THREADS|the thread count) must be a positive "
+                         rf"integer, got '?{value}'?", proc.stderr), proc.stderr

@@ -6,6 +6,8 @@
 
 #include <cmath>
 #include <cstring>
+#include <memory>
+#include <mutex>
 #include <string>
 
 #include "palmcore/benchmark.h"
@@ -37,7 +39,16 @@ py::array_t<float> to_numpy(const Tensor& t) {
   return out;
 }
 
-Model make_model(const py::dict& c, uint64_t seed) {
+// A model and the lock that serializes calls on it: compute runs with the GIL released, so two
+// Python threads could otherwise enter one model at once. Compute takes the lock only after
+// releasing the GIL and drops it before taking the GIL back, so the two locks cannot deadlock.
+struct LockedModel {
+  explicit LockedModel(Model m) : model(std::move(m)) {}
+  Model model;
+  std::mutex mutex;
+};
+
+std::unique_ptr<LockedModel> make_model(const py::dict& c, uint64_t seed) {
   ModelConfig config{c["vocab_size"].cast<int64_t>(), c["d_model"].cast<int64_t>(),
                      c["n_layers"].cast<int64_t>(),   c["n_heads"].cast<int64_t>(),
                      c["n_kv_heads"].cast<int64_t>(), c["head_dim"].cast<int64_t>(),
@@ -45,7 +56,7 @@ Model make_model(const py::dict& c, uint64_t seed) {
                      c["rope_base"].cast<double>(),   c["norm_eps"].cast<double>(),
                      c["z_loss"].cast<double>()};
   py::gil_scoped_release release;
-  return Model(config, seed);
+  return std::make_unique<LockedModel>(Model(config, seed));
 }
 
 }  // namespace
@@ -60,21 +71,30 @@ PYBIND11_MODULE(_core, m) {
   m.def("measure_copy_gbps", &measure_copy_gbps, py::arg("bytes"), py::arg("repeats") = 5,
         py::call_guard<py::gil_scoped_release>());
 
-  py::class_<Model>(m, "Model")
+  py::class_<LockedModel>(m, "Model")
       .def(py::init(&make_model), py::arg("config"), py::arg("seed"))
       .def("param_names",
-           [](const Model& model) {
+           [](const LockedModel& self) {
              std::vector<std::string> names;
-             for (const ParamInfo& p : model.params_info()) names.push_back(p.name);
+             for (const ParamInfo& p : self.model.params_info()) names.push_back(p.name);
              return names;
            })
-      .def("param_shape", [](const Model& model, const std::string& name) { return model.info(name).shape; })
-      .def("num_params", [](Model& model) { return model.flat_params().numel(); })
-      .def("get_param", [](const Model& model, const std::string& name) { return to_numpy(model.param(name)); })
-      .def("get_grad", [](const Model& model, const std::string& name) { return to_numpy(model.grad(name)); })
+      .def("param_shape", [](const LockedModel& self, const std::string& name) { return self.model.info(name).shape; })
+      .def("num_params", [](LockedModel& self) { return self.model.flat_params().numel(); })
+      .def("get_param",
+           [](LockedModel& self, const std::string& name) {
+             std::lock_guard<std::mutex> guard(self.mutex);
+             return to_numpy(self.model.param(name));
+           })
+      .def("get_grad",
+           [](LockedModel& self, const std::string& name) {
+             std::lock_guard<std::mutex> guard(self.mutex);
+             return to_numpy(self.model.grad(name));
+           })
       .def("set_param",
-           [](Model& model, const std::string& name, const FloatArray& value) {
-             Tensor dst = model.param(name);
+           [](LockedModel& self, const std::string& name, const FloatArray& value) {
+             std::lock_guard<std::mutex> guard(self.mutex);
+             Tensor dst = self.model.param(name);
              if (shape_of(value) != dst.shape())
                throw std::invalid_argument("parameter '" + name + "' must have shape " + dst.shape_string());
              const float* src = value.data();
@@ -84,24 +104,26 @@ PYBIND11_MODULE(_core, m) {
              std::memcpy(dst.data<float>(), src, dst.numel() * sizeof(float));
            })
       .def("forward",
-           [](Model& model, const IntArray& tokens) {
+           [](LockedModel& self, const IntArray& tokens) {
              Tensor t = borrow_tokens(tokens, "tokens");
-             const int64_t V = model.config().vocab_size;
+             const int64_t V = self.model.config().vocab_size;
              py::array_t<float> logits({t.dim(0), t.dim(1), V});
              Tensor out = Tensor::borrow(logits.mutable_data(), {t.dim(0) * t.dim(1), V}, DType::F32);
              {
                py::gil_scoped_release release;
-               model.forward(t, out);
+               std::lock_guard<std::mutex> guard(self.mutex);
+               self.model.forward(t, out);
              }
              return logits;
            })
       .def("forward_backward",
-           [](Model& model, const IntArray& tokens, const IntArray& targets) {
+           [](LockedModel& self, const IntArray& tokens, const IntArray& targets) {
              Tensor t = borrow_tokens(tokens, "tokens"), y = borrow_tokens(targets, "targets");
              LossStats s;
              {
                py::gil_scoped_release release;
-               s = model.forward_backward(t, y);
+               std::lock_guard<std::mutex> guard(self.mutex);
+               s = self.model.forward_backward(t, y);
              }
              py::dict out;
              out["loss"] = s.loss;
@@ -109,5 +131,9 @@ PYBIND11_MODULE(_core, m) {
              out["tokens"] = s.tokens;
              return out;
            })
-      .def("zero_grad", &Model::zero_grad);
+      .def("zero_grad", [](LockedModel& self) {
+        py::gil_scoped_release release;
+        std::lock_guard<std::mutex> guard(self.mutex);
+        self.model.zero_grad();
+      });
 }

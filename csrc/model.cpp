@@ -2,8 +2,6 @@
 // It knows no backend: every computation is an op call on tensors.
 #include "palmcore/model.h"
 
-#include <omp.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -11,6 +9,7 @@
 #include <unordered_map>
 
 #include "palmcore/random.h"
+#include "palmcore/threads.h"
 
 namespace palmcore {
 
@@ -137,9 +136,16 @@ AttentionShape Model::attention_shape() const {
   return {act_.batch, act_.seq, config_.n_heads, config_.n_kv_heads, config_.head_dim};
 }
 
-// Size every activation and scratch buffer for batch shape [B, T], once per shape.
+// Size every activation and scratch buffer for batch shape [B, T], once per shape (and the
+// per-thread attention tiles once per thread count).
 void Model::prepare(int64_t batch, int64_t seq) {
-  if (batch == act_.batch && seq == act_.seq) return;
+  if (batch == act_.batch && seq == act_.seq) {
+    if (act_.threads != get_num_threads()) {
+      act_.threads = get_num_threads();
+      act_.attention = AttentionWorkspace::create(attention_shape(), act_.threads, device_);
+    }
+    return;
+  }
   act_ = Activations();
   const int64_t rows = batch * seq, D = config_.d_model, F = config_.ffn_dim;
   const int64_t qw = config_.n_heads * config_.head_dim, kvw = config_.n_kv_heads * config_.head_dim;
@@ -173,7 +179,8 @@ void Model::prepare(int64_t batch, int64_t seq) {
   act_.logits_chunk = f32({chunk, config_.vocab_size});
   act_.row_ce = f32({chunk});
   act_.row_lse = f32({chunk});
-  act_.attention = AttentionWorkspace::create(attention_shape(), device_);
+  act_.threads = get_num_threads();
+  act_.attention = AttentionWorkspace::create(attention_shape(), act_.threads, device_);
 }
 
 void Model::check_tokens(const Tensor& tokens, const char* what, bool allow_ignored) const {

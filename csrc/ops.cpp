@@ -44,8 +44,9 @@ void rope_apply(Tensor& x, const Tensor& positions, const Tensor& cos_table,
   PALMCORE_DISPATCH(rope_apply, x.device(), x, positions, cos_table, sin_table, heads, inverse);
 }
 
-AttentionWorkspace AttentionWorkspace::create(const AttentionShape& s, Device device) {
+AttentionWorkspace AttentionWorkspace::create(const AttentionShape& s, int64_t workers, Device device) {
   AttentionWorkspace ws;
+  ws.tiles = Tensor::zeros({workers, 2, kAttentionQueryBlock, s.seq}, DType::F32, device);
   ws.dkeys_part = Tensor::zeros({s.batch * s.heads, s.seq, s.head_dim}, DType::F32, device);
   ws.dvalues_part = Tensor::zeros({s.batch * s.heads, s.seq, s.head_dim}, DType::F32, device);
   return ws;

@@ -497,3 +497,28 @@ def test_flops_per_token_tiny():
         assert n == PaLM(cfg).num_params()
         for T in (1, 7, 16):
             assert cfg.flops_per_token(T) == 6 * n + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * T
+
+
+def test_concurrent_calls_from_python_threads_are_serialized():
+    """Compute runs with the GIL released; calls on one model from several Python threads must
+    not interleave (each result equals the serial one)."""
+    import threading
+
+    cfg = PaLMConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64)
+    model = PaLM(cfg, seed=3)
+    batches = [make_batch(cfg, 2, 31, seed) for seed in range(4)]
+    expected = [model.forward(tokens) for tokens, _ in batches]
+    results = [None] * len(batches)
+
+    def work(i):
+        for _ in range(3):
+            results[i] = model.forward(batches[i][0])
+            model.forward_backward(*batches[i])
+
+    workers = [threading.Thread(target=work, args=(i,)) for i in range(len(batches))]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    for got, want in zip(results, expected):
+        assert np.array_equal(got, want)

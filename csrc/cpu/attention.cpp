@@ -1,22 +1,22 @@
 // Causal multi-query / grouped attention, forward and backward; math in palmcore/ops.h.
 //
-// Work is split by (batch, query head); each task walks its queries in blocks of kQueryBlock
+// Work is split by (batch, query head); each task walks its queries in blocks of kAttentionQueryBlock
 // rows. A block needs the keys 0..i1 before its last row, so it holds one [block, i1] tile of
 // scores per thread (never a [B, H, T, T] tensor) and does its products as single-threaded
 // BLAS calls on strided views of q, k, v. Each task owns its rows of out, lse and dq and its
 // own slice of the partial key/value gradients, summed afterwards per group in head order:
 // nothing is shared, so the result is the same whatever the thread count.
+#include <omp.h>
+
 #include <algorithm>
 #include <cmath>
-#include <vector>
+#include <stdexcept>
 
 #include "cpu/cpu_ops.h"
 #include "cpu/vector_math.h"
 
 namespace palmcore::cpu {
 namespace {
-
-constexpr int64_t kQueryBlock = 64;
 
 struct Layout {
   int64_t B, T, H, Hkv, dh, group, q_stride, kv_stride;
@@ -36,10 +36,20 @@ void score_tile(const Layout& L, const float* q, const float* k, int64_t b, int6
        k + L.kv_at(b, 0, h / L.group), L.kv_stride, 0.0f, s, i1);
 }
 
+// This thread's two score tiles of the workspace.
+float* thread_tiles(AttentionWorkspace& ws) {
+  return ws.tiles.data<float>() + omp_get_thread_num() * ws.tiles.numel() / ws.tiles.dim(0);
+}
+
+void require_tiles(const AttentionWorkspace& ws) {
+  if (omp_get_max_threads() > ws.tiles.dim(0))
+    throw std::logic_error("attention workspace sized for fewer threads than are running");
+}
+
 }  // namespace
 
 void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, Tensor& out, Tensor& lse,
-                       const AttentionShape& shape, AttentionWorkspace&) {
+                       const AttentionShape& shape, AttentionWorkspace& ws) {
   const Layout L(shape);
   const float scale = 1.0f / std::sqrt(static_cast<float>(L.dh));
   const float* qs = q.data<float>();
@@ -47,18 +57,19 @@ void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, Tensor
   const float* vs = v.data<float>();
   float* os = out.data<float>();
   float* lses = lse.data<float>();
+  require_tiles(ws);
 #pragma omp parallel
   {
-    std::vector<float> s(kQueryBlock * L.T);
+    float* s = thread_tiles(ws);
 #pragma omp for collapse(2) schedule(static)
     for (int64_t b = 0; b < L.B; ++b)
       for (int64_t h = 0; h < L.H; ++h)
-        for (int64_t i0 = 0; i0 < L.T; i0 += kQueryBlock) {
-          const int64_t i1 = std::min(L.T, i0 + kQueryBlock);
-          score_tile(L, qs, ks, b, h, i0, i1, scale, s.data());
+        for (int64_t i0 = 0; i0 < L.T; i0 += kAttentionQueryBlock) {
+          const int64_t i1 = std::min(L.T, i0 + kAttentionQueryBlock);
+          score_tile(L, qs, ks, b, h, i0, i1, scale, s);
           // p_ij = exp(s_ij - lse_i) for j <= i, 0 past the diagonal
           for (int64_t i = i0; i < i1; ++i) {
-            float* row = s.data() + (i - i0) * i1;
+            float* row = s + (i - i0) * i1;
             const int64_t n = i + 1;
             const float m = *std::max_element(row, row + n);
             for (int64_t j = 0; j < n; ++j) row[j] = exp_approx(row[j] - m);
@@ -70,7 +81,7 @@ void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, Tensor
             lses[(b * L.H + h) * L.T + i] = m + std::log(l);
           }
           // out_i = Σ_j p_ij v_j
-          gemm(false, false, i1 - i0, L.dh, i1, 1.0f, s.data(), i1, vs + L.kv_at(b, 0, h / L.group),
+          gemm(false, false, i1 - i0, L.dh, i1, 1.0f, s, i1, vs + L.kv_at(b, 0, h / L.group),
                L.kv_stride, 0.0f, os + L.q_at(b, i0, h), L.q_stride);
         }
   }
@@ -88,9 +99,11 @@ void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const
   const float* dos = dout.data<float>();
   const float* lses = lse.data<float>();
   float* dqs = dq.data<float>();
+  require_tiles(ws);
 #pragma omp parallel
   {
-    std::vector<float> p(kQueryBlock * L.T), ds(kQueryBlock * L.T);
+    float* p = thread_tiles(ws);
+    float* ds = p + kAttentionQueryBlock * L.T;
 #pragma omp for collapse(2) schedule(static)
     for (int64_t b = 0; b < L.B; ++b)
       for (int64_t h = 0; h < L.H; ++h) {
@@ -99,15 +112,15 @@ void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const
         float* dv_part = ws.dvalues_part.data<float>() + (b * L.H + h) * L.T * L.dh;
         std::fill(dk_part, dk_part + L.T * L.dh, 0.0f);
         std::fill(dv_part, dv_part + L.T * L.dh, 0.0f);
-        for (int64_t i0 = 0; i0 < L.T; i0 += kQueryBlock) {
-          const int64_t i1 = std::min(L.T, i0 + kQueryBlock), rows = i1 - i0;
+        for (int64_t i0 = 0; i0 < L.T; i0 += kAttentionQueryBlock) {
+          const int64_t i1 = std::min(L.T, i0 + kAttentionQueryBlock), rows = i1 - i0;
           // p_ij = exp(s_ij - lse_i), recomputed; dp_ij = dout_i · v_j
-          score_tile(L, qs, ks, b, h, i0, i1, scale, p.data());
+          score_tile(L, qs, ks, b, h, i0, i1, scale, p);
           gemm(false, true, rows, i1, L.dh, 1.0f, dos + L.q_at(b, i0, h), L.q_stride,
-               vs + L.kv_at(b, 0, g), L.kv_stride, 0.0f, ds.data(), i1);
+               vs + L.kv_at(b, 0, g), L.kv_stride, 0.0f, ds, i1);
           for (int64_t i = i0; i < i1; ++i) {
-            float* prow = p.data() + (i - i0) * i1;
-            float* dsrow = ds.data() + (i - i0) * i1;
+            float* prow = p + (i - i0) * i1;
+            float* dsrow = ds + (i - i0) * i1;
             const float lse_i = lses[(b * L.H + h) * L.T + i];
             const float* doi = dos + L.q_at(b, i, h);
             const float* oi = os + L.q_at(b, i, h);
@@ -123,11 +136,11 @@ void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const
             std::fill(dsrow + n, dsrow + i1, 0.0f);
           }
           // dq_I = ds k;  dk += dsᵀ q_I;  dv += pᵀ dout_I
-          gemm(false, false, rows, L.dh, i1, 1.0f, ds.data(), i1, ks + L.kv_at(b, 0, g), L.kv_stride,
+          gemm(false, false, rows, L.dh, i1, 1.0f, ds, i1, ks + L.kv_at(b, 0, g), L.kv_stride,
                0.0f, dqs + L.q_at(b, i0, h), L.q_stride);
-          gemm(true, false, i1, L.dh, rows, 1.0f, ds.data(), i1, qs + L.q_at(b, i0, h), L.q_stride,
+          gemm(true, false, i1, L.dh, rows, 1.0f, ds, i1, qs + L.q_at(b, i0, h), L.q_stride,
                1.0f, dk_part, L.dh);
-          gemm(true, false, i1, L.dh, rows, 1.0f, p.data(), i1, dos + L.q_at(b, i0, h), L.q_stride,
+          gemm(true, false, i1, L.dh, rows, 1.0f, p, i1, dos + L.q_at(b, i0, h), L.q_stride,
                1.0f, dv_part, L.dh);
         }
       }

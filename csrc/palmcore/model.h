@@ -64,7 +64,7 @@ class Model {
     Tensor xhat, rstd, h, q, k, v, attn, lse, gate, up;
   };
   struct Activations {
-    int64_t batch = 0, seq = 0;
+    int64_t batch = 0, seq = 0, threads = 0;
     Tensor tokens, targets, positions, x;
     std::vector<LayerActivations> layers;
     Tensor final_xhat, final_rstd, final_h;

@@ -14,10 +14,13 @@ namespace palmcore {
 struct AttentionShape {
   int64_t batch, seq, heads, kv_heads, head_dim;
 };
-// Backward workspace: partial key/value gradients, one slice per query head, summed per group.
+// Attention works a block of this many queries at a time.
+constexpr int64_t kAttentionQueryBlock = 64;
+// Attention's scratch, sized once per batch shape and thread count.
 struct AttentionWorkspace {
-  Tensor dkeys_part, dvalues_part;  // [B·H, T, dh]
-  static AttentionWorkspace create(const AttentionShape& shape, Device device);
+  Tensor tiles;                     // [workers, 2, kAttentionQueryBlock, T]: score tiles per thread
+  Tensor dkeys_part, dvalues_part;  // [B·H, T, dh]: key/value gradients per query head
+  static AttentionWorkspace create(const AttentionShape& shape, int64_t workers, Device device);
 };
 
 #include "palmcore/op_signatures.inc"

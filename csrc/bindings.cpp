@@ -63,7 +63,6 @@ std::unique_ptr<LockedModel> make_model(const py::dict& c, uint64_t seed) {
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "palmcore's C++ runtime (use the palmcore package, not this module)";
-  set_num_threads(get_num_threads());  // one thread pool: OpenMP's, with the BLAS inside it
   m.def("set_num_threads", &set_num_threads, py::arg("n"));
   m.def("get_num_threads", &get_num_threads);
   m.def("measure_sgemm_gflops", &measure_matmul_gflops, py::arg("m"), py::arg("n"), py::arg("k"),

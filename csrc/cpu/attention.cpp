@@ -71,10 +71,9 @@ void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, Tensor
           for (int64_t i = i0; i < i1; ++i) {
             float* row = s + (i - i0) * i1;
             const int64_t n = i + 1;
-            const float m = *std::max_element(row, row + n);
+            const float m = max_lanes(row, n);
             for (int64_t j = 0; j < n; ++j) row[j] = exp_approx(row[j] - m);
-            float l = 0.0f;
-            for (int64_t j = 0; j < n; ++j) l += row[j];
+            const float l = static_cast<float>(sum_lanes(row, n));
             const float inv_l = 1.0f / l;
             for (int64_t j = 0; j < n; ++j) row[j] *= inv_l;
             std::fill(row + n, row + i1, 0.0f);

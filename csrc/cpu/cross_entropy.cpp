@@ -23,11 +23,9 @@ void cross_entropy_forward_backward(Tensor& logits, const Tensor& targets, float
       continue;
     }
     const float target_logit = z[y[r]];
-    float max_z = z[0];
-    for (int64_t c = 1; c < vocab; ++c) max_z = std::max(max_z, z[c]);
+    const float max_z = max_lanes(z, vocab);
     for (int64_t c = 0; c < vocab; ++c) z[c] = exp_approx(z[c] - max_z);  // unnormalized probabilities
-    double sum = 0.0;
-    for (int64_t c = 0; c < vocab; ++c) sum += z[c];
+    const double sum = sum_lanes(z, vocab);
     const float lse = max_z + static_cast<float>(std::log(sum));
     ce[r] = lse - target_logit;
     lses[r] = lse;

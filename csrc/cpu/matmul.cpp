@@ -14,13 +14,21 @@
 namespace palmcore::cpu {
 namespace {
 
-constexpr int64_t kMinSlice = 128;  // rows or columns per BLAS call, at least
+// Rows or columns per BLAS call, at least: each call packs the whole other operand, so thin
+// slices would spend their time packing.
+constexpr int64_t kMinSlice = 512;
 constexpr int64_t kMaxSlices = 16;
 
 }  // namespace
 
 void gemm(bool transpose_a, bool transpose_b, int64_t m, int64_t n, int64_t k, float alpha,
           const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  // Whoever calls first (the module, a C++ program, a test) pins the BLAS to one thread.
+  static const bool single_threaded_blas = [] {
+    scipy_openblas_set_num_threads(1);
+    return true;
+  }();
+  (void)single_threaded_blas;
   scipy_cblas_sgemm(CblasRowMajor, transpose_a ? CblasTrans : CblasNoTrans,
                     transpose_b ? CblasTrans : CblasNoTrans, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }

@@ -27,6 +27,33 @@ inline float exp_approx(float x) {
   return p * scale;
 }
 
+// Reductions in kLanes independent lanes, combined in a fixed order: the compiler vectorizes
+// them (no reassociation needed) and the result does not depend on threads.
+constexpr int64_t kLanes = 16;
+
+inline float max_lanes(const float* x, int64_t n) {
+  float lane[kLanes];
+  for (int64_t l = 0; l < kLanes; ++l) lane[l] = x[0];
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) lane[l] = lane[l] > x[i + l] ? lane[l] : x[i + l];
+  float m = x[0];
+  for (int64_t l = 0; l < kLanes; ++l) m = m > lane[l] ? m : lane[l];
+  for (; i < n; ++i) m = m > x[i] ? m : x[i];
+  return m;
+}
+
+inline double sum_lanes(const float* x, int64_t n) {
+  double lane[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) lane[l] += x[i + l];
+  double s = 0.0;
+  for (int64_t l = 0; l < kLanes; ++l) s += lane[l];
+  for (; i < n; ++i) s += x[i];
+  return s;
+}
+
 inline float sigmoid_approx(float x) { return 1.0f / (1.0f + exp_approx(-x)); }
 
 }  // namespace palmcore::cpu

@@ -3,9 +3,11 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <stdexcept>
 
 #include "palmcore/ops.h"
 #include "palmcore/random.h"
+#include "palmcore/threads.h"
 
 namespace palmcore {
 namespace {
@@ -20,9 +22,15 @@ Tensor random_tensor(std::vector<int64_t> shape, uint64_t stream) {
   return t;
 }
 
+void check_measure(int64_t size, int repeats) {
+  if (size <= 0 || repeats < 1) throw std::invalid_argument("measure: sizes and repeats must be positive");
+  apply_num_threads();
+}
+
 }  // namespace
 
 double measure_matmul_gflops(int64_t m, int64_t n, int64_t k, int repeats) {
+  check_measure(std::min({m, n, k}), repeats);
   Tensor a = random_tensor({m, k}, 0), b = random_tensor({k, n}, 1), c = Tensor::zeros({m, n});
   matmul(a, false, b, false, c);
   double best = 1e30;
@@ -35,6 +43,8 @@ double measure_matmul_gflops(int64_t m, int64_t n, int64_t k, int repeats) {
 }
 
 double measure_copy_gbps(int64_t bytes, int repeats) {
+  check_measure(bytes / 4, repeats);
+  bytes = bytes / 4 * 4;
   Tensor src = random_tensor({bytes / 4}, 2), dst = Tensor::zeros({bytes / 4});
   std::memcpy(dst.data<float>(), src.data<float>(), bytes);
   double best = 1e30;

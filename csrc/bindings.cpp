@@ -33,12 +33,6 @@ Tensor borrow_tokens(const IntArray& tokens, const char* what) {
   return Tensor::borrow(const_cast<int32_t*>(tokens.data()), shape_of(tokens), DType::I32);
 }
 
-py::array_t<float> to_numpy(const Tensor& t) {
-  py::array_t<float> out(t.shape());
-  std::memcpy(out.mutable_data(), t.data<float>(), t.numel() * sizeof(float));
-  return out;
-}
-
 // A model and the lock that serializes calls on it: compute runs with the GIL released, so two
 // Python threads could otherwise enter one model at once. Compute takes the lock only after
 // releasing the GIL and drops it before taking the GIL back, so the two locks cannot deadlock.
@@ -47,6 +41,19 @@ struct LockedModel {
   Model model;
   std::mutex mutex;
 };
+
+// A float32 copy of one of the model's tensors, taken under the model's lock with the GIL
+// released (a step in another thread holds that lock for long).
+template <typename Get>
+py::array_t<float> copy_out(LockedModel& self, const std::vector<int64_t>& shape, Get get) {
+  py::array_t<float> out(shape);
+  float* dst = out.mutable_data();
+  py::gil_scoped_release release;
+  std::lock_guard<std::mutex> guard(self.mutex);
+  const Tensor t = get(self.model);
+  std::memcpy(dst, t.data<float>(), t.numel() * sizeof(float));
+  return out;
+}
 
 std::unique_ptr<LockedModel> make_model(const py::dict& c, uint64_t seed) {
   ModelConfig config{c["vocab_size"].cast<int64_t>(), c["d_model"].cast<int64_t>(),
@@ -82,21 +89,22 @@ PYBIND11_MODULE(_core, m) {
       .def("num_params", [](LockedModel& self) { return self.model.flat_params().numel(); })
       .def("get_param",
            [](LockedModel& self, const std::string& name) {
-             std::lock_guard<std::mutex> guard(self.mutex);
-             return to_numpy(self.model.param(name));
+             return copy_out(self, self.model.info(name).shape, [&](const Model& m) { return m.param(name); });
            })
       .def("get_grad",
            [](LockedModel& self, const std::string& name) {
-             std::lock_guard<std::mutex> guard(self.mutex);
-             return to_numpy(self.model.grad(name));
+             return copy_out(self, self.model.info(name).shape, [&](const Model& m) { return m.grad(name); });
            })
       .def("set_param",
            [](LockedModel& self, const std::string& name, const FloatArray& value) {
+             const std::vector<int64_t>& shape = self.model.info(name).shape;
+             if (shape_of(value) != shape)
+               throw std::invalid_argument("parameter '" + name + "' must have shape " +
+                                           self.model.param(name).shape_string());
+             const float* src = value.data();
+             py::gil_scoped_release release;
              std::lock_guard<std::mutex> guard(self.mutex);
              Tensor dst = self.model.param(name);
-             if (shape_of(value) != dst.shape())
-               throw std::invalid_argument("parameter '" + name + "' must have shape " + dst.shape_string());
-             const float* src = value.data();
              for (int64_t i = 0; i < dst.numel(); ++i)
                if (!std::isfinite(src[i]))
                  throw std::invalid_argument("parameter '" + name + "' holds a non-finite value (NaN or Inf)");
@@ -105,6 +113,7 @@ PYBIND11_MODULE(_core, m) {
       .def("forward",
            [](LockedModel& self, const IntArray& tokens) {
              Tensor t = borrow_tokens(tokens, "tokens");
+             self.model.check_shape(t, "tokens");  // before allocating [B, T, V]
              const int64_t V = self.model.config().vocab_size;
              py::array_t<float> logits({t.dim(0), t.dim(1), V});
              Tensor out = Tensor::borrow(logits.mutable_data(), {t.dim(0) * t.dim(1), V}, DType::F32);

@@ -19,7 +19,8 @@ void require(bool ok, const std::string& message) {
   if (!ok) throw std::invalid_argument(message);
 }
 
-// Rows of the logits computed at once in the loss: bounds the [rows, V] buffer to ~64 MiB.
+// Rows of the logits computed at once in the loss: ~64 MiB of [rows, V] floats (more when V
+// is so large that 64 rows exceed it).
 int64_t logits_chunk_rows(int64_t vocab, int64_t rows) {
   return std::min(rows, std::max<int64_t>(64, (int64_t{16} << 20) / vocab));
 }
@@ -33,14 +34,22 @@ void ModelConfig::validate() const {
       {"ffn_dim", ffn_dim},       {"max_seq_len", max_seq_len}};
   for (const auto& [name, value] : positive)
     require(value > 0, std::string(name) + " must be positive, got " + std::to_string(value));
-  require(vocab_size <= INT32_MAX, "vocab_size must fit in int32");
+  // Every extent is a 32-bit BLAS dimension, and the parameter count must be allocatable.
+  for (const auto& [name, value] : positive)
+    require(value <= INT32_MAX, std::string(name) + " must be below 2^31, got " + std::to_string(value));
+  const long double layer = static_cast<long double>(d_model) * head_dim * (2 * n_heads + 2 * n_kv_heads) +
+                            3.0L * d_model * ffn_dim + d_model;
+  const long double params = static_cast<long double>(vocab_size) * d_model + n_layers * layer + d_model;
+  require(params < 0x1p48L, "the model has " + std::to_string(static_cast<double>(params)) +
+                                " parameters, more than this runtime can hold (2^48)");
   require(head_dim % 2 == 0, "head_dim must be even for RoPE, got " + std::to_string(head_dim));
   require(n_heads % n_kv_heads == 0, "n_heads (" + std::to_string(n_heads) +
                                          ") must be a multiple of n_kv_heads (" +
                                          std::to_string(n_kv_heads) + ")");
   require(rope_base > 0 && std::isfinite(rope_base), "rope_base must be positive and finite");
-  require(norm_eps > 0 && std::isfinite(norm_eps), "norm_eps must be positive and finite");
-  require(z_loss >= 0 && std::isfinite(z_loss), "z_loss must be non-negative and finite");
+  // Both are used as float32: keep them where float32 represents them.
+  require(norm_eps >= 1e-30 && norm_eps <= 1e3, "norm_eps must be positive and finite, in [1e-30, 1e3]");
+  require(z_loss >= 0 && z_loss <= 1e3, "z_loss must be non-negative and finite, at most 1e3");
 }
 
 int64_t ParamInfo::numel() const {
@@ -74,6 +83,7 @@ Model::Model(const ModelConfig& config, uint64_t seed, Device device) : config_(
   }
   add("final_norm.scale", {D}, 0.0);
 
+  apply_num_threads();
   params_ = Tensor::zeros({offset}, DType::F32, device_);
   grads_ = Tensor::zeros({offset}, DType::F32, device_);
   // Element e of parameter number s is draw (seed, s, e): independent of threads and layout.
@@ -137,72 +147,95 @@ AttentionShape Model::attention_shape() const {
 }
 
 // Size every activation and scratch buffer for batch shape [B, T], once per shape (and the
-// per-thread attention tiles once per thread count).
+// per-thread attention tiles once per thread count). Built aside and swapped in whole, so a
+// failed allocation leaves the model as it was.
 void Model::prepare(int64_t batch, int64_t seq) {
+  const int64_t threads = get_num_threads();
   if (batch == act_.batch && seq == act_.seq) {
-    if (act_.threads != get_num_threads()) {
-      act_.threads = get_num_threads();
-      act_.attention = AttentionWorkspace::create(attention_shape(), act_.threads, device_);
+    if (act_.threads != threads) {
+      act_.attention = AttentionWorkspace::create(attention_shape(), threads, device_);
+      act_.threads = threads;
     }
     return;
   }
-  act_ = Activations();
+  Activations a;
   const int64_t rows = batch * seq, D = config_.d_model, F = config_.ffn_dim;
   const int64_t qw = config_.n_heads * config_.head_dim, kvw = config_.n_kv_heads * config_.head_dim;
   auto f32 = [&](std::vector<int64_t> shape) { return Tensor::zeros(std::move(shape), DType::F32, device_); };
-  act_.batch = batch;
-  act_.seq = seq;
-  act_.tokens = Tensor::zeros({rows}, DType::I32, device_);
-  act_.targets = Tensor::zeros({rows}, DType::I32, device_);
-  act_.positions = Tensor::zeros({rows}, DType::I32, device_);
-  for (int64_t r = 0; r < rows; ++r) act_.positions.data<int32_t>()[r] = static_cast<int32_t>(r % seq);
-  act_.x = f32({rows, D});
+  a.batch = batch;
+  a.seq = seq;
+  a.threads = threads;
+  a.tokens = Tensor::zeros({rows}, DType::I32, device_);
+  a.targets = Tensor::zeros({rows}, DType::I32, device_);
+  a.positions = Tensor::zeros({rows}, DType::I32, device_);
+  for (int64_t r = 0; r < rows; ++r) a.positions.data<int32_t>()[r] = static_cast<int32_t>(r % seq);
+  a.x = f32({rows, D});
   for (int64_t i = 0; i < config_.n_layers; ++i)
-    act_.layers.push_back({f32({rows, D}), f32({rows}), f32({rows, D}), f32({rows, qw}),
-                           f32({rows, kvw}), f32({rows, kvw}), f32({rows, qw}),
-                           f32({batch * config_.n_heads * seq}), f32({rows, F}), f32({rows, F})});
-  act_.final_xhat = f32({rows, D});
-  act_.final_rstd = f32({rows});
-  act_.final_h = f32({rows, D});
-  act_.dx = f32({rows, D});
-  act_.dh = f32({rows, D});
-  act_.dfinal_h = f32({rows, D});
-  act_.dattn = f32({rows, qw});
-  act_.dq = f32({rows, qw});
-  act_.dk = f32({rows, kvw});
-  act_.dv = f32({rows, kvw});
-  act_.swiglu = f32({rows, F});
-  act_.dswiglu = f32({rows, F});
-  act_.dgate = f32({rows, F});
-  act_.dup = f32({rows, F});
+    a.layers.push_back({f32({rows, D}), f32({rows}), f32({rows, D}), f32({rows, qw}),
+                        f32({rows, kvw}), f32({rows, kvw}), f32({rows, qw}),
+                        f32({batch * config_.n_heads * seq}), f32({rows, F}), f32({rows, F})});
+  a.final_xhat = f32({rows, D});
+  a.final_rstd = f32({rows});
+  a.final_h = f32({rows, D});
+  a.dx = f32({rows, D});
+  a.dh = f32({rows, D});
+  a.dfinal_h = f32({rows, D});
+  a.dattn = f32({rows, qw});
+  a.dq = f32({rows, qw});
+  a.dk = f32({rows, kvw});
+  a.dv = f32({rows, kvw});
+  a.swiglu = f32({rows, F});
+  a.dswiglu = f32({rows, F});
+  a.dgate = f32({rows, F});
+  a.dup = f32({rows, F});
   const int64_t chunk = logits_chunk_rows(config_.vocab_size, rows);
-  act_.logits_chunk = f32({chunk, config_.vocab_size});
-  act_.row_ce = f32({chunk});
-  act_.row_lse = f32({chunk});
-  act_.threads = get_num_threads();
-  act_.attention = AttentionWorkspace::create(attention_shape(), act_.threads, device_);
+  a.logits_chunk = f32({chunk, config_.vocab_size});
+  a.row_ce = f32({chunk});
+  a.row_lse = f32({chunk});
+  a.attention = AttentionWorkspace::create({batch, seq, config_.n_heads, config_.n_kv_heads, config_.head_dim},
+                                           threads, device_);
+  act_ = std::move(a);
 }
 
-void Model::check_tokens(const Tensor& tokens, const char* what, bool allow_ignored) const {
+void Model::check_shape(const Tensor& tokens, const char* what) const {
   require(tokens.dtype() == DType::I32, std::string(what) + " must be int32");
   require(tokens.ndim() == 2, std::string(what) + " must be 2-D [batch, seq], got " + tokens.shape_string());
   require(tokens.dim(0) > 0 && tokens.dim(1) > 0, std::string(what) + " must not be empty");
   require(tokens.dim(1) <= config_.max_seq_len,
           std::string(what) + " has sequence length " + std::to_string(tokens.dim(1)) +
               " > max_seq_len " + std::to_string(config_.max_seq_len));
-  const int32_t* t = tokens.data<int32_t>();
-  for (int64_t i = 0; i < tokens.numel(); ++i)
-    if (t[i] >= config_.vocab_size || (t[i] < 0 && !allow_ignored))
+}
+
+// Ids are checked in the model's own copy, never in the caller's memory, which another
+// thread could change between the check and the use.
+static void check_ids(const Tensor& ids, const char* what, int64_t vocab, bool allow_ignored) {
+  const int32_t* t = ids.data<int32_t>();
+  for (int64_t i = 0; i < ids.numel(); ++i)
+    if (t[i] >= vocab || (t[i] < 0 && !allow_ignored))
       throw std::invalid_argument(std::string(what) + " id " + std::to_string(t[i]) + " at flat index " +
-                              std::to_string(i) + " is outside the vocabulary [0, " +
-                              std::to_string(config_.vocab_size) + ")");
+                                  std::to_string(i) + " is outside the vocabulary [0, " +
+                                  std::to_string(vocab) + ")");
+}
+
+void Model::load_batch(const Tensor& tokens, const Tensor* targets) {
+  apply_num_threads();
+  check_shape(tokens, "tokens");
+  if (targets) {
+    check_shape(*targets, "targets");
+    require(targets->shape() == tokens.shape(), "targets shape " + targets->shape_string() +
+                                                    " differs from tokens shape " + tokens.shape_string());
+  }
+  prepare(tokens.dim(0), tokens.dim(1));
+  std::memcpy(act_.tokens.data<int32_t>(), tokens.data<int32_t>(), tokens.numel() * sizeof(int32_t));
+  check_ids(act_.tokens, "tokens", config_.vocab_size, false);
+  if (targets) {
+    std::memcpy(act_.targets.data<int32_t>(), targets->data<int32_t>(), targets->numel() * sizeof(int32_t));
+    check_ids(act_.targets, "targets", config_.vocab_size, true);
+  }
 }
 
 // x = embed[t]; each layer: h = LN(x); x += attn(h) @ wo + swiglu(h) @ w_down; final LN.
-void Model::run_forward(const Tensor& tokens) {
-  check_tokens(tokens, "tokens", false);
-  prepare(tokens.dim(0), tokens.dim(1));
-  std::memcpy(act_.tokens.data<int32_t>(), tokens.data<int32_t>(), tokens.numel() * sizeof(int32_t));
+void Model::run_forward() {
   const float eps = static_cast<float>(config_.norm_eps);
   embedding_forward(weights_.embed, act_.tokens, act_.x);
   for (int64_t i = 0; i < config_.n_layers; ++i) {
@@ -226,18 +259,16 @@ void Model::run_forward(const Tensor& tokens) {
 
 // z = LN(x) @ embed^T / sqrt(D)
 void Model::forward(const Tensor& tokens, Tensor& logits) {
-  run_forward(tokens);
+  load_batch(tokens, nullptr);
+  run_forward();
   matmul(act_.final_h, false, weights_.embed, true, logits,
          1.0f / std::sqrt(static_cast<float>(config_.d_model)));
 }
 
 LossStats Model::forward_backward(const Tensor& tokens, const Tensor& targets) {
-  check_tokens(targets, "targets", true);
-  require(targets.shape() == tokens.shape(),
-          "targets shape " + targets.shape_string() + " differs from tokens shape " + tokens.shape_string());
-  run_forward(tokens);
+  load_batch(tokens, &targets);
+  run_forward();
   const int64_t rows = act_.batch * act_.seq;
-  std::memcpy(act_.targets.data<int32_t>(), targets.data<int32_t>(), rows * sizeof(int32_t));
   const int32_t* y = act_.targets.data<int32_t>();
   LossStats stats;
   for (int64_t r = 0; r < rows; ++r) stats.tokens += y[r] >= 0;

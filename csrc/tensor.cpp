@@ -27,9 +27,11 @@ Tensor Tensor::zeros(std::vector<int64_t> shape, DType dtype, Device device) {
   Tensor t;
   t.shape_ = std::move(shape);
   t.dtype_ = dtype;
+  int64_t bytes = static_cast<int64_t>(dtype_size(dtype));
   for (int64_t extent : t.shape_)
-    if (extent < 0) throw std::invalid_argument("negative tensor extent");
-  t.buffer_ = std::make_shared<Buffer>(device, static_cast<size_t>(t.numel()) * dtype_size(dtype));
+    if (extent < 0 || __builtin_mul_overflow(bytes, extent, &bytes))
+      throw std::invalid_argument("tensor of shape " + t.shape_string() + " is too large");
+  t.buffer_ = std::make_shared<Buffer>(device, static_cast<size_t>(bytes));
   t.fill_zero();
   return t;
 }

@@ -231,6 +231,10 @@ BAD_CONFIGS = [
     (dict(z_loss=-1e-4), r"z_loss must be a non-negative finite number"),
     (dict(z_loss=float("inf")), r"z_loss must be a non-negative finite number"),
     (dict(rope_base="10000"), r"rope_base must be a positive finite number, got '10000'"),
+    (dict(rope_base=True), r"rope_base must be a positive finite number, got True"),
+    (dict(norm_eps=1e-50), r"norm_eps must be a positive finite number, got 1e-50 \(in \[1e-30, 1e3\]"),
+    (dict(z_loss=1e39), r"z_loss must be a non-negative finite number, got 1e\+39 \(at most 1e3"),
+    (dict(d_model=2**31), r"d_model must be a positive integer, got 2147483648 \(at most 2\^31 - 1\)"),
 ]
 for _field in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "max_seq_len"):
     BAD_CONFIGS += [
@@ -288,7 +292,12 @@ def test_core_validates_config_itself():
         ({"norm_eps": 0.0}, r"norm_eps must be positive and finite"),
         ({"rope_base": float("nan")}, r"rope_base must be positive and finite"),
         ({"z_loss": -1.0}, r"z_loss must be non-negative and finite"),
-        ({"vocab_size": 2**31}, r"vocab_size must fit in int32"),
+        ({"vocab_size": 2**31}, r"vocab_size must be below 2\^31, got 2147483648"),
+        ({"norm_eps": 1e-50}, r"norm_eps must be positive and finite, in \[1e-30, 1e3\]"),
+        ({"z_loss": 1e39}, r"z_loss must be non-negative and finite, at most 1e3"),
+        # sizes whose products overflow 64-bit byte counts must be refused, not wrapped
+        ({"vocab_size": 2**31 - 1, "d_model": 2**31 - 1, "n_heads": 1, "head_dim": 2, "ffn_dim": 2},
+         r"parameters, more than this runtime can hold"),
     ]
     for change, match in cases:
         with pytest.raises(ValueError, match=match):
@@ -307,9 +316,26 @@ def test_bad_thread_count(n):
 
 def test_core_rejects_zero_threads():
     before = palmcore.get_num_threads()
-    with pytest.raises(ValueError, match=r"the thread count must be at least 1"):
-        _core.set_num_threads(0)
+    for n in (0, 100_000):
+        with pytest.raises(ValueError, match=r"the thread count must be in \[1, 1024\], got "):
+            _core.set_num_threads(n)
     assert palmcore.get_num_threads() == before
+
+
+def test_thread_count_holds_in_every_python_thread():
+    """OpenMP's own setting is per thread; palmcore's count must reach calls made from others."""
+    import threading
+
+    before = palmcore.get_num_threads()
+    seen = []
+    try:
+        palmcore.set_num_threads(1)
+        worker = threading.Thread(target=lambda: seen.append(palmcore.get_num_threads()))
+        worker.start()
+        worker.join()
+    finally:
+        palmcore.set_num_threads(before)
+    assert seen == [1]
 
 
 @pytest.mark.parametrize("value,ok", [("abc", False), ("0", False), ("-2", False), ("2", True)])

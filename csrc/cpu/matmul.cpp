@@ -6,6 +6,7 @@
 // whatever the number of threads (bit-identical results), and only one thread pool exists
 // (two pools, OpenMP's and the BLAS's, spin against each other on a small machine).
 #include <algorithm>
+#include <cstdint>
 #include <stdexcept>
 
 #include "cblas.h"
@@ -43,6 +44,8 @@ void matmul(const Tensor& a, bool transpose_a, const Tensor& b, bool transpose_b
     throw std::invalid_argument("matmul: shapes " + a.shape_string() + " x " + b.shape_string() +
                                 " -> " + c.shape_string() + " do not agree");
   if (m == 0 || n == 0) return;
+  for (int64_t extent : {m, n, k, a.dim(1), b.dim(1)})
+    if (extent > INT32_MAX) throw std::invalid_argument("matmul: an extent exceeds the 32-bit BLAS");
   const int64_t lda = a.dim(1), ldb = b.dim(1);
   const bool split_rows = m >= n;
   const int64_t extent = split_rows ? m : n;

@@ -46,6 +46,9 @@ class Model {
   Tensor& flat_params() { return params_; }
   Tensor& flat_grads() { return grads_; }
 
+  // Throws std::invalid_argument unless `tokens` is int32 [B, T] with 0 < T <= max_seq_len
+  // (ids are checked when a call copies them in).
+  void check_shape(const Tensor& tokens, const char* what) const;
   // tokens: int32 [B, T] in [0, V). logits: float [B·T, V].
   void forward(const Tensor& tokens, Tensor& logits);
   // Adds d(loss)/d(params) to the gradients; targets < 0 are ignored.
@@ -76,8 +79,9 @@ class Model {
 
   Weights views_of(const Tensor& flat) const;
   void prepare(int64_t batch, int64_t seq);
-  void check_tokens(const Tensor& tokens, const char* what, bool allow_ignored) const;
-  void run_forward(const Tensor& tokens);
+  // Checks shapes, sizes the activations, copies the ids in and checks the copies.
+  void load_batch(const Tensor& tokens, const Tensor* targets);
+  void run_forward();
   AttentionShape attention_shape() const;
 
   ModelConfig config_;

@@ -17,9 +17,10 @@ __version__ = "0.1.0"
 
 
 def set_num_threads(n: int) -> None:
-    """Threads used by every CPU kernel (the OpenMP loops and the BLAS together)."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"the thread count must be a positive integer, got {n!r}")
+    """Threads used by every CPU kernel (the BLAS runs single-threaded inside them), for calls
+    from any Python thread."""
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 1024:
+        raise ValueError(f"the thread count must be a positive integer, got {n!r} (at most 1024)")
     _core.set_num_threads(n)
 
 

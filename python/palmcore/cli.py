@@ -35,6 +35,20 @@ def stdlib_text(max_bytes: int) -> bytes:
     return b"".join(chunks)[:max_bytes]
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def thread_count(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 1024:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1024], got {text}")
+    return value
+
+
 def demo(args: argparse.Namespace) -> None:
     cfg = PaLMConfig.preset(args.preset)
     B, T = args.batch_size, args.seq_len
@@ -75,10 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command")
     p_demo = sub.add_parser("demo", help="forward + backward of a preset on the stdlib's text")
     p_demo.add_argument("--preset", default="seed", choices=["seed"])
-    p_demo.add_argument("--batch-size", type=int, default=8)
-    p_demo.add_argument("--seq-len", type=int, default=256)
-    p_demo.add_argument("--steps", type=int, default=5)
-    p_demo.add_argument("--threads", type=int, default=0, help="0: PALMCORE_NUM_THREADS or all cores")
+    p_demo.add_argument("--batch-size", type=positive_int, default=8)
+    p_demo.add_argument("--seq-len", type=positive_int, default=256)
+    p_demo.add_argument("--steps", type=positive_int, default=5)
+    p_demo.add_argument("--threads", type=thread_count, default=0, help="0: PALMCORE_NUM_THREADS or all cores")
     p_demo.add_argument("--seed", type=int, default=0)
     sub.add_parser("info", help="presets, parameter counts, FLOPs per token")
     args = parser.parse_args(argv)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 
 # Shapes from PALM_SPEC.md: `seed` is the seed article's example code, the rest are the
 # PaLM paper's Table 1 (for planning and accounting, not for training on a CPU).
@@ -54,13 +55,16 @@ class PaLMConfig:
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads "
                              f"({self.n_kv_heads})")
-        for name in ("rope_base", "norm_eps"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-        if not (isinstance(self.z_loss, (int, float)) and math.isfinite(self.z_loss)
-                and self.z_loss >= 0):
-            raise ValueError(f"z_loss must be a non-negative finite number, got {self.z_loss!r}")
+        # rope_base is any positive number; norm_eps and z_loss are used as float32, so they
+        # stay where float32 represents them.
+        _require_real("rope_base", self.rope_base, "a positive finite number", lambda v: v > 0)
+        _require_real("norm_eps", self.norm_eps, "a positive finite number",
+                      lambda v: 1e-30 <= v <= 1e3, " (in [1e-30, 1e3]: it is used in float32)")
+        _require_real("z_loss", self.z_loss, "a non-negative finite number",
+                      lambda v: 0 <= v <= 1e3, " (at most 1e3: it is used in float32)")
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "max_seq_len",
+                     "head_dim", "ffn_dim"):
+            setattr(self, name, int(getattr(self, name)))
         self.rope_base = float(self.rope_base)
         self.norm_eps = float(self.norm_eps)
         self.z_loss = float(self.z_loss)
@@ -118,6 +122,15 @@ class PaLMConfig:
         return json.dumps(self.to_dict(), indent=2)
 
 
+_MAX_EXTENT = 2**31 - 1  # every extent is a 32-bit BLAS dimension
+
+
 def _require_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 < value <= _MAX_EXTENT:
+        raise ValueError(f"{name} must be a positive integer, got {value!r} (at most 2^31 - 1)")
+
+
+def _require_real(name: str, value, what: str, in_range, why: str = "") -> None:
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
+            or not in_range(value)):
+        raise ValueError(f"{name} must be {what}, got {value!r}{why}")

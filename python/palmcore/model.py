@@ -41,7 +41,8 @@ class PaLM:
         """Replace every parameter. Strict: the same names, shapes and dtype (float32), all
         values finite; nothing is changed unless all of it is right."""
         missing = [n for n in self._names if n not in state_dict]
-        unexpected = [n for n in state_dict if n not in set(self._names)]
+        known = set(self._names)
+        unexpected = [n for n in state_dict if n not in known]
         if missing or unexpected:
             raise ValueError(f"state_dict does not match the model: missing {missing[:5]}"
                              f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"

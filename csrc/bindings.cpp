@@ -48,10 +48,12 @@ template <typename Get>
 py::array_t<float> copy_out(LockedModel& self, const std::vector<int64_t>& shape, Get get) {
   py::array_t<float> out(shape);
   float* dst = out.mutable_data();
-  py::gil_scoped_release release;
-  std::lock_guard<std::mutex> guard(self.mutex);
-  const Tensor t = get(self.model);
-  std::memcpy(dst, t.data<float>(), t.numel() * sizeof(float));
+  {
+    py::gil_scoped_release release;
+    std::lock_guard<std::mutex> guard(self.mutex);
+    const Tensor t = get(self.model);
+    std::memcpy(dst, t.data<float>(), t.numel() * sizeof(float));
+  }
   return out;
 }
 

@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <memory>
@@ -12,6 +13,7 @@
 
 #include "palmcore/benchmark.h"
 #include "palmcore/model.h"
+#include "palmcore/ops.h"
 #include "palmcore/threads.h"
 
 namespace py = pybind11;
@@ -68,10 +70,112 @@ std::unique_ptr<LockedModel> make_model(const py::dict& c, uint64_t seed) {
   return std::make_unique<LockedModel>(Model(config, seed));
 }
 
+// The ops one by one on NumPy arrays, for the kernel tests against palmcore.reference.
+// Inputs are float32 / int32 C-contiguous arrays; outputs are fresh arrays.
+Tensor view_of(const py::array& a, DType dtype) {
+  return Tensor::borrow(const_cast<void*>(a.data()), shape_of(a), dtype);
+}
+
+py::array_t<float> zeros_like_shape(std::vector<int64_t> shape) {
+  py::array_t<float> out(shape);
+  std::memset(out.mutable_data(), 0, out.size() * sizeof(float));
+  return out;
+}
+
+void bind_kernels(py::module_& k) {
+  const auto F = DType::F32;
+  const auto I = DType::I32;
+  k.def("matmul", [=](const FloatArray& a, bool ta, const FloatArray& b, bool tb, FloatArray c, float alpha,
+                      float beta) {
+    Tensor out = view_of(c, F);
+    matmul(view_of(a, F), ta, view_of(b, F), tb, out, alpha, beta);
+    return c;
+  });
+  k.def("embedding_forward", [=](const FloatArray& table, const IntArray& tokens) {
+    auto out = zeros_like_shape({tokens.shape(0), table.shape(1)});
+    Tensor o = view_of(out, F);
+    embedding_forward(view_of(table, F), view_of(tokens, I), o);
+    return out;
+  });
+  k.def("embedding_backward", [=](const FloatArray& dout, const IntArray& tokens, int64_t vocab) {
+    auto dtable = zeros_like_shape({vocab, dout.shape(1)});
+    Tensor d = view_of(dtable, F);
+    embedding_backward(view_of(dout, F), view_of(tokens, I), d);
+    return dtable;
+  });
+  k.def("layernorm_forward", [=](const FloatArray& x, const FloatArray& scale, float eps) {
+    auto out = zeros_like_shape(shape_of(x)), xhat = zeros_like_shape(shape_of(x));
+    auto rstd = zeros_like_shape({x.shape(0)});
+    Tensor o = view_of(out, F), xh = view_of(xhat, F), rs = view_of(rstd, F);
+    layernorm_forward(view_of(x, F), view_of(scale, F), eps, o, xh, rs);
+    return py::make_tuple(out, xhat, rstd);
+  });
+  k.def("layernorm_backward", [=](const FloatArray& dout, const FloatArray& xhat, const FloatArray& rstd,
+                                  const FloatArray& scale) {
+    auto dx = zeros_like_shape(shape_of(dout)), dscale = zeros_like_shape({dout.shape(1)});
+    Tensor d = view_of(dx, F), ds = view_of(dscale, F);
+    layernorm_backward(view_of(dout, F), view_of(xhat, F), view_of(rstd, F), view_of(scale, F), d, ds);
+    return py::make_tuple(dx, dscale);
+  });
+  k.def("rope_apply", [=](FloatArray x, const IntArray& positions, int64_t heads, double base, bool inverse) {
+    const int64_t head_dim = x.shape(1) / heads;
+    int32_t max_pos = 0;
+    for (py::ssize_t i = 0; i < positions.size(); ++i) max_pos = std::max(max_pos, positions.data()[i]);
+    Tensor cos_table, sin_table;
+    make_rope_tables(max_pos + 1, head_dim, base, cos_table, sin_table);
+    Tensor t = view_of(x, F);
+    rope_apply(t, view_of(positions, I), cos_table, sin_table, heads, inverse);
+    return x;
+  });
+  k.def("attention_forward", [=](const FloatArray& q, const FloatArray& kk, const FloatArray& v, int64_t batch,
+                                 int64_t heads, int64_t kv_heads) {
+    const AttentionShape s{batch, q.shape(0) / batch, heads, kv_heads, q.shape(1) / heads};
+    auto out = zeros_like_shape(shape_of(q)), lse = zeros_like_shape({batch * heads * s.seq});
+    AttentionWorkspace ws = AttentionWorkspace::create(s, get_num_threads(), Device::CPU);
+    Tensor o = view_of(out, F), l = view_of(lse, F);
+    apply_num_threads();
+    attention_forward(view_of(q, F), view_of(kk, F), view_of(v, F), o, l, s, ws);
+    return py::make_tuple(out, lse);
+  });
+  k.def("attention_backward", [=](const FloatArray& q, const FloatArray& kk, const FloatArray& v,
+                                  const FloatArray& out, const FloatArray& lse, const FloatArray& dout,
+                                  int64_t batch, int64_t heads, int64_t kv_heads) {
+    const AttentionShape s{batch, q.shape(0) / batch, heads, kv_heads, q.shape(1) / heads};
+    auto dq = zeros_like_shape(shape_of(q)), dk = zeros_like_shape(shape_of(kk)), dv = zeros_like_shape(shape_of(v));
+    AttentionWorkspace ws = AttentionWorkspace::create(s, get_num_threads(), Device::CPU);
+    Tensor a = view_of(dq, F), b = view_of(dk, F), c = view_of(dv, F);
+    apply_num_threads();
+    attention_backward(view_of(q, F), view_of(kk, F), view_of(v, F), view_of(out, F), view_of(lse, F),
+                       view_of(dout, F), a, b, c, s, ws);
+    return py::make_tuple(dq, dk, dv);
+  });
+  k.def("swiglu_forward", [=](const FloatArray& gate, const FloatArray& up) {
+    auto out = zeros_like_shape(shape_of(gate));
+    Tensor o = view_of(out, F);
+    swiglu_forward(view_of(gate, F), view_of(up, F), o);
+    return out;
+  });
+  k.def("swiglu_backward", [=](const FloatArray& gate, const FloatArray& up, const FloatArray& dout) {
+    auto dgate = zeros_like_shape(shape_of(gate)), dup = zeros_like_shape(shape_of(up));
+    Tensor a = view_of(dgate, F), b = view_of(dup, F);
+    swiglu_backward(view_of(gate, F), view_of(up, F), view_of(dout, F), a, b);
+    return py::make_tuple(dgate, dup);
+  });
+  k.def("cross_entropy_forward_backward", [=](FloatArray logits, const IntArray& targets, float z_loss,
+                                              float grad_scale) {
+    auto row_ce = zeros_like_shape({logits.shape(0)}), row_lse = zeros_like_shape({logits.shape(0)});
+    Tensor z = view_of(logits, F), c = view_of(row_ce, F), l = view_of(row_lse, F);
+    cross_entropy_forward_backward(z, view_of(targets, I), z_loss, grad_scale, c, l);
+    return py::make_tuple(logits, row_ce, row_lse);
+  });
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "palmcore's C++ runtime (use the palmcore package, not this module)";
+  py::module_ kernels = m.def_submodule("kernels", "the ops one by one, for tests (no argument checks)");
+  bind_kernels(kernels);
   m.def("set_num_threads", &set_num_threads, py::arg("n"));
   m.def("get_num_threads", &get_num_threads);
   m.def("measure_sgemm_gflops", &measure_matmul_gflops, py::arg("m"), py::arg("n"), py::arg("k"),

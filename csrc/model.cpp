@@ -98,15 +98,19 @@ Model::Model(const ModelConfig& config, uint64_t seed, Device device) : config_(
   weights_ = views_of(params_);
   weight_grads_ = views_of(grads_);
 
-  // RoPE tables: θ = p · base^(-2i/dh), computed in double.
-  const int64_t half = config_.head_dim / 2;
-  rope_cos_ = Tensor::zeros({config_.max_seq_len, half}, DType::F32, device_);
-  rope_sin_ = Tensor::zeros({config_.max_seq_len, half}, DType::F32, device_);
-  for (int64_t pos = 0; pos < config_.max_seq_len; ++pos)
+  make_rope_tables(config_.max_seq_len, config_.head_dim, config_.rope_base, rope_cos_, rope_sin_);
+}
+
+// θ[p, i] = p · base^(-2i/dh), computed in double, stored as float cos and sin [positions, dh/2].
+void make_rope_tables(int64_t positions, int64_t head_dim, double base, Tensor& cos_table, Tensor& sin_table) {
+  const int64_t half = head_dim / 2;
+  cos_table = Tensor::zeros({positions, half});
+  sin_table = Tensor::zeros({positions, half});
+  for (int64_t pos = 0; pos < positions; ++pos)
     for (int64_t i = 0; i < half; ++i) {
-      const double theta = pos * std::pow(config_.rope_base, -2.0 * i / config_.head_dim);
-      rope_cos_.data<float>()[pos * half + i] = static_cast<float>(std::cos(theta));
-      rope_sin_.data<float>()[pos * half + i] = static_cast<float>(std::sin(theta));
+      const double theta = pos * std::pow(base, -2.0 * i / head_dim);
+      cos_table.data<float>()[pos * half + i] = static_cast<float>(std::cos(theta));
+      sin_table.data<float>()[pos * half + i] = static_cast<float>(std::sin(theta));
     }
 }
 

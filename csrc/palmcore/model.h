@@ -34,6 +34,9 @@ struct LossStats {
   int64_t tokens = 0; // counted positions (targets >= 0)
 };
 
+// RoPE's angle tables for positions [0, positions): cos and sin of p · base^(-2i/dh), [positions, dh/2].
+void make_rope_tables(int64_t positions, int64_t head_dim, double base, Tensor& cos_table, Tensor& sin_table);
+
 class Model {
  public:
   Model(const ModelConfig& config, uint64_t seed, Device device = Device::CPU);

@@ -1,0 +1,161 @@
+"""Each CPU kernel on its own against palmcore.reference (float64), on random inputs of several
+shapes, odd sizes included, with 1 and 2 threads.
+
+Error measure: rel_err(a, b) = ||a - b||_2 / ||b||_2 over the whole array (Frobenius). The
+kernels compute in float32 from float32 inputs; the reference gets the same float32 values in
+float64. Tolerance: 1e-5 for the element-wise and row-wise kernels, 1e-4 for the ones that sum
+long products (attention, cross-entropy over a vocabulary).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import palmcore
+from palmcore import _core
+from palmcore import reference as ref
+
+from helpers import rel_err
+
+K = _core.kernels
+TIGHT, LOOSE = 1e-5, 1e-4
+
+
+@pytest.fixture(params=[1, 2], ids=["threads1", "threads2"], autouse=True)
+def threads(request):
+    old = palmcore.get_num_threads()
+    palmcore.set_num_threads(request.param)
+    yield request.param
+    palmcore.set_num_threads(old)
+
+
+def f32(rng, *shape, scale=1.0):
+    return (scale * rng.standard_normal(shape)).astype(np.float32)
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 1, 1), (7, 5, 3), (130, 33, 17), (600, 70, 9), (5, 1100, 12)])
+@pytest.mark.parametrize("ta,tb", [(False, False), (True, False), (False, True), (True, True)])
+def test_matmul(m, n, k, ta, tb):
+    rng = np.random.default_rng(m * n + k)
+    a = f32(rng, *((k, m) if ta else (m, k)))
+    b = f32(rng, *((n, k) if tb else (k, n)))
+    c = f32(rng, m, n)
+    want = 0.5 * ((a.T if ta else a).astype(np.float64) @ (b.T if tb else b)) + 2.0 * c
+    got = K.matmul(a, ta, b, tb, c.copy(), 0.5, 2.0)
+    assert rel_err(got, want) <= TIGHT
+
+
+@pytest.mark.parametrize("rows,vocab,width", [(1, 1, 3), (9, 5, 7), (257, 31, 130)])
+def test_embedding(rows, vocab, width):
+    rng = np.random.default_rng(rows)
+    table = f32(rng, vocab, width)
+    tokens = rng.integers(0, vocab, rows).astype(np.int32)
+    assert np.array_equal(K.embedding_forward(table, tokens), table[tokens])
+    dout = f32(rng, rows, width)
+    want = np.zeros((vocab, width))
+    np.add.at(want, tokens, dout.astype(np.float64))
+    assert rel_err(K.embedding_backward(dout, tokens, vocab), want) <= TIGHT
+
+
+@pytest.mark.parametrize("rows,width,eps", [(1, 2, 1e-5), (13, 7, 1e-5), (300, 257, 1e-3)])
+def test_layernorm(rows, width, eps):
+    rng = np.random.default_rng(width)
+    x = f32(rng, rows, width, scale=3.0) + 1.5
+    scale = 1.0 + f32(rng, width, scale=0.3)
+    out, xhat, rstd = K.layernorm_forward(x, scale, eps)
+    want, cache = ref.layernorm_forward(x.astype(np.float64), scale.astype(np.float64), eps)
+    assert rel_err(out, want) <= TIGHT
+    assert rel_err(xhat, cache[0]) <= TIGHT
+    assert rel_err(rstd, cache[1][:, 0]) <= TIGHT
+    dout = f32(rng, rows, width)
+    dx, dscale = K.layernorm_backward(dout, xhat, rstd, scale)
+    want_dx, want_dscale = ref.layernorm_backward(dout.astype(np.float64), cache)
+    if width > 2:  # with two columns LN's output is ±1 whatever x: dx is rounding noise
+        assert rel_err(dx, want_dx) <= TIGHT
+    assert rel_err(dscale, want_dscale) <= TIGHT
+
+
+@pytest.mark.parametrize("B,T,heads,dh,base", [(1, 1, 1, 2, 10000.0), (2, 9, 3, 6, 10000.0),
+                                               (3, 70, 2, 32, 500.0)])
+def test_rope(B, T, heads, dh, base):
+    rng = np.random.default_rng(T)
+    x = f32(rng, B * T, heads * dh)
+    positions = np.tile(np.arange(T, dtype=np.int32), B)
+    theta = ref.rope_angles(T, dh, base)
+    x4 = x.astype(np.float64).reshape(B, T, heads, dh)
+    got = K.rope_apply(x.copy(), positions, heads, base, False)
+    assert rel_err(got, ref.rope_forward(x4, theta).reshape(B * T, -1)) <= TIGHT
+    back = K.rope_apply(x.copy(), positions, heads, base, True)
+    assert rel_err(back, ref.rope_backward(x4, theta).reshape(B * T, -1)) <= TIGHT
+
+
+@pytest.mark.parametrize("B,T,H,Hkv,dh", [(1, 1, 1, 1, 2), (2, 7, 4, 1, 6), (1, 65, 6, 2, 8),
+                                          (2, 130, 3, 3, 16), (1, 200, 2, 1, 64)])
+def test_attention(B, T, H, Hkv, dh):
+    """Across the 64-query block edges (T = 65, 130, 200), for MQA, GQA and MHA."""
+    rng = np.random.default_rng(T * H)
+    q, k, v = f32(rng, B * T, H * dh), f32(rng, B * T, Hkv * dh), f32(rng, B * T, Hkv * dh)
+    out, lse = K.attention_forward(q, k, v, B, H, Hkv)
+    as4 = lambda a, heads: a.astype(np.float64).reshape(B, T, heads, dh)  # noqa: E731
+    want, cache = ref.attention_forward(as4(q, H), as4(k, Hkv), as4(v, Hkv))
+    assert rel_err(out, want.reshape(B * T, -1)) <= LOOSE
+    s = np.einsum("bikgd,btkd->bkgit", cache[0], as4(k, Hkv)) / np.sqrt(dh)
+    s = np.where(np.tril(np.ones((T, T), bool)), s, -np.inf)
+    want_lse = ref.logsumexp(s).reshape(B, H, T)          # [b, kv·g = head, i]
+    assert rel_err(lse, want_lse.reshape(-1)) <= LOOSE
+    dout = f32(rng, B * T, H * dh)
+    dq, dk, dv = K.attention_backward(q, k, v, out, lse, dout, B, H, Hkv)
+    wq, wk, wv = ref.attention_backward(as4(dout, H), cache)
+    assert rel_err(dq, wq.reshape(B * T, -1)) <= LOOSE
+    assert rel_err(dk, wk.reshape(B * T, -1)) <= LOOSE
+    assert rel_err(dv, wv.reshape(B * T, -1)) <= LOOSE
+
+
+@pytest.mark.parametrize("n", [1, 17, 1000, 4099])
+def test_swiglu(n):
+    rng = np.random.default_rng(n)
+    gate, up, dout = f32(rng, 1, n, scale=4.0), f32(rng, 1, n), f32(rng, 1, n)
+    g, u, d = (a.astype(np.float64) for a in (gate, up, dout))
+    assert rel_err(K.swiglu_forward(gate, up), ref.silu(g) * u) <= TIGHT
+    dgate, dup = K.swiglu_backward(gate, up, dout)
+    assert rel_err(dgate, d * u * ref.silu_grad(g)) <= TIGHT
+    assert rel_err(dup, d * ref.silu(g)) <= TIGHT
+
+
+def test_swiglu_extremes():
+    """Far in the tails: silu(-100) = -0 (exp of +100 overflows to inf, not NaN), silu(100) = 100."""
+    gate = np.array([[-100.0, -30.0, 0.0, 30.0, 100.0]], dtype=np.float32)
+    up = np.ones_like(gate)
+    got = K.swiglu_forward(gate, up)
+    assert np.all(np.isfinite(got))
+    assert rel_err(got, ref.silu(gate.astype(np.float64))) <= TIGHT
+
+
+@pytest.mark.parametrize("rows,vocab,z_loss", [(1, 1, 1e-4), (9, 13, 1e-2), (70, 1001, 1e-4)])
+def test_cross_entropy(rows, vocab, z_loss):
+    rng = np.random.default_rng(vocab)
+    z = f32(rng, rows, vocab, scale=3.0)
+    y = rng.integers(0, vocab, rows).astype(np.int32)
+    y[0] = -1  # ignored
+    n = int((y >= 0).sum())
+    dz, row_ce, row_lse = K.cross_entropy_forward_backward(z.copy(), y, z_loss, 1.0 / max(n, 1))
+    z64 = z.astype(np.float64)[None]
+    _, _, _, cache = ref.cross_entropy_forward(z64, y[None], z_loss)
+    lse = ref.logsumexp(z64)[0]
+    counted = y >= 0
+    assert rel_err(row_lse[counted], lse[counted]) <= TIGHT
+    assert rel_err(row_ce[counted], (lse - z64[0, np.arange(rows), np.maximum(y, 0)])[counted]) <= LOOSE
+    assert np.all(row_ce[~counted] == 0) and np.all(dz[~counted] == 0)
+    if n:
+        assert rel_err(dz, ref.cross_entropy_backward(cache)[0]) <= LOOSE
+
+
+def test_cross_entropy_masked_and_nan_logits():
+    """A -inf logit (a masked token) gets probability 0; a NaN logit gives NaN, never a number."""
+    z = np.array([[0.0, -np.inf, 1.0], [0.5, np.nan, 0.0]], dtype=np.float32)
+    y = np.array([0, 2], dtype=np.int32)
+    dz, row_ce, _ = K.cross_entropy_forward_backward(z.copy(), y, 0.0, 1.0)
+    want_lse = np.log(np.exp(0.0) + np.exp(1.0))
+    assert abs(row_ce[0] - want_lse) <= 1e-6 and dz[0, 1] == 0.0
+    assert np.isnan(row_ce[1])

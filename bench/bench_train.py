@@ -11,6 +11,7 @@ Usage (from the repository root):
   python bench/bench_train.py
   # palmcore and PyTorch: run with a Python that has torch (kept out of the repo and CI)
   PYTHONPATH=<where palmcore is importable> /work/torchvenv/bin/python bench/bench_train.py --torch
+  # (torch runs in a fresh process on the same weights; --same-process keeps it in this one)
   # PyTorch only (needs no built palmcore; random spec-init weights)
   /work/torchvenv/bin/python bench/bench_train.py --only-torch --threads 2
 
@@ -24,9 +25,12 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -121,6 +125,19 @@ def torch_sgemm_gflops(torch, m, n, k, repeats=5):
     return 2.0 * m * n * k / best / 1e9
 
 
+def torch_in_child(name, B, T, steps, args, state_dict):
+    """Time torch on the same weights in a fresh process, so that palmcore's OpenMP runtime
+    (and torch's) each have the machine to themselves."""
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = os.path.join(tmp, "weights.npz")
+        np.savez(weights, **state_dict)
+        cmd = [sys.executable, os.path.abspath(__file__), "--only-torch", "--json",
+               "--configs", name, "--batch", str(B), "--seq", str(T), "--steps", str(steps),
+               "--warmup", str(args.warmup), "--threads", str(args.threads), "--weights", weights]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(next(line[5:] for line in out.splitlines() if line.startswith("JSON ")))
+
+
 def main():
     ap = argparse.ArgumentParser(description="palmcore training-step benchmark (issue 2)")
     ap.add_argument("--configs", default="seed,100m",
@@ -137,6 +154,11 @@ def main():
                     help="also time PyTorch eager (bench/torch_palm.py) on the same weights")
     ap.add_argument("--only-torch", action="store_true",
                     help="time PyTorch only (no palmcore needed; random spec-init weights)")
+    ap.add_argument("--same-process", action="store_true",
+                    help="with --torch, time torch in this process instead of a fresh one "
+                         "(two OpenMP runtimes in one process can slow each other)")
+    ap.add_argument("--weights", help=argparse.SUPPRESS)  # child mode: .npz state dict
+    ap.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # child mode
     args = ap.parse_args()
 
     palmcore, why = _import_palmcore()
@@ -146,7 +168,13 @@ def main():
     run_palmcore = not args.only_torch
     run_torch = args.torch or args.only_torch
     torch = None
-    if run_torch:
+    if run_torch and run_palmcore and not args.same_process:
+        # torch runs in a child process; only check here that it is there
+        if importlib.util.find_spec("torch") is None:
+            print("note: PyTorch is not importable here; skipping the PyTorch comparison "
+                  "(run with /work/torchvenv/bin/python)")
+            run_torch = False
+    elif run_torch:
         try:
             import torch  # noqa: F811
             from torch_palm import TorchPaLM
@@ -164,7 +192,7 @@ def main():
         sys.exit(f"unknown config(s) {unknown}; known: {', '.join(all_cfgs)}")
 
     print(f"threads={args.threads}  warmup={args.warmup}"
-          + (f"  torch {torch.__version__}" if run_torch else ""))
+          + (f"  torch {torch.__version__}" if torch is not None else ""))
     if run_palmcore:
         palmcore.set_num_threads(args.threads)
     rows = []
@@ -209,10 +237,23 @@ def main():
                   f"loss {pc_loss:.6f}")
             row.update(pc_tps=tps, pc_gf=gf, gemm=gemm, pc_frac=gf / gemm, pc_loss=pc_loss)
             sd = model.state_dict()
+        elif args.weights:
+            with np.load(args.weights) as f:
+                sd = {name: f[name] for name in f.files}
         else:
             sd = spec_init_state_dict(cfg, seed=0)
 
-        if run_torch:
+        if run_torch and run_palmcore and not args.same_process:
+            row.update(torch_in_child(name, B, T, steps, args, sd))
+            del sd
+            t_loss, tps = row["t_loss"], row["t_tps"]
+            print(f"  torch:    {tps:,.0f} tokens/s  {row['t_gf']:.1f} GFLOP/s  "
+                  f"(own process; its SGEMM {row['t_gemm']:.1f})  loss {t_loss:.6f}")
+            rel = abs(row["pc_loss"] - t_loss) / abs(t_loss)
+            row["loss_rel"] = rel
+            print(f"  palmcore/torch speed {row['pc_tps'] / tps:.2f}x;  rel loss diff {rel:.1e} "
+                  + ("ok" if rel < 1e-4 else "MISMATCH (want < 1e-4)"))
+        elif run_torch:
             tm = TorchPaLM(cfg, sd, threads=args.threads)
             del sd
             t_gemm = max(torch_sgemm_gflops(torch, *s) for s in gemm_shapes(cfg, B, T))
@@ -225,6 +266,8 @@ def main():
                   f"{tps:,.0f} tokens/s  {gf:.1f} GFLOP/s  = {gf / t_gemm:.1%} of torch's "
                   f"SGEMM ({t_gemm:.1f})  loss {t_loss:.6f}")
             row.update(t_tps=tps, t_gf=gf, t_gemm=t_gemm, t_loss=t_loss)
+            if args.json:
+                print("JSON " + json.dumps({k: row[k] for k in ("t_tps", "t_gf", "t_gemm", "t_loss")}))
             del tm
             if run_palmcore:
                 rel = abs(row["pc_loss"] - t_loss) / abs(t_loss)

@@ -32,11 +32,11 @@ void ModelConfig::validate() const {
       {"vocab_size", vocab_size}, {"d_model", d_model}, {"n_layers", n_layers},
       {"n_heads", n_heads},       {"n_kv_heads", n_kv_heads}, {"head_dim", head_dim},
       {"ffn_dim", ffn_dim},       {"max_seq_len", max_seq_len}};
-  for (const auto& [name, value] : positive)
-    require(value > 0, std::string(name) + " must be positive, got " + std::to_string(value));
   // Every extent is a 32-bit BLAS dimension, and the parameter count must be allocatable.
-  for (const auto& [name, value] : positive)
+  for (const auto& [name, value] : positive) {
+    require(value > 0, std::string(name) + " must be positive, got " + std::to_string(value));
     require(value <= INT32_MAX, std::string(name) + " must be below 2^31, got " + std::to_string(value));
+  }
   const long double layer = static_cast<long double>(d_model) * head_dim * (2 * n_heads + 2 * n_kv_heads) +
                             3.0L * d_model * ffn_dim + d_model;
   const long double params = static_cast<long double>(vocab_size) * d_model + n_layers * layer + d_model;

@@ -14,6 +14,7 @@
 #include "palmcore/benchmark.h"
 #include "palmcore/model.h"
 #include "palmcore/ops.h"
+#include "palmcore/optimizer.h"
 #include "palmcore/threads.h"
 
 namespace py = pybind11;
@@ -43,6 +44,30 @@ struct LockedModel {
   Model model;
   std::mutex mutex;
 };
+
+// An optimizer and the model whose lock it takes (Python keeps the model alive).
+struct LockedOptimizer {
+  LockedOptimizer(LockedModel& owner, OptimizerKind kind, const AdafactorSettings& a, const AdamWSettings& w)
+      : owner(owner), optimizer(owner.model, kind, a, w) {}
+  LockedModel& owner;
+  Optimizer optimizer;
+};
+
+std::unique_ptr<LockedOptimizer> make_optimizer(LockedModel& model, const std::string& kind,
+                                                const py::dict& c) {
+  if (kind == "adafactor")
+    return std::make_unique<LockedOptimizer>(
+        model, OptimizerKind::Adafactor,
+        AdafactorSettings{c["beta1"].cast<double>(), c["decay"].cast<double>(), c["clip"].cast<double>(),
+                          c["eps"].cast<double>(), c["min_scale"].cast<double>()},
+        AdamWSettings{});
+  if (kind == "adamw")
+    return std::make_unique<LockedOptimizer>(
+        model, OptimizerKind::AdamW, AdafactorSettings{},
+        AdamWSettings{c["beta1"].cast<double>(), c["beta2"].cast<double>(), c["eps"].cast<double>(),
+                      c["weight_decay"].cast<double>()});
+  throw std::invalid_argument("unknown optimizer '" + kind + "'; known: adafactor, adamw");
+}
 
 // A float32 copy of one of the model's tensors, taken under the model's lock with the GIL
 // released (a step in another thread holds that lock for long).
@@ -249,5 +274,39 @@ PYBIND11_MODULE(_core, m) {
         py::gil_scoped_release release;
         std::lock_guard<std::mutex> guard(self.mutex);
         self.model.zero_grad();
+      });
+
+  py::class_<LockedOptimizer>(m, "Optimizer")
+      .def(py::init(&make_optimizer), py::arg("model"), py::arg("kind"), py::arg("settings"),
+           py::keep_alive<1, 2>())
+      .def("step",
+           [](LockedOptimizer& self, double lr, double max_grad_norm) {
+             py::gil_scoped_release release;
+             std::lock_guard<std::mutex> guard(self.owner.mutex);
+             return self.optimizer.step(lr, max_grad_norm);
+           })
+      .def_property(
+          "steps_taken", [](const LockedOptimizer& self) { return self.optimizer.steps_taken(); },
+          [](LockedOptimizer& self, int64_t steps) {
+            if (steps < 0) throw std::invalid_argument("steps_taken must be >= 0");
+            self.optimizer.set_steps_taken(steps);
+          })
+      .def("get_moment",
+           [](LockedOptimizer& self, int which, const std::string& name) {
+             const ParamInfo& p = self.owner.model.info(name);
+             return copy_out(self.owner, p.shape, [&](const Model&) {
+               Tensor& flat = which == 1 ? self.optimizer.first_moment() : self.optimizer.second_moment();
+               return flat.view(p.offset, p.shape);
+             });
+           })
+      .def("set_moment", [](LockedOptimizer& self, int which, const std::string& name, const FloatArray& value) {
+        const ParamInfo& p = self.owner.model.info(name);
+        if (shape_of(value) != p.shape)
+          throw std::invalid_argument("optimizer state for '" + name + "' has the wrong shape");
+        const float* src = value.data();
+        py::gil_scoped_release release;
+        std::lock_guard<std::mutex> guard(self.owner.mutex);
+        Tensor& flat = which == 1 ? self.optimizer.first_moment() : self.optimizer.second_moment();
+        std::memcpy(flat.data<float>() + p.offset, src, p.numel() * sizeof(float));
       });
 }

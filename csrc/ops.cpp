@@ -78,4 +78,16 @@ void cross_entropy_forward_backward(Tensor& logits, const Tensor& targets, float
                     grad_scale, row_ce, row_lse);
 }
 
+double sum_squares(const Tensor& x) { PALMCORE_DISPATCH(sum_squares, x.device(), x); }
+
+void adafactor_update(Tensor& x, const Tensor& g, Tensor& m, Tensor& v, int64_t step, double lr,
+                      double grad_scale, const AdafactorSettings& settings) {
+  PALMCORE_DISPATCH(adafactor_update, x.device(), x, g, m, v, step, lr, grad_scale, settings);
+}
+
+void adamw_update(Tensor& x, const Tensor& g, Tensor& m, Tensor& v, int64_t step, double lr,
+                  double grad_scale, const AdamWSettings& settings) {
+  PALMCORE_DISPATCH(adamw_update, x.device(), x, g, m, v, step, lr, grad_scale, settings);
+}
+
 }  // namespace palmcore

@@ -23,6 +23,14 @@ struct AttentionWorkspace {
   static AttentionWorkspace create(const AttentionShape& shape, int64_t workers, Device device);
 };
 
+// Optimizer settings (the update rules are in op_signatures.inc).
+struct AdafactorSettings {
+  double beta1 = 0.9, decay = 0.8, clip = 1.0, eps = 1e-30, min_scale = 1e-3;
+};
+struct AdamWSettings {
+  double beta1 = 0.9, beta2 = 0.95, eps = 1e-8, weight_decay = 0.0;
+};
+
 #include "palmcore/op_signatures.inc"
 
 }  // namespace palmcore

@@ -11,8 +11,9 @@ import os as _os
 from palmcore import _core
 from palmcore.config import PaLMConfig
 from palmcore.model import PaLM
+from palmcore.optim import Adafactor, AdamW
 
-__all__ = ["PaLMConfig", "PaLM", "set_num_threads", "get_num_threads"]
+__all__ = ["PaLMConfig", "PaLM", "Adafactor", "AdamW", "set_num_threads", "get_num_threads"]
 __version__ = "0.1.0"
 
 

@@ -30,6 +30,10 @@ class PaLM:
     def config(self) -> PaLMConfig:
         return self._config
 
+    def state_dict_names(self) -> list[str]:
+        """The spec names of the parameters, in the spec's order."""
+        return list(self._names)
+
     def num_params(self) -> int:
         return self._model.num_params()
 

@@ -350,3 +350,34 @@ def loss_and_grads(params: dict, cfg, tokens, targets) -> dict:
     loss, ce, n, ce_cache = cross_entropy_forward(z, targets, cfg.z_loss)
     grads = _backward(cross_entropy_backward(ce_cache), params, cfg, caches)
     return {"loss": loss, "ce": ce, "tokens": n, "grads": grads}
+
+
+# --------------------------------------------------------------------------- optimizers
+
+def global_norm(grads: dict) -> float:
+    """sqrt of the sum of squares over every gradient."""
+    return float(np.sqrt(sum((np.asarray(g, np.float64) ** 2).sum() for g in grads.values())))
+
+
+def adafactor_update(x, g, m, v, k, lr, beta1=0.9, decay=0.8, clip=1.0, eps=1e-30, min_scale=1e-3):
+    """PaLM's Adafactor on one tensor at step k (from 1); returns new (x, m, v):
+
+        beta2 = 1 - k^-decay
+        v = beta2 v + (1 - beta2)(g^2 + eps);  u = g / sqrt(v)
+        u = u / max(1, RMS(u) / clip);  m = beta1 m + (1 - beta1) u
+        x = x - lr max(min_scale, RMS(x)) m - lr^2 x"""
+    rms = lambda a: np.sqrt(np.mean(a * a))  # noqa: E731
+    beta2 = 1.0 - k ** -decay
+    v = beta2 * v + (1.0 - beta2) * (g * g + eps)
+    u = g / np.sqrt(v)
+    u = u / max(1.0, rms(u) / clip)
+    m = beta1 * m + (1.0 - beta1) * u
+    return x - lr * max(min_scale, rms(x)) * m - lr * lr * x, m, v
+
+
+def adamw_update(x, g, m, v, k, lr, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0):
+    """AdamW with bias correction and decoupled decay on one tensor at step k; new (x, m, v)."""
+    m = beta1 * m + (1.0 - beta1) * g
+    v = beta2 * v + (1.0 - beta2) * g * g
+    step = (m / (1.0 - beta1 ** k)) / (np.sqrt(v / (1.0 - beta2 ** k)) + eps)
+    return x - lr * step - lr * weight_decay * x, m, v

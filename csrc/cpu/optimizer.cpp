@@ -1,0 +1,98 @@
+// Optimizer updates over one parameter tensor, and the deterministic sum of squares behind
+// gradient-norm clipping and Adafactor's RMS terms; math in palmcore/op_signatures.inc.
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "cpu/cpu_ops.h"
+
+namespace palmcore::cpu {
+namespace {
+
+// Reductions run over fixed chunks of this many elements: per-chunk partial sums in double,
+// added in chunk order, so the bits do not depend on the thread count.
+constexpr int64_t kChunk = 8192;
+
+// Σ_i term(i) over [0, n), chunked as above; `term` returns a pair of values summed together.
+template <typename Term>
+std::pair<double, double> chunked_sums(int64_t n, Term term) {
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  std::vector<double> first(chunks), second(chunks);
+#pragma omp parallel for schedule(static)
+  for (int64_t c = 0; c < chunks; ++c) {
+    double a = 0.0, b = 0.0;
+    for (int64_t i = c * kChunk; i < std::min(n, (c + 1) * kChunk); ++i) {
+      const auto [x, y] = term(i);
+      a += x;
+      b += y;
+    }
+    first[c] = a;
+    second[c] = b;
+  }
+  double a = 0.0, b = 0.0;
+  for (int64_t c = 0; c < chunks; ++c) {
+    a += first[c];
+    b += second[c];
+  }
+  return {a, b};
+}
+
+}  // namespace
+
+double sum_squares(const Tensor& x) {
+  const float* xs = x.data<float>();
+  return chunked_sums(x.numel(), [&](int64_t i) {
+           return std::pair<double, double>{double(xs[i]) * xs[i], 0.0};
+         }).first;
+}
+
+void adafactor_update(Tensor& x, const Tensor& g, Tensor& m, Tensor& v, int64_t step, double lr,
+                      double grad_scale, const AdafactorSettings& s) {
+  const int64_t n = x.numel();
+  float* xs = x.data<float>();
+  float* ms = m.data<float>();
+  float* vs = v.data<float>();
+  const float* gs = g.data<float>();
+  const float beta2 = static_cast<float>(1.0 - std::pow(static_cast<double>(step), -s.decay));
+  const float gscale = static_cast<float>(grad_scale), eps = static_cast<float>(s.eps);
+  // Pass 1: second moments, and Σ u² and Σ x_old² for the two RMS terms.
+  const auto [sum_u2, sum_x2] = chunked_sums(n, [&](int64_t i) {
+    const float gi = gs[i] * gscale;
+    vs[i] = beta2 * vs[i] + (1.0f - beta2) * (gi * gi + eps);
+    const float u = gi / std::sqrt(vs[i]);
+    return std::pair<double, double>{double(u) * u, double(xs[i]) * xs[i]};
+  });
+  const float clip_div = static_cast<float>(std::max(1.0, std::sqrt(sum_u2 / n) / s.clip));
+  const float step_size = static_cast<float>(lr * std::max(s.min_scale, std::sqrt(sum_x2 / n)));
+  const float decay = static_cast<float>(lr * lr), beta1 = static_cast<float>(s.beta1);
+  // Pass 2: clipped update, momentum, parameter.
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    const float u = gs[i] * gscale / std::sqrt(vs[i]) / clip_div;
+    ms[i] = beta1 * ms[i] + (1.0f - beta1) * u;
+    xs[i] = xs[i] - step_size * ms[i] - decay * xs[i];
+  }
+}
+
+void adamw_update(Tensor& x, const Tensor& g, Tensor& m, Tensor& v, int64_t step, double lr,
+                  double grad_scale, const AdamWSettings& s) {
+  const int64_t n = x.numel();
+  float* xs = x.data<float>();
+  float* ms = m.data<float>();
+  float* vs = v.data<float>();
+  const float* gs = g.data<float>();
+  const float b1 = static_cast<float>(s.beta1), b2 = static_cast<float>(s.beta2);
+  const float m_hat = static_cast<float>(1.0 / (1.0 - std::pow(s.beta1, double(step))));
+  const float v_hat = static_cast<float>(1.0 / (1.0 - std::pow(s.beta2, double(step))));
+  const float rate = static_cast<float>(lr), decay = static_cast<float>(lr * s.weight_decay);
+  const float gscale = static_cast<float>(grad_scale), eps = static_cast<float>(s.eps);
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    const float gi = gs[i] * gscale;
+    ms[i] = b1 * ms[i] + (1.0f - b1) * gi;
+    vs[i] = b2 * vs[i] + (1.0f - b2) * gi * gi;
+    xs[i] = xs[i] - rate * (ms[i] * m_hat) / (std::sqrt(vs[i] * v_hat) + eps) - decay * xs[i];
+  }
+}
+
+}  // namespace palmcore::cpu

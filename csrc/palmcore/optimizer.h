@@ -1,0 +1,40 @@
+// The optimizer of a Model: its state (two moments, laid out like the flat parameter buffer)
+// and one update per call over every parameter tensor, after global gradient-norm clipping.
+#pragma once
+
+#include <cstdint>
+
+#include "palmcore/model.h"
+#include "palmcore/ops.h"
+
+namespace palmcore {
+
+enum class OptimizerKind { Adafactor, AdamW };
+
+class Optimizer {
+ public:
+  Optimizer(Model& model, OptimizerKind kind, const AdafactorSettings& adafactor = {},
+            const AdamWSettings& adamw = {});
+
+  // One update from the model's accumulated gradients at learning rate `lr`. The gradients
+  // are first scaled by min(1, max_grad_norm / ‖g‖) (no clipping when max_grad_norm <= 0).
+  // Returns ‖g‖ before clipping; throws, changing nothing, if it is not finite.
+  double step(double lr, double max_grad_norm);
+
+  OptimizerKind kind() const { return kind_; }
+  int64_t steps_taken() const { return steps_; }
+  void set_steps_taken(int64_t steps) { steps_ = steps; }
+  // Adafactor: m (momentum of the clipped update) and v; AdamW: m and v. Flat, params' layout.
+  Tensor& first_moment() { return m_; }
+  Tensor& second_moment() { return v_; }
+
+ private:
+  Model& model_;
+  OptimizerKind kind_;
+  AdafactorSettings adafactor_;
+  AdamWSettings adamw_;
+  Tensor m_, v_;
+  int64_t steps_ = 0;
+};
+
+}  // namespace palmcore

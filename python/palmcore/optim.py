@@ -1,0 +1,94 @@
+"""Optimizers over a PaLM's parameters (PALM_SPEC.md, "Training recipe"); the updates run in C++.
+
+    opt = palmcore.Adafactor(model)                # PaLM's recipe
+    model.forward_backward(tokens, targets)
+    grad_norm = opt.step(lr=1e-2, max_grad_norm=1.0)
+    model.zero_grad()
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from palmcore import _core
+from palmcore.model import PaLM
+
+
+class _Optimizer:
+    _kind = ""
+
+    def __init__(self, model: PaLM, settings: dict):
+        if not isinstance(model, PaLM):
+            raise TypeError(f"model must be a palmcore.PaLM, got {type(model).__name__}")
+        for name, value in settings.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        self._model = model
+        self._settings = settings
+        self._opt = _core.Optimizer(model._model, self._kind, settings)
+
+    @property
+    def steps_taken(self) -> int:
+        return self._opt.steps_taken
+
+    def step(self, lr: float, max_grad_norm: float | None = 1.0) -> float:
+        """One update from the model's accumulated gradients, after scaling them to global norm
+        at most ``max_grad_norm`` (None: no clipping). Returns the norm before clipping. A
+        non-finite norm raises RuntimeError and changes nothing."""
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
+            raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
+        if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float))
+                                              and math.isfinite(max_grad_norm) and max_grad_norm > 0):
+            raise ValueError(f"max_grad_norm must be a positive number or None, got {max_grad_norm!r}")
+        return self._opt.step(float(lr), float(max_grad_norm or 0.0))
+
+    def state_dict(self) -> dict:
+        """{"kind", "settings", "steps_taken", "m": {name: float32}, "v": {name: float32}}."""
+        names = list(self._model.state_dict_names())
+        return {"kind": self._kind, "settings": dict(self._settings), "steps_taken": self.steps_taken,
+                "m": {n: self._opt.get_moment(1, n) for n in names},
+                "v": {n: self._opt.get_moment(2, n) for n in names}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Strict: the same kind, every parameter's m and v, float32, right shapes, finite."""
+        if state.get("kind") != self._kind:
+            raise ValueError(f"optimizer state is for {state.get('kind')!r}, not {self._kind!r}")
+        names = list(self._model.state_dict_names())
+        for key in ("m", "v"):
+            moments = state.get(key, {})
+            if set(moments) != set(names):
+                raise ValueError(f"optimizer state '{key}' does not match the model's parameters")
+            for n in names:
+                a = moments[n]
+                if not isinstance(a, np.ndarray) or a.dtype != np.float32 or not np.isfinite(a).all():
+                    raise ValueError(f"optimizer state '{key}' of '{n}' must be a finite float32 array")
+        steps = state.get("steps_taken")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"steps_taken must be a non-negative integer, got {steps!r}")
+        for which, key in ((1, "m"), (2, "v")):
+            for n in names:
+                self._opt.set_moment(which, n, np.ascontiguousarray(state[key][n]))
+        self._opt.steps_taken = steps
+
+
+class Adafactor(_Optimizer):
+    """PaLM's Adafactor: unfactored, parameter scaling, β2 = 1 - k^-decay, update clipping, and
+    decoupled weight decay lr² (PALM_SPEC.md gives the exact update)."""
+
+    _kind = "adafactor"
+
+    def __init__(self, model: PaLM, beta1: float = 0.9, decay: float = 0.8, clip: float = 1.0,
+                 eps: float = 1e-30, min_scale: float = 1e-3):
+        super().__init__(model, dict(beta1=beta1, decay=decay, clip=clip, eps=eps, min_scale=min_scale))
+
+
+class AdamW(_Optimizer):
+    """AdamW with bias correction and decoupled weight decay (x -= lr · weight_decay · x)."""
+
+    _kind = "adamw"
+
+    def __init__(self, model: PaLM, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
+                 weight_decay: float = 0.0):
+        super().__init__(model, dict(beta1=betas[0], beta2=betas[1], eps=eps, weight_decay=weight_decay))

@@ -15,6 +15,7 @@
 #include "palmcore/model.h"
 #include "palmcore/ops.h"
 #include "palmcore/optimizer.h"
+#include "palmcore/schedule.h"
 #include "palmcore/threads.h"
 
 namespace py = pybind11;
@@ -280,10 +281,10 @@ PYBIND11_MODULE(_core, m) {
       .def(py::init(&make_optimizer), py::arg("model"), py::arg("kind"), py::arg("settings"),
            py::keep_alive<1, 2>())
       .def("step",
-           [](LockedOptimizer& self, double lr, double max_grad_norm) {
+           [](LockedOptimizer& self, double lr, double max_grad_norm, double grad_scale) {
              py::gil_scoped_release release;
              std::lock_guard<std::mutex> guard(self.owner.mutex);
-             return self.optimizer.step(lr, max_grad_norm);
+             return self.optimizer.step(lr, max_grad_norm, grad_scale);
            })
       .def_property(
           "steps_taken", [](const LockedOptimizer& self) { return self.optimizer.steps_taken(); },
@@ -309,4 +310,23 @@ PYBIND11_MODULE(_core, m) {
         Tensor& flat = which == 1 ? self.optimizer.first_moment() : self.optimizer.second_moment();
         std::memcpy(flat.data<float>() + p.offset, src, p.numel() * sizeof(float));
       });
+
+  py::class_<Schedule>(m, "Schedule")
+      .def(py::init([](const std::string& kind, double peak, int64_t constant_steps, int64_t warmup_steps,
+                       int64_t total_steps, double floor) {
+             Schedule s;
+             if (kind == "palm") s.kind = Schedule::Kind::PaLM;
+             else if (kind == "cosine") s.kind = Schedule::Kind::Cosine;
+             else throw std::invalid_argument("unknown schedule '" + kind + "'; known: palm, cosine");
+             s.peak = peak;
+             s.constant_steps = constant_steps;
+             s.warmup_steps = warmup_steps;
+             s.total_steps = total_steps;
+             s.floor = floor;
+             s.validate();
+             return s;
+           }),
+           py::arg("kind"), py::arg("peak"), py::arg("constant_steps"), py::arg("warmup_steps"),
+           py::arg("total_steps"), py::arg("floor"))
+      .def("__call__", &Schedule::at, py::arg("step"));
 }

@@ -131,3 +131,50 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match=r"optimizer state 'v' of 'embed' must be a finite float32"):
         opt.load_state_dict(state)
     assert opt.steps_taken == 0
+
+
+@pytest.mark.parametrize("kind", OPTIMIZERS)
+def test_accumulated_micro_batches_equal_one_batch(kind):
+    """Two micro-batches of 2 rows with grad_scale 1/2 == one batch of 4 rows (same tokens)."""
+    make = OPTIMIZERS[kind][0]
+    tokens = random_tokens(CFG, 4, 11, 5)
+    whole, parts = fresh_model(), fresh_model()
+    whole.forward_backward(tokens[:, :-1], tokens[:, 1:])
+    norm_whole = make(whole).step(1e-2)
+    for rows in (slice(0, 2), slice(2, 4)):
+        parts.forward_backward(tokens[rows, :-1], tokens[rows, 1:])
+    norm_parts = make(parts).step(1e-2, grad_scale=0.5)
+    assert abs(norm_parts - norm_whole) <= 1e-5 * norm_whole
+    for name, value in whole.state_dict().items():
+        assert rel_err(parts.state_dict()[name], value) <= 1e-5, name
+
+
+def test_palm_schedule():
+    lr = palmcore.schedules.palm()
+    assert lr(1) == 1e-2 and lr(10000) == 1e-2
+    for k in (10001, 40000, 10**6):
+        assert lr(k) == pytest.approx(1e-2 * np.sqrt(10000 / k), rel=1e-12)
+    short = palmcore.schedules.palm(peak=3e-3, constant_steps=7)
+    assert short(7) == 3e-3 and short(28) == pytest.approx(1.5e-3, rel=1e-12)
+
+
+def test_cosine_schedule():
+    lr = palmcore.schedules.cosine(1e-3, warmup_steps=10, total_steps=110, floor=1e-5)
+    assert lr(1) == pytest.approx(1e-4) and lr(10) == pytest.approx(1e-3)
+    assert lr(60) == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5, rel=1e-12)   # half way: cos = 0
+    assert lr(110) == pytest.approx(1e-5) and lr(500) == pytest.approx(1e-5)
+    rates = [lr(k) for k in range(10, 111)]
+    assert all(a >= b for a, b in zip(rates, rates[1:]))
+
+
+def test_bad_schedules():
+    with pytest.raises(ValueError, match=r"total_steps must exceed warmup_steps"):
+        palmcore.schedules.cosine(1e-3, warmup_steps=10, total_steps=10)
+    with pytest.raises(ValueError, match=r"the floor lr must be in \[0, peak\]"):
+        palmcore.schedules.cosine(1e-3, warmup_steps=0, total_steps=10, floor=1e-2)
+    with pytest.raises(ValueError, match=r"constant_steps must be >= 1"):
+        palmcore.schedules.palm(constant_steps=0)
+    with pytest.raises(ValueError, match=r"schedule steps count from 1"):
+        palmcore.schedules.palm()(0)
+    with pytest.raises(ValueError, match=r"grad_scale must be a positive finite number"):
+        palmcore.Adafactor(fresh_model()).step(1e-2, grad_scale=0.0)

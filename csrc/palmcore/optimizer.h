@@ -16,10 +16,11 @@ class Optimizer {
   Optimizer(Model& model, OptimizerKind kind, const AdafactorSettings& adafactor = {},
             const AdamWSettings& adamw = {});
 
-  // One update from the model's accumulated gradients at learning rate `lr`. The gradients
-  // are first scaled by min(1, max_grad_norm / ‖g‖) (no clipping when max_grad_norm <= 0).
+  // One update from the model's accumulated gradients at learning rate `lr`. The gradient is
+  // g = grad_scale · (accumulated gradients), e.g. 1/n after n micro-batches, then scaled by
+  // min(1, max_grad_norm / ‖g‖) (no clipping when max_grad_norm <= 0).
   // Returns ‖g‖ before clipping; throws, changing nothing, if it is not finite.
-  double step(double lr, double max_grad_norm);
+  double step(double lr, double max_grad_norm, double grad_scale = 1.0);
 
   OptimizerKind kind() const { return kind_; }
   int64_t steps_taken() const { return steps_; }

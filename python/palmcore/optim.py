@@ -33,16 +33,20 @@ class _Optimizer:
     def steps_taken(self) -> int:
         return self._opt.steps_taken
 
-    def step(self, lr: float, max_grad_norm: float | None = 1.0) -> float:
-        """One update from the model's accumulated gradients, after scaling them to global norm
-        at most ``max_grad_norm`` (None: no clipping). Returns the norm before clipping. A
-        non-finite norm raises RuntimeError and changes nothing."""
+    def step(self, lr: float, max_grad_norm: float | None = 1.0, grad_scale: float = 1.0) -> float:
+        """One update from the model's accumulated gradients times ``grad_scale`` (``1/n`` after
+        ``n`` micro-batches), clipped to global norm at most ``max_grad_norm`` (None: no
+        clipping). Returns the norm before clipping. A non-finite norm raises RuntimeError and
+        changes nothing."""
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
             raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
         if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float))
                                               and math.isfinite(max_grad_norm) and max_grad_norm > 0):
             raise ValueError(f"max_grad_norm must be a positive number or None, got {max_grad_norm!r}")
-        return self._opt.step(float(lr), float(max_grad_norm or 0.0))
+        if isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float)) \
+                or not math.isfinite(grad_scale) or grad_scale <= 0:
+            raise ValueError(f"grad_scale must be a positive finite number, got {grad_scale!r}")
+        return self._opt.step(float(lr), float(max_grad_norm or 0.0), float(grad_scale))
 
     def state_dict(self) -> dict:
         """{"kind", "settings", "steps_taken", "m": {name: float32}, "v": {name: float32}}."""

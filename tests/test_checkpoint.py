@@ -1,0 +1,125 @@
+"""safetensors files and checkpoint directories: exact round trips, atomic writes, resume,
+and clear errors for truncated, corrupt, mistyped or mismatched files."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+import palmcore
+from palmcore import checkpoint
+from palmcore.tensorfile import load_file, save_file
+
+from helpers import random_tokens
+
+CFG = palmcore.PaLMConfig(vocab_size=37, d_model=12, n_layers=2, n_heads=4, head_dim=4, ffn_dim=20,
+                          max_seq_len=16)
+
+
+def trained(steps=2, seed=0):
+    model = palmcore.PaLM(CFG, seed=seed)
+    opt = palmcore.Adafactor(model)
+    for step in range(steps):
+        tokens = random_tokens(CFG, 2, 9, step)
+        model.zero_grad()
+        model.forward_backward(tokens[:, :-1], tokens[:, 1:])
+        opt.step(1e-2)
+    return model, opt
+
+
+def test_safetensors_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    tensors = {"a": rng.standard_normal((3, 5)).astype(np.float32), "b": np.arange(7, dtype=np.int64),
+               "c": rng.standard_normal(()).astype(np.float64), "empty": np.zeros((0, 4), np.float32)}
+    path = str(tmp_path / "t.safetensors")
+    save_file(tensors, path, {"note": "hi"})
+    back, meta = load_file(path)
+    assert meta == {"note": "hi"}
+    for name, value in tensors.items():
+        assert back[name].dtype == value.dtype and np.array_equal(back[name], value)
+    # the layout other readers expect: u64 header length, JSON header, 8-byte aligned data
+    raw = open(path, "rb").read()
+    n = int.from_bytes(raw[:8], "little")
+    assert n % 8 == 0 and json.loads(raw[8:8 + n])["a"] == {"dtype": "F32", "shape": [3, 5],
+                                                              "data_offsets": [0, 60]}
+
+
+@pytest.mark.parametrize("damage,match", [
+    (lambda raw: raw[:5], r"truncated \(5 bytes"),
+    (lambda raw: raw[:-4], r"truncated \(tensor 'b' ends at byte"),
+    (lambda raw: raw[:8] + b"{not json" + raw[17:], r"corrupt header"),
+    (lambda raw: (10**9).to_bytes(8, "little") + raw[8:], r"truncated or corrupt \(header of"),
+    (lambda raw: raw + b"xxxx", r"4 bytes after the last tensor"),
+])
+def test_safetensors_damage_is_named(tmp_path, damage, match):
+    path = str(tmp_path / "t.safetensors")
+    save_file({"a": np.ones(3, np.float32), "b": np.ones(4, np.float32)}, path)
+    with open(path, "rb") as f:
+        raw = f.read()
+    with open(path, "wb") as f:
+        f.write(damage(raw))
+    with pytest.raises(ValueError, match=match):
+        load_file(path)
+
+
+def test_checkpoint_round_trip_and_resume(tmp_path):
+    """N steps straight == N/2 steps, checkpoint, load, N/2 more (bit for bit)."""
+    straight, _ = trained(steps=4)
+    model, opt = trained(steps=2)
+    path = checkpoint.save(str(tmp_path), model, opt, trainer={"data_position": 2})
+    assert os.path.basename(path) == "step-00000002"
+    ck = checkpoint.load(str(tmp_path))
+    assert ck.trainer == {"data_position": 2, "step": 2} and ck.model.config == CFG
+    for name, value in model.state_dict().items():
+        assert np.array_equal(ck.model.state_dict()[name], value)
+    opt2 = palmcore.Adafactor(ck.model)
+    opt2.load_state_dict(ck.optimizer_state)
+    for step in (2, 3):
+        tokens = random_tokens(CFG, 2, 9, step)
+        ck.model.zero_grad()
+        ck.model.forward_backward(tokens[:, :-1], tokens[:, 1:])
+        opt2.step(1e-2)
+    for name, value in straight.state_dict().items():
+        assert np.array_equal(ck.model.state_dict()[name], value), name
+
+
+def test_keeps_the_newest_and_survives_a_crash_mid_write(tmp_path, monkeypatch):
+    model, opt = trained(steps=1)
+    for step in range(1, 6):
+        checkpoint.save(str(tmp_path), model, opt, step=step, keep=3)
+    assert [os.path.basename(p) for p in checkpoint.list_checkpoints(str(tmp_path))] == \
+        ["step-00000003", "step-00000004", "step-00000005"]
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(checkpoint, "_write_json", crash)  # dies after the weights are written
+    with pytest.raises(OSError, match="simulated"):
+        checkpoint.save(str(tmp_path), model, opt, step=6, keep=3)
+    assert checkpoint.latest(str(tmp_path)).endswith("step-00000005")
+    assert sorted(os.listdir(tmp_path)) == ["step-00000003", "step-00000004", "step-00000005"]
+    monkeypatch.undo()
+    checkpoint.load(str(tmp_path))  # the newest complete one still loads
+
+
+def test_mismatched_config_wrong_dtype_and_missing_files(tmp_path):
+    model, opt = trained(steps=1)
+    path = checkpoint.save(str(tmp_path), model, opt)
+    other = palmcore.PaLMConfig(**{**CFG.to_dict(), "n_layers": 3})
+    with pytest.raises(ValueError, match=r"is for another configuration \(differs in n_layers\)"):
+        checkpoint.load(path, config=other)
+    weights = os.path.join(path, "model.safetensors")
+    tensors, meta = load_file(weights)
+    save_file({k: v.astype(np.float64) for k, v in tensors.items()}, weights, meta)
+    with pytest.raises(TypeError, match=r"parameter 'embed' must be a float32 ndarray, got float64"):
+        checkpoint.load(path)
+    del tensors["final_norm.scale"]
+    save_file(tensors, weights, meta)
+    with pytest.raises(ValueError, match=r"missing \['final_norm.scale'\]"):
+        checkpoint.load(path)
+    os.unlink(os.path.join(path, "config.json"))
+    with pytest.raises(ValueError, match=r"is not a palmcore checkpoint: config.json is missing"):
+        checkpoint.load(path)

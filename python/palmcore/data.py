@@ -1,0 +1,167 @@
+"""Training data: text files -> documents -> token ids cached once in a memory-mapped file ->
+packed windows of ``seq_len + 1`` tokens, with the end-of-document id between documents.
+
+    cache = TokenCache.build(["corpus/", "notes/*.md"], tokenizer, "runs/x/data")
+    train = PackedDataset(cache, seq_len=256, split="train", seed=0)
+    tokens = train.batch(step=k, batch_size=8)      # int32 [8, 257]: a pure function of (seed, k)
+
+The cache (``tokens.bin`` + ``index.json``) is reused while the files (paths, sizes, mtimes)
+and the tokenizer model are unchanged, and rebuilt when either changes. Each file is one
+document; the held-out split takes whole documents, chosen by the seed.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+
+import numpy as np
+
+from palmcore.tokenizer import EOD_ID, Tokenizer
+
+_FORMAT = "palmcore-token-cache/1"
+
+
+def find_files(paths: list[str]) -> list[str]:
+    """Files named directly, found under folders (recursively) or matched by globs; sorted,
+    without duplicates. Raises ValueError when a path matches nothing."""
+    found = set()
+    for path in paths:
+        if os.path.isdir(path):
+            for root, _, names in os.walk(path):
+                found.update(os.path.join(root, n) for n in names)
+        elif os.path.isfile(path):
+            found.add(path)
+        else:
+            matches = [m for m in glob.glob(path, recursive=True) if os.path.isfile(m)]
+            if not matches:
+                raise ValueError(f"corpus path {path!r} matches no file")
+            found.update(matches)
+    return sorted(os.path.abspath(f) for f in found)
+
+
+def _fingerprint(files: list[str], tokenizer: Tokenizer) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        st = os.stat(f)
+        h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    with open(tokenizer.model_path, "rb") as f:
+        h.update(hashlib.sha256(f.read()).digest())
+    return h.hexdigest()
+
+
+class TokenCache:
+    """Every document's token ids in one memory-mapped array, with each document's [start, end)."""
+
+    def __init__(self, directory: str):
+        with open(os.path.join(directory, "index.json")) as f:
+            index = json.load(f)
+        if index.get("format") != _FORMAT:
+            raise ValueError(f"{directory}: not a palmcore token cache")
+        self.directory = directory
+        self.fingerprint = index["fingerprint"]
+        self.files = index["files"]
+        self.bounds = np.asarray(index["bounds"], dtype=np.int64).reshape(-1, 2)
+        self.tokens = np.memmap(os.path.join(directory, "tokens.bin"), dtype=index["dtype"], mode="r",
+                                shape=(index["num_tokens"],)) if index["num_tokens"] else np.zeros(0, np.int32)
+        self.rebuilt = False
+
+    @classmethod
+    def build(cls, paths: list[str], tokenizer: Tokenizer, directory: str) -> "TokenCache":
+        """The cache for ``paths`` under ``directory``: reused when still current, else rebuilt."""
+        files = find_files(paths)
+        if not files:
+            raise ValueError(f"the corpus {paths} holds no files")
+        fingerprint = _fingerprint(files, tokenizer)
+        if os.path.exists(os.path.join(directory, "index.json")):
+            try:
+                cache = cls(directory)
+                if cache.fingerprint == fingerprint:
+                    return cache
+            except (ValueError, KeyError, json.JSONDecodeError, OSError):
+                pass  # stale or damaged: rebuild
+        os.makedirs(directory, exist_ok=True)
+        dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
+        bounds, total = [], 0
+        tmp_tokens = os.path.join(directory, "tokens.bin.tmp")
+        with open(tmp_tokens, "wb") as out:
+            for path in files:
+                with open(path, encoding="utf-8", errors="replace") as f:
+                    ids = np.asarray(tokenizer.encode(f.read()), dtype=dtype)
+                out.write(ids.tobytes())
+                bounds.append([total, total + len(ids)])
+                total += len(ids)
+        index = {"format": _FORMAT, "fingerprint": fingerprint, "files": files, "bounds": bounds,
+                 "dtype": np.dtype(dtype).name, "num_tokens": total}
+        tmp_index = os.path.join(directory, "index.json.tmp")
+        with open(tmp_index, "w") as f:
+            json.dump(index, f)
+        os.replace(tmp_tokens, os.path.join(directory, "tokens.bin"))
+        os.replace(tmp_index, os.path.join(directory, "index.json"))
+        cache = cls(directory)
+        cache.rebuilt = True
+        return cache
+
+
+class PackedDataset:
+    """One split's documents joined with the end-of-document id and cut into windows of
+    ``seq_len + 1`` tokens (stride ``seq_len``, so every token is a target once).
+
+    Documents go to the held-out split with probability ``val_fraction`` (at least one
+    document each when there are two or more), drawn from ``seed``."""
+
+    def __init__(self, cache: TokenCache, seq_len: int, split: str = "train", seed: int = 0,
+                 val_fraction: float = 0.05):
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        n_docs = len(cache.bounds)
+        held_out = np.random.default_rng([seed, 0x5E1]).random(n_docs) < val_fraction
+        if n_docs >= 2 and not held_out.any():
+            held_out[np.random.default_rng([seed, 0x5E2]).integers(n_docs)] = True
+        if n_docs >= 2 and held_out.all():
+            held_out[0] = False
+        docs = np.flatnonzero(held_out if split == "val" else ~held_out)
+        self.cache, self.seq_len, self.seed, self.documents = cache, seq_len, seed, docs
+        lengths = cache.bounds[docs, 1] - cache.bounds[docs, 0] + 1  # + the end-of-document id
+        self._starts = np.concatenate([[0], np.cumsum(lengths)])     # in the joined stream
+        self.num_tokens = int(self._starts[-1])
+        self.num_windows = max(0, (self.num_tokens - 1) // seq_len)
+        if self.num_windows == 0:
+            raise ValueError(f"the {split} split has {self.num_tokens} tokens: too few for one "
+                             f"window of {seq_len + 1}")
+        self._epoch_order: dict[int, np.ndarray] = {}
+
+    def window(self, w: int) -> np.ndarray:
+        """Tokens [w·seq_len, w·seq_len + seq_len + 1) of the joined stream, int32."""
+        begin, end = w * self.seq_len, w * self.seq_len + self.seq_len + 1
+        out = np.empty(end - begin, dtype=np.int32)
+        d = int(np.searchsorted(self._starts, begin, side="right")) - 1
+        pos = begin
+        while pos < end:
+            doc = self.documents[d]
+            doc_begin = int(self._starts[d])
+            start, stop = self.cache.bounds[doc]
+            take = min(end, int(self._starts[d + 1])) - pos
+            offset = pos - doc_begin
+            body = min(take, int(stop - start) - offset)   # tokens of the document itself
+            if body > 0:
+                out[pos - begin:pos - begin + body] = self.cache.tokens[start + offset:start + offset + body]
+            if body < take:
+                out[pos - begin + max(body, 0)] = EOD_ID     # the separator after the document
+            pos += take
+            d += 1
+        return out
+
+    def batch(self, step: int, batch_size: int) -> np.ndarray:
+        """Windows for optimizer step ``step`` (from 0): int32 [batch_size, seq_len + 1], a pure
+        function of (seed, step, batch_size). Each epoch visits every window once, in an order
+        drawn from (seed, epoch)."""
+        rows = []
+        for sample in range(step * batch_size, (step + 1) * batch_size):
+            epoch, position = divmod(sample, self.num_windows)
+            if epoch not in self._epoch_order:
+                self._epoch_order = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)}
+            rows.append(self.window(int(self._epoch_order[epoch][position])))
+        return np.stack(rows)

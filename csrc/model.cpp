@@ -86,14 +86,22 @@ Model::Model(const ModelConfig& config, uint64_t seed, Device device) : config_(
   apply_num_threads();
   params_ = Tensor::zeros({offset}, DType::F32, device_);
   grads_ = Tensor::zeros({offset}, DType::F32, device_);
-  // Element e of parameter number s is draw (seed, s, e): independent of threads and layout.
+  // Parameter number s draws from stream (seed, s): independent of threads and layout.
   for (size_t s = 0; s < info_.size(); ++s) {
     const ParamInfo& p = info_[s];
     float* w = params_.data<float>() + p.offset;
     const int64_t n = p.numel();
+    if (p.init_std == 0.0) {
+      std::fill(w, w + n, 1.0f);
+      continue;
+    }
+    // Elements 2j and 2j + 1 are the pair of draw (seed, s, j).
 #pragma omp parallel for schedule(static)
-    for (int64_t e = 0; e < n; ++e)
-      w[e] = p.init_std == 0.0 ? 1.0f : static_cast<float>(p.init_std * standard_normal(seed, s, e));
+    for (int64_t j = 0; j < (n + 1) / 2; ++j) {
+      const auto [a, b] = standard_normal_pair(seed, s, j);
+      w[2 * j] = static_cast<float>(p.init_std * a);
+      if (2 * j + 1 < n) w[2 * j + 1] = static_cast<float>(p.init_std * b);
+    }
   }
   weights_ = views_of(params_);
   weight_grads_ = views_of(grads_);

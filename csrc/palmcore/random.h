@@ -6,6 +6,7 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <utility>
 
 namespace palmcore {
 
@@ -30,13 +31,18 @@ inline double uniform01(uint64_t key, uint64_t stream, uint64_t index) {
   return static_cast<double>(bits & ((uint64_t{1} << 53) - 1)) * 0x1.0p-53;
 }
 
-// Standard normal by Box-Muller from one Philox block, draw (key, stream, index).
-inline double standard_normal(uint64_t key, uint64_t stream, uint64_t index) {
+// Two independent standard normals by Box-Muller from one Philox block, draw (key, stream, index).
+inline std::pair<double, double> standard_normal_pair(uint64_t key, uint64_t stream, uint64_t index) {
   const auto r = philox4x32(key, {static_cast<uint32_t>(index), static_cast<uint32_t>(index >> 32),
                                   static_cast<uint32_t>(stream), static_cast<uint32_t>(stream >> 32)});
   const double u1 = (static_cast<double>((uint64_t{r[0]} << 21) ^ r[1]) + 1.0) * 0x1.0p-53;  // (0, 1]
   const double u2 = static_cast<double>((uint64_t{r[2]} << 21) ^ r[3]) * 0x1.0p-53;
-  return std::sqrt(-2.0 * std::log(u1)) * std::cos(2.0 * M_PI * u2);
+  const double radius = std::sqrt(-2.0 * std::log(u1)), angle = 2.0 * M_PI * u2;
+  return {radius * std::cos(angle), radius * std::sin(angle)};
+}
+
+inline double standard_normal(uint64_t key, uint64_t stream, uint64_t index) {
+  return standard_normal_pair(key, stream, index).first;
 }
 
 }  // namespace palmcore

@@ -1,0 +1,188 @@
+"""The training loop (PALM_SPEC.md, "Training recipe"): data, schedule, clipping, evaluation,
+checkpoints, resume and the loss-spike guard, around the C++ model and optimizer.
+
+    summary = palmcore.train.run(TrainSettings(corpus=["notes/"], out="runs/notes", steps=500))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Callable
+
+import numpy as np
+
+from palmcore import checkpoint, schedules
+from palmcore.config import PaLMConfig
+from palmcore.data import PackedDataset, TokenCache, find_files
+from palmcore.model import PaLM
+from palmcore.optim import Adafactor, AdamW
+from palmcore.tokenizer import Tokenizer
+
+
+@dataclasses.dataclass
+class TrainSettings:
+    corpus: list[str]
+    out: str
+    tokenizer: str | None = None      # a .model to reuse; default: train one into out/
+    vocab_size: int = 10000           # for a tokenizer trained here
+    preset: str = "seed"
+    overrides: dict = dataclasses.field(default_factory=dict)
+    batch_size: int = 8
+    seq_len: int = 256
+    steps: int = 1000
+    time_budget: float | None = None  # seconds; stops early (with a checkpoint) when spent
+    optimizer: str = "adafactor"      # or "adamw"
+    lr: float | None = None           # peak rate; default 1e-2 (adafactor) or 3e-4 (adamw)
+    schedule: str = "palm"            # or "cosine"
+    warmup_steps: int = 100           # cosine only
+    max_grad_norm: float = 1.0
+    eval_every: int = 100
+    eval_batches: int = 4
+    checkpoint_every: int = 100
+    keep: int = 3
+    seed: int = 0
+    spike_factor: float = 3.0         # a loss above this × its running average is a spike
+    spike_warmup: int = 20            # steps before the running average is trusted
+
+
+def run(s: TrainSettings, resume: bool = False, log: Callable[[str], None] = print) -> dict:
+    """Train as ``s`` says, writing checkpoints and metrics.jsonl under ``s.out``; with
+    ``resume``, continue from the newest checkpoint there. Returns the last metrics."""
+    os.makedirs(s.out, exist_ok=True)
+    tokenizer = _tokenizer(s, log)
+    cache = TokenCache.build(s.corpus, tokenizer, os.path.join(s.out, "data"))
+    train_data = PackedDataset(cache, s.seq_len, "train", seed=s.seed)
+    val_data = PackedDataset(cache, s.seq_len, "val", seed=s.seed)
+    ckpt_dir = os.path.join(s.out, "checkpoints")
+    config = PaLMConfig.preset(s.preset, **{**s.overrides, "vocab_size": tokenizer.vocab_size,
+                                            "max_seq_len": max(s.seq_len, s.overrides.get("max_seq_len", 0))})
+    if s.schedule not in ("palm", "cosine"):
+        raise ValueError(f"schedule must be 'palm' or 'cosine', got {s.schedule!r}")
+    default_lr = 1e-2 if s.optimizer == "adafactor" else 3e-4
+    lr_at = (schedules.palm(s.lr or default_lr) if s.schedule == "palm" else
+             schedules.cosine(s.lr or default_lr, s.warmup_steps, max(s.steps, s.warmup_steps + 1)))
+
+    latest = checkpoint.latest(ckpt_dir) if resume else None
+    if latest:
+        ck = checkpoint.load(latest, config=config)
+        model, state = ck.model, ck.trainer
+        opt = _optimizer(s, model)
+        opt.load_state_dict(ck.optimizer_state)
+        log(f"resumed from {latest} (step {state['step']})")
+    else:
+        model = PaLM(config, seed=s.seed)
+        opt = _optimizer(s, model)
+        state = {"step": 0, "data_step": 0, "loss_avg": None, "skipped": []}
+        checkpoint.save(ckpt_dir, model, opt, state, step=0, keep=s.keep)  # a rollback target
+
+    metrics_path = os.path.join(s.out, "metrics.jsonl")
+    start = time.perf_counter()
+    last: dict = {}
+    try:
+        while state["step"] < s.steps:
+            if s.time_budget is not None and time.perf_counter() - start > s.time_budget:
+                log(f"time budget of {s.time_budget:.0f} s spent at step {state['step']}")
+                break
+            tokens = train_data.batch(state["data_step"], s.batch_size)
+            t0 = time.perf_counter()
+            model.zero_grad()
+            out = model.forward_backward(tokens[:, :-1], tokens[:, 1:])
+            step = state["step"] + 1
+            lr = lr_at(step)
+            spike = _spike(out["loss"], state["loss_avg"], step, s)
+            grad_norm = math.nan
+            if not spike:
+                try:
+                    grad_norm = opt.step(lr, s.max_grad_norm)
+                except RuntimeError:  # a non-finite gradient norm: nothing was changed
+                    spike = "non-finite gradient norm"
+            if spike:
+                model, opt, state = _roll_back(ckpt_dir, config, s, state, spike, log)
+                continue
+            elapsed = time.perf_counter() - t0
+            avg = state["loss_avg"]
+            state.update(step=step, data_step=state["data_step"] + 1,
+                         loss_avg=out["loss"] if avg is None else 0.95 * avg + 0.05 * out["loss"])
+            state = _skip_forward(state)
+            last = {"step": step, "loss": out["loss"], "ce": out["ce"], "lr": lr, "grad_norm": grad_norm,
+                    "tokens_per_s": out["tokens"] / elapsed}
+            if step % s.eval_every == 0 or step == s.steps:
+                last.update(_evaluate(model, val_data, tokenizer, s))
+                log(f"step {step}: loss {out['loss']:.4f} val_loss {last['val_loss']:.4f} "
+                    f"val_bpb {last['val_bpb']:.3f} lr {lr:.2e} {last['tokens_per_s']:,.0f} tok/s")
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(last) + "\n")
+            if step % s.checkpoint_every == 0:
+                checkpoint.save(ckpt_dir, model, opt, state, step=step, keep=s.keep)
+    except KeyboardInterrupt:
+        log(f"interrupted at step {state['step']}: saving a checkpoint")
+    checkpoint.save(ckpt_dir, model, opt, state, step=state["step"], keep=s.keep)
+    return last
+
+
+def _tokenizer(s: TrainSettings, log) -> Tokenizer:
+    path = s.tokenizer or os.path.join(s.out, "tokenizer.model")
+    if os.path.exists(path):
+        return Tokenizer(path)
+    if s.tokenizer:
+        raise ValueError(f"no tokenizer model at {s.tokenizer}")
+    files = find_files(s.corpus)
+    log(f"training a {s.vocab_size}-token tokenizer on {len(files)} files")
+    texts = (open(f, encoding="utf-8", errors="replace").read() for f in files)
+    return Tokenizer.train(texts, s.vocab_size, path)
+
+
+def _optimizer(s: TrainSettings, model: PaLM):
+    if s.optimizer == "adafactor":
+        return Adafactor(model)
+    if s.optimizer == "adamw":
+        return AdamW(model)
+    raise ValueError(f"optimizer must be 'adafactor' or 'adamw', got {s.optimizer!r}")
+
+
+def _spike(loss: float, avg: float | None, step: int, s: TrainSettings) -> str | None:
+    if not math.isfinite(loss):
+        return f"loss {loss}"
+    if avg is not None and step > s.spike_warmup and loss > s.spike_factor * avg:
+        return f"loss {loss:.4f} > {s.spike_factor} x running average {avg:.4f}"
+    return None
+
+
+def _roll_back(ckpt_dir, config, s: TrainSettings, state: dict, why: str, log):
+    """Back to the newest checkpoint, skipping the batch that spiked (and everything the
+    rolled-back steps had consumed is replayed, except that batch)."""
+    bad = state["data_step"]
+    ck = checkpoint.load(checkpoint.latest(ckpt_dir), config=config)
+    opt = _optimizer(s, ck.model)
+    opt.load_state_dict(ck.optimizer_state)
+    restored = dict(ck.trainer)
+    restored["skipped"] = sorted(set(restored.get("skipped", [])) | set(state.get("skipped", [])) | {bad})
+    log(f"loss spike at step {state['step'] + 1} ({why}): rolled back to step {restored['step']}, "
+        f"skipping data batch {bad}")
+    # replay from the checkpoint's data position, stepping over every skipped batch
+    return ck.model, opt, _skip_forward(restored)
+
+
+def _skip_forward(state: dict) -> dict:
+    while state["data_step"] in state["skipped"]:
+        state["data_step"] += 1
+    return state
+
+
+def _evaluate(model: PaLM, data: PackedDataset, tokenizer: Tokenizer, s: TrainSettings) -> dict:
+    """Validation loss, perplexity and bits per byte over the first eval_batches batches."""
+    nats, tokens, nbytes, losses = 0.0, 0, 0, []
+    for k in range(s.eval_batches):
+        batch = data.batch(k, s.batch_size)
+        out = model.forward_backward(batch[:, :-1], batch[:, 1:])
+        losses.append(out["loss"])
+        nats += out["ce"] * out["tokens"]
+        tokens += out["tokens"]
+        nbytes += sum(len(tokenizer.decode(row).encode()) for row in batch[:, 1:])
+    model.zero_grad()
+    return {"val_loss": float(np.mean(losses)), "val_ppl": math.exp(nats / tokens),
+            "val_bpb": nats / math.log(2) / max(nbytes, 1)}

@@ -1,0 +1,80 @@
+"""The training loop on a tiny corpus: metrics, evaluation, exact resume, the loss-spike guard."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+import palmcore
+from palmcore import checkpoint
+from palmcore.train import TrainSettings, run
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("corpus")
+    rng = np.random.default_rng(0)
+    words = ["def", "return", "x", "y", "(", ")", ":", " ", "\n", "    ", "1", "2", "+", "="]
+    for i in range(8):
+        (folder / f"f{i}.py").write_text("".join(rng.choice(words, size=400)))
+    return str(folder)
+
+
+def settings(corpus, out, **changes):
+    base = dict(corpus=[corpus], out=str(out), vocab_size=300, preset="seed",
+                overrides=dict(d_model=32, n_layers=1, n_heads=2, head_dim=16, ffn_dim=64),
+                batch_size=2, seq_len=16, steps=8, eval_every=4, eval_batches=2,
+                checkpoint_every=4, seed=0)
+    return TrainSettings(**{**base, **changes})
+
+
+def metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_trains_logs_and_evaluates(corpus, tmp_path):
+    run(settings(corpus, tmp_path, steps=12), log=lambda _: None)
+    rows = metrics(tmp_path)
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    assert all({"step", "loss", "ce", "lr", "tokens_per_s"} <= set(r) for r in rows)
+    assert [r["step"] for r in rows if "val_loss" in r] == [4, 8, 12]
+    assert all(math.isfinite(r["val_bpb"]) and r["val_bpb"] > 0 for r in rows if "val_loss" in r)
+    assert np.mean([r["loss"] for r in rows[-3:]]) < np.mean([r["loss"] for r in rows[:3]])
+    assert os.path.exists(tmp_path / "tokenizer.model")
+    assert checkpoint.latest(str(tmp_path / "checkpoints")).endswith("step-00000012")
+
+
+def test_resume_continues_exactly(corpus, tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run(settings(corpus, straight), log=lambda _: None)
+    run(settings(corpus, split, steps=4), log=lambda _: None)
+    run(settings(corpus, split), resume=True, log=lambda _: None)
+    assert [r["loss"] for r in metrics(straight)] == [r["loss"] for r in metrics(split)]
+    a = checkpoint.load(str(straight / "checkpoints")).model.state_dict()
+    b = checkpoint.load(str(split / "checkpoints")).model.state_dict()
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_nan_loss_rolls_back_and_skips_the_batch(corpus, tmp_path, monkeypatch):
+    real = palmcore.PaLM.forward_backward
+    calls = {"n": 0}
+
+    def poisoned(self, tokens, targets):
+        out = real(self, tokens, targets)
+        calls["n"] += 1
+        if calls["n"] == 6:  # the 6th training call (step 6, after the step-4 checkpoint)
+            out = dict(out, loss=float("nan"))
+        return out
+
+    monkeypatch.setattr(palmcore.PaLM, "forward_backward", poisoned)
+    lines = []
+    run(settings(corpus, tmp_path, eval_every=100), log=lines.append)
+    assert any("rolled back to step 4, skipping data batch 5" in line for line in lines), lines
+    trainer = checkpoint.load(str(tmp_path / "checkpoints")).trainer
+    assert trainer["step"] == 8 and trainer["skipped"] == [5] and trainer["data_step"] == 9
+    assert all(math.isfinite(r["loss"]) for r in metrics(tmp_path))

@@ -78,3 +78,21 @@ def test_nan_loss_rolls_back_and_skips_the_batch(corpus, tmp_path, monkeypatch):
     trainer = checkpoint.load(str(tmp_path / "checkpoints")).trainer
     assert trainer["step"] == 8 and trainer["skipped"] == [5] and trainer["data_step"] == 9
     assert all(math.isfinite(r["loss"]) for r in metrics(tmp_path))
+
+
+def test_cli_train_and_resume(corpus, tmp_path, capsys):
+    from palmcore.cli import main
+
+    common = ["train", "--corpus", corpus, "--vocab-size", "300", "--set", "d_model=32",
+              "--set", "n_layers=1", "--set", "n_heads=2", "--batch-size", "2", "--seq-len", "16",
+              "--eval-every", "3", "--out", str(tmp_path)]
+    assert main(common + ["--steps", "3"]) == 0
+    assert main(common + ["--steps", "6", "--resume"]) == 0
+    assert [r["step"] for r in metrics(tmp_path)] == list(range(1, 7))
+    assert "resumed from" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--corpus", str(tmp_path / "nothing-here"), "--out", str(tmp_path / "x")])
+    assert exit_info.value.code == 2
+    assert "matches no file" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--set takes key=value"):
+        main(common + ["--set", "bogus=1"])

@@ -2,32 +2,31 @@
 
     palmcore            the main job on its embedded default (for now: `demo`)
     palmcore demo       forward + backward of the `seed` preset on the Python standard library's text
+    palmcore train      train a PaLM on text files (default: the `seed` preset on the stdlib)
     palmcore info       presets, parameter counts and FLOPs per token, threads
 """
 
 from __future__ import annotations
 
 import argparse
-import pathlib
+import dataclasses
+import json
 import sys
-import sysconfig
 import time
 
 import numpy as np
 
 import palmcore
 from palmcore.config import PaLMConfig
+from palmcore.data import stdlib_files
 
 
 def stdlib_text(max_bytes: int) -> bytes:
-    """The running interpreter's own standard-library sources (test folders left out): a
-    corpus every machine with Python has."""
-    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    """The first ``max_bytes`` of the standard library's sources."""
     chunks, size = [], 0
-    for path in sorted(root.rglob("*.py")):
-        if any(part in ("test", "tests", "idlelib", "site-packages") for part in path.relative_to(root).parts):
-            continue
-        data = path.read_bytes()
+    for path in stdlib_files():
+        with open(path, "rb") as f:
+            data = f.read()
         chunks.append(data)
         size += len(data)
         if size >= max_bytes:
@@ -76,6 +75,38 @@ def demo(args: argparse.Namespace) -> None:
           "training and generation come with `palmcore train` and `palmcore generate`)")
 
 
+def config_overrides(pairs: list[str]) -> dict:
+    """``key=value`` pairs for PaLMConfig; values parsed as JSON where they can be."""
+    fields = {f.name for f in dataclasses.fields(PaLMConfig)}
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in fields:
+            raise SystemExit(f"--set takes key=value with key one of {', '.join(sorted(fields))}; got {pair!r}")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return overrides
+
+
+def train(args: argparse.Namespace) -> None:
+    from palmcore.train import TrainSettings, run  # noqa: PLC0415 (keeps `palmcore info` light)
+
+    if args.threads:
+        palmcore.set_num_threads(args.threads)
+    default_run = args.corpus is None
+    settings = TrainSettings(
+        corpus=args.corpus or stdlib_files(), out=args.out, tokenizer=args.tokenizer,
+        vocab_size=args.vocab_size, preset=args.preset, overrides=config_overrides(args.set),
+        batch_size=args.batch_size, seq_len=args.seq_len, steps=args.steps,
+        time_budget=args.time_budget if args.time_budget or not default_run else 540.0,
+        optimizer=args.optimizer, lr=args.lr, schedule=args.schedule, eval_every=args.eval_every,
+        checkpoint_every=args.eval_every, seed=args.seed)
+    summary = run(settings, resume=args.resume)
+    print(json.dumps(summary))
+
+
 def info(args: argparse.Namespace) -> None:
     print(f"palmcore {palmcore.__version__}, {palmcore.get_num_threads()} threads")
     print(f"{'preset':<10} {'params':>12} {'GFLOP/token (T=2048)':>22}")
@@ -94,12 +125,37 @@ def main(argv: list[str] | None = None) -> int:
     p_demo.add_argument("--steps", type=positive_int, default=5)
     p_demo.add_argument("--threads", type=thread_count, default=0, help="0: PALMCORE_NUM_THREADS or all cores")
     p_demo.add_argument("--seed", type=int, default=0)
+    p_train = sub.add_parser("train", help="train on text files (default: the stdlib's sources)")
+    p_train.add_argument("--corpus", nargs="+", help="files, folders or globs (default: the stdlib)")
+    p_train.add_argument("--tokenizer", help="a SentencePiece .model to reuse (default: train one)")
+    p_train.add_argument("--vocab-size", type=positive_int, default=10000)
+    p_train.add_argument("--preset", default="seed", choices=PaLMConfig.presets())
+    p_train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                         help="config override, e.g. --set n_layers=4 (repeatable)")
+    p_train.add_argument("--batch-size", type=positive_int, default=8)
+    p_train.add_argument("--seq-len", type=positive_int, default=256)
+    p_train.add_argument("--steps", type=positive_int, default=100000)
+    p_train.add_argument("--time-budget", type=float, default=None,
+                         help="seconds (default: none, or 540 for the default run)")
+    p_train.add_argument("--optimizer", choices=["adafactor", "adamw"], default="adafactor")
+    p_train.add_argument("--lr", type=float, default=None)
+    p_train.add_argument("--schedule", choices=["palm", "cosine"], default="palm")
+    p_train.add_argument("--eval-every", type=positive_int, default=100)
+    p_train.add_argument("--seed", type=int, default=0)
+    p_train.add_argument("--out", default="runs/default")
+    p_train.add_argument("--resume", action="store_true")
+    p_train.add_argument("--threads", type=thread_count, default=0)
     sub.add_parser("info", help="presets, parameter counts, FLOPs per token")
     args = parser.parse_args(argv)
     if args.command in (None, "demo"):
         if args.command is None:
             args = parser.parse_args(["demo"])
         demo(args)
+    elif args.command == "train":
+        try:
+            train(args)
+        except (ValueError, TypeError) as e:
+            parser.exit(2, f"palmcore train: error: {e}\n")
     elif args.command == "info":
         info(args)
     return 0

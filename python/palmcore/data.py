@@ -16,12 +16,22 @@ import glob
 import hashlib
 import json
 import os
+import sysconfig
+from pathlib import Path
 
 import numpy as np
 
 from palmcore.tokenizer import EOD_ID, Tokenizer
 
 _FORMAT = "palmcore-token-cache/1"
+
+
+def stdlib_files() -> list[str]:
+    """The running interpreter's own standard-library sources, test folders left out: a
+    corpus on every machine with Python, the embedded default's."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"test", "tests", "idlelib", "site-packages", "__pycache__"}
+    return [str(p) for p in sorted(root.rglob("*.py")) if not skip & set(p.relative_to(root).parts)]
 
 
 def find_files(paths: list[str]) -> list[str]:
@@ -110,7 +120,8 @@ class PackedDataset:
     ``seq_len + 1`` tokens (stride ``seq_len``, so every token is a target once).
 
     Documents go to the held-out split with probability ``val_fraction`` (at least one
-    document each when there are two or more), drawn from ``seed``."""
+    document each when there are two or more, and enough for one window when the corpus
+    allows), drawn from ``seed``."""
 
     def __init__(self, cache: TokenCache, seq_len: int, split: str = "train", seed: int = 0,
                  val_fraction: float = 0.05):
@@ -122,6 +133,14 @@ class PackedDataset:
             held_out[np.random.default_rng([seed, 0x5E2]).integers(n_docs)] = True
         if n_docs >= 2 and held_out.all():
             held_out[0] = False
+        # The held-out split needs at least one window: hold out more documents, in an order
+        # drawn from the seed, while the rest keeps one.
+        sizes = cache.bounds[:, 1] - cache.bounds[:, 0] + 1
+        for d in np.random.default_rng([seed, 0x5E3]).permutation(n_docs):
+            if sizes[held_out].sum() > seq_len + 1:
+                break
+            if not held_out[d] and sizes[~held_out].sum() - sizes[d] > seq_len + 1:
+                held_out[d] = True
         docs = np.flatnonzero(held_out if split == "val" else ~held_out)
         self.cache, self.seq_len, self.seed, self.documents = cache, seq_len, seed, docs
         lengths = cache.bounds[docs, 1] - cache.bounds[docs, 0] + 1  # + the end-of-document id

@@ -28,7 +28,7 @@ def settings(corpus, out, **changes):
     base = dict(corpus=[corpus], out=str(out), vocab_size=300, preset="seed",
                 overrides=dict(d_model=32, n_layers=1, n_heads=2, head_dim=16, ffn_dim=64),
                 batch_size=2, seq_len=16, steps=8, eval_every=4, eval_batches=2,
-                checkpoint_every=4, seed=0)
+                checkpoint_every=4, seed=0, progress=False, sample_tokens=5)
     return TrainSettings(**{**base, **changes})
 
 
@@ -38,7 +38,12 @@ def metrics(out):
 
 
 def test_trains_logs_and_evaluates(corpus, tmp_path):
-    run(settings(corpus, tmp_path, steps=12), log=lambda _: None)
+    summary = run(settings(corpus, tmp_path, steps=12), log=lambda _: None)
+    assert isinstance(summary["sample"], str) and summary["sample_prompt"]
+    model, tok = palmcore.load(str(tmp_path))
+    assert model.config.vocab_size == tok.vocab_size
+    ids = tok.encode(summary["sample_prompt"])
+    assert tok.decode(ids) == summary["sample_prompt"]
     rows = metrics(tmp_path)
     assert [r["step"] for r in rows] == list(range(1, 13))
     assert all({"step", "loss", "ce", "lr", "tokens_per_s"} <= set(r) for r in rows)

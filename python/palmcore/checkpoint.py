@@ -5,6 +5,7 @@
         config.json             the PaLMConfig
         optimizer.safetensors   m.<name>, v.<name>; kind, settings and steps_taken as metadata
         trainer.json            whatever the training loop needs to resume (step, RNG, data, ...)
+        tokenizer.model         the SentencePiece model, when the run has one
 
 A checkpoint is built in a hidden temporary directory and renamed into place, so a crash at
 any moment leaves the earlier checkpoints intact and no half-written one visible. Only the
@@ -39,9 +40,9 @@ class Checkpoint:
 
 
 def save(root: str, model: PaLM, optimizer=None, trainer: dict | None = None, step: int | None = None,
-         keep: int = 3) -> str:
-    """Write a checkpoint of ``model`` (and ``optimizer``, ``trainer``) under ``root``; returns
-    its directory. ``step`` defaults to the optimizer's step count."""
+         keep: int = 3, tokenizer_path: str | None = None) -> str:
+    """Write a checkpoint of ``model`` (and ``optimizer``, ``trainer``, a copy of the tokenizer
+    model) under ``root``; returns its directory. ``step`` defaults to the optimizer's count."""
     if step is None:
         step = optimizer.steps_taken if optimizer is not None else int((trainer or {}).get("step", 0))
     if keep < 1:
@@ -60,6 +61,8 @@ def save(root: str, model: PaLM, optimizer=None, trainer: dict | None = None, st
                       {"format": FORMAT, "kind": state["kind"], "steps_taken": state["steps_taken"],
                        "settings": json.dumps(state["settings"])})
         _write_json(os.path.join(tmp, "trainer.json"), dict(trainer or {}, step=step))
+        if tokenizer_path is not None:
+            shutil.copyfile(tokenizer_path, os.path.join(tmp, "tokenizer.model"))
         _fsync_dir(tmp)
         if os.path.exists(final):  # re-saving a step: move the old one aside first
             shutil.rmtree(final)
@@ -118,6 +121,20 @@ def load(path: str, config: PaLMConfig | None = None) -> Checkpoint:
                            "m": {n: tensors[f"m.{n}"] for n in names},
                            "v": {n: tensors[f"v.{n}"] for n in names}}
     return Checkpoint(path, model, optimizer_state, trainer)
+
+
+def load_pretrained(path: str):
+    """(model, tokenizer) from a run folder, its checkpoints folder or one checkpoint."""
+    from palmcore.tokenizer import Tokenizer  # noqa: PLC0415
+
+    for candidate in (path, os.path.join(path, "checkpoints")):
+        if os.path.exists(os.path.join(candidate, "model.safetensors")) or latest(candidate):
+            ck = load(candidate)
+            tok_path = os.path.join(ck.path, "tokenizer.model")
+            if not os.path.exists(tok_path):
+                raise ValueError(f"checkpoint {ck.path} holds no tokenizer.model")
+            return ck.model, Tokenizer(tok_path)
+    raise ValueError(f"no palmcore checkpoint in {path}")
 
 
 def _write_json(path: str, value: dict) -> None:

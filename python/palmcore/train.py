@@ -14,6 +14,7 @@ import time
 from typing import Callable
 
 import numpy as np
+from tqdm import tqdm
 
 from palmcore import checkpoint, schedules
 from palmcore.config import PaLMConfig
@@ -47,6 +48,8 @@ class TrainSettings:
     seed: int = 0
     spike_factor: float = 3.0         # a loss above this × its running average is a spike
     spike_warmup: int = 20            # steps before the running average is trusted
+    progress: bool = True             # a tqdm progress bar on stderr
+    sample_tokens: int = 40           # greedy continuation of a held-out prompt at the end
 
 
 def run(s: TrainSettings, resume: bool = False, log: Callable[[str], None] = print) -> dict:
@@ -77,11 +80,13 @@ def run(s: TrainSettings, resume: bool = False, log: Callable[[str], None] = pri
         model = PaLM(config, seed=s.seed)
         opt = _optimizer(s, model)
         state = {"step": 0, "data_step": 0, "loss_avg": None, "skipped": []}
-        checkpoint.save(ckpt_dir, model, opt, state, step=0, keep=s.keep)  # a rollback target
+        checkpoint.save(ckpt_dir, model, opt, state, step=0, keep=s.keep,  # a rollback target
+                        tokenizer_path=tokenizer.model_path)
 
     metrics_path = os.path.join(s.out, "metrics.jsonl")
     start = time.perf_counter()
     last: dict = {}
+    bar = tqdm(total=s.steps, initial=state["step"], disable=not s.progress, unit="step", dynamic_ncols=True)
     try:
         while state["step"] < s.steps:
             if s.time_budget is not None and time.perf_counter() - start > s.time_budget:
@@ -116,11 +121,21 @@ def run(s: TrainSettings, resume: bool = False, log: Callable[[str], None] = pri
                     f"val_bpb {last['val_bpb']:.3f} lr {lr:.2e} {last['tokens_per_s']:,.0f} tok/s")
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(last) + "\n")
+            bar.update(1)
+            bar.set_postfix(loss=f"{out['loss']:.3f}", tok_s=f"{last['tokens_per_s']:,.0f}")
             if step % s.checkpoint_every == 0:
-                checkpoint.save(ckpt_dir, model, opt, state, step=step, keep=s.keep)
+                checkpoint.save(ckpt_dir, model, opt, state, step=step, keep=s.keep,
+                                tokenizer_path=tokenizer.model_path)
     except KeyboardInterrupt:
         log(f"interrupted at step {state['step']}: saving a checkpoint")
-    checkpoint.save(ckpt_dir, model, opt, state, step=state["step"], keep=s.keep)
+    finally:
+        bar.close()
+    checkpoint.save(ckpt_dir, model, opt, state, step=state["step"], keep=s.keep,
+                    tokenizer_path=tokenizer.model_path)
+    if s.sample_tokens:
+        prompt, sample = _greedy_sample(model, tokenizer, val_data, s.sample_tokens)
+        log(f"sample (greedy, after a held-out prompt):\n{prompt}\033[1m{sample}\033[0m")
+        last = dict(last, sample_prompt=prompt, sample=sample)
     return last
 
 
@@ -171,6 +186,17 @@ def _skip_forward(state: dict) -> dict:
     while state["data_step"] in state["skipped"]:
         state["data_step"] += 1
     return state
+
+
+def _greedy_sample(model: PaLM, tokenizer: Tokenizer, data: PackedDataset, n: int) -> tuple[str, str]:
+    """A greedy continuation of the first half of the first held-out window (full forwards;
+    the KV-cached decoder comes with `palmcore generate`)."""
+    ids = [int(t) for t in data.window(0)[: max(1, data.seq_len // 2)]]
+    prompt_len = len(ids)
+    for _ in range(min(n, model.config.max_seq_len - prompt_len)):
+        logits = model.forward(np.asarray([ids[-model.config.max_seq_len:]]))
+        ids.append(int(np.argmax(logits[0, -1])))
+    return tokenizer.decode(ids[:prompt_len]), tokenizer.decode(ids[prompt_len:])
 
 
 def _evaluate(model: PaLM, data: PackedDataset, tokenizer: Tokenizer, s: TrainSettings) -> dict:

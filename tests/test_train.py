@@ -51,6 +51,7 @@ def test_trains_logs_and_evaluates(corpus, tmp_path):
     assert all(math.isfinite(r["val_bpb"]) and r["val_bpb"] > 0 for r in rows if "val_loss" in r)
     assert np.mean([r["loss"] for r in rows[-3:]]) < np.mean([r["loss"] for r in rows[:3]])
     assert os.path.exists(tmp_path / "tokenizer.model")
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert checkpoint.latest(str(tmp_path / "checkpoints")).endswith("step-00000012")
 
 

@@ -21,6 +21,7 @@ from palmcore.config import PaLMConfig
 from palmcore.data import PackedDataset, TokenCache, find_files
 from palmcore.model import PaLM
 from palmcore.optim import Adafactor, AdamW
+from palmcore.plot import write_loss_png
 from palmcore.tokenizer import Tokenizer
 
 
@@ -121,6 +122,8 @@ def run(s: TrainSettings, resume: bool = False, log: Callable[[str], None] = pri
                     f"val_bpb {last['val_bpb']:.3f} lr {lr:.2e} {last['tokens_per_s']:,.0f} tok/s")
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(last) + "\n")
+            if "val_loss" in last:
+                write_loss_png(metrics_path, os.path.join(s.out, "loss.png"))
             bar.update(1)
             bar.set_postfix(loss=f"{out['loss']:.3f}", tok_s=f"{last['tokens_per_s']:,.0f}")
             if step % s.checkpoint_every == 0:

@@ -102,3 +102,23 @@ def test_cli_train_and_resume(corpus, tmp_path, capsys):
     assert "matches no file" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="--set takes key=value"):
         main(common + ["--set", "bogus=1"])
+
+
+def test_ctrl_c_saves_and_resume_finishes(corpus, tmp_path, monkeypatch):
+    real = palmcore.PaLM.forward_backward
+    calls = {"n": 0}
+
+    def interrupted(self, tokens, targets):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(self, tokens, targets)
+
+    monkeypatch.setattr(palmcore.PaLM, "forward_backward", interrupted)
+    lines = []
+    run(settings(corpus, tmp_path, eval_every=100), log=lines.append)
+    assert any("interrupted at step 2: saving a checkpoint" in line for line in lines)
+    assert checkpoint.latest(str(tmp_path / "checkpoints")).endswith("step-00000002")
+    monkeypatch.undo()
+    run(settings(corpus, tmp_path, eval_every=100), resume=True, log=lambda _: None)
+    assert [r["step"] for r in metrics(tmp_path)] == list(range(1, 9))

@@ -1,6 +1,6 @@
 """The `palmcore` command line.
 
-    palmcore            the main job on its embedded default (for now: `demo`)
+    palmcore            the main job on its embedded default: `train` with no arguments
     palmcore demo       forward + backward of the `seed` preset on the Python standard library's text
     palmcore train      train a PaLM on text files (default: the `seed` preset on the stdlib)
     palmcore info       presets, parameter counts and FLOPs per token, threads
@@ -147,9 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     p_train.add_argument("--threads", type=thread_count, default=0)
     sub.add_parser("info", help="presets, parameter counts, FLOPs per token")
     args = parser.parse_args(argv)
-    if args.command in (None, "demo"):
-        if args.command is None:
-            args = parser.parse_args(["demo"])
+    if args.command is None:
+        args = parser.parse_args(["train"])
+    if args.command == "demo":
         demo(args)
     elif args.command == "train":
         try:

@@ -122,3 +122,12 @@ def test_ctrl_c_saves_and_resume_finishes(corpus, tmp_path, monkeypatch):
     monkeypatch.undo()
     run(settings(corpus, tmp_path, eval_every=100), resume=True, log=lambda _: None)
     assert [r["step"] for r in metrics(tmp_path)] == list(range(1, 9))
+
+
+def test_micro_batches_match_one_batch(corpus, tmp_path):
+    run(settings(corpus, tmp_path / "one", batch_size=4, steps=3), log=lambda _: None)
+    run(settings(corpus, tmp_path / "two", batch_size=4, accumulate=2, steps=3), log=lambda _: None)
+    for a, b in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two")):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    with pytest.raises(ValueError, match=r"accumulate \(3\) must divide batch_size \(4\)"):
+        run(settings(corpus, tmp_path / "bad", batch_size=4, accumulate=3), log=lambda _: None)

@@ -99,7 +99,7 @@ def train(args: argparse.Namespace) -> None:
     settings = TrainSettings(
         corpus=args.corpus or stdlib_files(), out=args.out, tokenizer=args.tokenizer,
         vocab_size=args.vocab_size, preset=args.preset, overrides=config_overrides(args.set),
-        batch_size=args.batch_size, seq_len=args.seq_len, steps=args.steps,
+        batch_size=args.batch_size, accumulate=args.accumulate, seq_len=args.seq_len, steps=args.steps,
         time_budget=args.time_budget if args.time_budget or not default_run else 540.0,
         optimizer=args.optimizer, lr=args.lr, schedule=args.schedule, eval_every=args.eval_every,
         checkpoint_every=args.eval_every, seed=args.seed)
@@ -134,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
                          help="config override, e.g. --set n_layers=4 (repeatable)")
     p_train.add_argument("--batch-size", type=positive_int, default=8)
     p_train.add_argument("--seq-len", type=positive_int, default=256)
+    p_train.add_argument("--accumulate", type=positive_int, default=1,
+                         help="micro-batches per step (must divide --batch-size)")
     p_train.add_argument("--steps", type=positive_int, default=100000)
     p_train.add_argument("--time-budget", type=float, default=None,
                          help="seconds (default: none, or 540 for the default run)")

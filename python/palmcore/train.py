@@ -34,6 +34,7 @@ class TrainSettings:
     preset: str = "seed"
     overrides: dict = dataclasses.field(default_factory=dict)
     batch_size: int = 8
+    accumulate: int = 1               # micro-batches per step (batch_size rows split evenly)
     seq_len: int = 256
     steps: int = 1000
     time_budget: float | None = None  # seconds; stops early (with a checkpoint) when spent
@@ -56,6 +57,8 @@ class TrainSettings:
 def run(s: TrainSettings, resume: bool = False, log: Callable[[str], None] = print) -> dict:
     """Train as ``s`` says, writing checkpoints and metrics.jsonl under ``s.out``; with
     ``resume``, continue from the newest checkpoint there. Returns the last metrics."""
+    if not 1 <= s.accumulate <= s.batch_size or s.batch_size % s.accumulate:
+        raise ValueError(f"accumulate ({s.accumulate}) must divide batch_size ({s.batch_size})")
     os.makedirs(s.out, exist_ok=True)
     tokenizer = _tokenizer(s, log)
     cache = TokenCache.build(s.corpus, tokenizer, os.path.join(s.out, "data"))
@@ -96,14 +99,14 @@ def run(s: TrainSettings, resume: bool = False, log: Callable[[str], None] = pri
             tokens = train_data.batch(state["data_step"], s.batch_size)
             t0 = time.perf_counter()
             model.zero_grad()
-            out = model.forward_backward(tokens[:, :-1], tokens[:, 1:])
+            out = _accumulate(model, tokens, s.accumulate)
             step = state["step"] + 1
             lr = lr_at(step)
             spike = _spike(out["loss"], state["loss_avg"], step, s)
             grad_norm = math.nan
             if not spike:
                 try:
-                    grad_norm = opt.step(lr, s.max_grad_norm)
+                    grad_norm = opt.step(lr, s.max_grad_norm, grad_scale=1.0 / s.accumulate)
                 except RuntimeError:  # a non-finite gradient norm: nothing was changed
                     spike = "non-finite gradient norm"
             if spike:
@@ -140,6 +143,16 @@ def run(s: TrainSettings, resume: bool = False, log: Callable[[str], None] = pri
         log(f"sample (greedy, after a held-out prompt):\n{prompt}\033[1m{sample}\033[0m")
         last = dict(last, sample_prompt=prompt, sample=sample)
     return last
+
+
+def _accumulate(model: PaLM, tokens: np.ndarray, micro_batches: int) -> dict:
+    """forward_backward over ``micro_batches`` equal slices of the batch's rows; gradients add
+    up (the optimizer scales them by 1/micro_batches), losses are averaged. Packed windows
+    count the same number of targets per row, so this equals one big batch."""
+    outs = [model.forward_backward(part[:, :-1], part[:, 1:])
+            for part in np.array_split(tokens, micro_batches)]
+    return {"loss": float(np.mean([o["loss"] for o in outs])), "ce": float(np.mean([o["ce"] for o in outs])),
+            "tokens": sum(o["tokens"] for o in outs)}
 
 
 def _tokenizer(s: TrainSettings, log) -> Tokenizer:

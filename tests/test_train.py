@@ -131,3 +131,13 @@ def test_micro_batches_match_one_batch(corpus, tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
     with pytest.raises(ValueError, match=r"accumulate \(3\) must divide batch_size \(4\)"):
         run(settings(corpus, tmp_path / "bad", batch_size=4, accumulate=3), log=lambda _: None)
+
+
+def test_resume_refuses_other_settings_and_time_budget_evaluates(corpus, tmp_path):
+    run(settings(corpus, tmp_path, steps=2), log=lambda _: None)
+    with pytest.raises(ValueError, match=r"cannot resume .* with seed=1: it was trained with seed=0"):
+        run(settings(corpus, tmp_path, steps=4, seed=1), resume=True, log=lambda _: None)
+    lines = []
+    summary = run(settings(corpus, tmp_path / "budget", steps=50, eval_every=100, time_budget=0.0),
+                  log=lines.append)
+    assert "loss" not in summary and any("time budget" in line for line in lines)

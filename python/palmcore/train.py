@@ -77,13 +77,19 @@ def run(s: TrainSettings, resume: bool = False, log: Callable[[str], None] = pri
     if latest:
         ck = checkpoint.load(latest, config=config)
         model, state = ck.model, ck.trainer
+        for key in ("seed", "batch_size", "seq_len", "optimizer", "schedule"):
+            if key in state.get("settings", {}) and state["settings"][key] != getattr(s, key):
+                raise ValueError(f"cannot resume {latest} with {key}={getattr(s, key)!r}: it was "
+                                 f"trained with {key}={state['settings'][key]!r}")
         opt = _optimizer(s, model)
         opt.load_state_dict(ck.optimizer_state)
         log(f"resumed from {latest} (step {state['step']})")
     else:
         model = PaLM(config, seed=s.seed)
         opt = _optimizer(s, model)
-        state = {"step": 0, "data_step": 0, "loss_avg": None, "skipped": []}
+        state = {"step": 0, "data_step": 0, "loss_avg": None, "skipped": [],
+                 "settings": {k: getattr(s, k) for k in ("seed", "batch_size", "seq_len", "optimizer",
+                                                          "schedule", "lr", "max_grad_norm")}}
         checkpoint.save(ckpt_dir, model, opt, state, step=0, keep=s.keep,  # a rollback target
                         tokenizer_path=tokenizer.model_path)
 
@@ -136,6 +142,16 @@ def run(s: TrainSettings, resume: bool = False, log: Callable[[str], None] = pri
         log(f"interrupted at step {state['step']}: saving a checkpoint")
     finally:
         bar.close()
+    if last and "val_loss" not in last:  # stopped between evaluations: evaluate once more
+        last.update(_evaluate(model, val_data, tokenizer, s))
+        log(f"step {last['step']}: val_loss {last['val_loss']:.4f} val_bpb {last['val_bpb']:.3f} (final)")
+        with open(metrics_path) as f:
+            lines = f.readlines()
+        lines[-1] = json.dumps(last) + "\n"  # the last step's line, now with its evaluation
+        with open(metrics_path + ".tmp", "w") as f:
+            f.writelines(lines)
+        os.replace(metrics_path + ".tmp", metrics_path)
+        write_loss_png(metrics_path, os.path.join(s.out, "loss.png"))
     checkpoint.save(ckpt_dir, model, opt, state, step=state["step"], keep=s.keep,
                     tokenizer_path=tokenizer.model_path)
     if s.sample_tokens:

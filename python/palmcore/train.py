@@ -96,7 +96,10 @@ def run(s: TrainSettings, resume: bool = False, log: Callable[[str], None] = pri
     metrics_path = os.path.join(s.out, "metrics.jsonl")
     start = time.perf_counter()
     last: dict = {}
-    bar = tqdm(total=s.steps, initial=state["step"], disable=not s.progress, unit="step", dynamic_ncols=True)
+    # With a time budget the bar counts seconds (its ETA is then the budget's end), else steps.
+    by_time = s.time_budget is not None
+    bar = tqdm(total=round(s.time_budget) if by_time else s.steps, initial=0 if by_time else state["step"],
+               unit="s" if by_time else "step", disable=not s.progress, dynamic_ncols=True)
     try:
         while state["step"] < s.steps:
             if s.time_budget is not None and time.perf_counter() - start > s.time_budget:
@@ -133,8 +136,8 @@ def run(s: TrainSettings, resume: bool = False, log: Callable[[str], None] = pri
                 f.write(json.dumps(last) + "\n")
             if "val_loss" in last:
                 write_loss_png(metrics_path, os.path.join(s.out, "loss.png"))
-            bar.update(1)
-            bar.set_postfix(loss=f"{out['loss']:.3f}", tok_s=f"{last['tokens_per_s']:,.0f}")
+            bar.update(min(bar.total, round(time.perf_counter() - start)) - bar.n if by_time else 1)
+            bar.set_postfix(step=step, loss=f"{out['loss']:.3f}", tok_s=f"{last['tokens_per_s']:,.0f}")
             if step % s.checkpoint_every == 0:
                 checkpoint.save(ckpt_dir, model, opt, state, step=step, keep=s.keep,
                                 tokenizer_path=tokenizer.model_path)

@@ -54,7 +54,7 @@ class TrainSettings:
     sample_tokens: int = 40           # greedy continuation of a held-out prompt at the end
 
 
-def run(s: TrainSettings, resume: bool = False, log: Callable[[str], None] = print) -> dict:
+def run(s: TrainSettings, resume: bool = False, log: Callable[[str], None] = tqdm.write) -> dict:
     """Train as ``s`` says, writing checkpoints and metrics.jsonl under ``s.out``; with
     ``resume``, continue from the newest checkpoint there. Returns the last metrics."""
     if not 1 <= s.accumulate <= s.batch_size or s.batch_size % s.accumulate:

@@ -23,20 +23,28 @@ inline std::array<uint32_t, 4> philox4x32(uint64_t key, std::array<uint32_t, 4> 
   return ctr;
 }
 
-// Uniform in [0, 1) with 53 random bits, from draw (key, stream, index).
+// The Philox block of draw (key, stream, index).
+inline std::array<uint32_t, 4> philox_draw(uint64_t key, uint64_t stream, uint64_t index) {
+  return philox4x32(key, {static_cast<uint32_t>(index), static_cast<uint32_t>(index >> 32),
+                          static_cast<uint32_t>(stream), static_cast<uint32_t>(stream >> 32)});
+}
+
+// A double in [0, 1) from 53 of the bits of two 32-bit words.
+inline double unit_interval(uint32_t high, uint32_t low) {
+  return static_cast<double>(((uint64_t{high} << 21) ^ low) & ((uint64_t{1} << 53) - 1)) * 0x1.0p-53;
+}
+
+// Uniform in [0, 1), draw (key, stream, index).
 inline double uniform01(uint64_t key, uint64_t stream, uint64_t index) {
-  const auto r = philox4x32(key, {static_cast<uint32_t>(index), static_cast<uint32_t>(index >> 32),
-                                  static_cast<uint32_t>(stream), static_cast<uint32_t>(stream >> 32)});
-  const uint64_t bits = (uint64_t{r[0]} << 21) ^ r[1];
-  return static_cast<double>(bits & ((uint64_t{1} << 53) - 1)) * 0x1.0p-53;
+  const auto r = philox_draw(key, stream, index);
+  return unit_interval(r[0], r[1]);
 }
 
 // Two independent standard normals by Box-Muller from one Philox block, draw (key, stream, index).
 inline std::pair<double, double> standard_normal_pair(uint64_t key, uint64_t stream, uint64_t index) {
-  const auto r = philox4x32(key, {static_cast<uint32_t>(index), static_cast<uint32_t>(index >> 32),
-                                  static_cast<uint32_t>(stream), static_cast<uint32_t>(stream >> 32)});
-  const double u1 = (static_cast<double>((uint64_t{r[0]} << 21) ^ r[1]) + 1.0) * 0x1.0p-53;  // (0, 1]
-  const double u2 = static_cast<double>((uint64_t{r[2]} << 21) ^ r[3]) * 0x1.0p-53;
+  const auto r = philox_draw(key, stream, index);
+  const double u1 = unit_interval(r[0], r[1]) + 0x1.0p-53;  // (0, 1]: log stays finite
+  const double u2 = unit_interval(r[2], r[3]);
   const double radius = std::sqrt(-2.0 * std::log(u1)), angle = 2.0 * M_PI * u2;
   return {radius * std::cos(angle), radius * std::sin(angle)};
 }

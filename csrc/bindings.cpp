@@ -12,9 +12,12 @@
 #include <string>
 
 #include "palmcore/benchmark.h"
+#include "palmcore/generator.h"
 #include "palmcore/model.h"
 #include "palmcore/ops.h"
 #include "palmcore/optimizer.h"
+#include "palmcore/random.h"
+#include "palmcore/sampler.h"
 #include "palmcore/schedule.h"
 #include "palmcore/threads.h"
 
@@ -53,6 +56,42 @@ struct LockedOptimizer {
   LockedModel& owner;
   Optimizer optimizer;
 };
+
+// A key/value cache and the model whose lock it takes (Python keeps the model alive).
+struct LockedCache {
+  LockedCache(LockedModel& owner, int64_t slots, int64_t capacity)
+      : owner(owner), cache(owner.model.make_cache(slots, capacity)) {}
+  LockedModel& owner;
+  KVCache cache;
+};
+
+// A generation in progress and the model whose lock it takes.
+struct LockedGenerator {
+  LockedGenerator(LockedModel& owner, std::vector<std::vector<int32_t>> prompts, GenerationSettings settings)
+      : owner(owner), generator(owner.model, std::move(prompts), std::move(settings)) {}
+  LockedModel& owner;
+  Generator generator;
+};
+
+SamplingSettings sampling_settings(const py::dict& c) {
+  SamplingSettings s;
+  s.temperature = c["temperature"].cast<double>();
+  s.top_k = c["top_k"].cast<int64_t>();
+  s.top_p = c["top_p"].cast<double>();
+  s.repetition_penalty = c["repetition_penalty"].cast<double>();
+  s.seed = c["seed"].cast<uint64_t>();
+  s.validate();
+  return s;
+}
+
+std::unique_ptr<LockedGenerator> make_generator(LockedModel& model, std::vector<std::vector<int32_t>> prompts,
+                                                const py::dict& c) {
+  GenerationSettings settings{sampling_settings(c), c["max_new_tokens"].cast<int64_t>(),
+                              c["stop_tokens"].cast<std::vector<int32_t>>()};
+  py::gil_scoped_release release;
+  std::lock_guard<std::mutex> guard(model.mutex);
+  return std::make_unique<LockedGenerator>(model, std::move(prompts), std::move(settings));
+}
 
 std::unique_ptr<LockedOptimizer> make_optimizer(LockedModel& model, const std::string& kind,
                                                 const py::dict& c) {
@@ -157,7 +196,7 @@ void bind_kernels(py::module_& k) {
                                  int64_t heads, int64_t kv_heads) {
     const AttentionShape s{batch, q.shape(0) / batch, heads, kv_heads, q.shape(1) / heads};
     auto out = zeros_like_shape(shape_of(q)), lse = zeros_like_shape({batch * heads * s.seq});
-    AttentionWorkspace ws = AttentionWorkspace::create(s, get_num_threads(), Device::CPU);
+    AttentionWorkspace ws = AttentionWorkspace::create(s, get_num_threads(), Device::CPU, true);
     Tensor o = view_of(out, F), l = view_of(lse, F);
     apply_num_threads();
     attention_forward(view_of(q, F), view_of(kk, F), view_of(v, F), o, l, s, ws);
@@ -168,12 +207,42 @@ void bind_kernels(py::module_& k) {
                                   int64_t batch, int64_t heads, int64_t kv_heads) {
     const AttentionShape s{batch, q.shape(0) / batch, heads, kv_heads, q.shape(1) / heads};
     auto dq = zeros_like_shape(shape_of(q)), dk = zeros_like_shape(shape_of(kk)), dv = zeros_like_shape(shape_of(v));
-    AttentionWorkspace ws = AttentionWorkspace::create(s, get_num_threads(), Device::CPU);
+    AttentionWorkspace ws = AttentionWorkspace::create(s, get_num_threads(), Device::CPU, true);
     Tensor a = view_of(dq, F), b = view_of(dk, F), c = view_of(dv, F);
     apply_num_threads();
     attention_backward(view_of(q, F), view_of(kk, F), view_of(v, F), view_of(out, F), view_of(lse, F),
                        view_of(dout, F), a, b, c, s, ws);
     return py::make_tuple(dq, dk, dv);
+  });
+  k.def("attention_cached", [=](const FloatArray& q, const IntArray& slots, const IntArray& positions,
+                                const FloatArray& k_cache, const FloatArray& v_cache, int64_t n_slots,
+                                int64_t heads, int64_t kv_heads) {
+    const AttentionShape s{n_slots, k_cache.shape(0) / n_slots, heads, kv_heads, q.shape(1) / heads};
+    auto out = zeros_like_shape(shape_of(q));
+    AttentionWorkspace ws = AttentionWorkspace::create(s, get_num_threads(), Device::CPU, false);
+    Tensor o = view_of(out, F);
+    apply_num_threads();
+    attention_cached(view_of(q, F), view_of(slots, I), view_of(positions, I), view_of(k_cache, F),
+                     view_of(v_cache, F), o, s, ws);
+    return out;
+  });
+  k.def("uniform01", &uniform01, py::arg("key"), py::arg("stream"), py::arg("index"));
+  k.def("filtered_distribution", [](const FloatArray& logits, const std::vector<int32_t>& seen, const py::dict& c) {
+    SamplerScratch scratch;
+    std::vector<TokenProbability> kept;
+    filtered_distribution(logits.data(), logits.shape(0), seen, sampling_settings(c), scratch, kept);
+    std::vector<int32_t> tokens;
+    std::vector<double> probabilities;
+    for (const TokenProbability& t : kept) {
+      tokens.push_back(t.token);
+      probabilities.push_back(t.probability);
+    }
+    return py::make_tuple(tokens, probabilities);
+  });
+  k.def("sample_token", [](const FloatArray& logits, const std::vector<int32_t>& seen, const py::dict& c,
+                           int64_t row, int64_t step) {
+    SamplerScratch scratch;
+    return sample_token(logits.data(), logits.shape(0), seen, sampling_settings(c), row, step, scratch);
   });
   k.def("swiglu_forward", [=](const FloatArray& gate, const FloatArray& up) {
     auto out = zeros_like_shape(shape_of(gate));
@@ -275,6 +344,49 @@ PYBIND11_MODULE(_core, m) {
         py::gil_scoped_release release;
         std::lock_guard<std::mutex> guard(self.mutex);
         self.model.zero_grad();
+      });
+
+  py::class_<LockedCache>(m, "KVCache")
+      .def(py::init([](LockedModel& model, int64_t slots, int64_t capacity) {
+             py::gil_scoped_release release;
+             std::lock_guard<std::mutex> guard(model.mutex);
+             return std::make_unique<LockedCache>(model, slots, capacity);
+           }),
+           py::arg("model"), py::arg("slots"), py::arg("capacity"), py::keep_alive<1, 2>())
+      .def_property_readonly("lengths", [](const LockedCache& self) { return self.cache.lengths; })
+      .def("feed", [](LockedCache& self, const IntArray& tokens, const IntArray& slots) {
+        if (tokens.ndim() != 1 || slots.ndim() != 1)
+          throw std::invalid_argument("tokens and slots must be 1-D arrays");
+        const Tensor t = Tensor::borrow(const_cast<int32_t*>(tokens.data()), shape_of(tokens), DType::I32);
+        const Tensor sl = Tensor::borrow(const_cast<int32_t*>(slots.data()), shape_of(slots), DType::I32);
+        std::vector<float> values;  // copied under the lock: the model's next call reuses its logits
+        int64_t rows = 0;
+        {
+          py::gil_scoped_release release;
+          std::lock_guard<std::mutex> guard(self.owner.mutex);
+          const Tensor logits = self.owner.model.forward_cached(self.cache, t, sl);
+          rows = logits.dim(0);
+          values.assign(logits.data<float>(), logits.data<float>() + logits.numel());
+        }
+        py::array_t<float> out({rows, self.owner.model.config().vocab_size});
+        std::memcpy(out.mutable_data(), values.data(), values.size() * sizeof(float));
+        return out;
+      });
+
+  py::class_<LockedGenerator>(m, "Generator")
+      .def(py::init(&make_generator), py::arg("model"), py::arg("prompts"), py::arg("settings"),
+           py::keep_alive<1, 2>())
+      .def_property_readonly("done", [](const LockedGenerator& self) { return self.generator.done(); })
+      .def("step", [](LockedGenerator& self) {
+        std::vector<Generator::Token> made;
+        {
+          py::gil_scoped_release release;
+          std::lock_guard<std::mutex> guard(self.owner.mutex);
+          made = self.generator.step();
+        }
+        std::vector<std::pair<int64_t, int32_t>> out;
+        for (const Generator::Token& t : made) out.emplace_back(t.row, t.token);
+        return out;
       });
 
   py::class_<LockedOptimizer>(m, "Optimizer")

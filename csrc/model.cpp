@@ -165,7 +165,7 @@ void Model::prepare(int64_t batch, int64_t seq) {
   const int64_t threads = get_num_threads();
   if (batch == act_.batch && seq == act_.seq) {
     if (act_.threads != threads) {
-      act_.attention = AttentionWorkspace::create(attention_shape(), threads, device_);
+      act_.attention = AttentionWorkspace::create(attention_shape(), threads, device_, true);
       act_.threads = threads;
     }
     return;
@@ -205,8 +205,44 @@ void Model::prepare(int64_t batch, int64_t seq) {
   a.row_ce = f32({chunk});
   a.row_lse = f32({chunk});
   a.attention = AttentionWorkspace::create({batch, seq, config_.n_heads, config_.n_kv_heads, config_.head_dim},
-                                           threads, device_);
+                                           threads, device_, true);
   act_ = std::move(a);
+}
+
+// Inference buffers for `rows` rows against `cache`: one layer's activations, no backward
+// scratch, attention tiles as long as the cache. Rebuilt (aside, then swapped in) when the
+// row count, the cache's shape or the thread count changes.
+void Model::prepare_inference(int64_t rows, const KVCache& cache) {
+  const int64_t threads = get_num_threads(), logit_rows = std::min(rows, cache.slots);
+  Activations& cur = infer_;
+  if (rows == cur.batch && cache.capacity == cur.cache_capacity && threads == cur.threads &&
+      cur.logits.dim(0) == logit_rows)
+    return;
+  Activations a;
+  const int64_t D = config_.d_model, F = config_.ffn_dim;
+  const int64_t qw = config_.n_heads * config_.head_dim, kvw = config_.n_kv_heads * config_.head_dim;
+  auto f32 = [&](std::vector<int64_t> shape) { return Tensor::zeros(std::move(shape), DType::F32, device_); };
+  a.batch = rows;
+  a.seq = 1;
+  a.threads = threads;
+  a.cache_capacity = cache.capacity;
+  a.tokens = Tensor::zeros({rows}, DType::I32, device_);
+  a.positions = Tensor::zeros({rows}, DType::I32, device_);
+  a.slots = Tensor::zeros({rows}, DType::I32, device_);
+  a.x = f32({rows, D});
+  a.layers.push_back({f32({rows, D}), f32({rows}), f32({rows, D}), f32({rows, qw}), f32({rows, kvw}),
+                      f32({rows, kvw}), f32({rows, qw}), f32({rows * config_.n_heads}), f32({rows, F}),
+                      f32({rows, F})});
+  a.swiglu = f32({rows, F});
+  a.final_xhat = f32({rows, D});
+  a.final_rstd = f32({rows});
+  a.final_h = f32({rows, D});
+  a.attention = AttentionWorkspace::create(
+      {cache.slots, cache.capacity, config_.n_heads, config_.n_kv_heads, config_.head_dim}, threads, device_, false);
+  a.logit_rows = Tensor::zeros({logit_rows}, DType::I32, device_);
+  a.logit_h = f32({logit_rows, D});
+  a.logits = f32({logit_rows, config_.vocab_size});
+  infer_ = std::move(a);
 }
 
 void Model::check_shape(const Tensor& tokens, const char* what) const {
@@ -247,39 +283,47 @@ void Model::load_batch(const Tensor& tokens, const Tensor* targets) {
 }
 
 // x = embed[t]; each layer: h = LN(x); x += attn(h) @ wo + swiglu(h) @ w_down; final LN.
-void Model::run_forward() {
+// Against a cache, each layer first writes the rows' keys and values into it.
+void Model::run_forward(Activations& act, KVCache* cache) {
   const float eps = static_cast<float>(config_.norm_eps);
-  embedding_forward(weights_.embed, act_.tokens, act_.x);
+  embedding_forward(weights_.embed, act.tokens, act.x);
   for (int64_t i = 0; i < config_.n_layers; ++i) {
     const LayerWeights& w = weights_.layers[i];
-    LayerActivations& a = act_.layers[i];
-    layernorm_forward(act_.x, w.norm, eps, a.h, a.xhat, a.rstd);
+    LayerActivations& a = act.layers[cache ? 0 : i];
+    layernorm_forward(act.x, w.norm, eps, a.h, a.xhat, a.rstd);
     matmul(a.h, false, w.wq, false, a.q);
     matmul(a.h, false, w.wk, false, a.k);
     matmul(a.h, false, w.wv, false, a.v);
-    rope_apply(a.q, act_.positions, rope_cos_, rope_sin_, config_.n_heads, false);
-    rope_apply(a.k, act_.positions, rope_cos_, rope_sin_, config_.n_kv_heads, false);
-    attention_forward(a.q, a.k, a.v, a.attn, a.lse, attention_shape(), act_.attention);
+    rope_apply(a.q, act.positions, rope_cos_, rope_sin_, config_.n_heads, false);
+    rope_apply(a.k, act.positions, rope_cos_, rope_sin_, config_.n_kv_heads, false);
+    if (cache) {
+      kv_cache_write(a.k, a.v, act.slots, act.positions, cache->keys[i], cache->values[i], cache->capacity);
+      attention_cached(a.q, act.slots, act.positions, cache->keys[i], cache->values[i], a.attn,
+                       {cache->slots, cache->capacity, config_.n_heads, config_.n_kv_heads, config_.head_dim},
+                       act.attention);
+    } else {
+      attention_forward(a.q, a.k, a.v, a.attn, a.lse, attention_shape(), act.attention);
+    }
     matmul(a.h, false, w.w_gate, false, a.gate);
     matmul(a.h, false, w.w_up, false, a.up);
-    swiglu_forward(a.gate, a.up, act_.swiglu);
-    matmul(a.attn, false, w.wo, false, act_.x, 1.0f, 1.0f);        // parallel block:
-    matmul(act_.swiglu, false, w.w_down, false, act_.x, 1.0f, 1.0f);  // both branches add to x
+    swiglu_forward(a.gate, a.up, act.swiglu);
+    matmul(a.attn, false, w.wo, false, act.x, 1.0f, 1.0f);        // parallel block:
+    matmul(act.swiglu, false, w.w_down, false, act.x, 1.0f, 1.0f);  // both branches add to x
   }
-  layernorm_forward(act_.x, weights_.final_norm, eps, act_.final_h, act_.final_xhat, act_.final_rstd);
+  layernorm_forward(act.x, weights_.final_norm, eps, act.final_h, act.final_xhat, act.final_rstd);
 }
 
 // z = LN(x) @ embed^T / sqrt(D)
 void Model::forward(const Tensor& tokens, Tensor& logits) {
   load_batch(tokens, nullptr);
-  run_forward();
+  run_forward(act_, nullptr);
   matmul(act_.final_h, false, weights_.embed, true, logits,
          1.0f / std::sqrt(static_cast<float>(config_.d_model)));
 }
 
 LossStats Model::forward_backward(const Tensor& tokens, const Tensor& targets) {
   load_batch(tokens, &targets);
-  run_forward();
+  run_forward(act_, nullptr);
   const int64_t rows = act_.batch * act_.seq;
   const int32_t* y = act_.targets.data<int32_t>();
   LossStats stats;
@@ -341,6 +385,69 @@ LossStats Model::forward_backward(const Tensor& tokens, const Tensor& targets) {
   }
   embedding_backward(act_.dx, act_.tokens, weight_grads_.embed);
   return stats;
+}
+
+KVCache Model::make_cache(int64_t slots, int64_t capacity) const {
+  require(slots > 0, "a cache needs at least one slot, got " + std::to_string(slots));
+  require(capacity > 0 && capacity <= config_.max_seq_len,
+          "cache capacity must be in [1, max_seq_len = " + std::to_string(config_.max_seq_len) + "], got " +
+              std::to_string(capacity));
+  const long double floats = static_cast<long double>(slots) * capacity * config_.n_kv_heads *
+                             config_.head_dim * 2 * config_.n_layers;
+  require(floats < 0x1p40L, "a cache of " + std::to_string(slots) + " slots x " + std::to_string(capacity) +
+                                " positions is too large");
+  KVCache cache;
+  cache.slots = slots;
+  cache.capacity = capacity;
+  cache.lengths.assign(slots, 0);
+  const int64_t kvw = config_.n_kv_heads * config_.head_dim;
+  for (int64_t i = 0; i < config_.n_layers; ++i) {
+    cache.keys.push_back(Tensor::zeros({slots * capacity, kvw}, DType::F32, device_));
+    cache.values.push_back(Tensor::zeros({slots * capacity, kvw}, DType::F32, device_));
+  }
+  return cache;
+}
+
+Tensor Model::forward_cached(KVCache& cache, const Tensor& tokens, const Tensor& slots) {
+  apply_num_threads();
+  require(tokens.dtype() == DType::I32 && slots.dtype() == DType::I32, "tokens and slots must be int32");
+  require(tokens.ndim() == 1 && slots.ndim() == 1 && tokens.dim(0) == slots.dim(0) && tokens.dim(0) > 0,
+          "tokens and slots must be 1-D, non-empty and of one length, got " + tokens.shape_string() + " and " +
+              slots.shape_string());
+  require(static_cast<int64_t>(cache.keys.size()) == config_.n_layers && cache.capacity <= config_.max_seq_len &&
+              cache.keys[0].dim(1) == config_.n_kv_heads * config_.head_dim,
+          "the cache was made for a model of another shape");
+  const int64_t rows = tokens.dim(0);
+  prepare_inference(rows, cache);
+  Activations& a = infer_;
+  std::memcpy(a.tokens.data<int32_t>(), tokens.data<int32_t>(), rows * sizeof(int32_t));
+  std::memcpy(a.slots.data<int32_t>(), slots.data<int32_t>(), rows * sizeof(int32_t));
+  check_ids(a.tokens, "tokens", config_.vocab_size, false);
+  // Positions continue each slot's sequence; the logits wanted are each slot's last row here.
+  const int32_t* slot = a.slots.data<int32_t>();
+  std::vector<int64_t> length = cache.lengths, last_row(cache.slots, -1);
+  for (int64_t r = 0; r < rows; ++r) {
+    require(slot[r] >= 0 && slot[r] < cache.slots, "slot " + std::to_string(slot[r]) + " at row " +
+                                                       std::to_string(r) + " is outside the cache's " +
+                                                       std::to_string(cache.slots) + " slots");
+    require(length[slot[r]] < cache.capacity, "slot " + std::to_string(slot[r]) + " would grow past the cache capacity of " +
+                                                  std::to_string(cache.capacity) + " positions");
+    a.positions.data<int32_t>()[r] = static_cast<int32_t>(length[slot[r]]++);
+    last_row[slot[r]] = r;
+  }
+  int64_t n = 0;
+  for (int64_t r = 0; r < rows; ++r)
+    if (last_row[slot[r]] == r) a.logit_rows.data<int32_t>()[n++] = static_cast<int32_t>(r);
+
+  run_forward(a, &cache);
+  cache.lengths = std::move(length);
+  // z = LN(x) @ embed^T / sqrt(D), for the wanted rows only (gathered like an embedding lookup)
+  Tensor wanted = a.logit_rows.view(0, {n});
+  Tensor h = a.logit_h.rows(0, n);
+  Tensor logits = a.logits.rows(0, n);
+  embedding_forward(a.final_h, wanted, h);
+  matmul(h, false, weights_.embed, true, logits, 1.0f / std::sqrt(static_cast<float>(config_.d_model)));
+  return logits;
 }
 
 }  // namespace palmcore

@@ -1,6 +1,7 @@
 // One dispatch per op: the device of the op's first tensor picks the backend's kernel.
 #include "palmcore/ops.h"
 
+#include <algorithm>
 #include <stdexcept>
 #include <string>
 
@@ -44,11 +45,15 @@ void rope_apply(Tensor& x, const Tensor& positions, const Tensor& cos_table,
   PALMCORE_DISPATCH(rope_apply, x.device(), x, positions, cos_table, sin_table, heads, inverse);
 }
 
-AttentionWorkspace AttentionWorkspace::create(const AttentionShape& s, int64_t workers, Device device) {
+AttentionWorkspace AttentionWorkspace::create(const AttentionShape& s, int64_t workers, Device device,
+                                              bool for_backward) {
   AttentionWorkspace ws;
-  ws.tiles = Tensor::zeros({workers, 2, kAttentionQueryBlock, s.seq}, DType::F32, device);
-  ws.dkeys_part = Tensor::zeros({s.batch * s.heads, s.seq, s.head_dim}, DType::F32, device);
-  ws.dvalues_part = Tensor::zeros({s.batch * s.heads, s.seq, s.head_dim}, DType::F32, device);
+  const int64_t tile_rows = std::max(kAttentionQueryBlock, s.heads / s.kv_heads);
+  ws.tiles = Tensor::zeros({workers, 2, tile_rows, s.seq}, DType::F32, device);
+  if (for_backward) {
+    ws.dkeys_part = Tensor::zeros({s.batch * s.heads, s.seq, s.head_dim}, DType::F32, device);
+    ws.dvalues_part = Tensor::zeros({s.batch * s.heads, s.seq, s.head_dim}, DType::F32, device);
+  }
   return ws;
 }
 
@@ -61,6 +66,16 @@ void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const
                         const Tensor& lse, const Tensor& dout, Tensor& dq, Tensor& dk, Tensor& dv,
                         const AttentionShape& shape, AttentionWorkspace& ws) {
   PALMCORE_DISPATCH(attention_backward, q.device(), q, k, v, out, lse, dout, dq, dk, dv, shape, ws);
+}
+
+void attention_cached(const Tensor& q, const Tensor& slots, const Tensor& positions, const Tensor& k_cache,
+                      const Tensor& v_cache, Tensor& out, const AttentionShape& shape, AttentionWorkspace& ws) {
+  PALMCORE_DISPATCH(attention_cached, q.device(), q, slots, positions, k_cache, v_cache, out, shape, ws);
+}
+
+void kv_cache_write(const Tensor& k, const Tensor& v, const Tensor& slots, const Tensor& positions,
+                    Tensor& k_cache, Tensor& v_cache, int64_t capacity) {
+  PALMCORE_DISPATCH(kv_cache_write, k_cache.device(), k, v, slots, positions, k_cache, v_cache, capacity);
 }
 
 void swiglu_forward(const Tensor& gate, const Tensor& up, Tensor& out) {

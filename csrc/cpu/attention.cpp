@@ -1,7 +1,7 @@
 // Causal multi-query / grouped attention, forward and backward; math in palmcore/ops.h.
 //
-// Work is split by (batch, query head); each task walks its queries in blocks of kAttentionQueryBlock
-// rows. A block needs the keys 0..i1 before its last row, so it holds one [block, i1] tile of
+// Training attention splits work by (batch, query head); each task walks its queries in blocks
+// of kAttentionQueryBlock rows. A block needs the keys 0..i1 before its last row, so it holds one [block, i1] tile of
 // scores per thread (never a [B, H, T, T] tensor) and does its products as single-threaded
 // BLAS calls on strided views of q, k, v. Each task owns its rows of out, lse and dq and its
 // own slice of the partial key/value gradients, summed afterwards per group in head order:
@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <stdexcept>
+#include <vector>
 
 #include "cpu/cpu_ops.h"
 #include "cpu/vector_math.h"
@@ -34,6 +35,31 @@ void score_tile(const Layout& L, const float* q, const float* k, int64_t b, int6
                 int64_t i1, float scale, float* s) {
   gemm(false, true, i1 - i0, i1, L.dh, scale, q + L.q_at(b, i0, h), L.q_stride,
        k + L.kv_at(b, 0, h / L.group), L.kv_stride, 0.0f, s, i1);
+}
+
+// One block of queries against keys [0, n): query row i of Q [m, dh] (leading dimension ldq)
+// sees keys [0, limit_i), limit_i = first_limit + i · limit_step, n = the last row's limit.
+//   s = scale · Q Kᵀ;  p_ij = exp(s_ij - lse_i) for j < limit_i, else 0;  O = p V
+// Writes lse_i (to lse[i · lse_stride]) when lse is given. The one forward kernel of both the
+// training attention (a block of consecutive queries of one head, limit_step 1) and the
+// cached attention (one query of every head in a group, limit_step 0).
+void attend_block(const float* Q, int64_t ldq, int64_t m, const float* K, const float* V, int64_t ldkv,
+                  int64_t dh, int64_t first_limit, int64_t limit_step, float scale, float* s, float* O,
+                  int64_t ldo, float* lse, int64_t lse_stride) {
+  const int64_t n = first_limit + (m - 1) * limit_step;
+  gemm(false, true, m, n, dh, scale, Q, ldq, K, ldkv, 0.0f, s, n);
+  for (int64_t i = 0; i < m; ++i) {
+    float* row = s + i * n;
+    const int64_t visible = first_limit + i * limit_step;
+    const float mx = max_lanes(row, visible);
+    for (int64_t j = 0; j < visible; ++j) row[j] = exp_approx(row[j] - mx);
+    const float l = static_cast<float>(sum_lanes(row, visible));
+    const float inv_l = 1.0f / l;
+    for (int64_t j = 0; j < visible; ++j) row[j] *= inv_l;
+    std::fill(row + visible, row + n, 0.0f);
+    if (lse) lse[i * lse_stride] = mx + std::log(l);
+  }
+  gemm(false, false, m, dh, n, 1.0f, s, n, V, ldkv, 0.0f, O, ldo);
 }
 
 // This thread's two score tiles of the workspace.
@@ -65,24 +91,57 @@ void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, Tensor
     for (int64_t b = 0; b < L.B; ++b)
       for (int64_t h = 0; h < L.H; ++h)
         for (int64_t i0 = 0; i0 < L.T; i0 += kAttentionQueryBlock) {
-          const int64_t i1 = std::min(L.T, i0 + kAttentionQueryBlock);
-          score_tile(L, qs, ks, b, h, i0, i1, scale, s);
-          // p_ij = exp(s_ij - lse_i) for j <= i, 0 past the diagonal
-          for (int64_t i = i0; i < i1; ++i) {
-            float* row = s + (i - i0) * i1;
-            const int64_t n = i + 1;
-            const float m = max_lanes(row, n);
-            for (int64_t j = 0; j < n; ++j) row[j] = exp_approx(row[j] - m);
-            const float l = static_cast<float>(sum_lanes(row, n));
-            const float inv_l = 1.0f / l;
-            for (int64_t j = 0; j < n; ++j) row[j] *= inv_l;
-            std::fill(row + n, row + i1, 0.0f);
-            lses[(b * L.H + h) * L.T + i] = m + std::log(l);
-          }
-          // out_i = Σ_j p_ij v_j
-          gemm(false, false, i1 - i0, L.dh, i1, 1.0f, s, i1, vs + L.kv_at(b, 0, h / L.group),
-               L.kv_stride, 0.0f, os + L.q_at(b, i0, h), L.q_stride);
+          const int64_t i1 = std::min(L.T, i0 + kAttentionQueryBlock), g = h / L.group;
+          attend_block(qs + L.q_at(b, i0, h), L.q_stride, i1 - i0, ks + L.kv_at(b, 0, g), vs + L.kv_at(b, 0, g),
+                       L.kv_stride, L.dh, i0 + 1, 1, scale, s, os + L.q_at(b, i0, h), L.q_stride,
+                       lses + (b * L.H + h) * L.T + i0, 1);
         }
+  }
+}
+
+// Rows are cut into runs: consecutive rows of one slot at consecutive positions (a prompt being
+// prefilled), at most kAttentionQueryBlock long. A run of one row (a decode step) stacks the
+// query heads of each key/value group into one block, so multi-query attention reads each
+// cached key once per group, not once per head.
+void attention_cached(const Tensor& q, const Tensor& slots, const Tensor& positions, const Tensor& k_cache,
+                      const Tensor& v_cache, Tensor& out, const AttentionShape& shape, AttentionWorkspace& ws) {
+  const Layout L(shape);  // batch = cache slots, seq = cache capacity
+  const float scale = 1.0f / std::sqrt(static_cast<float>(L.dh));
+  const int64_t rows = q.dim(0);
+  const int32_t* slot = slots.data<int32_t>();
+  const int32_t* pos = positions.data<int32_t>();
+  std::vector<int64_t> run_start;
+  for (int64_t r = 0; r < rows; ++r)
+    if (r == 0 || slot[r] != slot[r - 1] || pos[r] != pos[r - 1] + 1 ||
+        r - run_start.back() == kAttentionQueryBlock)
+      run_start.push_back(r);
+  run_start.push_back(rows);
+  const int64_t runs = static_cast<int64_t>(run_start.size()) - 1;
+  const float* qs = q.data<float>();
+  const float* ks = k_cache.data<float>();
+  const float* vs = v_cache.data<float>();
+  float* os = out.data<float>();
+  require_tiles(ws);
+#pragma omp parallel
+  {
+    float* s = thread_tiles(ws);
+#pragma omp for collapse(2) schedule(dynamic)
+    for (int64_t run = 0; run < runs; ++run)
+      for (int64_t g = 0; g < L.Hkv; ++g) {
+        const int64_t r0 = run_start[run], m = run_start[run + 1] - r0;
+        const float* K = ks + L.kv_at(slot[r0], 0, g);
+        const float* V = vs + L.kv_at(slot[r0], 0, g);
+        const int64_t first_limit = pos[r0] + 1;
+        if (m == 1) {
+          const int64_t h0 = g * L.group;
+          attend_block(qs + r0 * L.q_stride + h0 * L.dh, L.dh, L.group, K, V, L.kv_stride, L.dh, first_limit, 0,
+                       scale, s, os + r0 * L.q_stride + h0 * L.dh, L.dh, nullptr, 0);
+          continue;
+        }
+        for (int64_t h = g * L.group; h < (g + 1) * L.group; ++h)
+          attend_block(qs + r0 * L.q_stride + h * L.dh, L.q_stride, m, K, V, L.kv_stride, L.dh, first_limit, 1,
+                       scale, s, os + r0 * L.q_stride + h * L.dh, L.q_stride, nullptr, 0);
+      }
   }
 }
 
@@ -102,7 +161,7 @@ void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const
 #pragma omp parallel
   {
     float* p = thread_tiles(ws);
-    float* ds = p + kAttentionQueryBlock * L.T;
+    float* ds = p + ws.tiles.dim(2) * L.T;
 #pragma omp for collapse(2) schedule(static)
     for (int64_t b = 0; b < L.B; ++b)
       for (int64_t h = 0; h < L.H; ++h) {

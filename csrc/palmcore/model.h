@@ -34,6 +34,15 @@ struct LossStats {
   int64_t tokens = 0; // counted positions (targets >= 0)
 };
 
+// The key/value cache of sequences being generated. For every layer it holds the keys and values
+// of each slot's positions so far, n_kv_heads heads wide: with multi-query attention (PaLM's
+// choice) that is one head per layer, H times smaller than a multi-head cache.
+struct KVCache {
+  int64_t slots = 0, capacity = 0;
+  std::vector<Tensor> keys, values;  // per layer [slots · capacity, Hkv·dh]
+  std::vector<int64_t> lengths;      // positions held per slot
+};
+
 // RoPE's angle tables for positions [0, positions): cos and sin of p · base^(-2i/dh), [positions, dh/2].
 void make_rope_tables(int64_t positions, int64_t head_dim, double base, Tensor& cos_table, Tensor& sin_table);
 
@@ -58,6 +67,15 @@ class Model {
   LossStats forward_backward(const Tensor& tokens, const Tensor& targets);
   void zero_grad() { grads_.fill_zero(); }
 
+  // An empty cache of `slots` sequences of up to `capacity` <= max_seq_len positions.
+  KVCache make_cache(int64_t slots, int64_t capacity) const;
+  // Incremental forward (prefill and decode alike). Row r of tokens [rows] (int32) continues the
+  // sequence of cache slot slots[r] at its next position; rows of one slot come in order. Their
+  // keys and values go into the cache, and each row attends to its slot's positions so far.
+  // Returns the logits [n, V] of the last row of each slot in the call, in row order: a view
+  // of the model's scratch, valid until the next call. On a bad argument the cache is unchanged.
+  Tensor forward_cached(KVCache& cache, const Tensor& tokens, const Tensor& slots);
+
  private:
   struct LayerWeights {
     Tensor norm, wq, wk, wv, wo, w_gate, w_up, w_down;
@@ -69,22 +87,29 @@ class Model {
   struct LayerActivations {
     Tensor xhat, rstd, h, q, k, v, attn, lse, gate, up;
   };
+  // Training keeps every layer's activations for the backward pass; inference (batch = rows,
+  // seq = 1) has one layer's worth, reused by every layer.
   struct Activations {
-    int64_t batch = 0, seq = 0, threads = 0;
-    Tensor tokens, targets, positions, x;
+    int64_t batch = 0, seq = 0, threads = 0, cache_capacity = 0;
+    Tensor tokens, targets, positions, slots, x;
     std::vector<LayerActivations> layers;
     Tensor final_xhat, final_rstd, final_h;
     // backward scratch
     Tensor dx, dh, dfinal_h, dattn, dq, dk, dv, swiglu, dswiglu, dgate, dup;
     Tensor logits_chunk, row_ce, row_lse;
     AttentionWorkspace attention;
+    // inference: the rows whose logits are wanted, their final hidden states and logits
+    Tensor logit_rows, logit_h, logits;
   };
 
   Weights views_of(const Tensor& flat) const;
   void prepare(int64_t batch, int64_t seq);
+  void prepare_inference(int64_t rows, const KVCache& cache);
   // Checks shapes, sizes the activations, copies the ids in and checks the copies.
   void load_batch(const Tensor& tokens, const Tensor* targets);
-  void run_forward();
+  // The layers and the final norm over a's rows: causal attention within each sequence, or
+  // against the cache when one is given.
+  void run_forward(Activations& a, KVCache* cache);
   AttentionShape attention_shape() const;
 
   ModelConfig config_;
@@ -93,7 +118,7 @@ class Model {
   Tensor params_, grads_;
   Weights weights_, weight_grads_;
   Tensor rope_cos_, rope_sin_;
-  Activations act_;
+  Activations act_, infer_;
 };
 
 }  // namespace palmcore

@@ -18,9 +18,12 @@ struct AttentionShape {
 constexpr int64_t kAttentionQueryBlock = 64;
 // Attention's scratch, sized once per batch shape and thread count.
 struct AttentionWorkspace {
-  Tensor tiles;                     // [workers, 2, kAttentionQueryBlock, T]: score tiles per thread
-  Tensor dkeys_part, dvalues_part;  // [B·H, T, dh]: key/value gradients per query head
-  static AttentionWorkspace create(const AttentionShape& shape, int64_t workers, Device device);
+  // [workers, 2, max(kAttentionQueryBlock, H / Hkv), T]: score tiles per thread
+  Tensor tiles;
+  // [B·H, T, dh]: key/value gradients per query head (only when made for the backward pass)
+  Tensor dkeys_part, dvalues_part;
+  static AttentionWorkspace create(const AttentionShape& shape, int64_t workers, Device device,
+                                   bool for_backward);
 };
 
 // Optimizer settings (the update rules are in op_signatures.inc).

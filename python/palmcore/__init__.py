@@ -4,6 +4,8 @@
     cfg = palmcore.PaLMConfig.preset("seed")
     model = palmcore.PaLM(cfg, seed=0)
     out = model.forward_backward(tokens, targets)
+    new = model.generate([[1, 17, 42]], max_new_tokens=16)
+    text = palmcore.generate("runs/default", "def fibonacci(")
 """
 
 import os as _os
@@ -11,11 +13,12 @@ import os as _os
 from palmcore import _core, schedules
 from palmcore.checkpoint import load_pretrained as load
 from palmcore.config import PaLMConfig
+from palmcore.generation import generate_text as generate
 from palmcore.model import PaLM
 from palmcore.optim import Adafactor, AdamW
 from palmcore.tokenizer import Tokenizer
 
-__all__ = ["load", "PaLMConfig", "PaLM", "Adafactor", "AdamW", "Tokenizer", "schedules", "set_num_threads", "get_num_threads"]
+__all__ = ["load", "generate", "PaLMConfig", "PaLM", "Adafactor", "AdamW", "Tokenizer", "schedules", "set_num_threads", "get_num_threads"]
 __version__ = "0.1.0"
 
 

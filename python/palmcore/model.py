@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 
 from palmcore import _core
 from palmcore.config import PaLMConfig
+from palmcore.generation import Generation, KVCache, sampling_settings, stream_tokens, token_list, token_lists
 
 _INT32 = np.iinfo(np.int32)
 
@@ -83,6 +86,31 @@ class PaLM:
 
     def zero_grad(self) -> None:
         self._model.zero_grad()
+
+    def generate(self, prompts, max_new_tokens: int = 64, temperature: float = 0.8, top_k: int = 40,
+                 top_p: float = 0.95, repetition_penalty: float = 1.0, stop_tokens=(1,),
+                 seed: int = 0) -> list[list[int]]:
+        """New tokens for each prompt (a list of token-id lists), decoded together over a
+        key/value cache; a row ends after a stop token (which is emitted) or max_new_tokens.
+        ``temperature=0`` is greedy. Sampling follows PALM_SPEC.md "Sampling": the draws of
+        row i come from (seed, i, step), whatever the batch or thread count."""
+        settings = sampling_settings(max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+                                     stop_tokens, seed)
+        return Generation(self, token_lists(prompts), settings).run()
+
+    def stream(self, prompt, max_new_tokens: int = 64, temperature: float = 0.8, top_k: int = 40,
+               top_p: float = 0.95, repetition_penalty: float = 1.0, stop_tokens=(1,),
+               seed: int = 0) -> Iterator[int]:
+        """The new tokens of one prompt (a token-id list) as they are made; arguments as in
+        :meth:`generate` (and checked here, before the first token)."""
+        settings = sampling_settings(max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+                                     stop_tokens, seed)
+        return stream_tokens(Generation(self, [token_list(prompt)], settings))
+
+    def kv_cache(self, slots: int = 1, capacity: int | None = None) -> KVCache:
+        """An empty key/value cache of ``slots`` sequences of up to ``capacity`` positions
+        (default max_seq_len), for incremental forwards (:meth:`KVCache.feed`)."""
+        return KVCache(self, slots, self._config.max_seq_len if capacity is None else capacity)
 
 
 def _as_token_array(values, what: str) -> np.ndarray:

@@ -1,0 +1,55 @@
+// Generation: prompts prefilled into a key/value cache, then one token per step for every
+// unfinished row, chosen by the sampler. Rows of different lengths decode together; a finished
+// row (stop token or max_new_tokens) costs nothing more.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "palmcore/model.h"
+#include "palmcore/sampler.h"
+
+namespace palmcore {
+
+struct GenerationSettings {
+  SamplingSettings sampling;
+  int64_t max_new_tokens = 64;
+  std::vector<int32_t> stop_tokens;  // emitted, then the row stops
+};
+
+class Generator {
+ public:
+  struct Token {
+    int64_t row;
+    int32_t token;
+  };
+
+  // Checks every argument before any work: non-empty prompts of ids in the vocabulary, stop
+  // tokens in the vocabulary, prompt length + max_new_tokens <= max_seq_len for every row.
+  Generator(Model& model, std::vector<std::vector<int32_t>> prompts, GenerationSettings settings);
+
+  // One new token for each unfinished row, in row order (the first call prefills the prompts
+  // first). Empty once every row is done.
+  std::vector<Token> step();
+  bool done() const { return unfinished_ == 0; }
+
+ private:
+  // Feeds rows (token, slot) in prefill chunks or as one decode step, then samples a token for
+  // every row listed in `sample_slot` (one per logits row returned for them).
+  void feed_and_sample(const std::vector<int32_t>& tokens, const std::vector<int32_t>& slots,
+                       std::vector<Token>& made);
+  void record(int64_t row, int32_t token);
+
+  Model& model_;
+  GenerationSettings settings_;
+  std::vector<std::vector<int32_t>> prompts_, outputs_;
+  std::vector<std::vector<int32_t>> seen_;     // distinct tokens per row (for the penalty)
+  std::vector<std::vector<bool>> seen_flag_;   // [row][token]
+  std::vector<bool> finished_;
+  int64_t unfinished_ = 0;
+  bool prefilled_ = false;
+  KVCache cache_;
+  std::vector<SamplerScratch> scratch_;  // per thread
+};
+
+}  // namespace palmcore

@@ -227,10 +227,16 @@ void bind_kernels(py::module_& k) {
     return out;
   });
   k.def("uniform01", &uniform01, py::arg("key"), py::arg("stream"), py::arg("index"));
-  k.def("filtered_distribution", [](const FloatArray& logits, const std::vector<int32_t>& seen, const py::dict& c) {
+  // `seen` may repeat tokens here; the sampler takes each distinct token once.
+  auto distinct = [](std::vector<int32_t> tokens) {
+    std::sort(tokens.begin(), tokens.end());
+    tokens.erase(std::unique(tokens.begin(), tokens.end()), tokens.end());
+    return tokens;
+  };
+  k.def("filtered_distribution", [=](const FloatArray& logits, const std::vector<int32_t>& seen, const py::dict& c) {
     SamplerScratch scratch;
     std::vector<TokenProbability> kept;
-    filtered_distribution(logits.data(), logits.shape(0), seen, sampling_settings(c), scratch, kept);
+    filtered_distribution(logits.data(), logits.shape(0), distinct(seen), sampling_settings(c), scratch, kept);
     std::vector<int32_t> tokens;
     std::vector<double> probabilities;
     for (const TokenProbability& t : kept) {
@@ -239,10 +245,10 @@ void bind_kernels(py::module_& k) {
     }
     return py::make_tuple(tokens, probabilities);
   });
-  k.def("sample_token", [](const FloatArray& logits, const std::vector<int32_t>& seen, const py::dict& c,
+  k.def("sample_token", [=](const FloatArray& logits, const std::vector<int32_t>& seen, const py::dict& c,
                            int64_t row, int64_t step) {
     SamplerScratch scratch;
-    return sample_token(logits.data(), logits.shape(0), seen, sampling_settings(c), row, step, scratch);
+    return sample_token(logits.data(), logits.shape(0), distinct(seen), sampling_settings(c), row, step, scratch);
   });
   k.def("swiglu_forward", [=](const FloatArray& gate, const FloatArray& up) {
     auto out = zeros_like_shape(shape_of(gate));
@@ -354,6 +360,12 @@ PYBIND11_MODULE(_core, m) {
            }),
            py::arg("model"), py::arg("slots"), py::arg("capacity"), py::keep_alive<1, 2>())
       .def_property_readonly("lengths", [](const LockedCache& self) { return self.cache.lengths; })
+      .def_property_readonly("nbytes",
+                             [](const LockedCache& self) {
+                               int64_t bytes = 0;
+                               for (const Tensor& t : self.cache.keys) bytes += 2 * t.numel() * 4;  // keys and values
+                               return bytes;
+                             })
       .def("feed", [](LockedCache& self, const IntArray& tokens, const IntArray& slots) {
         if (tokens.ndim() != 1 || slots.ndim() != 1)
           throw std::invalid_argument("tokens and slots must be 1-D arrays");

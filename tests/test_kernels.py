@@ -112,6 +112,28 @@ def test_attention(B, T, H, Hkv, dh):
     assert rel_err(dv, wv.reshape(B * T, -1)) <= LOOSE
 
 
+@pytest.mark.parametrize("slots,capacity,H,Hkv,dh", [(3, 70, 4, 1, 6), (2, 9, 6, 2, 4), (2, 5, 3, 3, 2),
+                                                      (1, 130, 2, 1, 8)])
+def test_attention_cached(slots, capacity, H, Hkv, dh):
+    """Ragged rows over a cache: a prefill run longer than one 64-query block where the
+    capacity allows, single decode rows of other slots, and runs that restart mid-call. Cache
+    entries past a row's position are random too: reading them would show."""
+    rng = np.random.default_rng(capacity * H + slots)
+    k_cache = f32(rng, slots * capacity, Hkv * dh)
+    v_cache = f32(rng, slots * capacity, Hkv * dh)
+    run = min(capacity, 67)
+    rows = [(0, p) for p in range(run)]                                   # slot 0 prefilled
+    rows += [(int(rng.integers(slots)), int(rng.integers(capacity))) for _ in range(7)]  # decode rows
+    rows += [(slots - 1, p) for p in range(capacity // 2, capacity)]      # a run from mid-sequence
+    slot = np.array([r[0] for r in rows], dtype=np.int32)
+    pos = np.array([r[1] for r in rows], dtype=np.int32)
+    q = f32(rng, len(rows), H * dh)
+    out = K.attention_cached(q, slot, pos, k_cache, v_cache, slots, H, Hkv)
+    as4 = lambda a: a.astype(np.float64).reshape(slots, capacity, Hkv, dh)  # noqa: E731
+    want = ref.attention_cached(q.astype(np.float64).reshape(-1, H, dh), slot, pos, as4(k_cache), as4(v_cache))
+    assert rel_err(out, want.reshape(len(rows), -1)) <= LOOSE
+
+
 @pytest.mark.parametrize("n", [1, 17, 1000, 4099])
 def test_swiglu(n):
     rng = np.random.default_rng(n)

@@ -31,7 +31,7 @@ struct SamplerScratch {
 
 // Steps 1-4 of the spec: the tokens that survive the filters, in ascending id order, with their
 // renormalized probabilities (greedy keeps the argmax alone, probability 1). `seen` lists the
-// distinct tokens of the row so far (prompt and output), for the repetition penalty.
+// distinct tokens of the row so far (prompt and output, each once), for the repetition penalty.
 // Throws std::runtime_error if the logits hold a NaN.
 void filtered_distribution(const float* logits, int64_t vocab, const std::vector<int32_t>& seen,
                            const SamplingSettings& settings, SamplerScratch& scratch,

@@ -107,6 +107,13 @@ class PaLMConfig:
         _require_positive_int("seq_len", seq_len)
         return 6 * self.num_params() + 12 * self.n_layers * self.n_heads * self.head_dim * seq_len
 
+    def kv_cache_bytes(self, slots: int, positions: int) -> int:
+        """Bytes of a float32 key/value cache: keys and values of n_kv_heads heads per layer
+        for ``slots`` sequences of ``positions`` tokens."""
+        _require_positive_int("slots", slots)
+        _require_positive_int("positions", positions)
+        return 2 * self.n_layers * slots * positions * self.n_kv_heads * self.head_dim * 4
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -124,6 +124,11 @@ class KVCache:
         """Positions each slot holds."""
         return self._cache.lengths
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes the cached keys and values take."""
+        return self._cache.nbytes
+
     def feed(self, tokens, slots=0) -> np.ndarray:
         """Logits float32 [n, V] of the last token of each slot fed, in order; ``slots`` is one
         slot for every token, or one for all of them."""

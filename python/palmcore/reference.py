@@ -117,6 +117,21 @@ def attention_forward(q, k, v):
     return o.reshape(B, T, H, dh), (qg, k, v, p)
 
 
+def attention_cached(q, slots, positions, k_cache, v_cache):
+    """Attention of ragged query rows over a key/value cache. q [R, H, dh]; k_cache, v_cache
+    [slots, capacity, Hkv, dh]. Row r reads slot slots[r] at positions 0..positions[r]:
+        o_r = sum_{t <= p} softmax_t(q_r . K[b, t] / sqrt(dh)) V[b, t]      -> [R, H, dh]"""
+    R, H, dh = q.shape
+    Hkv = k_cache.shape[2]
+    out = np.empty_like(q)
+    for r in range(R):
+        k = k_cache[slots[r], : positions[r] + 1]                 # [t, kv, d]
+        v = v_cache[slots[r], : positions[r] + 1]
+        s = np.einsum("kgd,tkd->kgt", q[r].reshape(Hkv, H // Hkv, dh), k) / np.sqrt(dh)
+        out[r] = np.einsum("kgt,tkd->kgd", softmax(s), v).reshape(H, dh)
+    return out
+
+
 def attention_backward(do, cache):
     """Gradients of attention_forward, from do [B, T, H, dh]:
 
@@ -381,3 +396,61 @@ def adamw_update(x, g, m, v, k, lr, beta1=0.9, beta2=0.95, eps=1e-8, weight_deca
     v = beta2 * v + (1.0 - beta2) * g * g
     step = (m / (1.0 - beta1 ** k)) / (np.sqrt(v / (1.0 - beta2 ** k)) + eps)
     return x - lr * step - lr * weight_decay * x, m, v
+
+
+# ---- sampling (PALM_SPEC.md "Sampling") ----
+
+_MASK32 = 0xFFFFFFFF
+
+
+def philox4x32(key: int, counter: tuple) -> tuple:
+    """Philox4x32-10 on a 64-bit key and four 32-bit counter words (Salmon et al., SC 2011)."""
+    k0, k1 = key & _MASK32, (key >> 32) & _MASK32
+    c0, c1, c2, c3 = counter
+    for _ in range(10):
+        p0, p1 = 0xD2511F53 * c0, 0xCD9E8D57 * c2
+        c0, c1, c2, c3 = ((p1 >> 32) ^ c1 ^ k0, p1 & _MASK32, (p0 >> 32) ^ c3 ^ k1, p0 & _MASK32)
+        k0, k1 = (k0 + 0x9E3779B9) & _MASK32, (k1 + 0xBB67AE85) & _MASK32
+    return c0, c1, c2, c3
+
+
+def uniform01(key: int, stream: int, index: int) -> float:
+    """The uniform [0, 1) draw (key, stream, index): 53 bits of the first two output words."""
+    w = philox4x32(key, (index & _MASK32, index >> 32, stream & _MASK32, stream >> 32))
+    return float((((w[0] << 21) ^ w[1]) & ((1 << 53) - 1)) * 2.0**-53)
+
+
+def sampling_distribution(z, seen=(), temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0):
+    """Steps 1-4 of the spec on logits z [V]: (kept token ids ascending, their renormalized
+    probabilities), float64 throughout."""
+    z = np.array(z, dtype=np.float64)
+    seen = np.unique(np.asarray(seen, dtype=np.int64))
+    if repetition_penalty != 1.0 and seen.size:
+        z[seen] = np.where(z[seen] > 0, z[seen] / repetition_penalty, z[seen] * repetition_penalty)
+    if temperature == 0:
+        return np.array([int(np.argmax(z))]), np.array([1.0])
+    w = z / temperature
+    order = np.lexsort((np.arange(len(w)), -w))       # by value descending, ties: lower id first
+    if 0 < top_k < len(w):
+        order = order[:top_k]
+    p = np.exp(w[order] - w[order].max())
+    total = p.sum()
+    if top_p < 1.0:
+        # the shortest prefix whose mass reaches top_p (the crossing token is kept)
+        reached = np.cumsum(p) >= top_p * total
+        keep = int(np.argmax(reached)) + 1 if reached.any() else len(p)
+        order, p = order[:keep], p[:keep]
+    ids = np.argsort(order, kind="stable")
+    return order[ids], p[ids] / p.sum()
+
+
+def sample(z, seen=(), temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, seed=0, row=0, step=0):
+    """Step 5: walk the kept tokens in ascending id order and take the first whose running
+    probability sum exceeds u = uniform01(seed, row, step)."""
+    ids, probs = sampling_distribution(z, seen, temperature, top_k, top_p, repetition_penalty)
+    if len(ids) == 1:
+        return int(ids[0])
+    u = uniform01(seed, row, step)
+    running = np.cumsum(probs)
+    above = np.nonzero(running > u)[0]
+    return int(ids[above[0]] if above.size else ids[-1])

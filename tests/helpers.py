@@ -60,3 +60,14 @@ def tiny_configs() -> list:
         PaLMConfig(vocab_size=31, d_model=8, n_layers=1, n_heads=4, n_kv_heads=2,
                    head_dim=2, ffn_dim=24, max_seq_len=16, z_loss=1e-2),
     ]
+
+
+def tiny_run_settings(corpus, out, **changes):
+    """TrainSettings of a tiny run (a 1-layer model, 8 steps of 2 x 16 tokens) on ``corpus``."""
+    from palmcore.train import TrainSettings  # noqa: PLC0415
+
+    base = dict(corpus=[corpus], out=str(out), vocab_size=300, preset="seed",
+                overrides=dict(d_model=32, n_layers=1, n_heads=2, head_dim=16, ffn_dim=64),
+                batch_size=2, seq_len=16, steps=8, eval_every=4, eval_batches=2,
+                checkpoint_every=4, seed=0, progress=False, sample_tokens=5)
+    return TrainSettings(**{**base, **changes})

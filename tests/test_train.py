@@ -11,25 +11,9 @@ import pytest
 
 import palmcore
 from palmcore import checkpoint
-from palmcore.train import TrainSettings, run
+from palmcore.train import run
 
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("corpus")
-    rng = np.random.default_rng(0)
-    words = ["def", "return", "x", "y", "(", ")", ":", " ", "\n", "    ", "1", "2", "+", "="]
-    for i in range(8):
-        (folder / f"f{i}.py").write_text("".join(rng.choice(words, size=400)))
-    return str(folder)
-
-
-def settings(corpus, out, **changes):
-    base = dict(corpus=[corpus], out=str(out), vocab_size=300, preset="seed",
-                overrides=dict(d_model=32, n_layers=1, n_heads=2, head_dim=16, ffn_dim=64),
-                batch_size=2, seq_len=16, steps=8, eval_every=4, eval_batches=2,
-                checkpoint_every=4, seed=0, progress=False, sample_tokens=5)
-    return TrainSettings(**{**base, **changes})
+from helpers import tiny_run_settings as settings
 
 
 def metrics(out):

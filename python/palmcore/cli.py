@@ -3,6 +3,7 @@
     palmcore            the main job on its embedded default: `train` with no arguments
     palmcore demo       forward + backward of the `seed` preset on the Python standard library's text
     palmcore train      train a PaLM on text files (default: the `seed` preset on the stdlib)
+    palmcore generate   continue a prompt with a trained checkpoint, printing as it goes
     palmcore info       presets, parameter counts and FLOPs per token, threads
 """
 
@@ -107,6 +108,51 @@ def train(args: argparse.Namespace) -> None:
     print(json.dumps(summary))
 
 
+def generate(args: argparse.Namespace) -> None:
+    from palmcore.generation import EOS, load_cached  # noqa: PLC0415
+
+    if args.threads:
+        palmcore.set_num_threads(args.threads)
+    model, tokenizer = load_cached(args.checkpoint)
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                    repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+    def continue_prompt(text: str) -> None:
+        ids = [EOS] + tokenizer.encode(text)
+        new_tokens = min(args.max_new_tokens, model.config.max_seq_len - len(ids))
+        if new_tokens < 1:
+            raise ValueError(f"the prompt is {len(ids)} tokens; the model's max_seq_len is "
+                             f"{model.config.max_seq_len}")
+        print(text, end="", flush=True)
+        new, shown = [], ""
+        for token in model.stream(ids, max_new_tokens=new_tokens, stop_tokens=(EOS,), **sampling):
+            if token == EOS:
+                break
+            new.append(token)
+            decoded = tokenizer.decode(new)
+            if not decoded.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                print(decoded[len(shown):], end="", flush=True)
+                shown = decoded
+        print(tokenizer.decode(new)[len(shown):], flush=True)
+
+    if not args.interactive:
+        continue_prompt(args.prompt)
+        return
+    print(f"palmcore generate: {args.checkpoint} ({model.num_params() / 1e6:.1f}M parameters). "
+          "One prompt per line; an empty line or Ctrl-D ends.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line:
+            break
+        try:
+            continue_prompt(line)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+
+
 def info(args: argparse.Namespace) -> None:
     print(f"palmcore {palmcore.__version__}, {palmcore.get_num_threads()} threads")
     print(f"{'preset':<10} {'params':>12} {'GFLOP/token (T=2048)':>22}")
@@ -147,6 +193,18 @@ def main(argv: list[str] | None = None) -> int:
     p_train.add_argument("--out", default="runs/default")
     p_train.add_argument("--resume", action="store_true")
     p_train.add_argument("--threads", type=thread_count, default=0)
+    p_gen = sub.add_parser("generate", help="continue a prompt with a trained checkpoint")
+    p_gen.add_argument("--checkpoint", default="runs/default",
+                       help="a run folder, its checkpoints folder or one checkpoint (default: runs/default)")
+    p_gen.add_argument("--prompt", default="", help="text to continue (default: a new document)")
+    p_gen.add_argument("--interactive", action="store_true", help="keep reading prompts from stdin")
+    p_gen.add_argument("--max-new-tokens", type=positive_int, default=200)
+    p_gen.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    p_gen.add_argument("--top-k", type=int, default=40, help="0: off")
+    p_gen.add_argument("--top-p", type=float, default=0.95, help="1: off")
+    p_gen.add_argument("--repetition-penalty", type=float, default=1.0, help="1: off")
+    p_gen.add_argument("--seed", type=int, default=0)
+    p_gen.add_argument("--threads", type=thread_count, default=0)
     sub.add_parser("info", help="presets, parameter counts, FLOPs per token")
     args = parser.parse_args(argv)
     if args.command is None:
@@ -158,6 +216,13 @@ def main(argv: list[str] | None = None) -> int:
             train(args)
         except (ValueError, TypeError) as e:
             parser.exit(2, f"palmcore train: error: {e}\n")
+    elif args.command == "generate":
+        try:
+            generate(args)
+        except (ValueError, TypeError) as e:
+            parser.exit(2, f"palmcore generate: error: {e}\n")
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
     elif args.command == "info":
         info(args)
     return 0

@@ -224,14 +224,11 @@ def _skip_forward(state: dict) -> dict:
 
 
 def _greedy_sample(model: PaLM, tokenizer: Tokenizer, data: PackedDataset, n: int) -> tuple[str, str]:
-    """A greedy continuation of the first half of the first held-out window (full forwards;
-    the KV-cached decoder comes with `palmcore generate`)."""
+    """A greedy continuation of the first half of the first held-out window."""
     ids = [int(t) for t in data.window(0)[: max(1, data.seq_len // 2)]]
-    prompt_len = len(ids)
-    for _ in range(min(n, model.config.max_seq_len - prompt_len)):
-        logits = model.forward(np.asarray([ids[-model.config.max_seq_len:]]))
-        ids.append(int(np.argmax(logits[0, -1])))
-    return tokenizer.decode(ids[:prompt_len]), tokenizer.decode(ids[prompt_len:])
+    new = model.generate([ids], max_new_tokens=min(n, model.config.max_seq_len - len(ids)), temperature=0,
+                         stop_tokens=())[0]
+    return tokenizer.decode(ids), tokenizer.decode(new)
 
 
 def _evaluate(model: PaLM, data: PackedDataset, tokenizer: Tokenizer, s: TrainSettings) -> dict:

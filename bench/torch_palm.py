@@ -94,6 +94,54 @@ class TorchPaLM:
         z = self._ln(x, p["final_norm.scale"]) @ p["embed"].t()
         return z / math.sqrt(cfg.d_model)
 
+    @torch.no_grad()
+    def _forward_cached(self, tokens, start: int, cache):
+        """Logits [B, V] of the last of tokens [B, t] at positions start..start+t-1; keys and
+        values go into cache (per layer, preallocated [B, Hkv, capacity, dh] pairs)."""
+        cfg, p = self.cfg, self.params
+        B, T = tokens.shape
+        H, Hkv, dh = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        cos, sin = self._rope_tables(cfg.max_seq_len)
+        cos, sin = cos[start:start + T], sin[start:start + T]
+        x = F.embedding(tokens, p["embed"])
+        for i, (kc, vc) in enumerate(cache):
+            pre = f"layers.{i}."
+            h = self._ln(x, p[pre + "norm.scale"])
+            q = self._rope((h @ p[pre + "attn.wq"]).view(B, T, H, dh).transpose(1, 2), cos, sin)
+            kc[:, :, start:start + T] = self._rope((h @ p[pre + "attn.wk"]).view(B, T, Hkv, dh).transpose(1, 2),
+                                                   cos, sin)
+            vc[:, :, start:start + T] = (h @ p[pre + "attn.wv"]).view(B, T, Hkv, dh).transpose(1, 2)
+            a = F.scaled_dot_product_attention(q, kc[:, :, :start + T], vc[:, :, :start + T], is_causal=T > 1,
+                                               scale=1.0 / math.sqrt(dh), enable_gqa=H != Hkv)
+            attn = a.transpose(1, 2).reshape(B, T, H * dh) @ p[pre + "attn.wo"]
+            mlp = (F.silu(h @ p[pre + "mlp.w_gate"]) * (h @ p[pre + "mlp.w_up"])) @ p[pre + "mlp.w_down"]
+            x = x + attn + mlp
+        z = self._ln(x[:, -1], p["final_norm.scale"]) @ p["embed"].t()
+        return z / math.sqrt(cfg.d_model)
+
+    @torch.no_grad()
+    def greedy_decode(self, prompts, new_tokens: int):
+        """Greedy decoding with a KV cache, as a PyTorch user would write it: prompts [B, P]
+        (equal lengths) prefilled at once, then one token per step. Returns (new tokens
+        [B, new_tokens] as numpy, prefill seconds, decode seconds)."""
+        import time  # noqa: PLC0415
+
+        cfg = self.cfg
+        prompts = torch.as_tensor(np.asarray(prompts), dtype=torch.long)
+        B, P = prompts.shape
+        shape = (B, cfg.n_kv_heads, P + new_tokens, cfg.head_dim)
+        cache = [(torch.empty(shape, dtype=self.dtype), torch.empty(shape, dtype=self.dtype))
+                 for _ in range(cfg.n_layers)]
+        t0 = time.perf_counter()
+        token = self._forward_cached(prompts, 0, cache).argmax(-1)
+        t1 = time.perf_counter()
+        out = [token]
+        for step in range(1, new_tokens):
+            token = self._forward_cached(token[:, None], P + step - 1, cache).argmax(-1)
+            out.append(token)
+        t2 = time.perf_counter()
+        return torch.stack(out, 1).numpy(), t1 - t0, t2 - t1
+
     # -- public API -----------------------------------------------------------------------
 
     def loss(self, tokens, targets):

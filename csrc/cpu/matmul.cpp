@@ -16,8 +16,12 @@ namespace palmcore::cpu {
 namespace {
 
 // Rows or columns per BLAS call, at least: each call packs the whole other operand, so thin
-// slices would spend their time packing.
+// slices would spend their time packing. A product of few rows (a decode step: one row per
+// sequence) is a pass over the weights: its column slices only repack those few rows, so
+// they can be much thinner, which spreads the weights' bytes over every thread.
 constexpr int64_t kMinSlice = 512;
+constexpr int64_t kFewRows = 64;
+constexpr int64_t kMinColumnSliceFewRows = 64;
 constexpr int64_t kMaxSlices = 16;
 
 }  // namespace
@@ -49,7 +53,8 @@ void matmul(const Tensor& a, bool transpose_a, const Tensor& b, bool transpose_b
   const int64_t lda = a.dim(1), ldb = b.dim(1);
   const bool split_rows = m >= n;
   const int64_t extent = split_rows ? m : n;
-  const int64_t slices = std::clamp<int64_t>(extent / kMinSlice, 1, kMaxSlices);
+  const int64_t min_slice = !split_rows && m <= kFewRows ? kMinColumnSliceFewRows : kMinSlice;
+  const int64_t slices = std::clamp<int64_t>(extent / min_slice, 1, kMaxSlices);
   const int64_t slice = (extent + slices - 1) / slices;
   const float* A = a.data<float>();
   const float* B = b.data<float>();

@@ -1,0 +1,141 @@
+"""Decode benchmark (issue 4): palmcore's KV-cached greedy decoding in tokens/s at batch 1 and
+16, against the bound set by memory bandwidth and against the same decode in PyTorch eager
+(bench/torch_palm.py, preallocated KV cache, same weights, prompts and thread count).
+
+  python bench/bench_generate.py                       # palmcore only
+  PYTHONPATH=<palmcore> /work/torchvenv/bin/python bench/bench_generate.py --torch
+
+Each row: prompts of --prompt tokens, prefilled at once, then greedy steps to --new tokens.
+Decode tokens/s = B · (new - 1) / (time of the steps after the prefill), the median of
+--repeats runs. Bound: a decode step reads every parameter once (the tied embedding for the
+logits), so tokens/s <= B · copy bandwidth / parameter bytes, with the copy bandwidth
+(bytes read + written per second by memcpy) measured on a buffer as large as the parameters,
+so that it comes from the memory level the weights live in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from bench_train import bench_configs  # noqa: E402
+
+
+def palmcore_decode(palmcore, model, prompts, new):
+    """(new tokens [B, new], prefill s, decode s) with palmcore's decoder."""
+    import time  # noqa: PLC0415
+
+    from palmcore.generation import Generation, sampling_settings  # noqa: PLC0415
+
+    settings = sampling_settings(new, 0.0, 0, 1.0, 1.0, (), 0)
+    gen = Generation(model, [list(map(int, p)) for p in prompts], settings)
+    t0 = time.perf_counter()
+    gen.step()
+    t1 = time.perf_counter()
+    gen.run()
+    t2 = time.perf_counter()
+    return np.array(gen.outputs), t1 - t0, t2 - t1
+
+
+def torch_child(name, batch, prompts, new, repeats, threads, state_dict):
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = os.path.join(tmp, "weights.npz")
+        np.savez(weights, prompts=prompts, **state_dict)
+        cmd = [sys.executable, os.path.abspath(__file__), "--child", weights, "--configs", name,
+               "--new", str(new), "--repeats", str(repeats), "--threads", str(threads)]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(next(line[5:] for line in out.splitlines() if line.startswith("JSON ")))
+
+
+def run_child(args):
+    import torch  # noqa: PLC0415
+
+    from torch_palm import TorchPaLM  # noqa: PLC0415
+
+    cfg = bench_configs(_config_class())[args.configs][0]
+    with np.load(args.child) as f:
+        prompts = f["prompts"]
+        sd = {k: f[k] for k in f.files if k != "prompts"}
+    model = TorchPaLM(cfg, sd, threads=args.threads)
+    runs = [model.greedy_decode(prompts, args.new) for _ in range(args.repeats)]
+    decode = statistics.median(r[2] for r in runs)
+    print("JSON " + json.dumps({"tokens": runs[0][0].tolist(), "decode_s": decode,
+                                "prefill_s": statistics.median(r[1] for r in runs),
+                                "torch": torch.__version__}))
+
+
+def _config_class():
+    from bench_train import _config_class as find, _import_palmcore  # noqa: PLC0415
+
+    return find(_import_palmcore()[0])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--configs", default="seed,100m")
+    ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--prompt", type=int, default=16, help="prompt tokens per row")
+    ap.add_argument("--new", type=int, default=None, help="new tokens per row (default 128 seed, 32 100m)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--torch", action="store_true", help="also time PyTorch eager (in a child process)")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return run_child(args)
+
+    import palmcore  # noqa: PLC0415
+
+    palmcore.set_num_threads(args.threads)
+    configs = bench_configs(palmcore.PaLMConfig)
+    rows = []
+    for name in args.configs.split(","):
+        cfg = configs[name][0]
+        new = args.new or (128 if name == "seed" else 32)
+        model = palmcore.PaLM(cfg, seed=0)
+        param_bytes = 4 * cfg.num_params()
+        copy_gbps = palmcore._core.measure_copy_gbps(param_bytes, 5)
+        sd = model.state_dict() if args.torch else None
+        for batch in map(int, args.batches.split(",")):
+            prompts = np.random.default_rng(batch).integers(0, cfg.vocab_size, (batch, args.prompt)).astype(np.int32)
+            runs = [palmcore_decode(palmcore, model, prompts, new) for _ in range(args.repeats)]
+            decode_s = statistics.median(r[2] for r in runs)
+            tps = batch * (new - 1) / decode_s
+            bound = batch * copy_gbps * 1e9 / param_bytes
+            row = dict(config=name, params=cfg.num_params(), B=batch, new=new, tps=tps,
+                       step_ms=decode_s / (new - 1) * 1e3, prefill_ms=statistics.median(r[1] for r in runs) * 1e3,
+                       copy_gbps=copy_gbps, bound=bound)
+            print(f"{name} B={batch}: {tps:,.1f} tok/s ({row['step_ms']:.2f} ms/step, prefill "
+                  f"{row['prefill_ms']:.1f} ms), bound {bound:,.1f} tok/s at {copy_gbps:.1f} GB/s "
+                  f"-> {tps / bound:.0%}", flush=True)
+            if args.torch:
+                t = torch_child(name, batch, prompts, new, args.repeats, args.threads, sd)
+                row.update(t_tps=batch * (new - 1) / t["decode_s"],
+                           same=bool(np.array_equal(np.array(t["tokens"]), runs[0][0])))
+                print(f"   torch {t['torch']}: {row['t_tps']:,.1f} tok/s -> palmcore/torch "
+                      f"{tps / row['t_tps']:.2f}x, same tokens: {row['same']}", flush=True)
+            rows.append(row)
+    head = ["config", "B", "palmcore tok/s", "ms/step", "bound tok/s", "of bound"]
+    if args.torch:
+        head += ["torch eager tok/s", "palmcore/torch", "same tokens"]
+    print("\n| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    for r in rows:
+        cells = [f"{r['config']} ({r['params'] / 1e6:.1f}M)", str(r["B"]), f"{r['tps']:,.1f}", f"{r['step_ms']:.2f}",
+                 f"{r['bound']:,.1f} ({r['copy_gbps']:.1f} GB/s)", f"{r['tps'] / r['bound']:.0%}"]
+        if args.torch:
+            cells += [f"{r['t_tps']:,.1f}", f"{r['tps'] / r['t_tps']:.2f}×", str(r["same"])]
+        print("| " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -34,7 +34,9 @@ def f32(rng, *shape, scale=1.0):
     return (scale * rng.standard_normal(shape)).astype(np.float32)
 
 
-@pytest.mark.parametrize("m,n,k", [(1, 1, 1), (7, 5, 3), (130, 33, 17), (600, 70, 9), (5, 1100, 12)])
+@pytest.mark.parametrize("m,n,k", [(1, 1, 1), (7, 5, 3), (130, 33, 17), (600, 70, 9), (5, 1100, 12),
+                                   # few rows (decode): 64- and 16-column blocks, tails, k pieces
+                                   (16, 200, 300), (3, 77, 1000), (64, 130, 97), (65, 700, 40)])
 @pytest.mark.parametrize("ta,tb", [(False, False), (True, False), (False, True), (True, True)])
 def test_matmul(m, n, k, ta, tb):
     rng = np.random.default_rng(m * n + k)
@@ -44,6 +46,19 @@ def test_matmul(m, n, k, ta, tb):
     want = 0.5 * ((a.T if ta else a).astype(np.float64) @ (b.T if tb else b)) + 2.0 * c
     got = K.matmul(a, ta, b, tb, c.copy(), 0.5, 2.0)
     assert rel_err(got, want) <= TIGHT
+
+
+@pytest.mark.parametrize("tb", [False, True])
+def test_matmul_few_rows_do_not_depend_on_the_others(tb):
+    """A decode step's product (<= 64 rows): each row comes out the same bits whether computed
+    alone or with others, and beta = 0 never reads C (NaN there stays out)."""
+    rng = np.random.default_rng(5)
+    a, b = f32(rng, 13, 300), f32(rng, *((517, 300) if tb else (300, 517)))
+    together = K.matmul(a, False, b, tb, np.full((13, 517), np.nan, np.float32), 1.0, 0.0)
+    assert np.isfinite(together).all()
+    for i in (0, 5, 12):
+        alone = K.matmul(a[i:i + 1].copy(), False, b, tb, np.zeros((1, 517), np.float32), 1.0, 0.0)
+        assert np.array_equal(alone[0], together[i])
 
 
 @pytest.mark.parametrize("rows,vocab,width", [(1, 1, 3), (9, 5, 7), (257, 31, 130)])

@@ -13,6 +13,13 @@ namespace palmcore::cpu {
 void gemm(bool transpose_a, bool transpose_b, int64_t m, int64_t n, int64_t k, float alpha,
           const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
 
+// C[m, n] = alpha · A @ op(B) + beta · C for few rows m <= kFewRowsMax (decode steps),
+// streaming B once (cpu/few_rows_gemm.cpp). Each element sums over k in order: the same bits
+// for any m.
+constexpr int64_t kFewRowsMax = 64;
+void few_rows_gemm(bool transpose_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+                   const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
+
 // Columns [0, width) in blocks of this many floats: the unit of work of the deterministic
 // column-parallel reductions (each output column summed over rows in row order by one thread).
 constexpr int64_t kColumnBlock = 64;

@@ -17,10 +17,9 @@ namespace {
 
 // Rows or columns per BLAS call, at least: each call packs the whole other operand, so thin
 // slices would spend their time packing. A product of few rows (a decode step: one row per
-// sequence) is a pass over the weights: its column slices only repack those few rows, so
-// they can be much thinner, which spreads the weights' bytes over every thread.
+// sequence) is a pass over the weights, done by few_rows_gemm without packing: its column
+// slices can be much thinner, which spreads the weights' bytes over every thread.
 constexpr int64_t kMinSlice = 512;
-constexpr int64_t kFewRows = 64;
 constexpr int64_t kMinColumnSliceFewRows = 64;
 constexpr int64_t kMaxSlices = 16;
 
@@ -53,7 +52,8 @@ void matmul(const Tensor& a, bool transpose_a, const Tensor& b, bool transpose_b
   const int64_t lda = a.dim(1), ldb = b.dim(1);
   const bool split_rows = m >= n;
   const int64_t extent = split_rows ? m : n;
-  const int64_t min_slice = !split_rows && m <= kFewRows ? kMinColumnSliceFewRows : kMinSlice;
+  const bool few_rows = m <= kFewRowsMax && !transpose_a;  // one pass over B: no BLAS repacking
+  const int64_t min_slice = !split_rows && few_rows ? kMinColumnSliceFewRows : kMinSlice;
   const int64_t slices = std::clamp<int64_t>(extent / min_slice, 1, kMaxSlices);
   const int64_t slice = (extent + slices - 1) / slices;
   const float* A = a.data<float>();
@@ -67,8 +67,12 @@ void matmul(const Tensor& a, bool transpose_a, const Tensor& b, bool transpose_b
     const float* a_part = split_rows ? A + begin * (transpose_a ? 1 : lda) : A;
     const float* b_part = split_rows ? B : B + begin * (transpose_b ? ldb : 1);
     float* c_part = split_rows ? C + begin * n : C + begin;
-    gemm(transpose_a, transpose_b, split_rows ? len : m, split_rows ? n : len, k, alpha, a_part, lda,
-         b_part, ldb, beta, c_part, n);
+    if (few_rows)
+      few_rows_gemm(transpose_b, split_rows ? len : m, split_rows ? n : len, k, alpha, a_part, lda, b_part, ldb,
+                    beta, c_part, n);
+    else
+      gemm(transpose_a, transpose_b, split_rows ? len : m, split_rows ? n : len, k, alpha, a_part, lda,
+           b_part, ldb, beta, c_part, n);
   }
 }
 

@@ -1,0 +1,150 @@
+// C = alpha · A @ op(B) + beta · C for a few rows of A (a decode step: one row per sequence).
+//
+// Such a product is one pass over the weights B. The BLAS would first repack B, which costs
+// as much as the product; these kernels stream B once instead. A block of up to 4 rows of A
+// times 64 columns of B (or, with B transposed, 4 rows of B) is accumulated in SIMD registers
+// over k. Every element of C is a sum over k in increasing order, whatever the row
+// count, the block it falls in or the thread count: a row's result is the same bits whether
+// it is decoded alone or in a batch (up to the compiler's FMA contraction, fixed per build).
+#include <algorithm>
+#include <cstring>
+#include <stdexcept>
+#include <type_traits>
+
+#include "cpu/cpu_ops.h"
+
+namespace palmcore::cpu {
+namespace {
+
+using f32x16 = float __attribute__((vector_size(64)));
+
+// Columns of C per block (4 vectors: with 4 rows of A, 16 independent accumulators, enough
+// to keep both FMA pipes busy) and rows of B per piece of a block: 96 · 256 bytes = 24 KiB, in L1.
+constexpr int kVectors = 4;
+constexpr int64_t kBlockColumns = 16 * kVectors;
+constexpr int64_t kDepthPiece = 96;
+
+inline f32x16 load16(const float* p) {
+  f32x16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline void store16(float* p, f32x16 v) { std::memcpy(p, &v, sizeof v); }
+
+// The 16 lanes summed as a fixed pairwise tree (4 dependent adds rather than 16).
+inline float sum_lanes16(f32x16 v) {
+  float t[16];
+  std::memcpy(t, &v, sizeof t);
+  for (int width = 8; width >= 1; width /= 2)
+    for (int i = 0; i < width; ++i) t[i] += t[i + width];
+  return t[0];
+}
+
+inline float finish(float acc, float alpha, float beta, const float* c) {
+  return beta == 0.0f ? alpha * acc : alpha * acc + beta * *c;
+}
+
+// Partial sums of R rows × 16·V columns with B [k, ≥16·V] row-major, over p in [p0, p1):
+//   acc[r] += A[r, p] · B[p, :]      (in and out through `partial`, kBlockColumns per row)
+template <int R, int V>
+void block_nn(const float* A, int64_t lda, const float* B, int64_t ldb, int64_t p0, int64_t p1, float* partial) {
+  f32x16 acc[R][V];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) acc[r][v] = load16(partial + kBlockColumns * r + 16 * v);
+  for (int64_t p = p0; p < p1; ++p) {
+    f32x16 b[V];
+    for (int v = 0; v < V; ++v) b[v] = load16(B + p * ldb + 16 * v);
+    for (int r = 0; r < R; ++r) {
+      const float a = A[r * lda + p];
+      for (int v = 0; v < V; ++v) acc[r][v] += a * b[v];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) store16(partial + kBlockColumns * r + 16 * v, acc[r][v]);
+}
+
+// C[R rows, NC columns] with B [n, k] row-major (C = A Bᵀ): dot products of rows, in 16 lanes
+// over k (then the lanes summed in order), the k tail added last.
+template <int R, int NC>
+void block_nt(const float* A, int64_t lda, const float* B, int64_t ldb, int64_t k, float alpha, float beta,
+              float* C, int64_t ldc) {
+  f32x16 acc[R][NC] = {};
+  const int64_t k16 = k / 16 * 16;
+  for (int64_t p = 0; p < k16; p += 16) {
+    f32x16 b[NC];
+    for (int c = 0; c < NC; ++c) b[c] = load16(B + c * ldb + p);
+    for (int r = 0; r < R; ++r) {
+      const f32x16 a = load16(A + r * lda + p);
+      for (int c = 0; c < NC; ++c) acc[r][c] += a * b[c];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < NC; ++c) {
+      float s = sum_lanes16(acc[r][c]);
+      for (int64_t p = k16; p < k; ++p) s += A[r * lda + p] * B[c * ldb + p];
+      C[r * ldc + c] = finish(s, alpha, beta, C + r * ldc + c);
+    }
+}
+
+// Calls block(R, i) for the rows of A in groups [i, i + R), R <= 4, as compile-time R.
+template <typename Block>
+void over_row_groups(int64_t m, Block&& block) {
+  int64_t i = 0;
+  for (; i + 4 <= m; i += 4) block(std::integral_constant<int, 4>{}, i);
+  switch (m - i) {
+    case 3: return block(std::integral_constant<int, 3>{}, i);
+    case 2: return block(std::integral_constant<int, 2>{}, i);
+    case 1: return block(std::integral_constant<int, 1>{}, i);
+    default: return;
+  }
+}
+
+}  // namespace
+
+// Column blocks outermost: a block of B is read from memory once and serves every row of A
+// while it sits in L1.
+void few_rows_gemm(bool transpose_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+                   const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (m > kFewRowsMax) throw std::logic_error("few_rows_gemm: more rows than it is made for");
+  int64_t j = 0;
+  if (transpose_b) {
+    for (; j + 4 <= n; j += 4)
+      over_row_groups(m, [&](auto R, int64_t i) {
+        block_nt<R, 4>(a + i * lda, lda, b + j * ldb, ldb, k, alpha, beta, c + i * ldc + j, ldc);
+      });
+    for (; j < n; ++j)
+      over_row_groups(m, [&](auto R, int64_t i) {
+        block_nt<R, 1>(a + i * lda, lda, b + j * ldb, ldb, k, alpha, beta, c + i * ldc + j, ldc);
+      });
+    return;
+  }
+  // B [k, n]: a block of columns is cut along k into pieces that fit L1, each used by every
+  // row of A before the next is read; the sums carry across pieces in `partial`. Blocks are
+  // kBlockColumns wide, then 16 for the tail, and the last < 16 columns one at a time.
+  float partial[kFewRowsMax * kBlockColumns];
+  auto columns = [&](auto V) {
+    const int64_t width = 16 * V;
+    std::fill(partial, partial + m * kBlockColumns, 0.0f);
+    for (int64_t p0 = 0; p0 < k; p0 += kDepthPiece) {
+      const int64_t p1 = std::min(k, p0 + kDepthPiece);
+      over_row_groups(m, [&](auto R, int64_t i) {
+        block_nn<R, V>(a + i * lda, lda, b + j, ldb, p0, p1, partial + kBlockColumns * i);
+      });
+    }
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t col = 0; col < width; ++col)
+        c[i * ldc + j + col] = finish(partial[kBlockColumns * i + col], alpha, beta, c + i * ldc + j + col);
+    j += width;
+  };
+  while (j + kBlockColumns <= n) columns(std::integral_constant<int, kVectors>{});
+  while (j + 16 <= n) columns(std::integral_constant<int, 1>{});
+  for (; j < n; ++j)
+    for (int64_t i = 0; i < m; ++i) {
+      float s = 0.0f;
+      for (int64_t p = 0; p < k; ++p) s += a[i * lda + p] * b[p * ldb + j];
+      c[i * ldc + j] = finish(s, alpha, beta, c + i * ldc + j);
+    }
+}
+
+}  // namespace palmcore::cpu

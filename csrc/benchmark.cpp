@@ -56,4 +56,23 @@ double measure_copy_gbps(int64_t bytes, int repeats) {
   return 2.0 * bytes / best * 1e-9;
 }
 
+double measure_read_gbps(int64_t bytes, int repeats) {
+  check_measure(bytes / 4, repeats);
+  const int64_t n = bytes / 4;
+  Tensor src = random_tensor({n}, 3);
+  const float* x = src.data<float>();
+  volatile float sink = 0.0f;
+  double best = 1e30;
+  for (int r = 0; r <= repeats; ++r) {  // the first pass warms the caches
+    const auto start = std::chrono::steady_clock::now();
+    float total = 0.0f;
+#pragma omp parallel for simd reduction(+ : total) schedule(static)
+    for (int64_t i = 0; i < n; ++i) total += x[i];
+    if (r > 0) best = std::min(best, seconds_since(start));
+    sink = total;
+  }
+  (void)sink;
+  return 4.0 * n / best * 1e-9;
+}
+
 }  // namespace palmcore

@@ -283,6 +283,8 @@ PYBIND11_MODULE(_core, m) {
         py::arg("repeats") = 5, py::call_guard<py::gil_scoped_release>());
   m.def("measure_copy_gbps", &measure_copy_gbps, py::arg("bytes"), py::arg("repeats") = 5,
         py::call_guard<py::gil_scoped_release>());
+  m.def("measure_read_gbps", &measure_read_gbps, py::arg("bytes"), py::arg("repeats") = 5,
+        py::call_guard<py::gil_scoped_release>());
 
   py::class_<LockedModel>(m, "Model")
       .def(py::init(&make_model), py::arg("config"), py::arg("seed"))

@@ -122,7 +122,7 @@ void attention_cached(const Tensor& q, const Tensor& slots, const Tensor& positi
   const float* vs = v_cache.data<float>();
   float* os = out.data<float>();
   require_tiles(ws);
-#pragma omp parallel
+#pragma omp parallel if (runs * L.Hkv > 1)
   {
     float* s = thread_tiles(ws);
 #pragma omp for collapse(2) schedule(dynamic)

@@ -20,6 +20,10 @@ constexpr int64_t kFewRowsMax = 64;
 void few_rows_gemm(bool transpose_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
                    const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
 
+// Below this many elements an element-wise or row-wise op runs on the calling thread alone:
+// opening a parallel region would cost more than the work (a decode step's single rows).
+constexpr int64_t kParallelMinElements = int64_t{1} << 14;
+
 // Columns [0, width) in blocks of this many floats: the unit of work of the deterministic
 // column-parallel reductions (each output column summed over rows in row order by one thread).
 constexpr int64_t kColumnBlock = 64;

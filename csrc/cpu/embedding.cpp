@@ -12,7 +12,7 @@ void embedding_forward(const Tensor& table, const Tensor& tokens, Tensor& out) {
   const int32_t* tok = tokens.data<int32_t>();
   const float* tab = table.data<float>();
   float* o = out.data<float>();
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (rows * width >= kParallelMinElements)
   for (int64_t r = 0; r < rows; ++r)
     std::memcpy(o + r * width, tab + static_cast<int64_t>(tok[r]) * width, width * sizeof(float));
 }

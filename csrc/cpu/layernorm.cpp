@@ -15,7 +15,7 @@ void layernorm_forward(const Tensor& x, const Tensor& scale, float eps, Tensor& 
   float* o = out.data<float>();
   float* xh = xhat.data<float>();
   float* rs = rstd.data<float>();
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (rows * width >= kParallelMinElements)
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = xs + r * width;
     float sum = 0.0f;

@@ -10,7 +10,7 @@ void rope_apply(Tensor& x, const Tensor& positions, const Tensor& cos_table,
   const int32_t* pos = positions.data<int32_t>();
   const float sign = inverse ? -1.0f : 1.0f;
   float* xs = x.data<float>();
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (rows * width >= kParallelMinElements)
   for (int64_t r = 0; r < rows; ++r) {
     const float* cs = cos_table.data<float>() + static_cast<int64_t>(pos[r]) * half;
     const float* sn = sin_table.data<float>() + static_cast<int64_t>(pos[r]) * half;

@@ -10,7 +10,7 @@ void swiglu_forward(const Tensor& gate, const Tensor& up, Tensor& out) {
   const float* g = gate.data<float>();
   const float* u = up.data<float>();
   float* o = out.data<float>();
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n >= kParallelMinElements)
   for (int64_t i = 0; i < n; ++i) o[i] = g[i] * sigmoid_approx(g[i]) * u[i];
 }
 

@@ -23,6 +23,7 @@ using f32x16 = float __attribute__((vector_size(64)));
 constexpr int kVectors = 4;
 constexpr int64_t kBlockColumns = 16 * kVectors;
 constexpr int64_t kDepthPiece = 96;
+constexpr int64_t kPrefetchRows = 8;
 
 inline f32x16 load16(const float* p) {
   f32x16 v;
@@ -53,6 +54,8 @@ void block_nn(const float* A, int64_t lda, const float* B, int64_t ldb, int64_t 
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < V; ++v) acc[r][v] = load16(partial + kBlockColumns * r + 16 * v);
   for (int64_t p = p0; p < p1; ++p) {
+    // rows of B are ldb apart, each in its own page: the hardware prefetcher cannot follow
+    for (int v = 0; v < V; ++v) __builtin_prefetch(B + (p + kPrefetchRows) * ldb + 16 * v);
     f32x16 b[V];
     for (int v = 0; v < V; ++v) b[v] = load16(B + p * ldb + 16 * v);
     for (int r = 0; r < R; ++r) {

@@ -17,6 +17,8 @@ namespace palmcore::cpu {
 namespace {
 
 using f32x16 = float __attribute__((vector_size(64)));
+using f32x8 = float __attribute__((vector_size(32)));
+using f32x4 = float __attribute__((vector_size(16)));
 
 // Columns of C per block (4 vectors: with 4 rows of A, 16 independent accumulators, enough
 // to keep both FMA pipes busy) and rows of B per piece of a block: 96 · 256 bytes = 24 KiB, in L1.
@@ -33,13 +35,18 @@ inline f32x16 load16(const float* p) {
 
 inline void store16(float* p, f32x16 v) { std::memcpy(p, &v, sizeof v); }
 
-// The 16 lanes summed as a fixed pairwise tree (4 dependent adds rather than 16).
+// The 16 lanes summed as a fixed pairwise tree: halves added as vectors (16 -> 8 -> 4 lanes),
+// then (q0 + q2) + (q1 + q3).
 inline float sum_lanes16(f32x16 v) {
-  float t[16];
-  std::memcpy(t, &v, sizeof t);
-  for (int width = 8; width >= 1; width /= 2)
-    for (int i = 0; i < width; ++i) t[i] += t[i + width];
-  return t[0];
+  f32x8 lo8, hi8;
+  std::memcpy(&lo8, &v, sizeof lo8);
+  std::memcpy(&hi8, reinterpret_cast<const char*>(&v) + sizeof lo8, sizeof hi8);
+  const f32x8 h = lo8 + hi8;
+  f32x4 lo4, hi4;
+  std::memcpy(&lo4, &h, sizeof lo4);
+  std::memcpy(&hi4, reinterpret_cast<const char*>(&h) + sizeof lo4, sizeof hi4);
+  const f32x4 q = lo4 + hi4;
+  return (q[0] + q[2]) + (q[1] + q[3]);
 }
 
 inline float finish(float acc, float alpha, float beta, const float* c) {
@@ -112,14 +119,17 @@ void few_rows_gemm(bool transpose_b, int64_t m, int64_t n, int64_t k, float alph
   if (m > kFewRowsMax) throw std::logic_error("few_rows_gemm: more rows than it is made for");
   int64_t j = 0;
   if (transpose_b) {
-    for (; j + 4 <= n; j += 4)
-      over_row_groups(m, [&](auto R, int64_t i) {
-        block_nt<R, 4>(a + i * lda, lda, b + j * ldb, ldb, k, alpha, beta, c + i * ldc + j, ldc);
-      });
-    for (; j < n; ++j)
-      over_row_groups(m, [&](auto R, int64_t i) {
-        block_nt<R, 1>(a + i * lda, lda, b + j * ldb, ldb, k, alpha, beta, c + i * ldc + j, ldc);
-      });
+    // C = A Bᵀ: blocks of NC rows of B (contiguous in memory); with one or two rows of A, 8 of
+    // them give enough independent accumulators, with more rows 4 (registers run out).
+    auto columns = [&](auto NC) {
+      for (; j + NC <= n; j += NC)
+        over_row_groups(m, [&](auto R, int64_t i) {
+          block_nt<R, NC>(a + i * lda, lda, b + j * ldb, ldb, k, alpha, beta, c + i * ldc + j, ldc);
+        });
+    };
+    if (m <= 2) columns(std::integral_constant<int, 8>{});
+    columns(std::integral_constant<int, 4>{});
+    columns(std::integral_constant<int, 1>{});
     return;
   }
   // B [k, n]: a block of columns is cut along k into pieces that fit L1, each used by every

@@ -154,6 +154,19 @@ def test_batch_of_different_lengths_equals_each_alone(threads):
     assert batch == alone
 
 
+def test_prefill_longer_than_one_chunk():
+    """Prompts of 2,100 tokens in all are prefilled in two calls (2,048 rows, then the rest),
+    the cut falling inside the second prompt: the tokens are those of each prompt alone."""
+    cfg = PaLMConfig(vocab_size=41, d_model=8, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=16,
+                     max_seq_len=1200)
+    model, _ = make_model(cfg)
+    prompts = prompts_for(cfg, [1100, 1000], seed=7)
+    kw = dict(max_new_tokens=6, temperature=0, stop_tokens=())
+    assert model.generate(prompts, **kw) == [model.generate([p], **kw)[0] for p in prompts]
+    seq = prompts[1] + model.generate([prompts[1]], **kw)[0][:1]
+    assert model.generate([prompts[1]], **kw)[0][1] == int(np.argmax(model.forward(np.array([seq]))[0, -1]))
+
+
 def test_sampled_rows_do_not_depend_on_their_batch(threads):
     """Draws are keyed by (seed, row, step): row i's tokens stay the same when the other rows
     change length or content, or finish early."""

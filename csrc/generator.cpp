@@ -53,8 +53,8 @@ Generator::Generator(Model& model, std::vector<std::vector<int32_t>> prompts, Ge
   outputs_.assign(rows, {});
   finished_.assign(rows, settings_.max_new_tokens == 0);
   unfinished_ = settings_.max_new_tokens == 0 ? 0 : static_cast<int64_t>(rows);
-  if (settings_.sampling.repetition_penalty != 1.0) {
-    seen_.assign(rows, {});
+  seen_.assign(rows, {});
+  if (settings_.sampling.repetition_penalty != 1.0) {  // only the penalty reads them
     seen_flag_.assign(rows, std::vector<bool>(V, false));
     for (size_t b = 0; b < rows; ++b)
       for (int32_t t : prompts_[b])
@@ -62,8 +62,6 @@ Generator::Generator(Model& model, std::vector<std::vector<int32_t>> prompts, Ge
           seen_flag_[b][t] = true;
           seen_[b].push_back(t);
         }
-  } else {
-    seen_.assign(rows, {});
   }
   if (unfinished_ > 0) cache_ = model_.make_cache(static_cast<int64_t>(rows), capacity);
 }

@@ -34,8 +34,8 @@ class Generator {
   bool done() const { return unfinished_ == 0; }
 
  private:
-  // Feeds rows (token, slot) in prefill chunks or as one decode step, then samples a token for
-  // every row listed in `sample_slot` (one per logits row returned for them).
+  // Feeds rows (token, slot), a prefill chunk or a decode step, then samples the next token
+  // of every slot whose whole sequence so far is now in the cache; appends them to `made`.
   void feed_and_sample(const std::vector<int32_t>& tokens, const std::vector<int32_t>& slots,
                        std::vector<Token>& made);
   void record(int64_t row, int32_t token);
@@ -43,7 +43,7 @@ class Generator {
   Model& model_;
   GenerationSettings settings_;
   std::vector<std::vector<int32_t>> prompts_, outputs_;
-  std::vector<std::vector<int32_t>> seen_;     // distinct tokens per row (for the penalty)
+  std::vector<std::vector<int32_t>> seen_;     // distinct tokens per row (kept for the penalty)
   std::vector<std::vector<bool>> seen_flag_;   // [row][token]
   std::vector<bool> finished_;
   int64_t unfinished_ = 0;

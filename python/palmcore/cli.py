@@ -4,6 +4,7 @@
     palmcore demo       forward + backward of the `seed` preset on the Python standard library's text
     palmcore train      train a PaLM on text files (default: the `seed` preset on the stdlib)
     palmcore generate   continue a prompt with a trained checkpoint, printing as it goes
+    palmcore plan       memory, FLOPs and communication per device of a sharded training step
     palmcore info       presets, parameter counts and FLOPs per token, threads
 """
 
@@ -153,6 +154,13 @@ def generate(args: argparse.Namespace) -> None:
             print(f"error: {e}", file=sys.stderr)
 
 
+def plan(args: argparse.Namespace) -> None:
+    from palmcore.plan import Mesh, plan as make_plan  # noqa: PLC0415
+
+    cfg = PaLMConfig.preset(args.preset, **config_overrides(args.set))
+    print(make_plan(cfg, Mesh.parse(args.mesh), args.batch, args.seq, args.peak_tflops * 1e12, args.mfu).table())
+
+
 def info(args: argparse.Namespace) -> None:
     print(f"palmcore {palmcore.__version__}, {palmcore.get_num_threads()} threads")
     print(f"{'preset':<10} {'params':>12} {'GFLOP/token (T=2048)':>22}")
@@ -205,6 +213,14 @@ def main(argv: list[str] | None = None) -> int:
     p_gen.add_argument("--repetition-penalty", type=float, default=1.0, help="1: off")
     p_gen.add_argument("--seed", type=int, default=0)
     p_gen.add_argument("--threads", type=thread_count, default=0)
+    p_plan = sub.add_parser("plan", help="memory, FLOPs and communication per device on a mesh")
+    p_plan.add_argument("--preset", default="palm-540b", choices=PaLMConfig.presets())
+    p_plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p_plan.add_argument("--mesh", default="data=1,model=1", help="data=D,model=M")
+    p_plan.add_argument("--batch", type=positive_int, default=2048, help="sequences per step, whole mesh")
+    p_plan.add_argument("--seq", type=positive_int, default=2048)
+    p_plan.add_argument("--peak-tflops", type=float, default=275.0, help="per device (TPU v4 bf16: 275)")
+    p_plan.add_argument("--mfu", type=float, default=0.462, help="model FLOPs utilization (PaLM 540B: 0.462)")
     sub.add_parser("info", help="presets, parameter counts, FLOPs per token")
     args = parser.parse_args(argv)
     if args.command is None:
@@ -223,6 +239,11 @@ def main(argv: list[str] | None = None) -> int:
             parser.exit(2, f"palmcore generate: error: {e}\n")
         except KeyboardInterrupt:
             print(file=sys.stderr)
+    elif args.command == "plan":
+        try:
+            plan(args)
+        except (ValueError, TypeError) as e:
+            parser.exit(2, f"palmcore plan: error: {e}\n")
     elif args.command == "info":
         info(args)
     return 0

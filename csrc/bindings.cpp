@@ -12,6 +12,7 @@
 #include <string>
 
 #include "palmcore/benchmark.h"
+#include "palmcore/communicator.h"
 #include "palmcore/generator.h"
 #include "palmcore/model.h"
 #include "palmcore/ops.h"
@@ -352,6 +353,51 @@ PYBIND11_MODULE(_core, m) {
         py::gil_scoped_release release;
         std::lock_guard<std::mutex> guard(self.mutex);
         self.model.zero_grad();
+      });
+
+  // Collectives over one mesh axis; arrays are float32, C-contiguous (reduced in place where
+  // the name says so), and the GIL is released while ranks exchange data.
+  m.def("built_with_mpi", &built_with_mpi);
+  py::class_<Communicator, std::shared_ptr<Communicator>>(m, "Communicator")
+      .def_static("single_rank", []() { return std::shared_ptr<Communicator>(make_single_rank_communicator()); })
+      .def_static("mpi", [](int64_t handle) { return std::shared_ptr<Communicator>(make_mpi_communicator(handle)); },
+                  py::arg("handle"))
+      .def_property_readonly("rank", &Communicator::rank)
+      .def_property_readonly("size", &Communicator::size)
+      .def_property_readonly("name", &Communicator::name)
+      .def_property_readonly("bytes_sent", &Communicator::bytes_sent)
+      .def("all_reduce_sum",
+           [](Communicator& c, FloatArray data) {
+             py::gil_scoped_release release;
+             c.all_reduce_sum(data.mutable_data(), data.size());
+           })
+      .def("all_reduce_max",
+           [](Communicator& c, FloatArray data) {
+             py::gil_scoped_release release;
+             c.all_reduce_max(data.mutable_data(), data.size());
+           })
+      .def("reduce_scatter_sum",
+           [](Communicator& c, const FloatArray& in) {
+             if (in.size() % c.size())
+               throw std::invalid_argument("reduce_scatter_sum: " + std::to_string(in.size()) +
+                                           " elements do not split into " + std::to_string(c.size()) + " blocks");
+             py::array_t<float> out(in.size() / c.size());
+             float* dst = out.mutable_data();
+             py::gil_scoped_release release;
+             c.reduce_scatter_sum(in.data(), dst, in.size() / c.size());
+             return out;
+           })
+      .def("all_gather",
+           [](Communicator& c, const FloatArray& in) {
+             py::array_t<float> out(in.size() * c.size());
+             float* dst = out.mutable_data();
+             py::gil_scoped_release release;
+             c.all_gather(in.data(), dst, in.size());
+             return out;
+           })
+      .def("barrier", [](Communicator& c) {
+        py::gil_scoped_release release;
+        c.barrier();
       });
 
   py::class_<LockedCache>(m, "KVCache")

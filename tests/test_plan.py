@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from palmcore.config import PaLMConfig
-from palmcore.plan import Mesh, activations_per_token, plan
+from palmcore.plan import MeshShape, activations_per_token, plan
 
 PALM = PaLMConfig.preset("palm-540b")
 
@@ -17,7 +17,7 @@ def test_palm_540b_on_two_pods_matches_the_paper():
     """PaLM 540B: 540.35B parameters; 2 pods x 3072 TPU v4 chips (data 2x256, model 12),
     batch 2048 x 2048, 46.2% MFU at 275 TFLOP/s per chip -> 238.3K tokens/s (paper, Table 3
     and section 4.1); 6N + 12·L·H·dh·T FLOPs per token."""
-    p = plan(PALM, Mesh(data=512, model=12), batch=2048, seq=2048, peak_flops=275e12, mfu=0.462)
+    p = plan(PALM, MeshShape(data=512, model=12), batch=2048, seq=2048, peak_flops=275e12, mfu=0.462)
     assert abs(PALM.num_params() - 540.35e9) < 0.01e9
     assert p.model_flops * 6144 == pytest.approx((6 * PALM.num_params() + 12 * 118 * 48 * 256 * 2048) * 2048 * 2048)
     assert p.tokens_per_second == pytest.approx(238.3e3, rel=2e-3)
@@ -28,7 +28,7 @@ def test_palm_540b_on_two_pods_matches_the_paper():
 def test_shards_add_up_to_the_model(data, model):
     """Over the model axis the shards hold every parameter once, plus the replicated ones
     (norms, wk, wv) on every rank; the vocabulary is padded to a multiple of the axis."""
-    p = plan(PALM, Mesh(data, model), batch=2048, seq=2048)
+    p = plan(PALM, MeshShape(data, model), batch=2048, seq=2048)
     D, L = PALM.d_model, PALM.n_layers
     replicated = L * (D + 2 * D * PALM.n_kv_heads * PALM.head_dim) + D
     padding = (p.vocab_shard * model - PALM.vocab_size) * D
@@ -39,7 +39,7 @@ def test_shards_add_up_to_the_model(data, model):
 
 def test_activations_and_collectives_follow_the_layout():
     cfg = PaLMConfig.preset("seed")
-    mesh = Mesh(data=2, model=2)
+    mesh = MeshShape(data=2, model=2)
     p = plan(cfg, mesh, batch=8, seq=256)
     per_layer, outside = activations_per_token(cfg, mesh)
     tokens = 8 // 2 * 256
@@ -50,17 +50,17 @@ def test_activations_and_collectives_follow_the_layout():
     act = tokens * 256 * 4
     assert p.collectives["model all-reduce, forward (embedding + one per layer)"] == 2 * (1 / 2) * 7 * act
     assert p.collectives["data all-gather, parameters"] == 0.5 * p.param_bytes
-    single = plan(cfg, Mesh(1, 1), batch=8, seq=256)
+    single = plan(cfg, MeshShape(1, 1), batch=8, seq=256)
     assert all(v == 0 for v in single.collectives.values())
     assert single.model_flops == cfg.flops_per_token(256) * 8 * 256
 
 
 @pytest.mark.parametrize("mesh,kw,match", [
-    (Mesh(1, 7), {}, r"the model axis \(7\) must divide n_heads \(48\)"),
-    (Mesh(1, 32), {}, r"the model axis \(32\) must divide n_heads \(48\)"),
-    (Mesh(3, 1), {}, r"the data axis \(3\) must divide the batch \(2048\)"),
-    (Mesh(1, 1), {"seq": 4096}, r"seq 4096 > max_seq_len 2048"),
-    (Mesh(1, 1), {"mfu": 1.5}, r"mfu in \(0, 1\]"),
+    (MeshShape(1, 7), {}, r"the model axis \(7\) must divide n_heads \(48\)"),
+    (MeshShape(1, 32), {}, r"the model axis \(32\) must divide n_heads \(48\)"),
+    (MeshShape(3, 1), {}, r"the data axis \(3\) must divide the batch \(2048\)"),
+    (MeshShape(1, 1), {"seq": 4096}, r"seq 4096 > max_seq_len 2048"),
+    (MeshShape(1, 1), {"mfu": 1.5}, r"mfu in \(0, 1\]"),
 ])
 def test_bad_plans(mesh, kw, match):
     with pytest.raises(ValueError, match=match):
@@ -68,17 +68,17 @@ def test_bad_plans(mesh, kw, match):
 
 
 def test_mesh_parsing_and_checks():
-    assert Mesh.parse("data=2,model=4") == Mesh(2, 4)
-    assert Mesh.parse("model=3") == Mesh(1, 3) and Mesh.parse("") == Mesh(1, 1)
+    assert MeshShape.parse("data=2,model=4") == MeshShape(2, 4)
+    assert MeshShape.parse("model=3") == MeshShape(1, 3) and MeshShape.parse("") == MeshShape(1, 1)
     for text in ("data=2,data=3", "pipeline=2", "data=x", "data2"):
         with pytest.raises(ValueError, match="mesh"):
-            Mesh.parse(text)
+            MeshShape.parse(text)
     with pytest.raises(ValueError, match="must be a positive integer"):
-        Mesh(0, 1)
+        MeshShape(0, 1)
     with pytest.raises(ValueError, match=r"the model axis \(12\) must divide vocab_size \(256000\)"):
-        Mesh(1, 12).check(PALM)
+        MeshShape(1, 12).check(PALM)
     with pytest.raises(ValueError, match=r"the model axis \(3\) must divide ffn_dim \(1024\)"):
-        Mesh(1, 3).check(PaLMConfig.preset("seed", n_heads=6, head_dim=32))
+        MeshShape(1, 3).check(PaLMConfig.preset("seed", n_heads=6, head_dim=32))
 
 
 def test_cli_prints_the_table():

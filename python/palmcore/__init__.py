@@ -13,12 +13,13 @@ import os as _os
 from palmcore import _core, schedules
 from palmcore.checkpoint import load_pretrained as load
 from palmcore.config import PaLMConfig
+from palmcore.distributed import Mesh
 from palmcore.generation import generate_text as generate
 from palmcore.model import PaLM
 from palmcore.optim import Adafactor, AdamW
 from palmcore.tokenizer import Tokenizer
 
-__all__ = ["load", "generate", "PaLMConfig", "PaLM", "Adafactor", "AdamW", "Tokenizer", "schedules", "set_num_threads", "get_num_threads"]
+__all__ = ["load", "generate", "Mesh", "PaLMConfig", "PaLM", "Adafactor", "AdamW", "Tokenizer", "schedules", "set_num_threads", "get_num_threads"]
 __version__ = "0.1.0"
 
 

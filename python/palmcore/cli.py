@@ -155,10 +155,10 @@ def generate(args: argparse.Namespace) -> None:
 
 
 def plan(args: argparse.Namespace) -> None:
-    from palmcore.plan import Mesh, plan as make_plan  # noqa: PLC0415
+    from palmcore.plan import MeshShape, plan as make_plan  # noqa: PLC0415
 
     cfg = PaLMConfig.preset(args.preset, **config_overrides(args.set))
-    print(make_plan(cfg, Mesh.parse(args.mesh), args.batch, args.seq, args.peak_tflops * 1e12, args.mfu).table())
+    print(make_plan(cfg, MeshShape.parse(args.mesh), args.batch, args.seq, args.peak_tflops * 1e12, args.mfu).table())
 
 
 def info(args: argparse.Namespace) -> None:

@@ -29,8 +29,9 @@ OPTIMIZER_STATES = 2     # Adafactor (unfactored, with momentum) and AdamW both 
 
 
 @dataclasses.dataclass(frozen=True)
-class Mesh:
-    """``data`` x ``model`` devices: tensor parallel over ``model``, data parallel over ``data``."""
+class MeshShape:
+    """The shape of a mesh of ``data`` x ``model`` devices: tensor parallel over ``model``,
+    data parallel over ``data`` (palmcore.Mesh is such a mesh over real ranks)."""
 
     data: int = 1
     model: int = 1
@@ -46,7 +47,7 @@ class Mesh:
         return self.data * self.model
 
     @classmethod
-    def parse(cls, text: str) -> "Mesh":
+    def parse(cls, text: str) -> "MeshShape":
         """``"data=2,model=4"`` (either axis may be left out: it is then 1)."""
         axes = {}
         for part in filter(None, (p.strip() for p in text.split(","))):
@@ -72,7 +73,7 @@ class Mesh:
 @dataclasses.dataclass(frozen=True)
 class Plan:
     config: PaLMConfig
-    mesh: Mesh
+    mesh: MeshShape
     vocab_shard: int            # embedding rows per model rank (the vocabulary padded to M·vocab_shard)
     batch: int                  # sequences per step, over the whole mesh
     seq: int
@@ -115,7 +116,7 @@ class Plan:
         return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
-def activations_per_token(cfg: PaLMConfig, mesh: Mesh) -> tuple[int, int]:
+def activations_per_token(cfg: PaLMConfig, mesh: MeshShape) -> tuple[int, int]:
     """(floats kept per token for each layer, floats per token outside the layers) of the
     training step's activations (csrc/model.cpp, Model::prepare) on one model shard."""
     D, dh = cfg.d_model, cfg.head_dim
@@ -131,7 +132,7 @@ def activations_per_token(cfg: PaLMConfig, mesh: Mesh) -> tuple[int, int]:
     return per_layer, outside
 
 
-def plan(cfg: PaLMConfig, mesh: Mesh, batch: int, seq: int, peak_flops: float = 275e12,
+def plan(cfg: PaLMConfig, mesh: MeshShape, batch: int, seq: int, peak_flops: float = 275e12,
          mfu: float = 0.462) -> Plan:
     """The per-device plan of one training step (see the module's docstring). Defaults: a TPU
     v4 chip's bf16 peak and the MFU the PaLM paper reports for PaLM 540B."""

@@ -1,0 +1,94 @@
+"""The device mesh over the launcher's world: ``palmcore.Mesh(data=D, model=M)``.
+
+World rank r sits at (data index r // M, model index r % M): the ranks of one model group are
+neighbours. Each axis gets a communicator of the C++ runtime (``palmcore._core.Communicator``):
+a single-rank one for an axis of size 1, an MPI one (through mpi4py and MPICH, the ``mpi``
+extra) otherwise. Launch with ``mpiexec -n D·M``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from palmcore import _core
+from palmcore.plan import MeshShape
+
+# Set by MPI launchers (MPICH's hydra, Open MPI, Slurm's PMI): the process is one rank of many.
+_LAUNCHER_VARIABLES = ("PMI_SIZE", "PMI_RANK", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK")
+
+
+def _launched_by_mpi() -> bool:
+    return any(v in os.environ for v in _LAUNCHER_VARIABLES)
+
+
+def _mpi():
+    try:
+        from mpi4py import MPI  # noqa: PLC0415
+    except ImportError:
+        raise RuntimeError("a mesh of more than one rank needs MPI: pip install 'palmcore[mpi]' "
+                           "(mpi4py and MPICH), then launch with mpiexec") from None
+    if not _core.built_with_mpi():
+        raise RuntimeError("this palmcore was built without MPI (no MPICH mpi.h at build time); "
+                           "reinstall it with pip install '.[mpi]'")
+    return MPI
+
+
+class Mesh:
+    """A ``data`` x ``model`` grid of the launcher's ranks, with one communicator per axis."""
+
+    def __init__(self, data: int = 1, model: int = 1):
+        self.shape = MeshShape(data, model)
+        if self.shape.size == 1 and not _launched_by_mpi():
+            self.world_rank, self.world_size = 0, 1
+            self._comms = []
+            self.model_comm = _core.Communicator.single_rank()
+            self.data_comm = _core.Communicator.single_rank()
+        else:
+            MPI = _mpi()
+            world = MPI.COMM_WORLD
+            self.world_rank, self.world_size = world.Get_rank(), world.Get_size()
+            if self.world_size != self.shape.size:
+                raise ValueError(f"mesh data={data} x model={model} needs {self.shape.size} ranks, but the world "
+                                 f"has {self.world_size} (launch with mpiexec -n {self.shape.size})")
+            # keep the mpi4py communicators alive as long as the C++ ones use their handles
+            self._comms = [world.Split(self.data_index, self.model_index),   # one model group
+                           world.Split(self.model_index, self.data_index)]   # one data group
+            self.model_comm, self.data_comm = (_core.Communicator.mpi(c.py2f()) if c.Get_size() > 1
+                                               else _core.Communicator.single_rank() for c in self._comms)
+
+    @property
+    def data(self) -> int:
+        return self.shape.data
+
+    @property
+    def model(self) -> int:
+        return self.shape.model
+
+    @property
+    def data_index(self) -> int:
+        return self.world_rank // self.shape.model
+
+    @property
+    def model_index(self) -> int:
+        return self.world_rank % self.shape.model
+
+    @property
+    def is_main(self) -> bool:
+        """World rank 0: the one that prints and writes logs."""
+        return self.world_rank == 0
+
+    def barrier(self) -> None:
+        if self._comms:
+            self._comms[0].Barrier()
+            self._comms[1].Barrier()
+
+    def print(self, *args, **kwargs) -> None:
+        """print() on the main rank only."""
+        if self.is_main:
+            print(*args, **kwargs)
+            sys.stdout.flush()
+
+    def __repr__(self) -> str:
+        return (f"Mesh(data={self.data}, model={self.model}; rank {self.world_rank} at "
+                f"data {self.data_index}, model {self.model_index})")

@@ -1,0 +1,79 @@
+"""The mesh and its communicators: single-process behaviour, and MPI runs under mpiexec
+(oversubscribed on this 2-core machine; tiny arrays; every run bounded by a timeout)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import palmcore
+from palmcore import _core
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def mpiexec() -> str:
+    """The launcher of the MPICH the `mpi` extra installs (next to this Python), else PATH's."""
+    found = os.path.join(sys.prefix, "bin", "mpiexec")
+    found = found if os.path.exists(found) else shutil.which("mpiexec")
+    if found is None:
+        pytest.skip("no mpiexec: install palmcore with the mpi extra (mpi4py, mpich)")
+    return found
+
+
+def launch(ranks: int, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PALMCORE_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([mpiexec(), "-n", str(ranks), sys.executable, os.path.join(HERE, "mpi_collectives.py"), *args],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_single_process_mesh():
+    mesh = palmcore.Mesh()
+    assert (mesh.data, mesh.model, mesh.world_rank, mesh.is_main) == (1, 1, 0, True)
+    x = np.arange(5, dtype=np.float32)
+    mesh.model_comm.all_reduce_sum(x)
+    assert np.array_equal(x, np.arange(5)) and mesh.model_comm.bytes_sent == 0
+    assert np.array_equal(mesh.data_comm.all_gather(x), x)
+    assert np.array_equal(mesh.data_comm.reduce_scatter_sum(x), x)
+
+
+def test_a_mesh_larger_than_the_world_is_refused():
+    with pytest.raises(ValueError, match=r"mesh data=2 x model=2 needs 4 ranks, but the world has 1 "
+                                         r"\(launch with mpiexec -n 4\)"):
+        palmcore.Mesh(data=2, model=2)
+    with pytest.raises(ValueError, match="mesh axis 'model' must be a positive integer"):
+        palmcore.Mesh(model=0)
+
+
+def test_built_with_mpi():
+    """CI installs the mpi extra, and the build finds MPICH's mpi.h through the mpich wheel."""
+    pytest.importorskip("mpi4py", reason="the mpi extra is not installed")
+    assert _core.built_with_mpi()
+
+
+@pytest.mark.parametrize("data,model", [(1, 1), (2, 1), (1, 2), (2, 2)])
+def test_collectives_on_every_mesh(data, model):
+    done = launch(data * model, str(data), str(model))
+    assert done.returncode == 0, done.stdout + done.stderr
+    # ranks share stdout, so their lines may interleave
+    assert sorted(int(r) for r in re.findall(r"OK (\d+)", done.stdout)) == list(range(data * model))
+
+
+def test_a_mesh_that_does_not_divide_the_world_fails_on_every_rank():
+    done = launch(3, "2", "2")
+    assert done.returncode != 0
+    assert done.stderr.count("mesh data=2 x model=2 needs 4 ranks, but the world has 3") == 3
+
+
+def test_a_dead_rank_ends_the_run_instead_of_hanging():
+    """Rank 1 exits before a collective that rank 0 is waiting in: the launcher ends the job
+    with an error well within the timeout (a hang would raise TimeoutExpired)."""
+    done = launch(2, "2", "1", "die", timeout=60)
+    assert done.returncode != 0
+    assert "OK" not in done.stdout

@@ -86,13 +86,14 @@ int main(int argc, char** argv) {
 
   const int64_t chunk = std::min<int64_t>(rows, std::max<int64_t>(64, (int64_t{16} << 20) / V));
   Tensor logits = Tensor::zeros({chunk, V}), targets = random_ids(chunk, V, 9);
-  Tensor row_ce = Tensor::zeros({chunk}), row_lse = Tensor::zeros({chunk});
+  Tensor row_picked = Tensor::zeros({chunk}), row_lse = Tensor::zeros({chunk});
   Tensor embed = random_tensor({V, D}, 10);
   report("logits chunk h@E^T", 2.0 * chunk * D * V,
          [&] { matmul(h.rows(0, chunk), false, embed, true, logits, 0.0625f); });
   report("cross_entropy chunk", 0, [&] {
     matmul(h.rows(0, chunk), false, embed, true, logits, 0.0625f);
-    cross_entropy_forward_backward(logits, targets, 1e-4f, 1.0f / chunk, row_ce, row_lse);
+    cross_entropy_stats(logits, targets, 0, row_lse, row_picked);
+    cross_entropy_backward(logits, targets, 0, row_lse, 1e-4f, 1.0f / chunk);
   });
 
   ModelConfig config{V, D, 6, H, Hkv, dh, F, std::max<int64_t>(T, 2048), 10000.0, 1e-5, 1e-4};

@@ -52,8 +52,9 @@ struct LockedModel {
 
 // An optimizer and the model whose lock it takes (Python keeps the model alive).
 struct LockedOptimizer {
-  LockedOptimizer(LockedModel& owner, OptimizerKind kind, const AdafactorSettings& a, const AdamWSettings& w)
-      : owner(owner), optimizer(owner.model, kind, a, w) {}
+  LockedOptimizer(LockedModel& owner, OptimizerKind kind, const AdafactorSettings& a, const AdamWSettings& w,
+                  std::shared_ptr<Communicator> data_comm)
+      : owner(owner), optimizer(owner.model, kind, a, w, std::move(data_comm)) {}
   LockedModel& owner;
   Optimizer optimizer;
 };
@@ -95,18 +96,19 @@ std::unique_ptr<LockedGenerator> make_generator(LockedModel& model, std::vector<
 }
 
 std::unique_ptr<LockedOptimizer> make_optimizer(LockedModel& model, const std::string& kind,
-                                                const py::dict& c) {
+                                                const py::dict& c, std::shared_ptr<Communicator> data_comm) {
   if (kind == "adafactor")
     return std::make_unique<LockedOptimizer>(
         model, OptimizerKind::Adafactor,
         AdafactorSettings{c["beta1"].cast<double>(), c["decay"].cast<double>(), c["clip"].cast<double>(),
                           c["eps"].cast<double>(), c["min_scale"].cast<double>()},
-        AdamWSettings{});
+        AdamWSettings{}, std::move(data_comm));
   if (kind == "adamw")
     return std::make_unique<LockedOptimizer>(
         model, OptimizerKind::AdamW, AdafactorSettings{},
         AdamWSettings{c["beta1"].cast<double>(), c["beta2"].cast<double>(), c["eps"].cast<double>(),
-                      c["weight_decay"].cast<double>()});
+                      c["weight_decay"].cast<double>()},
+        std::move(data_comm));
   throw std::invalid_argument("unknown optimizer '" + kind + "'; known: adafactor, adamw");
 }
 
@@ -125,7 +127,8 @@ py::array_t<float> copy_out(LockedModel& self, const std::vector<int64_t>& shape
   return out;
 }
 
-std::unique_ptr<LockedModel> make_model(const py::dict& c, uint64_t seed) {
+std::unique_ptr<LockedModel> make_model(const py::dict& c, uint64_t seed, int64_t shard_rank, int64_t shard_size,
+                                        std::shared_ptr<Communicator> model_comm) {
   ModelConfig config{c["vocab_size"].cast<int64_t>(), c["d_model"].cast<int64_t>(),
                      c["n_layers"].cast<int64_t>(),   c["n_heads"].cast<int64_t>(),
                      c["n_kv_heads"].cast<int64_t>(), c["head_dim"].cast<int64_t>(),
@@ -133,7 +136,7 @@ std::unique_ptr<LockedModel> make_model(const py::dict& c, uint64_t seed) {
                      c["rope_base"].cast<double>(),   c["norm_eps"].cast<double>(),
                      c["z_loss"].cast<double>()};
   py::gil_scoped_release release;
-  return std::make_unique<LockedModel>(Model(config, seed));
+  return std::make_unique<LockedModel>(Model(config, seed, Device::CPU, ModelShard{shard_rank, shard_size, std::move(model_comm)}));
 }
 
 // The ops one by one on NumPy arrays, for the kernel tests against palmcore.reference.
@@ -157,18 +160,18 @@ void bind_kernels(py::module_& k) {
     matmul(view_of(a, F), ta, view_of(b, F), tb, out, alpha, beta);
     return c;
   });
-  k.def("embedding_forward", [=](const FloatArray& table, const IntArray& tokens) {
+  k.def("embedding_forward", [=](const FloatArray& table, const IntArray& tokens, int64_t first) {
     auto out = zeros_like_shape({tokens.shape(0), table.shape(1)});
     Tensor o = view_of(out, F);
-    embedding_forward(view_of(table, F), view_of(tokens, I), o);
+    embedding_forward(view_of(table, F), view_of(tokens, I), o, first);
     return out;
-  });
-  k.def("embedding_backward", [=](const FloatArray& dout, const IntArray& tokens, int64_t vocab) {
-    auto dtable = zeros_like_shape({vocab, dout.shape(1)});
+  }, py::arg("table"), py::arg("tokens"), py::arg("first") = 0);
+  k.def("embedding_backward", [=](const FloatArray& dout, const IntArray& tokens, int64_t rows, int64_t first) {
+    auto dtable = zeros_like_shape({rows, dout.shape(1)});
     Tensor d = view_of(dtable, F);
-    embedding_backward(view_of(dout, F), view_of(tokens, I), d);
+    embedding_backward(view_of(dout, F), view_of(tokens, I), d, first);
     return dtable;
-  });
+  }, py::arg("dout"), py::arg("tokens"), py::arg("rows"), py::arg("first") = 0);
   k.def("layernorm_forward", [=](const FloatArray& x, const FloatArray& scale, float eps) {
     auto out = zeros_like_shape(shape_of(x)), xhat = zeros_like_shape(shape_of(x));
     auto rstd = zeros_like_shape({x.shape(0)});
@@ -263,12 +266,17 @@ void bind_kernels(py::module_& k) {
     swiglu_backward(view_of(gate, F), view_of(up, F), view_of(dout, F), a, b);
     return py::make_tuple(dgate, dup);
   });
-  k.def("cross_entropy_forward_backward", [=](FloatArray logits, const IntArray& targets, float z_loss,
-                                              float grad_scale) {
-    auto row_ce = zeros_like_shape({logits.shape(0)}), row_lse = zeros_like_shape({logits.shape(0)});
-    Tensor z = view_of(logits, F), c = view_of(row_ce, F), l = view_of(row_lse, F);
-    cross_entropy_forward_backward(z, view_of(targets, I), z_loss, grad_scale, c, l);
-    return py::make_tuple(logits, row_ce, row_lse);
+  k.def("cross_entropy_stats", [=](const FloatArray& logits, const IntArray& targets, int64_t first) {
+    auto lse = zeros_like_shape({logits.shape(0)}), picked = zeros_like_shape({logits.shape(0)});
+    Tensor l = view_of(lse, F), p = view_of(picked, F);
+    cross_entropy_stats(view_of(logits, F), view_of(targets, I), first, l, p);
+    return py::make_tuple(lse, picked);
+  });
+  k.def("cross_entropy_backward", [=](FloatArray logits, const IntArray& targets, int64_t first,
+                                      const FloatArray& lse, float z_loss, float grad_scale) {
+    Tensor z = view_of(logits, F);
+    cross_entropy_backward(z, view_of(targets, I), first, view_of(lse, F), z_loss, grad_scale);
+    return logits;
   });
 }
 
@@ -288,7 +296,8 @@ PYBIND11_MODULE(_core, m) {
         py::call_guard<py::gil_scoped_release>());
 
   py::class_<LockedModel>(m, "Model")
-      .def(py::init(&make_model), py::arg("config"), py::arg("seed"))
+      .def(py::init(&make_model), py::arg("config"), py::arg("seed"), py::arg("shard_rank") = 0,
+           py::arg("shard_size") = 1, py::arg("model_comm") = nullptr)
       .def("param_names",
            [](const LockedModel& self) {
              std::vector<std::string> names;
@@ -335,20 +344,21 @@ PYBIND11_MODULE(_core, m) {
              return logits;
            })
       .def("forward_backward",
-           [](LockedModel& self, const IntArray& tokens, const IntArray& targets) {
+           [](LockedModel& self, const IntArray& tokens, const IntArray& targets, int64_t total_tokens) {
              Tensor t = borrow_tokens(tokens, "tokens"), y = borrow_tokens(targets, "targets");
              LossStats s;
              {
                py::gil_scoped_release release;
                std::lock_guard<std::mutex> guard(self.mutex);
-               s = self.model.forward_backward(t, y);
+               s = self.model.forward_backward(t, y, total_tokens);
              }
              py::dict out;
              out["loss"] = s.loss;
              out["ce"] = s.ce;
              out["tokens"] = s.tokens;
              return out;
-           })
+           },
+           py::arg("tokens"), py::arg("targets"), py::arg("total_tokens") = 0)
       .def("zero_grad", [](LockedModel& self) {
         py::gil_scoped_release release;
         std::lock_guard<std::mutex> guard(self.mutex);
@@ -451,6 +461,7 @@ PYBIND11_MODULE(_core, m) {
 
   py::class_<LockedOptimizer>(m, "Optimizer")
       .def(py::init(&make_optimizer), py::arg("model"), py::arg("kind"), py::arg("settings"),
+           py::arg("data_comm") = nullptr,
            py::keep_alive<1, 2>())
       .def("step",
            [](LockedOptimizer& self, double lr, double max_grad_norm, double grad_scale) {

@@ -58,50 +58,94 @@ int64_t ParamInfo::numel() const {
   return n;
 }
 
-Model::Model(const ModelConfig& config, uint64_t seed, Device device) : config_(config), device_(device) {
+int64_t ParamInfo::full_numel() const {
+  int64_t n = 1;
+  for (int64_t extent : full_shape) n *= extent;
+  return n;
+}
+
+namespace {
+
+// Parameter s of the full model, element g of its full flattened tensor, is init_std times
+// the first (g even) or second (g odd) normal of draw (seed, s, g / 2): the same value on any
+// shard layout and thread count. Fills this rank's piece, row by row of the full tensor.
+void init_normal(const ParamInfo& p, uint64_t seed, uint64_t s, float* w) {
+  const int64_t cols = p.full_shape.size() == 2 ? p.full_shape[1] : p.full_shape[0];
+  const int64_t local_rows = p.shape.size() == 2 ? p.shape[0] : 1, local_cols = p.numel() / local_rows;
+  const int64_t row0 = p.split_axis == 0 ? p.split_offset : 0, col0 = p.split_axis == 1 ? p.split_offset : 0;
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < local_rows; ++i) {
+    const int64_t g0 = (row0 + i) * cols + col0;
+    for (int64_t j = 0; j < local_cols; ++j) {
+      const int64_t g = g0 + j;
+      const auto [a, b] = standard_normal_pair(seed, s, static_cast<uint64_t>(g / 2));
+      if (g % 2 == 0 && j + 1 < local_cols) {  // both halves of the pair are ours
+        w[i * local_cols + j] = static_cast<float>(p.init_std * a);
+        w[i * local_cols + ++j] = static_cast<float>(p.init_std * b);
+      } else {
+        w[i * local_cols + j] = static_cast<float>(p.init_std * (g % 2 == 0 ? a : b));
+      }
+    }
+  }
+}
+
+}  // namespace
+
+Model::Model(const ModelConfig& config, uint64_t seed, Device device, ModelShard shard)
+    : config_(config), device_(device), shard_(std::move(shard)) {
   config_.validate();
+  if (!shard_.comm) shard_.comm = make_single_rank_communicator();
+  const int64_t M = shard_.size;
+  require(M >= 1 && shard_.rank >= 0 && shard_.rank < M,
+          "model shard " + std::to_string(shard_.rank) + " of " + std::to_string(M) + " does not exist");
+  require(shard_.comm->size() == M && shard_.comm->rank() == shard_.rank,
+          "the model axis communicator (" + shard_.comm->name() + ") does not match shard " +
+              std::to_string(shard_.rank) + " of " + std::to_string(M));
+  for (const auto& [name, extent] : {std::pair<const char*, int64_t>{"n_heads", config_.n_heads},
+                                     {"ffn_dim", config_.ffn_dim}, {"vocab_size", config_.vocab_size}})
+    require(extent % M == 0, "the model axis (" + std::to_string(M) + ") must divide " + name + " (" +
+                                 std::to_string(extent) + ")");
   const int64_t V = config_.vocab_size, D = config_.d_model, F = config_.ffn_dim;
   const int64_t q_width = config_.n_heads * config_.head_dim;
   const int64_t kv_width = config_.n_kv_heads * config_.head_dim;
   int64_t offset = 0;
-  auto add = [&](std::string name, std::vector<int64_t> shape, double init_std) {
-    info_.push_back({std::move(name), std::move(shape), offset, init_std});
+  // split_axis: 0 splits the rows, 1 the columns, -1 replicates (PALM_SPEC "Sharded layout").
+  auto add = [&](std::string name, std::vector<int64_t> full_shape, double init_std, int split_axis) {
+    std::vector<int64_t> shape = full_shape;
+    int64_t split_offset = 0;
+    if (split_axis >= 0) {
+      shape[split_axis] /= M;
+      split_offset = shard_.rank * shape[split_axis];
+    }
+    info_.push_back({std::move(name), std::move(shape), offset, init_std, std::move(full_shape), split_axis,
+                     split_offset});
     offset += info_.back().numel();
   };
   // Spec order and init: embed ~ N(0, 1); dense kernels ~ N(0, 1/fan_in); norm scales = 1.
-  add("embed", {V, D}, 1.0);
+  add("embed", {V, D}, 1.0, 0);
   for (int64_t i = 0; i < config_.n_layers; ++i) {
     const std::string p = "layers." + std::to_string(i) + ".";
-    add(p + "norm.scale", {D}, 0.0);
-    add(p + "attn.wq", {D, q_width}, 1.0 / std::sqrt(double(D)));
-    add(p + "attn.wk", {D, kv_width}, 1.0 / std::sqrt(double(D)));
-    add(p + "attn.wv", {D, kv_width}, 1.0 / std::sqrt(double(D)));
-    add(p + "attn.wo", {q_width, D}, 1.0 / std::sqrt(double(q_width)));
-    add(p + "mlp.w_gate", {D, F}, 1.0 / std::sqrt(double(D)));
-    add(p + "mlp.w_up", {D, F}, 1.0 / std::sqrt(double(D)));
-    add(p + "mlp.w_down", {F, D}, 1.0 / std::sqrt(double(F)));
+    add(p + "norm.scale", {D}, 0.0, -1);
+    add(p + "attn.wq", {D, q_width}, 1.0 / std::sqrt(double(D)), 1);
+    add(p + "attn.wk", {D, kv_width}, 1.0 / std::sqrt(double(D)), -1);
+    add(p + "attn.wv", {D, kv_width}, 1.0 / std::sqrt(double(D)), -1);
+    add(p + "attn.wo", {q_width, D}, 1.0 / std::sqrt(double(q_width)), 0);
+    add(p + "mlp.w_gate", {D, F}, 1.0 / std::sqrt(double(D)), 1);
+    add(p + "mlp.w_up", {D, F}, 1.0 / std::sqrt(double(D)), 1);
+    add(p + "mlp.w_down", {F, D}, 1.0 / std::sqrt(double(F)), 0);
   }
-  add("final_norm.scale", {D}, 0.0);
+  add("final_norm.scale", {D}, 0.0, -1);
 
   apply_num_threads();
   params_ = Tensor::zeros({offset}, DType::F32, device_);
   grads_ = Tensor::zeros({offset}, DType::F32, device_);
-  // Parameter number s draws from stream (seed, s): independent of threads and layout.
   for (size_t s = 0; s < info_.size(); ++s) {
     const ParamInfo& p = info_[s];
     float* w = params_.data<float>() + p.offset;
-    const int64_t n = p.numel();
-    if (p.init_std == 0.0) {
-      std::fill(w, w + n, 1.0f);
-      continue;
-    }
-    // Elements 2j and 2j + 1 are the pair of draw (seed, s, j).
-#pragma omp parallel for schedule(static)
-    for (int64_t j = 0; j < (n + 1) / 2; ++j) {
-      const auto [a, b] = standard_normal_pair(seed, s, j);
-      w[2 * j] = static_cast<float>(p.init_std * a);
-      if (2 * j + 1 < n) w[2 * j + 1] = static_cast<float>(p.init_std * b);
-    }
+    if (p.init_std == 0.0)
+      std::fill(w, w + p.numel(), 1.0f);
+    else
+      init_normal(p, seed, s, w);
   }
   weights_ = views_of(params_);
   weight_grads_ = views_of(grads_);
@@ -154,8 +198,9 @@ Model::Weights Model::views_of(const Tensor& flat) const {
   return w;
 }
 
-AttentionShape Model::attention_shape() const {
-  return {act_.batch, act_.seq, config_.n_heads, config_.n_kv_heads, config_.head_dim};
+AttentionShape Model::attention_shape(int64_t batch, int64_t seq) const {
+  return {batch, seq, local_heads(), config_.n_kv_heads, config_.head_dim,
+          shard_.rank * local_heads(), config_.n_heads / config_.n_kv_heads};
 }
 
 // Size every activation and scratch buffer for batch shape [B, T], once per shape (and the
@@ -165,14 +210,14 @@ void Model::prepare(int64_t batch, int64_t seq) {
   const int64_t threads = get_num_threads();
   if (batch == act_.batch && seq == act_.seq) {
     if (act_.threads != threads) {
-      act_.attention = AttentionWorkspace::create(attention_shape(), threads, device_, true);
+      act_.attention = AttentionWorkspace::create(attention_shape(act_.batch, act_.seq), threads, device_, true);
       act_.threads = threads;
     }
     return;
   }
   Activations a;
-  const int64_t rows = batch * seq, D = config_.d_model, F = config_.ffn_dim;
-  const int64_t qw = config_.n_heads * config_.head_dim, kvw = config_.n_kv_heads * config_.head_dim;
+  const int64_t rows = batch * seq, D = config_.d_model, F = local_ffn();
+  const int64_t qw = local_heads() * config_.head_dim, kvw = config_.n_kv_heads * config_.head_dim;
   auto f32 = [&](std::vector<int64_t> shape) { return Tensor::zeros(std::move(shape), DType::F32, device_); };
   a.batch = batch;
   a.seq = seq;
@@ -185,10 +230,11 @@ void Model::prepare(int64_t batch, int64_t seq) {
   for (int64_t i = 0; i < config_.n_layers; ++i)
     a.layers.push_back({f32({rows, D}), f32({rows}), f32({rows, D}), f32({rows, qw}),
                         f32({rows, kvw}), f32({rows, kvw}), f32({rows, qw}),
-                        f32({batch * config_.n_heads * seq}), f32({rows, F}), f32({rows, F})});
+                        f32({batch * local_heads() * seq}), f32({rows, F}), f32({rows, F})});
   a.final_xhat = f32({rows, D});
   a.final_rstd = f32({rows});
   a.final_h = f32({rows, D});
+  if (sharded()) a.branches = f32({rows, D});
   a.dx = f32({rows, D});
   a.dh = f32({rows, D});
   a.dfinal_h = f32({rows, D});
@@ -200,12 +246,12 @@ void Model::prepare(int64_t batch, int64_t seq) {
   a.dswiglu = f32({rows, F});
   a.dgate = f32({rows, F});
   a.dup = f32({rows, F});
-  const int64_t chunk = logits_chunk_rows(config_.vocab_size, rows);
-  a.logits_chunk = f32({chunk, config_.vocab_size});
-  a.row_ce = f32({chunk});
+  const int64_t chunk = logits_chunk_rows(local_vocab(), rows);
+  a.logits_chunk = f32({chunk, local_vocab()});
   a.row_lse = f32({chunk});
-  a.attention = AttentionWorkspace::create({batch, seq, config_.n_heads, config_.n_kv_heads, config_.head_dim},
-                                           threads, device_, true);
+  a.row_picked = f32({chunk});
+  a.row_shift = f32({chunk});
+  a.attention = AttentionWorkspace::create(attention_shape(batch, seq), threads, device_, true);
   act_ = std::move(a);
 }
 
@@ -283,10 +329,14 @@ void Model::load_batch(const Tensor& tokens, const Tensor* targets) {
 }
 
 // x = embed[t]; each layer: h = LN(x); x += attn(h) @ wo + swiglu(h) @ w_down; final LN.
-// Against a cache, each layer first writes the rows' keys and values into it.
+// Against a cache, each layer first writes the rows' keys and values into it. Sharded over the
+// model axis (PALM_SPEC "Sharded layout"), a rank looks up the ids of its vocabulary rows and
+// computes its heads and MLP units; x = the all-reduce of those pieces, once for the embedding
+// and once per layer (the parallel block lets both branches share it).
 void Model::run_forward(Activations& act, KVCache* cache) {
   const float eps = static_cast<float>(config_.norm_eps);
-  embedding_forward(weights_.embed, act.tokens, act.x);
+  embedding_forward(weights_.embed, act.tokens, act.x, vocab_first());
+  if (sharded()) all_reduce(act.x);
   for (int64_t i = 0; i < config_.n_layers; ++i) {
     const LayerWeights& w = weights_.layers[i];
     LayerActivations& a = act.layers[cache ? 0 : i];
@@ -294,7 +344,7 @@ void Model::run_forward(Activations& act, KVCache* cache) {
     matmul(a.h, false, w.wq, false, a.q);
     matmul(a.h, false, w.wk, false, a.k);
     matmul(a.h, false, w.wv, false, a.v);
-    rope_apply(a.q, act.positions, rope_cos_, rope_sin_, config_.n_heads, false);
+    rope_apply(a.q, act.positions, rope_cos_, rope_sin_, local_heads(), false);
     rope_apply(a.k, act.positions, rope_cos_, rope_sin_, config_.n_kv_heads, false);
     if (cache) {
       kv_cache_write(a.k, a.v, act.slots, act.positions, cache->keys[i], cache->values[i], cache->capacity);
@@ -302,58 +352,95 @@ void Model::run_forward(Activations& act, KVCache* cache) {
                        {cache->slots, cache->capacity, config_.n_heads, config_.n_kv_heads, config_.head_dim},
                        act.attention);
     } else {
-      attention_forward(a.q, a.k, a.v, a.attn, a.lse, attention_shape(), act.attention);
+      attention_forward(a.q, a.k, a.v, a.attn, a.lse, attention_shape(act.batch, act.seq), act.attention);
     }
     matmul(a.h, false, w.w_gate, false, a.gate);
     matmul(a.h, false, w.w_up, false, a.up);
     swiglu_forward(a.gate, a.up, act.swiglu);
-    matmul(a.attn, false, w.wo, false, act.x, 1.0f, 1.0f);        // parallel block:
-    matmul(act.swiglu, false, w.w_down, false, act.x, 1.0f, 1.0f);  // both branches add to x
+    if (!sharded()) {
+      matmul(a.attn, false, w.wo, false, act.x, 1.0f, 1.0f);        // parallel block:
+      matmul(act.swiglu, false, w.w_down, false, act.x, 1.0f, 1.0f);  // both branches add to x
+      continue;
+    }
+    matmul(a.attn, false, w.wo, false, act.branches);
+    matmul(act.swiglu, false, w.w_down, false, act.branches, 1.0f, 1.0f);
+    all_reduce(act.branches);
+    add_to(act.x, act.branches);
   }
   layernorm_forward(act.x, weights_.final_norm, eps, act.final_h, act.final_xhat, act.final_rstd);
 }
 
-// z = LN(x) @ embed^T / sqrt(D)
+void Model::all_reduce(Tensor& t) { shard_.comm->all_reduce_sum(t.data<float>(), t.numel()); }
+
+// z = LN(x) @ embed^T / sqrt(D); sharded, each rank's vocabulary columns gathered.
 void Model::forward(const Tensor& tokens, Tensor& logits) {
   load_batch(tokens, nullptr);
   run_forward(act_, nullptr);
-  matmul(act_.final_h, false, weights_.embed, true, logits,
-         1.0f / std::sqrt(static_cast<float>(config_.d_model)));
+  const float scale = 1.0f / std::sqrt(static_cast<float>(config_.d_model));
+  if (!sharded()) {
+    matmul(act_.final_h, false, weights_.embed, true, logits, scale);
+    return;
+  }
+  const int64_t rows = act_.batch * act_.seq, Vl = local_vocab(), M = shard_.size;
+  Tensor mine = Tensor::zeros({rows, Vl}, DType::F32, device_);
+  Tensor all = Tensor::zeros({M, rows, Vl}, DType::F32, device_);
+  matmul(act_.final_h, false, weights_.embed, true, mine, scale);
+  shard_.comm->all_gather(mine.data<float>(), all.data<float>(), mine.numel());
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t r = 0; r < rows; ++r)
+      std::memcpy(logits.data<float>() + r * config_.vocab_size + m * Vl,
+                  all.data<float>() + (m * rows + r) * Vl, Vl * sizeof(float));
 }
 
-LossStats Model::forward_backward(const Tensor& tokens, const Tensor& targets) {
+LossStats Model::forward_backward(const Tensor& tokens, const Tensor& targets, int64_t total_tokens) {
+  require(total_tokens >= 0, "total_tokens must be >= 0");
   load_batch(tokens, &targets);
   run_forward(act_, nullptr);
   const int64_t rows = act_.batch * act_.seq;
   const int32_t* y = act_.targets.data<int32_t>();
   LossStats stats;
   for (int64_t r = 0; r < rows; ++r) stats.tokens += y[r] >= 0;
-  if (stats.tokens == 0) return stats;  // nothing counted: loss 0, no gradient
+  if (stats.tokens == 0) return stats;  // nothing counted: loss 0, no gradient (on every rank alike)
 
   // Loss and its gradient, a chunk of rows at a time (never the whole [rows, V] logits).
+  // Sharded, each rank holds the logits of its vocabulary columns: lse = log Σ_ranks exp(lse_rank)
+  // (as max + log Σ exp(lse_rank - max)) and z[y] (from the rank that holds y) are all-reduced.
   const float logit_scale = 1.0f / std::sqrt(static_cast<float>(config_.d_model));
-  const float grad_scale = 1.0f / static_cast<float>(stats.tokens);
+  const float grad_scale = 1.0f / static_cast<float>(total_tokens ? total_tokens : stats.tokens);
   const int64_t chunk = act_.logits_chunk.dim(0);
   double ce_sum = 0.0, loss_sum = 0.0;
   for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
-    const int64_t r1 = std::min(rows, r0 + chunk);
-    Tensor z = act_.logits_chunk.rows(0, r1 - r0);
+    const int64_t r1 = std::min(rows, r0 + chunk), n = r1 - r0;
+    Tensor z = act_.logits_chunk.rows(0, n);
     Tensor h = act_.final_h.rows(r0, r1);
     Tensor dh = act_.dfinal_h.rows(r0, r1);
+    Tensor lse = act_.row_lse.view(0, {n}), picked = act_.row_picked.view(0, {n});
+    const Tensor y_chunk = act_.targets.view(r0, {n});
     matmul(h, false, weights_.embed, true, z, logit_scale);
-    cross_entropy_forward_backward(z, act_.targets.view(r0, {r1 - r0}), static_cast<float>(config_.z_loss),
-                                   grad_scale, act_.row_ce, act_.row_lse);
+    cross_entropy_stats(z, y_chunk, vocab_first(), lse, picked);
+    if (sharded()) {
+      float* l = lse.data<float>();
+      float* top = act_.row_shift.data<float>();
+      std::copy(l, l + n, top);
+      shard_.comm->all_reduce_max(top, n);
+      for (int64_t r = 0; r < n; ++r) l[r] = std::exp(l[r] - top[r]);
+      shard_.comm->all_reduce_sum(l, n);
+      for (int64_t r = 0; r < n; ++r) l[r] = top[r] + std::log(l[r]);
+      all_reduce(picked);
+    }
     for (int64_t r = r0; r < r1; ++r) {
       if (y[r] < 0) continue;
-      const double ce = act_.row_ce.data<float>()[r - r0], lse = act_.row_lse.data<float>()[r - r0];
+      const double row_lse = lse.data<float>()[r - r0], ce = row_lse - picked.data<float>()[r - r0];
       ce_sum += ce;
-      loss_sum += ce + config_.z_loss * lse * lse;
+      loss_sum += ce + config_.z_loss * row_lse * row_lse;
     }
+    cross_entropy_backward(z, y_chunk, vocab_first(), lse, static_cast<float>(config_.z_loss), grad_scale);
     matmul(z, false, weights_.embed, false, dh, logit_scale);                     // dh = dz @ E / √D
     matmul(z, true, h, false, weight_grads_.embed, logit_scale, 1.0f);            // dE += dzᵀ h / √D
   }
   stats.ce = ce_sum / stats.tokens;
   stats.loss = loss_sum / stats.tokens;
+  if (sharded()) all_reduce(act_.dfinal_h);
 
   act_.dx.fill_zero();
   layernorm_backward(act_.dfinal_h, act_.final_xhat, act_.final_rstd, weights_.final_norm, act_.dx,
@@ -370,20 +457,32 @@ LossStats Model::forward_backward(const Tensor& tokens, const Tensor& targets) {
     matmul(act_.dx, false, w.w_down, true, act_.dswiglu);
     swiglu_backward(a.gate, a.up, act_.dswiglu, act_.dgate, act_.dup);
     attention_backward(a.q, a.k, a.v, a.attn, a.lse, act_.dattn, act_.dq, act_.dk, act_.dv,
-                       attention_shape(), act_.attention);
-    rope_apply(act_.dq, act_.positions, rope_cos_, rope_sin_, config_.n_heads, true);
+                       attention_shape(act_.batch, act_.seq), act_.attention);
+    rope_apply(act_.dq, act_.positions, rope_cos_, rope_sin_, local_heads(), true);
     rope_apply(act_.dk, act_.positions, rope_cos_, rope_sin_, config_.n_kv_heads, true);
-    // dh = Σ over the five projections of h: d(out) @ Wᵀ; dW += hᵀ d(out)
-    const std::pair<const Tensor*, Tensor*> projections[] = {
-        {&w.wq, &act_.dq}, {&w.wk, &act_.dk}, {&w.wv, &act_.dv}, {&w.w_gate, &act_.dgate}, {&w.w_up, &act_.dup}};
-    Tensor* weight_grad[] = {&gw.wq, &gw.wk, &gw.wv, &gw.w_gate, &gw.w_up};
-    for (int j = 0; j < 5; ++j) {
-      matmul(*projections[j].second, false, *projections[j].first, true, act_.dh, 1.0f, j == 0 ? 0.0f : 1.0f);
-      matmul(a.h, true, *projections[j].second, false, *weight_grad[j], 1.0f, 1.0f);
+    // dh = Σ over the five projections of h: d(out) @ Wᵀ; dW += hᵀ d(out). Sharded, the split
+    // projections' part of dh and the shared key/value head's gradients (from this rank's query
+    // heads only) are all-reduced first: one all-reduce of dh per layer, two small ones.
+    const std::pair<const Tensor*, Tensor*> split[] = {{&w.wq, &act_.dq}, {&w.w_gate, &act_.dgate}, {&w.w_up, &act_.dup}};
+    Tensor* split_grad[] = {&gw.wq, &gw.w_gate, &gw.w_up};
+    for (int j = 0; j < 3; ++j) {
+      matmul(*split[j].second, false, *split[j].first, true, act_.dh, 1.0f, j == 0 ? 0.0f : 1.0f);
+      matmul(a.h, true, *split[j].second, false, *split_grad[j], 1.0f, 1.0f);
+    }
+    if (sharded()) {
+      all_reduce(act_.dh);
+      all_reduce(act_.dk);
+      all_reduce(act_.dv);
+    }
+    const std::pair<const Tensor*, Tensor*> shared[] = {{&w.wk, &act_.dk}, {&w.wv, &act_.dv}};
+    Tensor* shared_grad[] = {&gw.wk, &gw.wv};
+    for (int j = 0; j < 2; ++j) {
+      matmul(*shared[j].second, false, *shared[j].first, true, act_.dh, 1.0f, 1.0f);
+      matmul(a.h, true, *shared[j].second, false, *shared_grad[j], 1.0f, 1.0f);
     }
     layernorm_backward(act_.dh, a.xhat, a.rstd, w.norm, act_.dx, gw.norm);
   }
-  embedding_backward(act_.dx, act_.tokens, weight_grads_.embed);
+  embedding_backward(act_.dx, act_.tokens, weight_grads_.embed, vocab_first());
   return stats;
 }
 
@@ -409,6 +508,7 @@ KVCache Model::make_cache(int64_t slots, int64_t capacity) const {
 }
 
 Tensor Model::forward_cached(KVCache& cache, const Tensor& tokens, const Tensor& slots) {
+  require(!sharded(), "generation runs on an unsharded model: gather the state_dict into one first");
   apply_num_threads();
   require(tokens.dtype() == DType::I32 && slots.dtype() == DType::I32, "tokens and slots must be int32");
   require(tokens.ndim() == 1 && slots.ndim() == 1 && tokens.dim(0) == slots.dim(0) && tokens.dim(0) > 0,

@@ -22,13 +22,15 @@ void matmul(const Tensor& a, bool transpose_a, const Tensor& b, bool transpose_b
   PALMCORE_DISPATCH(matmul, c.device(), a, transpose_a, b, transpose_b, c, alpha, beta);
 }
 
-void embedding_forward(const Tensor& table, const Tensor& tokens, Tensor& out) {
-  PALMCORE_DISPATCH(embedding_forward, out.device(), table, tokens, out);
+void embedding_forward(const Tensor& table, const Tensor& tokens, Tensor& out, int64_t first) {
+  PALMCORE_DISPATCH(embedding_forward, out.device(), table, tokens, out, first);
 }
 
-void embedding_backward(const Tensor& dout, const Tensor& tokens, Tensor& dtable) {
-  PALMCORE_DISPATCH(embedding_backward, dtable.device(), dout, tokens, dtable);
+void embedding_backward(const Tensor& dout, const Tensor& tokens, Tensor& dtable, int64_t first) {
+  PALMCORE_DISPATCH(embedding_backward, dtable.device(), dout, tokens, dtable, first);
 }
+
+void add_to(Tensor& x, const Tensor& y) { PALMCORE_DISPATCH(add_to, x.device(), x, y); }
 
 void layernorm_forward(const Tensor& x, const Tensor& scale, float eps, Tensor& out, Tensor& xhat,
                        Tensor& rstd) {
@@ -87,17 +89,26 @@ void swiglu_backward(const Tensor& gate, const Tensor& up, const Tensor& dout, T
   PALMCORE_DISPATCH(swiglu_backward, dgate.device(), gate, up, dout, dgate, dup);
 }
 
-void cross_entropy_forward_backward(Tensor& logits, const Tensor& targets, float z_loss,
-                                    float grad_scale, Tensor& row_ce, Tensor& row_lse) {
-  PALMCORE_DISPATCH(cross_entropy_forward_backward, logits.device(), logits, targets, z_loss,
-                    grad_scale, row_ce, row_lse);
+void cross_entropy_stats(const Tensor& logits, const Tensor& targets, int64_t first, Tensor& lse,
+                         Tensor& picked) {
+  PALMCORE_DISPATCH(cross_entropy_stats, logits.device(), logits, targets, first, lse, picked);
+}
+
+void cross_entropy_backward(Tensor& logits, const Tensor& targets, int64_t first, const Tensor& lse,
+                            float z_loss, float grad_scale) {
+  PALMCORE_DISPATCH(cross_entropy_backward, logits.device(), logits, targets, first, lse, z_loss, grad_scale);
 }
 
 double sum_squares(const Tensor& x) { PALMCORE_DISPATCH(sum_squares, x.device(), x); }
 
-void adafactor_update(Tensor& x, const Tensor& g, Tensor& m, Tensor& v, int64_t step, double lr,
-                      double grad_scale, const AdafactorSettings& settings) {
-  PALMCORE_DISPATCH(adafactor_update, x.device(), x, g, m, v, step, lr, grad_scale, settings);
+std::pair<double, double> adafactor_second_moment(const Tensor& x, const Tensor& g, Tensor& v, int64_t step,
+                                                  double grad_scale, const AdafactorSettings& settings) {
+  PALMCORE_DISPATCH(adafactor_second_moment, x.device(), x, g, v, step, grad_scale, settings);
+}
+
+void adafactor_apply(Tensor& x, const Tensor& g, Tensor& m, const Tensor& v, double lr, double grad_scale,
+                     double rms_u, double rms_x, const AdafactorSettings& settings) {
+  PALMCORE_DISPATCH(adafactor_apply, x.device(), x, g, m, v, lr, grad_scale, rms_u, rms_x, settings);
 }
 
 void adamw_update(Tensor& x, const Tensor& g, Tensor& m, Tensor& v, int64_t step, double lr,

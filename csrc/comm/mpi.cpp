@@ -86,8 +86,9 @@ class Mpi final : public Communicator {
   int size() const override { return size_; }
   std::string name() const override { return "MPI, " + std::to_string(size_) + " ranks"; }
 
-  void all_reduce_sum(float* data, int64_t count) override { all_reduce(data, count, MPI_SUM); }
-  void all_reduce_max(float* data, int64_t count) override { all_reduce(data, count, MPI_MAX); }
+  void all_reduce_sum(float* data, int64_t count) override { all_reduce(data, count, MPI_FLOAT, MPI_SUM); }
+  void all_reduce_sum(double* data, int64_t count) override { all_reduce(data, count, MPI_DOUBLE, MPI_SUM); }
+  void all_reduce_max(float* data, int64_t count) override { all_reduce(data, count, MPI_FLOAT, MPI_MAX); }
 
   void reduce_scatter_sum(const float* in, float* out, int64_t count) override {
     check_count(count, "reduce_scatter_sum");
@@ -106,12 +107,13 @@ class Mpi final : public Communicator {
   void barrier() override { check(api_.barrier(comm_), "MPI_Barrier"); }
 
  private:
-  void all_reduce(float* data, int64_t count, MPI_Op op) {
+  template <typename T>
+  void all_reduce(T* data, int64_t count, MPI_Datatype type, MPI_Op op) {
     for (int64_t begin = 0; begin < count; begin += kMaxPiece) {
       const int piece = static_cast<int>(std::min(kMaxPiece, count - begin));
-      check(api_.allreduce(MPI_IN_PLACE, data + begin, piece, MPI_FLOAT, op, comm_), "MPI_Allreduce");
+      check(api_.allreduce(MPI_IN_PLACE, data + begin, piece, type, op, comm_), "MPI_Allreduce");
     }
-    count_all_reduce(count * static_cast<int64_t>(sizeof(float)));
+    count_all_reduce(count * static_cast<int64_t>(sizeof(T)));
   }
 
   void check_count(int64_t count, const char* what) const {

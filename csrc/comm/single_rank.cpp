@@ -12,6 +12,7 @@ class SingleRank final : public Communicator {
   int size() const override { return 1; }
   std::string name() const override { return "single rank"; }
   void all_reduce_sum(float*, int64_t) override {}
+  void all_reduce_sum(double*, int64_t) override {}
   void all_reduce_max(float*, int64_t) override {}
   void reduce_scatter_sum(const float* in, float* out, int64_t count) override {
     if (in != out) std::memmove(out, in, count * sizeof(float));

@@ -20,10 +20,12 @@ namespace palmcore::cpu {
 namespace {
 
 struct Layout {
-  int64_t B, T, H, Hkv, dh, group, q_stride, kv_stride;
+  int64_t B, T, H, Hkv, dh, group, first_head, q_stride, kv_stride;
   explicit Layout(const AttentionShape& s)
-      : B(s.batch), T(s.seq), H(s.heads), Hkv(s.kv_heads), dh(s.head_dim), group(s.heads / s.kv_heads),
-        q_stride(s.heads * s.head_dim), kv_stride(s.kv_heads * s.head_dim) {}
+      : B(s.batch), T(s.seq), H(s.heads), Hkv(s.kv_heads), dh(s.head_dim), group(s.query_group()),
+        first_head(s.first_head), q_stride(s.heads * s.head_dim), kv_stride(s.kv_heads * s.head_dim) {}
+  // The key/value head that this shard's query head h reads.
+  int64_t kv_of(int64_t h) const { return (first_head + h) / group; }
   // Offsets of (batch b, row t, head h) in the q-shaped and kv-shaped activations.
   int64_t q_at(int64_t b, int64_t t, int64_t h) const { return (b * T + t) * q_stride + h * dh; }
   int64_t kv_at(int64_t b, int64_t t, int64_t g) const { return (b * T + t) * kv_stride + g * dh; }
@@ -34,7 +36,7 @@ struct Layout {
 void score_tile(const Layout& L, const float* q, const float* k, int64_t b, int64_t h, int64_t i0,
                 int64_t i1, float scale, float* s) {
   gemm(false, true, i1 - i0, i1, L.dh, scale, q + L.q_at(b, i0, h), L.q_stride,
-       k + L.kv_at(b, 0, h / L.group), L.kv_stride, 0.0f, s, i1);
+       k + L.kv_at(b, 0, L.kv_of(h)), L.kv_stride, 0.0f, s, i1);
 }
 
 // One block of queries against keys [0, n): query row i of Q [m, dh] (leading dimension ldq)
@@ -91,7 +93,7 @@ void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, Tensor
     for (int64_t b = 0; b < L.B; ++b)
       for (int64_t h = 0; h < L.H; ++h)
         for (int64_t i0 = 0; i0 < L.T; i0 += kAttentionQueryBlock) {
-          const int64_t i1 = std::min(L.T, i0 + kAttentionQueryBlock), g = h / L.group;
+          const int64_t i1 = std::min(L.T, i0 + kAttentionQueryBlock), g = L.kv_of(h);
           attend_block(qs + L.q_at(b, i0, h), L.q_stride, i1 - i0, ks + L.kv_at(b, 0, g), vs + L.kv_at(b, 0, g),
                        L.kv_stride, L.dh, i0 + 1, 1, scale, s, os + L.q_at(b, i0, h), L.q_stride,
                        lses + (b * L.H + h) * L.T + i0, 1);
@@ -106,6 +108,8 @@ void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, Tensor
 void attention_cached(const Tensor& q, const Tensor& slots, const Tensor& positions, const Tensor& k_cache,
                       const Tensor& v_cache, Tensor& out, const AttentionShape& shape, AttentionWorkspace& ws) {
   const Layout L(shape);  // batch = cache slots, seq = cache capacity
+  if (L.first_head != 0 || L.group != L.H / L.Hkv)
+    throw std::invalid_argument("attention_cached: a sharded model's heads are not supported");
   const float scale = 1.0f / std::sqrt(static_cast<float>(L.dh));
   const int64_t rows = q.dim(0);
   const int32_t* slot = slots.data<int32_t>();
@@ -165,7 +169,7 @@ void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const
 #pragma omp for collapse(2) schedule(static)
     for (int64_t b = 0; b < L.B; ++b)
       for (int64_t h = 0; h < L.H; ++h) {
-        const int64_t g = h / L.group;
+        const int64_t g = L.kv_of(h);
         float* dk_part = ws.dkeys_part.data<float>() + (b * L.H + h) * L.T * L.dh;
         float* dv_part = ws.dvalues_part.data<float>() + (b * L.H + h) * L.T * L.dh;
         std::fill(dk_part, dk_part + L.T * L.dh, 0.0f);
@@ -202,7 +206,7 @@ void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const
                1.0f, dv_part, L.dh);
         }
       }
-    // dk[b, t, g] = Σ_{h in group g} dk_part[b, h, t]   (head order: deterministic)
+    // dk[b, t, g] = Σ_{this shard's heads h reading g} dk_part[b, h, t]   (head order: deterministic)
 #pragma omp for collapse(2) schedule(static)
     for (int64_t b = 0; b < L.B; ++b)
       for (int64_t t = 0; t < L.T; ++t)
@@ -211,7 +215,9 @@ void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const
           float* dvr = dv.data<float>() + L.kv_at(b, t, g);
           std::fill(dkr, dkr + L.dh, 0.0f);
           std::fill(dvr, dvr + L.dh, 0.0f);
-          for (int64_t h = g * L.group; h < (g + 1) * L.group; ++h) {
+          const int64_t h0 = std::max<int64_t>(0, g * L.group - L.first_head);
+          const int64_t h1 = std::min(L.H, (g + 1) * L.group - L.first_head);
+          for (int64_t h = h0; h < h1; ++h) {
             const float* dkp = ws.dkeys_part.data<float>() + ((b * L.H + h) * L.T + t) * L.dh;
             const float* dvp = ws.dvalues_part.data<float>() + ((b * L.H + h) * L.T + t) * L.dh;
             for (int64_t d = 0; d < L.dh; ++d) {

@@ -1,4 +1,5 @@
-// Cross-entropy with PaLM's z-loss, forward and backward in one pass; math in palmcore/ops.h.
+// Cross-entropy with PaLM's z-loss over a (possibly vocabulary-sharded) row of logits, in two
+// passes around the combination of the shards' log-sum-exps; math in palmcore/op_signatures.inc.
 #include <algorithm>
 #include <cmath>
 
@@ -7,31 +8,40 @@
 
 namespace palmcore::cpu {
 
-// lse = log Σ exp(z), ce = lse - z[y];  z <- grad_scale · (softmax(z)(1 + 2·z_loss·lse) - onehot(y))
-void cross_entropy_forward_backward(Tensor& logits, const Tensor& targets, float z_loss,
-                                    float grad_scale, Tensor& row_ce, Tensor& row_lse) {
+// lse_shard = log Σ_c exp(z_c) = max + log Σ_c exp(z_c - max);  picked = z[y - first] or 0
+void cross_entropy_stats(const Tensor& logits, const Tensor& targets, int64_t first, Tensor& lse,
+                         Tensor& picked) {
   const int64_t rows = logits.dim(0), vocab = logits.dim(1);
   const int32_t* y = targets.data<int32_t>();
-  float* ce = row_ce.data<float>();
-  float* lses = row_lse.data<float>();
+  float* lses = lse.data<float>();
+  float* pick = picked.data<float>();
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* z = logits.data<float>() + r * vocab;
+    const float max_z = max_lanes(z, vocab);
+    lses[r] = max_z + static_cast<float>(std::log(sum_exp_lanes(z, vocab, max_z)));
+    const int64_t column = static_cast<int64_t>(y[r]) - first;
+    pick[r] = y[r] >= 0 && column >= 0 && column < vocab ? z[column] : 0.0f;
+  }
+}
+
+// dz = grad_scale · (exp(z - lse) · (1 + 2 · z_loss · lse) - onehot(y - first))
+void cross_entropy_backward(Tensor& logits, const Tensor& targets, int64_t first, const Tensor& lse,
+                            float z_loss, float grad_scale) {
+  const int64_t rows = logits.dim(0), vocab = logits.dim(1);
+  const int32_t* y = targets.data<int32_t>();
+  const float* lses = lse.data<float>();
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
     float* z = logits.data<float>() + r * vocab;
     if (y[r] < 0) {
       std::fill(z, z + vocab, 0.0f);
-      ce[r] = lses[r] = 0.0f;
       continue;
     }
-    const float target_logit = z[y[r]];
-    const float max_z = max_lanes(z, vocab);
-    for (int64_t c = 0; c < vocab; ++c) z[c] = exp_approx(z[c] - max_z);  // unnormalized probabilities
-    const double sum = sum_lanes(z, vocab);
-    const float lse = max_z + static_cast<float>(std::log(sum));
-    ce[r] = lse - target_logit;
-    lses[r] = lse;
-    const float coef = static_cast<float>(grad_scale * (1.0 + 2.0 * z_loss * lse) / sum);
-    for (int64_t c = 0; c < vocab; ++c) z[c] *= coef;
-    z[y[r]] -= grad_scale;
+    const float coef = static_cast<float>(grad_scale * (1.0 + 2.0 * z_loss * lses[r]));
+    for (int64_t c = 0; c < vocab; ++c) z[c] = coef * exp_approx(z[c] - lses[r]);
+    const int64_t column = static_cast<int64_t>(y[r]) - first;
+    if (column >= 0 && column < vocab) z[column] -= grad_scale;
   }
 }
 

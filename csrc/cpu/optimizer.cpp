@@ -46,26 +46,34 @@ double sum_squares(const Tensor& x) {
          }).first;
 }
 
-void adafactor_update(Tensor& x, const Tensor& g, Tensor& m, Tensor& v, int64_t step, double lr,
-                      double grad_scale, const AdafactorSettings& s) {
-  const int64_t n = x.numel();
-  float* xs = x.data<float>();
-  float* ms = m.data<float>();
-  float* vs = v.data<float>();
+// Pass 1: second moments, and Σ u² and Σ x_old² for the two RMS terms.
+std::pair<double, double> adafactor_second_moment(const Tensor& x, const Tensor& g, Tensor& v, int64_t step,
+                                                  double grad_scale, const AdafactorSettings& s) {
+  const float* xs = x.data<float>();
   const float* gs = g.data<float>();
+  float* vs = v.data<float>();
   const float beta2 = static_cast<float>(1.0 - std::pow(static_cast<double>(step), -s.decay));
   const float gscale = static_cast<float>(grad_scale), eps = static_cast<float>(s.eps);
-  // Pass 1: second moments, and Σ u² and Σ x_old² for the two RMS terms.
-  const auto [sum_u2, sum_x2] = chunked_sums(n, [&](int64_t i) {
+  return chunked_sums(x.numel(), [&](int64_t i) {
     const float gi = gs[i] * gscale;
     vs[i] = beta2 * vs[i] + (1.0f - beta2) * (gi * gi + eps);
     const float u = gi / std::sqrt(vs[i]);
     return std::pair<double, double>{double(u) * u, double(xs[i]) * xs[i]};
   });
-  const float clip_div = static_cast<float>(std::max(1.0, std::sqrt(sum_u2 / n) / s.clip));
-  const float step_size = static_cast<float>(lr * std::max(s.min_scale, std::sqrt(sum_x2 / n)));
+}
+
+// Pass 2: clipped update, momentum, parameter.
+void adafactor_apply(Tensor& x, const Tensor& g, Tensor& m, const Tensor& v, double lr, double grad_scale,
+                     double rms_u, double rms_x, const AdafactorSettings& s) {
+  const int64_t n = x.numel();
+  float* xs = x.data<float>();
+  float* ms = m.data<float>();
+  const float* vs = v.data<float>();
+  const float* gs = g.data<float>();
+  const float gscale = static_cast<float>(grad_scale);
+  const float clip_div = static_cast<float>(std::max(1.0, rms_u / s.clip));
+  const float step_size = static_cast<float>(lr * std::max(s.min_scale, rms_x));
   const float decay = static_cast<float>(lr * lr), beta1 = static_cast<float>(s.beta1);
-  // Pass 2: clipped update, momentum, parameter.
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < n; ++i) {
     const float u = gs[i] * gscale / std::sqrt(vs[i]) / clip_div;

@@ -55,6 +55,18 @@ inline double sum_lanes(const float* x, int64_t n) {
   return s;
 }
 
+// Σ exp(x_i - shift), in the same lanes and order as sum_lanes.
+inline double sum_exp_lanes(const float* x, int64_t n, float shift) {
+  double lane[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) lane[l] += exp_approx(x[i + l] - shift);
+  double s = 0.0;
+  for (int64_t l = 0; l < kLanes; ++l) s += lane[l];
+  for (; i < n; ++i) s += exp_approx(x[i] - shift);
+  return s;
+}
+
 inline float sigmoid_approx(float x) { return 1.0f / (1.0f + exp_approx(-x)); }
 
 }  // namespace palmcore::cpu

@@ -19,6 +19,8 @@ class Communicator {
 
   // data[i] = Σ_ranks data[i], in place, on every rank.
   virtual void all_reduce_sum(float* data, int64_t count) = 0;
+  // The same in double (small vectors of partial sums: norms, RMS terms).
+  virtual void all_reduce_sum(double* data, int64_t count) = 0;
   // data[i] = max_ranks data[i], in place, on every rank.
   virtual void all_reduce_max(float* data, int64_t count) = 0;
   // out[i] = Σ_ranks in[rank · count + i], i < count: each rank gets its block of the sum.

@@ -3,9 +3,11 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
+#include "palmcore/communicator.h"
 #include "palmcore/ops.h"
 #include "palmcore/tensor.h"
 
@@ -18,14 +20,27 @@ struct ModelConfig {
   void validate() const;
 };
 
-// One named parameter: its spec name, shape, place in the flat buffer and init std
-// (0 means "initialized to ones", the norm scales).
+// One named parameter: its spec name, the shape of this rank's piece, its place in the flat
+// buffer and its init std (0 means "initialized to ones", the norm scales). A parameter split
+// over the model axis (PALM_SPEC "Sharded layout") holds the slice [split_offset,
+// split_offset + shape[split_axis]) of full_shape along split_axis; split_axis -1: replicated.
 struct ParamInfo {
   std::string name;
   std::vector<int64_t> shape;
   int64_t offset;
   double init_std;
+  std::vector<int64_t> full_shape;
+  int split_axis = -1;
+  int64_t split_offset = 0;
   int64_t numel() const;
+  int64_t full_numel() const;
+};
+
+// This rank's place on the mesh's model axis and the communicator of its model group: each
+// split parameter holds slice `rank` of `size` (PALM_SPEC "Sharded layout").
+struct ModelShard {
+  int64_t rank = 0, size = 1;
+  std::shared_ptr<Communicator> comm;  // a single-rank one when null
 };
 
 struct LossStats {
@@ -48,9 +63,14 @@ void make_rope_tables(int64_t positions, int64_t head_dim, double base, Tensor& 
 
 class Model {
  public:
-  Model(const ModelConfig& config, uint64_t seed, Device device = Device::CPU);
+  // Throws std::invalid_argument if the config breaks the spec, or if the shard's axis does
+  // not divide the heads, the MLP's hidden units or the vocabulary. Every rank draws its
+  // slice of the same initial weights as an unsharded model of this seed.
+  Model(const ModelConfig& config, uint64_t seed, Device device = Device::CPU, ModelShard shard = {});
 
   const ModelConfig& config() const { return config_; }
+  const ModelShard& shard() const { return shard_; }
+  Communicator& model_comm() const { return *shard_.comm; }
   const std::vector<ParamInfo>& params_info() const { return info_; }
   const ParamInfo& info(const std::string& name) const;
   Tensor param(const std::string& name) const;
@@ -61,10 +81,12 @@ class Model {
   // Throws std::invalid_argument unless `tokens` is int32 [B, T] with 0 < T <= max_seq_len
   // (ids are checked when a call copies them in).
   void check_shape(const Tensor& tokens, const char* what) const;
-  // tokens: int32 [B, T] in [0, V). logits: float [B·T, V].
+  // tokens: int32 [B, T] in [0, V). logits: float [B·T, V] (gathered over the model axis).
   void forward(const Tensor& tokens, Tensor& logits);
-  // Adds d(loss)/d(params) to the gradients; targets < 0 are ignored.
-  LossStats forward_backward(const Tensor& tokens, const Tensor& targets);
+  // Adds d(loss)/d(params) to the gradients; targets < 0 are ignored. The loss is a mean over
+  // `total_tokens` counted targets (0: this call's own count; data parallelism passes the
+  // count of the whole batch over all its ranks, so that their gradients add up to its mean).
+  LossStats forward_backward(const Tensor& tokens, const Tensor& targets, int64_t total_tokens = 0);
   void zero_grad() { grads_.fill_zero(); }
 
   // An empty cache of `slots` sequences of up to `capacity` <= max_seq_len positions.
@@ -94,9 +116,9 @@ class Model {
     Tensor tokens, targets, positions, slots, x;
     std::vector<LayerActivations> layers;
     Tensor final_xhat, final_rstd, final_h;
-    // backward scratch
-    Tensor dx, dh, dfinal_h, dattn, dq, dk, dv, swiglu, dswiglu, dgate, dup;
-    Tensor logits_chunk, row_ce, row_lse;
+    // backward scratch (and, sharded, the sum of a layer's two branches before its all-reduce)
+    Tensor dx, dh, dfinal_h, dattn, dq, dk, dv, swiglu, dswiglu, dgate, dup, branches;
+    Tensor logits_chunk, row_lse, row_picked, row_shift;
     AttentionWorkspace attention;
     // inference: the rows whose logits are wanted, their final hidden states and logits
     Tensor logit_rows, logit_h, logits;
@@ -110,10 +132,19 @@ class Model {
   // The layers and the final norm over a's rows: causal attention within each sequence, or
   // against the cache when one is given.
   void run_forward(Activations& a, KVCache* cache);
-  AttentionShape attention_shape() const;
+  // t = Σ over the model axis of t, in place.
+  void all_reduce(Tensor& t);
+  AttentionShape attention_shape(int64_t batch, int64_t seq) const;
+  // Heads, MLP units and vocabulary rows this rank holds, and the first vocabulary id.
+  int64_t local_heads() const { return config_.n_heads / shard_.size; }
+  int64_t local_ffn() const { return config_.ffn_dim / shard_.size; }
+  int64_t local_vocab() const { return config_.vocab_size / shard_.size; }
+  int64_t vocab_first() const { return shard_.rank * local_vocab(); }
+  bool sharded() const { return shard_.size > 1; }
 
   ModelConfig config_;
   Device device_;
+  ModelShard shard_;
   std::vector<ParamInfo> info_;
   Tensor params_, grads_;
   Weights weights_, weight_grads_;

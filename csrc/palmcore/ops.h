@@ -7,12 +7,17 @@
 // (row = b·T + t); "accumulated" outputs are added to, never overwritten.
 #pragma once
 
+#include <utility>
+
 #include "palmcore/tensor.h"
 
 namespace palmcore {
 
 struct AttentionShape {
   int64_t batch, seq, heads, kv_heads, head_dim;
+  int64_t first_head = 0;  // of this shard's query heads among all of them
+  int64_t group = 0;       // query heads per key/value head; 0: heads / kv_heads (unsharded)
+  int64_t query_group() const { return group ? group : heads / kv_heads; }
 };
 // Attention works a block of this many queries at a time.
 constexpr int64_t kAttentionQueryBlock = 64;

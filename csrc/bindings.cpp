@@ -305,6 +305,11 @@ PYBIND11_MODULE(_core, m) {
              return names;
            })
       .def("param_shape", [](const LockedModel& self, const std::string& name) { return self.model.info(name).shape; })
+      .def("param_layout",
+           [](const LockedModel& self, const std::string& name) {
+             const ParamInfo& p = self.model.info(name);
+             return py::make_tuple(p.full_shape, p.split_axis, p.split_offset);
+           })
       .def("num_params", [](LockedModel& self) { return self.model.flat_params().numel(); })
       .def("get_param",
            [](LockedModel& self, const std::string& name) {

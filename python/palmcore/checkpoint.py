@@ -42,19 +42,38 @@ class Checkpoint:
 def save(root: str, model: PaLM, optimizer=None, trainer: dict | None = None, step: int | None = None,
          keep: int = 3, tokenizer_path: str | None = None) -> str:
     """Write a checkpoint of ``model`` (and ``optimizer``, ``trainer``, a copy of the tokenizer
-    model) under ``root``; returns its directory. ``step`` defaults to the optimizer's count."""
+    model) under ``root``; returns its directory. ``step`` defaults to the optimizer's count.
+
+    A checkpoint holds full tensors whatever the mesh, so it loads on any other. On a mesh every
+    rank must call this (the tensors are gathered); the main rank writes, the others wait."""
     if step is None:
         step = optimizer.steps_taken if optimizer is not None else int((trainer or {}).get("step", 0))
     if keep < 1:
         raise ValueError(f"keep must be at least 1, got {keep}")
-    os.makedirs(root, exist_ok=True)
     final = os.path.join(root, f"step-{step:08d}")
+    weights = model.state_dict()
+    state = optimizer.state_dict() if optimizer is not None else None
+    mesh = model.mesh
+    if mesh is not None and not mesh.is_main:
+        mesh.barrier()  # until the main rank has written it
+        return final
+    try:
+        _write(root, final, model, weights, state, trainer, step, tokenizer_path)
+    finally:
+        if mesh is not None:
+            mesh.barrier()
+    for old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write(root, final, model, weights, state, trainer, step, tokenizer_path) -> None:
+    os.makedirs(root, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=root, prefix=".tmp-step-")
     try:
-        save_file(model.state_dict(), os.path.join(tmp, "model.safetensors"), {"format": FORMAT})
+        save_file(weights, os.path.join(tmp, "model.safetensors"), {"format": FORMAT})
         _write_json(os.path.join(tmp, "config.json"), model.config.to_dict())
-        if optimizer is not None:
-            state = optimizer.state_dict()
+        if state is not None:
             tensors = {f"m.{n}": a for n, a in state["m"].items()}
             tensors.update({f"v.{n}": a for n, a in state["v"].items()})
             save_file(tensors, os.path.join(tmp, "optimizer.safetensors"),
@@ -71,9 +90,6 @@ def save(root: str, model: PaLM, optimizer=None, trainer: dict | None = None, st
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in list_checkpoints(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def list_checkpoints(root: str) -> list[str]:
@@ -89,9 +105,10 @@ def latest(root: str) -> str | None:
     return found[-1] if found else None
 
 
-def load(path: str, config: PaLMConfig | None = None) -> Checkpoint:
+def load(path: str, config: PaLMConfig | None = None, mesh=None) -> Checkpoint:
     """Load a checkpoint directory (or the newest one under a run folder). With ``config``,
-    the checkpoint must have been written for that configuration."""
+    the checkpoint must have been written for that configuration. With ``mesh``, the model
+    is laid out on it (whatever mesh wrote the checkpoint)."""
     if not os.path.exists(os.path.join(path, "model.safetensors")) and latest(path):
         path = latest(path)
     for name in ("model.safetensors", "config.json", "trainer.json"):
@@ -104,7 +121,7 @@ def load(path: str, config: PaLMConfig | None = None) -> Checkpoint:
         raise ValueError(f"checkpoint {path} is for another configuration (differs in "
                          f"{', '.join(different)})")
     tensors, _ = load_file(os.path.join(path, "model.safetensors"))
-    model = PaLM(saved, seed=0)
+    model = PaLM(saved, seed=0, mesh=mesh)
     model.load_state_dict(tensors)
     with open(os.path.join(path, "trainer.json")) as f:
         trainer = json.load(f)

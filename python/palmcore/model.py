@@ -18,16 +18,32 @@ class PaLM:
 
     Parameters are initialized as the spec says, deterministically in ``seed``. Gradients
     accumulate over calls of :meth:`forward_backward` until :meth:`zero_grad`.
+
+    On a ``mesh`` (palmcore.Mesh), each rank holds its model-axis slice of every split
+    parameter (PALM_SPEC.md "Sharded layout"), drawn to equal the same slice of an unsharded
+    model of this seed; :meth:`state_dict` still gives full tensors (every rank of the model
+    group must call it: it gathers), or with ``shard=True`` the local pieces.
     """
 
-    def __init__(self, config: PaLMConfig, seed: int = 0):
+    def __init__(self, config: PaLMConfig, seed: int = 0, mesh=None):
         if not isinstance(config, PaLMConfig):
             raise TypeError(f"config must be a PaLMConfig, got {type(config).__name__}")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**64:
             raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
         self._config = config
-        self._model = _core.Model(config.to_dict(), int(seed))
+        self._mesh = mesh
+        if mesh is not None and mesh.model > 1:
+            self._model = _core.Model(config.to_dict(), int(seed), mesh.model_index, mesh.model, mesh.model_comm)
+        else:
+            self._model = _core.Model(config.to_dict(), int(seed))
         self._names = self._model.param_names()
+        # name -> (full shape, split axis or -1, offset of this rank's slice along it)
+        self._layout = {n: tuple(self._model.param_layout(n)) for n in self._names}
+
+    @property
+    def mesh(self):
+        """The palmcore.Mesh this model is laid out on, or None."""
+        return self._mesh
 
     @property
     def config(self) -> PaLMConfig:
@@ -40,9 +56,36 @@ class PaLM:
     def num_params(self) -> int:
         return self._model.num_params()
 
-    def state_dict(self) -> dict[str, np.ndarray]:
-        """Every parameter by its spec name, as a float32 copy."""
-        return {name: self._model.get_param(name) for name in self._names}
+    def state_dict(self, shard: bool = False) -> dict:
+        """Every parameter by its spec name, as a full float32 copy (gathered over the model
+        axis); with ``shard=True``, {name: (local piece, offsets of its first element in the
+        full tensor)} instead."""
+        if shard:
+            return {n: (self._model.get_param(n), self._offsets(n)) for n in self._names}
+        return {n: self.gather(n, self._model.get_param(n)) for n in self._names}
+
+    def _offsets(self, name: str) -> tuple:
+        full, axis, offset = self._layout[name]
+        return tuple(offset if d == axis else 0 for d in range(len(full)))
+
+    def gather(self, name: str, piece: np.ndarray) -> np.ndarray:
+        """The full tensor of parameter ``name`` from every model rank's ``piece`` laid out
+        like it (a parameter, its gradient or an optimizer moment). Collective."""
+        full, axis, _ = self._layout[name]
+        if axis < 0 or tuple(piece.shape) == tuple(full):
+            return piece
+        pieces = self._mesh.model_comm.all_gather(np.ascontiguousarray(piece, dtype=np.float32))
+        return np.concatenate(list(pieces.reshape(self._mesh.model, *piece.shape)), axis=axis)
+
+    def local_piece(self, name: str, full: np.ndarray) -> np.ndarray:
+        """This rank's slice of the full tensor ``full`` of parameter ``name``."""
+        shape, axis, offset = self._layout[name]
+        if axis < 0:
+            return full
+        width = tuple(self._model.param_shape(name))[axis]
+        index = [slice(None)] * len(shape)
+        index[axis] = slice(offset, offset + width)
+        return np.ascontiguousarray(full[tuple(index)])
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Replace every parameter. Strict: the same names, shapes and dtype (float32), all
@@ -60,12 +103,12 @@ class PaLM:
             if not isinstance(value, np.ndarray) or value.dtype != np.float32:
                 dtype = getattr(value, "dtype", type(value).__name__)
                 raise TypeError(f"parameter '{name}' must be a float32 ndarray, got {dtype}")
-            expected = tuple(self._model.param_shape(name))
+            expected = tuple(self._layout[name][0])
             if value.shape != expected:
                 raise ValueError(f"parameter '{name}' has shape {value.shape}, expected {expected}")
             if not np.isfinite(value).all():
                 raise ValueError(f"parameter '{name}' holds a non-finite value (NaN or Inf)")
-            arrays[name] = np.ascontiguousarray(value)
+            arrays[name] = self.local_piece(name, np.ascontiguousarray(value))
         for name, value in arrays.items():
             self._model.set_param(name, value)
 
@@ -73,16 +116,21 @@ class PaLM:
         """Logits float32 [B, T, V] for int tokens [B, T]."""
         return self._model.forward(_as_token_array(tokens, "tokens"))
 
-    def forward_backward(self, tokens, targets) -> dict:
+    def forward_backward(self, tokens, targets, total_tokens: int | None = None) -> dict:
         """Loss of tokens [B, T] against targets [B, T] (targets < 0 are ignored); adds the
         gradient of the loss to :meth:`grads`. Returns {"loss", "ce", "tokens"}: the mean loss
-        (with z-loss), the mean cross-entropy and the number of counted targets."""
+        (with z-loss), the mean cross-entropy and the number of counted targets. The gradient
+        is that of the sum of the losses over ``total_tokens`` (default: the counted targets
+        here; data parallelism passes the whole batch's count, so its ranks' gradients add up)."""
+        if total_tokens is not None and (isinstance(total_tokens, bool) or not isinstance(total_tokens, int)
+                                         or total_tokens < 1):
+            raise ValueError(f"total_tokens must be a positive integer, got {total_tokens!r}")
         return self._model.forward_backward(_as_token_array(tokens, "tokens"),
-                                            _as_token_array(targets, "targets"))
+                                            _as_token_array(targets, "targets"), total_tokens or 0)
 
     def grads(self) -> dict[str, np.ndarray]:
-        """The accumulated gradient of every parameter, by spec name (float32 copies)."""
-        return {name: self._model.get_grad(name) for name in self._names}
+        """The accumulated gradient of every parameter, by spec name (float32, full tensors)."""
+        return {name: self.gather(name, self._model.get_grad(name)) for name in self._names}
 
     def zero_grad(self) -> None:
         self._model.zero_grad()

@@ -27,7 +27,8 @@ class _Optimizer:
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
         self._model = model
         self._settings = settings
-        self._opt = _core.Optimizer(model._model, self._kind, settings)
+        data_comm = model.mesh.data_comm if model.mesh is not None else None
+        self._opt = _core.Optimizer(model._model, self._kind, settings, data_comm)
 
     @property
     def steps_taken(self) -> int:
@@ -37,7 +38,7 @@ class _Optimizer:
         """One update from the model's accumulated gradients times ``grad_scale`` (``1/n`` after
         ``n`` micro-batches), clipped to global norm at most ``max_grad_norm`` (None: no
         clipping). Returns the norm before clipping. A non-finite norm raises RuntimeError and
-        changes nothing."""
+        changes nothing. On a mesh, the gradients are first summed over the data axis."""
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
             raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
         if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float))
@@ -49,11 +50,13 @@ class _Optimizer:
         return self._opt.step(float(lr), float(max_grad_norm or 0.0), float(grad_scale))
 
     def state_dict(self) -> dict:
-        """{"kind", "settings", "steps_taken", "m": {name: float32}, "v": {name: float32}}."""
+        """{"kind", "settings", "steps_taken", "m": {name: float32}, "v": {name: float32}}, full
+        tensors laid out like the parameters (gathered over the model axis: collective)."""
         names = list(self._model.state_dict_names())
+        gather = self._model.gather
         return {"kind": self._kind, "settings": dict(self._settings), "steps_taken": self.steps_taken,
-                "m": {n: self._opt.get_moment(1, n) for n in names},
-                "v": {n: self._opt.get_moment(2, n) for n in names}}
+                "m": {n: gather(n, self._opt.get_moment(1, n)) for n in names},
+                "v": {n: gather(n, self._opt.get_moment(2, n)) for n in names}}
 
     def load_state_dict(self, state: dict) -> None:
         """Strict: the same kind, every parameter's m and v, float32, right shapes, finite."""
@@ -68,12 +71,15 @@ class _Optimizer:
                 a = moments[n]
                 if not isinstance(a, np.ndarray) or a.dtype != np.float32 or not np.isfinite(a).all():
                     raise ValueError(f"optimizer state '{key}' of '{n}' must be a finite float32 array")
+                if tuple(a.shape) != tuple(self._model._layout[n][0]):
+                    raise ValueError(f"optimizer state '{key}' of '{n}' has shape {a.shape}, expected "
+                                     f"{tuple(self._model._layout[n][0])}")
         steps = state.get("steps_taken")
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise ValueError(f"steps_taken must be a non-negative integer, got {steps!r}")
         for which, key in ((1, "m"), (2, "v")):
             for n in names:
-                self._opt.set_moment(which, n, np.ascontiguousarray(state[key][n]))
+                self._opt.set_moment(which, n, self._model.local_piece(n, np.ascontiguousarray(state[key][n])))
         self._opt.steps_taken = steps
 
 

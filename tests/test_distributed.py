@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -106,3 +107,55 @@ def test_every_mesh_trains_like_one_rank(trained_on_every_mesh, data, model):
     for name in one:
         a, b = one[name].astype(np.float64), other[name].astype(np.float64)
         assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(a), name
+
+
+def train(out, mesh: str, steps: int, corpus: str, resume: bool = False):
+    """`palmcore train` of a tiny model on ``corpus``, under mpiexec with one rank per mesh
+    device. Returns the losses of metrics.jsonl by step (the last line for a step wins)."""
+    data, model = (int(part.split("=")[1]) for part in mesh.split(","))
+    args = ["-m", "palmcore", "train", "--corpus", corpus, "--vocab-size", "300", "--set", "d_model=32",
+            "--set", "n_layers=1", "--set", "n_heads=2", "--set", "ffn_dim=64", "--batch-size", "4",
+            "--seq-len", "16", "--eval-every", "2", "--steps", str(steps), "--out", str(out), "--mesh", mesh]
+    env = {**os.environ, "PALMCORE_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([mpiexec(), "-n", str(data * model), sys.executable, *args] + (["--resume"] if resume else []),
+                          capture_output=True, text=True, timeout=180, env=env)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return {r["step"]: r["loss"] for r in rows}, done
+
+
+def test_train_on_a_mesh_and_resume_on_others(corpus, tmp_path):
+    """`mpiexec -n 4 palmcore train --mesh data=2,model=2` follows the 1 x 1 loss curve; its
+    checkpoint (full layout) resumes on 1 x 1 and on 1 x 2 and both continue that curve.
+    Tolerance: relative 1e-5 on every loss (seen: equal to 6-7 digits)."""
+    straight, _ = train(tmp_path / "straight", "data=1,model=1", 6, corpus)
+    mesh_dir = tmp_path / "mesh"
+    on_mesh, done = train(mesh_dir, "data=2,model=2", 4, corpus)
+    assert done.stdout.count('"step": 4') == 1            # only the main rank prints its summary
+    for step in range(1, 5):
+        assert on_mesh[step] == pytest.approx(straight[step], rel=1e-5), step
+    for other in ("data=1,model=1", "data=1,model=2"):
+        resumed_dir = tmp_path / other.replace(",", "_")
+        shutil.copytree(mesh_dir, resumed_dir)
+        resumed, done = train(resumed_dir, other, 6, corpus, resume=True)
+        assert "resumed from" in done.stdout + done.stderr
+        for step in range(1, 7):
+            assert resumed[step] == pytest.approx(straight[step], rel=1e-5), (other, step)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("n_heads", 3, r"the model axis \(2\) must divide n_heads \(3\)"),
+    ("ffn_dim", 15, r"the model axis \(2\) must divide ffn_dim \(15\)"),
+    ("vocab_size", 31, r"the model axis \(2\) must divide vocab_size \(31\)"),
+])
+def test_a_model_axis_that_does_not_divide_the_model_is_refused(field, value, match):
+    code = (f"import palmcore\nfrom palmcore.config import PaLMConfig\n"
+            f"cfg = PaLMConfig(**{{**dict(vocab_size=32, d_model=8, n_layers=1, n_heads=2, ffn_dim=16), '{field}': {value}}})\n"
+            f"try:\n    palmcore.PaLM(cfg, mesh=palmcore.Mesh(model=2))\n"
+            f"except ValueError as e:\n    print('refused:', e)\n")
+    env = {**os.environ, "PALMCORE_NUM_THREADS": "1"}
+    done = subprocess.run([mpiexec(), "-n", "2", sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, env=env)
+    assert done.returncode == 0, done.stderr
+    assert len(re.findall("refused: " + match, done.stdout)) == 2

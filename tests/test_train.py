@@ -54,8 +54,8 @@ def test_nan_loss_rolls_back_and_skips_the_batch(corpus, tmp_path, monkeypatch):
     real = palmcore.PaLM.forward_backward
     calls = {"n": 0}
 
-    def poisoned(self, tokens, targets):
-        out = real(self, tokens, targets)
+    def poisoned(self, tokens, targets, total_tokens=None):
+        out = real(self, tokens, targets, total_tokens)
         calls["n"] += 1
         if calls["n"] == 6:  # the 6th training call (step 6, after the step-4 checkpoint)
             out = dict(out, loss=float("nan"))
@@ -92,11 +92,11 @@ def test_ctrl_c_saves_and_resume_finishes(corpus, tmp_path, monkeypatch):
     real = palmcore.PaLM.forward_backward
     calls = {"n": 0}
 
-    def interrupted(self, tokens, targets):
+    def interrupted(self, tokens, targets, total_tokens=None):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt
-        return real(self, tokens, targets)
+        return real(self, tokens, targets, total_tokens)
 
     monkeypatch.setattr(palmcore.PaLM, "forward_backward", interrupted)
     lines = []
@@ -113,8 +113,10 @@ def test_micro_batches_match_one_batch(corpus, tmp_path):
     run(settings(corpus, tmp_path / "two", batch_size=4, accumulate=2, steps=3), log=lambda _: None)
     for a, b in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two")):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
-    with pytest.raises(ValueError, match=r"accumulate \(3\) must divide batch_size \(4\)"):
+    with pytest.raises(ValueError, match=r"accumulate \(3\) x the data axis \(1\) must divide batch_size \(4\)"):
         run(settings(corpus, tmp_path / "bad", batch_size=4, accumulate=3), log=lambda _: None)
+    with pytest.raises(ValueError, match=r"x the data axis \(2\) must divide batch_size \(3\)"):
+        run(settings(corpus, tmp_path / "bad2", batch_size=3, mesh="data=2"), log=lambda _: None)
 
 
 def test_resume_refuses_other_settings_and_time_budget_evaluates(corpus, tmp_path):

@@ -104,9 +104,10 @@ def train(args: argparse.Namespace) -> None:
         batch_size=args.batch_size, accumulate=args.accumulate, seq_len=args.seq_len, steps=args.steps,
         time_budget=args.time_budget if args.time_budget or not default_run else 540.0,
         optimizer=args.optimizer, lr=args.lr, schedule=args.schedule, eval_every=args.eval_every,
-        checkpoint_every=args.eval_every, seed=args.seed)
+        checkpoint_every=args.eval_every, seed=args.seed, mesh=args.mesh)
     summary = run(settings, resume=args.resume)
-    print(json.dumps(summary))
+    if summary or settings.mesh == "data=1,model=1":
+        print(json.dumps(summary))
 
 
 def generate(args: argparse.Namespace) -> None:
@@ -201,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     p_train.add_argument("--out", default="runs/default")
     p_train.add_argument("--resume", action="store_true")
     p_train.add_argument("--threads", type=thread_count, default=0)
+    p_train.add_argument("--mesh", default="data=1,model=1",
+                         help="data=D,model=M: data- and tensor-parallel over D·M ranks "
+                              "(mpiexec -n D·M palmcore train --mesh ...)")
     p_gen = sub.add_parser("generate", help="continue a prompt with a trained checkpoint")
     p_gen.add_argument("--checkpoint", default="runs/default",
                        help="a run folder, its checkpoints folder or one checkpoint (default: runs/default)")

@@ -151,9 +151,9 @@ def test_train_on_a_mesh_and_resume_on_others(corpus, tmp_path):
 ])
 def test_a_model_axis_that_does_not_divide_the_model_is_refused(field, value, match):
     code = (f"import palmcore\nfrom palmcore.config import PaLMConfig\n"
-            f"cfg = PaLMConfig(**{{**dict(vocab_size=32, d_model=8, n_layers=1, n_heads=2, ffn_dim=16), '{field}': {value}}})\n"
+            f"cfg = PaLMConfig(**{{**dict(vocab_size=32, d_model=8, n_layers=1, n_heads=2, head_dim=4, ffn_dim=16), '{field}': {value}}})\n"
             f"try:\n    palmcore.PaLM(cfg, mesh=palmcore.Mesh(model=2))\n"
-            f"except ValueError as e:\n    print('refused:', e)\n")
+            f"except ValueError as e:\n    import os\n    os.write(1, f'refused: {{e}}\\n'.encode())\n")
     env = {**os.environ, "PALMCORE_NUM_THREADS": "1"}
     done = subprocess.run([mpiexec(), "-n", "2", sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60, env=env)

@@ -308,7 +308,7 @@ PYBIND11_MODULE(_core, m) {
       .def("param_layout",
            [](const LockedModel& self, const std::string& name) {
              const ParamInfo& p = self.model.info(name);
-             return py::make_tuple(p.full_shape, p.split_axis, p.split_offset);
+             return py::make_tuple(p.full_shape, p.split_axis, p.split_offset, p.offset);
            })
       .def("num_params", [](LockedModel& self) { return self.model.flat_params().numel(); })
       .def("get_param",
@@ -480,23 +480,25 @@ PYBIND11_MODULE(_core, m) {
             if (steps < 0) throw std::invalid_argument("steps_taken must be >= 0");
             self.optimizer.set_steps_taken(steps);
           })
-      .def("get_moment",
-           [](LockedOptimizer& self, int which, const std::string& name) {
-             const ParamInfo& p = self.owner.model.info(name);
-             return copy_out(self.owner, p.shape, [&](const Model&) {
-               Tensor& flat = which == 1 ? self.optimizer.first_moment() : self.optimizer.second_moment();
-               return flat.view(p.offset, p.shape);
-             });
+      .def_property_readonly("state_share", [](const LockedOptimizer& self) { return self.optimizer.state_share(); })
+      .def("moments",
+           [](LockedOptimizer& self, int which) {
+             if (which != 1 && which != 2) throw std::invalid_argument("moment must be 1 or 2");
+             py::array_t<float> out(self.owner.model.flat_params().numel());
+             float* dst = out.mutable_data();
+             py::gil_scoped_release release;
+             std::lock_guard<std::mutex> guard(self.owner.mutex);
+             self.optimizer.gather_moment(which, dst);
+             return out;
            })
-      .def("set_moment", [](LockedOptimizer& self, int which, const std::string& name, const FloatArray& value) {
-        const ParamInfo& p = self.owner.model.info(name);
-        if (shape_of(value) != p.shape)
-          throw std::invalid_argument("optimizer state for '" + name + "' has the wrong shape");
-        const float* src = value.data();
+      .def("set_moments", [](LockedOptimizer& self, int which, const FloatArray& flat) {
+        if (which != 1 && which != 2) throw std::invalid_argument("moment must be 1 or 2");
+        if (flat.ndim() != 1 || flat.shape(0) != self.owner.model.flat_params().numel())
+          throw std::invalid_argument("optimizer state must be one flat array laid out like the parameters");
+        const float* src = flat.data();
         py::gil_scoped_release release;
         std::lock_guard<std::mutex> guard(self.owner.mutex);
-        Tensor& flat = which == 1 ? self.optimizer.first_moment() : self.optimizer.second_moment();
-        std::memcpy(flat.data<float>() + p.offset, src, p.numel() * sizeof(float));
+        self.optimizer.scatter_moment(which, src);
       });
 
   py::class_<Schedule>(m, "Schedule")

@@ -1,11 +1,12 @@
 #include "palmcore/optimizer.h"
 
-#include <array>
+#include <algorithm>
 #include <cmath>
-#include <tuple>
-#include <vector>
+#include <cstring>
 #include <stdexcept>
 #include <string>
+#include <tuple>
+#include <vector>
 
 #include "palmcore/threads.h"
 
@@ -16,8 +17,21 @@ Optimizer::Optimizer(Model& model, OptimizerKind kind, const AdafactorSettings& 
     : model_(model), data_comm_(data_comm ? std::move(data_comm) : make_single_rank_communicator()),
       kind_(kind), adafactor_(adafactor), adamw_(adamw) {
   const Tensor& params = model.flat_params();
-  m_ = Tensor::zeros(params.shape(), DType::F32, params.device());
-  v_ = Tensor::zeros(params.shape(), DType::F32, params.device());
+  const int64_t n = params.numel(), ranks = data_comm_->size();
+  share_ = (n + ranks - 1) / ranks;
+  begin_ = std::min(n, data_comm_->rank() * share_);
+  end_ = std::min(n, begin_ + share_);
+  m_ = Tensor::zeros({share_}, DType::F32, params.device());
+  v_ = Tensor::zeros({share_}, DType::F32, params.device());
+  if (ranks > 1) {
+    grad_share_ = Tensor::zeros({share_}, DType::F32, params.device());
+    padded_ = Tensor::zeros({ranks * share_}, DType::F32, params.device());
+  }
+}
+
+std::pair<int64_t, int64_t> Optimizer::mine(int64_t offset, int64_t count) const {
+  const int64_t a = std::clamp(offset, begin_, end_), b = std::clamp(offset + count, begin_, end_);
+  return {a, b};
 }
 
 double Optimizer::step(double lr, double max_grad_norm, double grad_scale) {
@@ -25,59 +39,98 @@ double Optimizer::step(double lr, double max_grad_norm, double grad_scale) {
   if (!(grad_scale > 0) || !std::isfinite(grad_scale))
     throw std::invalid_argument("grad_scale must be finite and > 0");
   apply_num_threads();
+  const bool data_parallel = data_comm_->size() > 1, sharded = model_.shard().size > 1;
   Tensor& grads = model_.flat_grads();
-  if (data_comm_->size() > 1) data_comm_->all_reduce_sum(grads.data<float>(), grads.numel());
-  const std::vector<ParamInfo>& params = model_.params_info();
-  const bool sharded = model_.shard().size > 1;
-  // ‖g‖²: the split tensors' pieces summed over the model axis, the replicated ones once.
-  double squares[2] = {0.0, 0.0};  // split, replicated
-  if (!sharded) {
-    squares[1] = sum_squares(grads);
-  } else {
-    for (const ParamInfo& p : params) squares[p.split_axis < 0] += sum_squares(grads.view(p.offset, p.shape));
-    model_.model_comm().all_reduce_sum(squares, 1);
+  Tensor& params = model_.flat_params();
+  const int64_t n = grads.numel();
+  // g of this rank's share, summed over the data axis
+  Tensor g_share = grads.view(begin_, {end_ - begin_});
+  if (data_parallel) {
+    std::memcpy(padded_.data<float>(), grads.data<float>(), n * sizeof(float));
+    std::fill(padded_.data<float>() + n, padded_.data<float>() + padded_.numel(), 0.0f);
+    data_comm_->reduce_scatter_sum(padded_.data<float>(), grad_share_.data<float>(), share_);
+    g_share = grad_share_.view(0, {end_ - begin_});
   }
-  const double norm = grad_scale * std::sqrt(squares[0] + squares[1]);
+  const std::vector<ParamInfo>& info = model_.params_info();
+  // Every tensor's piece in this share: x, g, m, v (empty where the tensor lies elsewhere).
+  struct Piece {
+    Tensor x, g, m, v;
+  };
+  std::vector<Piece> pieces;
+  for (const ParamInfo& p : info) {
+    const auto [a, b] = mine(p.offset, p.numel());
+    pieces.push_back({params.view(a, {b - a}), g_share.view(a - begin_, {b - a}), m_.view(a - begin_, {b - a}),
+                      v_.view(a - begin_, {b - a})});
+  }
+  // Whole-tensor sums: over the data axis (shares), then the split tensors over the model axis.
+  auto sum_over_mesh = [&](std::vector<double>& per_tensor, int per) {
+    if (data_parallel) data_comm_->all_reduce_sum(per_tensor.data(), static_cast<int64_t>(per_tensor.size()));
+    if (!sharded) return;
+    std::vector<double> split;
+    for (size_t i = 0; i < info.size(); ++i)
+      if (info[i].split_axis >= 0) split.insert(split.end(), per_tensor.begin() + per * i, per_tensor.begin() + per * (i + 1));
+    model_.model_comm().all_reduce_sum(split.data(), static_cast<int64_t>(split.size()));
+    for (size_t i = 0, j = 0; i < info.size(); ++i)
+      if (info[i].split_axis >= 0)
+        for (int k = 0; k < per; ++k) per_tensor[per * i + k] = split[j++];
+  };
+
+  double squares = 0.0;
+  if (!data_parallel && !sharded) {
+    squares = sum_squares(g_share);  // one pass; the same bits as ever on one rank
+  } else {
+    std::vector<double> per_tensor(info.size());
+    for (size_t i = 0; i < info.size(); ++i) per_tensor[i] = pieces[i].g.numel() ? sum_squares(pieces[i].g) : 0.0;
+    sum_over_mesh(per_tensor, 1);
+    for (double s : per_tensor) squares += s;
+  }
+  const double norm = grad_scale * std::sqrt(squares);
   if (!std::isfinite(norm))
     throw std::runtime_error("the gradient norm is not finite (" + std::to_string(norm) +
                              "); no update was made");
   const double scale = grad_scale * (max_grad_norm > 0 && norm > max_grad_norm ? max_grad_norm / norm : 1.0);
   ++steps_;
-  auto views = [&](const ParamInfo& p) {
-    return std::array<Tensor, 4>{model_.flat_params().view(p.offset, p.shape), grads.view(p.offset, p.shape),
-                                 m_.view(p.offset, p.shape), v_.view(p.offset, p.shape)};
-  };
   if (kind_ == OptimizerKind::AdamW) {
-    for (const ParamInfo& p : params) {
-      auto [x, g, m, v] = views(p);
-      adamw_update(x, g, m, v, steps_, lr, scale, adamw_);
+    for (Piece& p : pieces)
+      if (p.x.numel()) adamw_update(p.x, p.g, p.m, p.v, steps_, lr, scale, adamw_);
+  } else {
+    // Adafactor: pass 1 on every piece, (Σu², Σx²) of whole tensors, then pass 2.
+    std::vector<double> sums(2 * info.size(), 0.0);
+    for (size_t i = 0; i < info.size(); ++i)
+      if (pieces[i].x.numel())
+        std::tie(sums[2 * i], sums[2 * i + 1]) =
+            adafactor_second_moment(pieces[i].x, pieces[i].g, pieces[i].v, steps_, scale, adafactor_);
+    sum_over_mesh(sums, 2);
+    for (size_t i = 0; i < info.size(); ++i) {
+      if (!pieces[i].x.numel()) continue;
+      const double count = static_cast<double>(info[i].full_numel());
+      adafactor_apply(pieces[i].x, pieces[i].g, pieces[i].m, pieces[i].v, lr, scale, std::sqrt(sums[2 * i] / count),
+                      std::sqrt(sums[2 * i + 1] / count), adafactor_);
     }
-    return norm;
   }
-  // Adafactor: pass 1 on every tensor, the split tensors' (Σu², Σx²) summed over the model
-  // axis in one call, then pass 2 with the whole tensors' RMS terms.
-  std::vector<double> sums(2 * params.size());
-  for (size_t i = 0; i < params.size(); ++i) {
-    auto [x, g, m, v] = views(params[i]);
-    std::tie(sums[2 * i], sums[2 * i + 1]) = adafactor_second_moment(x, g, v, steps_, scale, adafactor_);
-  }
-  if (sharded) {
-    std::vector<double> split;
-    for (size_t i = 0; i < params.size(); ++i)
-      if (params[i].split_axis >= 0) split.insert(split.end(), {sums[2 * i], sums[2 * i + 1]});
-    model_.model_comm().all_reduce_sum(split.data(), static_cast<int64_t>(split.size()));
-    for (size_t i = 0, j = 0; i < params.size(); ++i)
-      if (params[i].split_axis >= 0) {
-        sums[2 * i] = split[j++];
-        sums[2 * i + 1] = split[j++];
-      }
-  }
-  for (size_t i = 0; i < params.size(); ++i) {
-    auto [x, g, m, v] = views(params[i]);
-    const double n = static_cast<double>(params[i].full_numel());
-    adafactor_apply(x, g, m, v, lr, scale, std::sqrt(sums[2 * i] / n), std::sqrt(sums[2 * i + 1] / n), adafactor_);
+  if (data_parallel) {  // every rank's updated share, back to every rank
+    std::memcpy(grad_share_.data<float>(), params.data<float>() + begin_, (end_ - begin_) * sizeof(float));
+    data_comm_->all_gather(grad_share_.data<float>(), padded_.data<float>(), share_);
+    std::memcpy(params.data<float>(), padded_.data<float>(), n * sizeof(float));
   }
   return norm;
+}
+
+void Optimizer::gather_moment(int which, float* flat) const {
+  const Tensor& moment = which == 1 ? m_ : v_;
+  const int64_t n = model_.flat_params().numel();
+  if (data_comm_->size() == 1) {
+    std::memcpy(flat, moment.data<float>(), n * sizeof(float));
+    return;
+  }
+  std::vector<float> all(data_comm_->size() * share_);
+  data_comm_->all_gather(moment.data<float>(), all.data(), share_);
+  std::memcpy(flat, all.data(), n * sizeof(float));
+}
+
+void Optimizer::scatter_moment(int which, const float* flat) {
+  Tensor& moment = which == 1 ? m_ : v_;
+  std::memcpy(moment.data<float>(), flat + begin_, (end_ - begin_) * sizeof(float));
 }
 
 }  // namespace palmcore

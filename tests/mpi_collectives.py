@@ -2,6 +2,7 @@
 
     mpiexec -n D·M python tests/mpi_collectives.py D M          # checks, prints "OK <rank>"
     mpiexec -n 2 python tests/mpi_collectives.py 2 1 die        # rank 1 dies before a collective
+    mpiexec -n 2 python tests/mpi_collectives.py 2 1 raise      # rank 1 raises instead
 """
 
 import os
@@ -14,9 +15,11 @@ import palmcore
 data, model = int(sys.argv[1]), int(sys.argv[2])
 mesh = palmcore.Mesh(data=data, model=model)
 r = mesh.world_rank
-if sys.argv[3:] == ["die"]:
-    if r == 1:
+if sys.argv[3:] in (["die"], ["raise"]):
+    if r == 1 and sys.argv[3] == "die":
         os._exit(3)
+    if r == 1:
+        raise RuntimeError("rank 1 fails")
     mesh.data_comm.all_reduce_sum(np.ones(4, np.float32))   # never completes: rank 1 is gone
     sys.exit(0)
 

@@ -22,6 +22,7 @@ m = palmcore.PaLM(cfg, seed=3, mesh=mesh)
 D, H, F, V, kv = cfg.d_model, cfg.n_heads // model, cfg.ffn_dim // model, cfg.vocab_size // model, 2 * 6
 assert m.num_params() == V * D + cfg.n_layers * (D + 2 * D * H * 6 + 2 * D * kv + 3 * D * F) + D  # its shards only
 opt = palmcore.Adafactor(m)
+assert opt._opt.state_share == -(-m.num_params() // data)  # moments of this data rank's share only
 B, T, K = 4, 9, 3
 rng = np.random.default_rng(0)
 losses, logits = [], None

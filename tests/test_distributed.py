@@ -72,12 +72,15 @@ def test_a_mesh_that_does_not_divide_the_world_fails_on_every_rank():
     assert done.stderr.count("mesh data=2 x model=2 needs 4 ranks, but the world has 3") == 3
 
 
-def test_a_dead_rank_ends_the_run_instead_of_hanging():
-    """Rank 1 exits before a collective that rank 0 is waiting in: the launcher ends the job
-    with an error well within the timeout (a hang would raise TimeoutExpired)."""
-    done = launch(2, "2", "1", "die", timeout=60)
+@pytest.mark.parametrize("how", ["die", "raise"])
+def test_a_dead_rank_ends_the_run_instead_of_hanging(how):
+    """Rank 1 exits (or raises an exception) before a collective that rank 0 is waiting in: the
+    job ends with an error well within the timeout (a hang would raise TimeoutExpired)."""
+    done = launch(2, "2", "1", how, timeout=60)
     assert done.returncode != 0
     assert "OK" not in done.stdout
+    if how == "raise":
+        assert "RuntimeError: rank 1 fails" in done.stderr
 
 
 MESHES = [(1, 1), (1, 2), (2, 1), (2, 2)]

@@ -34,6 +34,23 @@ def _mpi():
     return MPI
 
 
+def _abort_on_uncaught_exceptions(world) -> None:
+    """An uncaught exception on one rank aborts the whole job (after printing it), rather than
+    leaving the other ranks waiting in a collective for a rank that is gone (mpi4py's advice:
+    its `python -m mpi4py` runner does the same)."""
+    if getattr(sys.excepthook, "_palmcore_abort", False):
+        return
+    previous = sys.excepthook
+
+    def hook(kind, value, traceback):
+        previous(kind, value, traceback)
+        sys.stderr.flush()
+        world.Abort(1)
+
+    hook._palmcore_abort = True
+    sys.excepthook = hook
+
+
 class Mesh:
     """A ``data`` x ``model`` grid of the launcher's ranks, with one communicator per axis."""
 
@@ -51,6 +68,7 @@ class Mesh:
             if self.world_size != self.shape.size:
                 raise ValueError(f"mesh data={data} x model={model} needs {self.shape.size} ranks, but the world "
                                  f"has {self.world_size} (launch with mpiexec -n {self.shape.size})")
+            _abort_on_uncaught_exceptions(world)  # after the checks every rank makes alike
             # keep the mpi4py communicators alive as long as the C++ ones use their handles
             self._comms = [world.Split(self.data_index, self.model_index),   # one model group
                            world.Split(self.model_index, self.data_index)]   # one data group

@@ -37,7 +37,7 @@ class PaLM:
         else:
             self._model = _core.Model(config.to_dict(), int(seed))
         self._names = self._model.param_names()
-        # name -> (full shape, split axis or -1, offset of this rank's slice along it)
+        # name -> (full shape, split axis or -1, offset of this rank's slice along it, offset in the flat buffer)
         self._layout = {n: tuple(self._model.param_layout(n)) for n in self._names}
 
     @property
@@ -65,21 +65,30 @@ class PaLM:
         return {n: self.gather(n, self._model.get_param(n)) for n in self._names}
 
     def _offsets(self, name: str) -> tuple:
-        full, axis, offset = self._layout[name]
+        full, axis, offset, _ = self._layout[name]
         return tuple(offset if d == axis else 0 for d in range(len(full)))
 
     def gather(self, name: str, piece: np.ndarray) -> np.ndarray:
         """The full tensor of parameter ``name`` from every model rank's ``piece`` laid out
         like it (a parameter, its gradient or an optimizer moment). Collective."""
-        full, axis, _ = self._layout[name]
+        full, axis, _, _ = self._layout[name]
         if axis < 0 or tuple(piece.shape) == tuple(full):
             return piece
         pieces = self._mesh.model_comm.all_gather(np.ascontiguousarray(piece, dtype=np.float32))
         return np.concatenate(list(pieces.reshape(self._mesh.model, *piece.shape)), axis=axis)
 
+    def flat_pieces(self, flat: np.ndarray) -> dict:
+        """{name: this rank's piece} of an array laid out like the flat parameter buffer."""
+        out = {}
+        for n in self._names:
+            shape = tuple(self._model.param_shape(n))
+            start = self._layout[n][3]
+            out[n] = flat[start:start + int(np.prod(shape))].reshape(shape)
+        return out
+
     def local_piece(self, name: str, full: np.ndarray) -> np.ndarray:
         """This rank's slice of the full tensor ``full`` of parameter ``name``."""
-        shape, axis, offset = self._layout[name]
+        shape, axis, offset, _ = self._layout[name]
         if axis < 0:
             return full
         width = tuple(self._model.param_shape(name))[axis]

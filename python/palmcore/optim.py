@@ -52,11 +52,12 @@ class _Optimizer:
     def state_dict(self) -> dict:
         """{"kind", "settings", "steps_taken", "m": {name: float32}, "v": {name: float32}}, full
         tensors laid out like the parameters (gathered over the model axis: collective)."""
-        names = list(self._model.state_dict_names())
-        gather = self._model.gather
-        return {"kind": self._kind, "settings": dict(self._settings), "steps_taken": self.steps_taken,
-                "m": {n: gather(n, self._opt.get_moment(1, n)) for n in names},
-                "v": {n: gather(n, self._opt.get_moment(2, n)) for n in names}}
+        model = self._model
+        moments = {}
+        for which, key in ((1, "m"), (2, "v")):
+            pieces = model.flat_pieces(self._opt.moments(which))  # gathered over the data axis
+            moments[key] = {n: model.gather(n, piece) for n, piece in pieces.items()}
+        return {"kind": self._kind, "settings": dict(self._settings), "steps_taken": self.steps_taken, **moments}
 
     def load_state_dict(self, state: dict) -> None:
         """Strict: the same kind, every parameter's m and v, float32, right shapes, finite."""
@@ -78,8 +79,10 @@ class _Optimizer:
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise ValueError(f"steps_taken must be a non-negative integer, got {steps!r}")
         for which, key in ((1, "m"), (2, "v")):
-            for n in names:
-                self._opt.set_moment(which, n, self._model.local_piece(n, np.ascontiguousarray(state[key][n])))
+            flat = np.empty(self._model.num_params(), np.float32)
+            for n, piece in self._model.flat_pieces(flat).items():
+                piece[...] = self._model.local_piece(n, state[key][n])
+            self._opt.set_moments(which, flat)
         self._opt.steps_taken = steps
 
 

@@ -229,27 +229,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:
         args = parser.parse_args(["train"])
-    if args.command == "demo":
-        demo(args)
-    elif args.command == "train":
-        try:
-            train(args)
-        except (ValueError, TypeError) as e:
-            parser.exit(2, f"palmcore train: error: {e}\n")
-    elif args.command == "generate":
-        try:
-            generate(args)
-        except (ValueError, TypeError) as e:
-            parser.exit(2, f"palmcore generate: error: {e}\n")
-        except KeyboardInterrupt:
-            print(file=sys.stderr)
-    elif args.command == "plan":
-        try:
-            plan(args)
-        except (ValueError, TypeError) as e:
-            parser.exit(2, f"palmcore plan: error: {e}\n")
-    elif args.command == "info":
-        info(args)
+    commands = {"demo": demo, "train": train, "generate": generate, "plan": plan, "info": info}
+    try:
+        commands[args.command](args)
+    except (ValueError, TypeError) as e:  # bad input: a clear message, not a traceback
+        parser.exit(2, f"palmcore {args.command}: error: {e}\n")
+    except KeyboardInterrupt:
+        if args.command != "generate":
+            raise
+        print(file=sys.stderr)
     return 0
 
 

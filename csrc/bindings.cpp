@@ -232,7 +232,10 @@ void bind_kernels(py::module_& k) {
   });
   k.def("uniform01", &uniform01, py::arg("key"), py::arg("stream"), py::arg("index"));
   // `seen` may repeat tokens here; the sampler takes each distinct token once.
-  auto distinct = [](std::vector<int32_t> tokens) {
+  auto distinct = [](std::vector<int32_t> tokens, const FloatArray& logits) {
+    if (logits.ndim() != 1 || logits.shape(0) < 1) throw std::invalid_argument("logits must be 1-D and non-empty");
+    for (int32_t t : tokens)
+      if (t < 0 || t >= logits.shape(0)) throw std::invalid_argument("seen token " + std::to_string(t) + " is outside the logits");
     std::sort(tokens.begin(), tokens.end());
     tokens.erase(std::unique(tokens.begin(), tokens.end()), tokens.end());
     return tokens;
@@ -240,7 +243,7 @@ void bind_kernels(py::module_& k) {
   k.def("filtered_distribution", [=](const FloatArray& logits, const std::vector<int32_t>& seen, const py::dict& c) {
     SamplerScratch scratch;
     std::vector<TokenProbability> kept;
-    filtered_distribution(logits.data(), logits.shape(0), distinct(seen), sampling_settings(c), scratch, kept);
+    filtered_distribution(logits.data(), logits.shape(0), distinct(seen, logits), sampling_settings(c), scratch, kept);
     std::vector<int32_t> tokens;
     std::vector<double> probabilities;
     for (const TokenProbability& t : kept) {
@@ -252,7 +255,7 @@ void bind_kernels(py::module_& k) {
   k.def("sample_token", [=](const FloatArray& logits, const std::vector<int32_t>& seen, const py::dict& c,
                            int64_t row, int64_t step) {
     SamplerScratch scratch;
-    return sample_token(logits.data(), logits.shape(0), distinct(seen), sampling_settings(c), row, step, scratch);
+    return sample_token(logits.data(), logits.shape(0), distinct(seen, logits), sampling_settings(c), row, step, scratch);
   });
   k.def("swiglu_forward", [=](const FloatArray& gate, const FloatArray& up) {
     auto out = zeros_like_shape(shape_of(gate));

@@ -116,10 +116,122 @@ def test_mismatched_config_wrong_dtype_and_missing_files(tmp_path):
     save_file({k: v.astype(np.float64) for k, v in tensors.items()}, weights, meta)
     with pytest.raises(TypeError, match=r"parameter 'embed' must be a float32 ndarray, got float64"):
         checkpoint.load(path)
-    del tensors["final_norm.scale"]
+    tensors["final_norm.bogus"] = tensors.pop("final_norm.scale")
     save_file(tensors, weights, meta)
-    with pytest.raises(ValueError, match=r"missing \['final_norm.scale'\]"):
+    with pytest.raises(ValueError, match=r"does not match config.json: missing \['final_norm.scale'\], "
+                                         r"unexpected \['final_norm.bogus'\]"):
+        checkpoint.load(path)
+    del tensors["final_norm.bogus"]
+    save_file(tensors, weights, meta)
+    with pytest.raises(ValueError, match=r"holds 17 tensors, but config.json \(n_layers=2\) implies 18"):
         checkpoint.load(path)
     os.unlink(os.path.join(path, "config.json"))
     with pytest.raises(ValueError, match=r"is not a palmcore checkpoint: config.json is missing"):
         checkpoint.load(path)
+
+
+# ----------------------------------------------------------------- nothing lost (issue 9)
+
+def _names(root):
+    return sorted(os.listdir(root))
+
+
+def test_a_crash_while_re_saving_a_step_keeps_the_old_one(tmp_path, monkeypatch):
+    """Re-saving step N renames the old step-N aside, moves the new one in, then deletes the
+    old: a crash at any point leaves a complete step N (old or new) or puts it back."""
+    model, opt = trained(steps=1)
+    checkpoint.save(str(tmp_path), model, opt, step=1)
+    first = checkpoint.save(str(tmp_path), model, opt, step=2)
+    real_rename = os.rename
+
+    def crash_on_moving_in(src, dst):
+        if os.path.basename(src).startswith(".tmp-step-"):
+            raise OSError("killed (simulated)")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", crash_on_moving_in)
+    with pytest.raises(OSError, match="simulated"):
+        checkpoint.save(str(tmp_path), model, opt, step=2)
+    monkeypatch.undo()
+    # the old step 2 was moved aside, not deleted; readers see step 1 meanwhile, never a broken 2
+    assert checkpoint.latest(str(tmp_path)).endswith("step-00000001")
+    assert any(n.startswith(".old-step-00000002-") for n in _names(tmp_path))
+    checkpoint.load(str(tmp_path))
+    # the next save puts the old step 2 back before anything else
+    checkpoint.save(str(tmp_path), model, opt, step=3)
+    assert _names(tmp_path) == ["step-00000001", "step-00000002", "step-00000003"]
+    assert checkpoint.is_checkpoint(first)
+
+
+def test_a_half_deleted_folder_is_never_picked(tmp_path):
+    model, opt = trained(steps=1)
+    checkpoint.save(str(tmp_path), model, opt, step=1)
+    newest = checkpoint.save(str(tmp_path), model, opt, step=2)
+    os.unlink(os.path.join(newest, "model.safetensors"))  # what the old re-save left after a crash
+    assert checkpoint.latest(str(tmp_path)).endswith("step-00000001")
+    ck = checkpoint.load(str(tmp_path))
+    assert ck.path.endswith("step-00000001")
+    os.unlink(os.path.join(ck.path, checkpoint.MARKER))   # no marker: not complete either
+    assert checkpoint.latest(str(tmp_path)) is None
+
+
+def test_stale_temporary_folders_are_removed(tmp_path):
+    model, opt = trained(steps=1)
+    for stale in (".tmp-step-abc", ".tmp-removed-step-00000001-x"):
+        os.makedirs(tmp_path / stale / "junk")
+    checkpoint.save(str(tmp_path), model, opt, step=1)
+    assert _names(tmp_path) == ["step-00000001"]
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])
+def test_files_follow_the_umask(tmp_path, mask):
+    model, opt = trained(steps=1)
+    old = os.umask(mask)
+    try:
+        path = checkpoint.save(str(tmp_path / "ck"), model, opt, step=1, tokenizer_path=None)
+    finally:
+        os.umask(old)
+    assert os.stat(path).st_mode & 0o777 == 0o777 & ~mask
+    for name in os.listdir(path):
+        assert os.stat(os.path.join(path, name)).st_mode & 0o777 == 0o666 & ~mask, name
+
+
+def test_an_absurd_config_is_refused_before_the_model_is_built(tmp_path):
+    """config.json claiming 10^9 layers (a 100 KB checkpoint) is refused from the tensor count,
+    quickly and without allocating anything for it."""
+    model, opt = trained(steps=1)
+    path = checkpoint.save(str(tmp_path), model, opt, step=1)
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(dict(config, n_layers=10**9), f)
+    with pytest.raises(ValueError, match=r"holds 18 tensors, but config.json \(n_layers=1000000000\) "
+                                         r"implies 8000000002"):
+        checkpoint.load(path)
+
+
+@pytest.mark.parametrize("name,content,match", [
+    ("trainer.json", "[1, 2]", r"trainer.json is damaged: a JSON object was expected, got list"),
+    ("trainer.json", "{", r"trainer.json is damaged: not valid JSON"),
+    ("trainer.json", "[" * 100000 + "]" * 100000, r"trainer.json is damaged: not valid JSON \(RecursionError\)"),
+    ("config.json", "\xff\xfe", r"config.json is damaged: not valid JSON"),
+    ("config.json", "null", r"config.json is damaged: a JSON object was expected, got NoneType"),
+])
+def test_damaged_json_files_are_named(tmp_path, name, content, match):
+    model, opt = trained(steps=1)
+    path = checkpoint.save(str(tmp_path), model, opt, step=1)
+    with open(os.path.join(path, name), "w", encoding="latin-1") as f:
+        f.write(content)
+    with pytest.raises(ValueError, match=match):
+        checkpoint.load(path)
+
+
+def test_damaged_optimizer_metadata_is_named(tmp_path):
+    model, opt = trained(steps=1)
+    path = checkpoint.save(str(tmp_path), model, opt, step=1)
+    opt_path = os.path.join(path, "optimizer.safetensors")
+    tensors, meta = load_file(opt_path)
+    for bad in ({"settings": "{oops"}, {"steps_taken": "many"}, {"settings": "[1]"}):
+        save_file(tensors, opt_path, {**meta, **bad})
+        with pytest.raises(ValueError, match=r"optimizer.safetensors: damaged metadata"):
+            checkpoint.load(path)

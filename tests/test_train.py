@@ -67,7 +67,13 @@ def test_nan_loss_rolls_back_and_skips_the_batch(corpus, tmp_path, monkeypatch):
     assert any("rolled back to step 4, skipping data batch 5" in line for line in lines), lines
     trainer = checkpoint.load(str(tmp_path / "checkpoints")).trainer
     assert trainer["step"] == 8 and trainer["skipped"] == [5] and trainer["data_step"] == 9
-    assert all(math.isfinite(r["loss"]) for r in metrics(tmp_path))
+    rows = metrics(tmp_path)
+    assert [r for r in rows if "event" in r] == [
+        {"event": "rollback", "at_step": 6, "to_step": 4, "skipped_batch": 5, "reason": "loss nan"}]
+    steps = [(r["step"], r.get("replay", False)) for r in rows if "step" in r]
+    assert steps == [(1, False), (2, False), (3, False), (4, False), (5, False),  # step 6 spiked
+                     (5, True), (6, False), (7, False), (8, False)]             # 5 replayed
+    assert all(math.isfinite(r["loss"]) for r in rows if "step" in r)
 
 
 def test_cli_train_and_resume(corpus, tmp_path, capsys):

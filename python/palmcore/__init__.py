@@ -9,14 +9,14 @@
 """
 
 import os as _os
+import warnings as _warnings
 
-from palmcore import _core, schedules
-from palmcore.checkpoint import load_pretrained as load
+from palmcore import _core, checks, schedules
 from palmcore.config import PaLMConfig
 from palmcore.distributed import Mesh
-from palmcore.generation import generate_text as generate
 from palmcore.model import PaLM
 from palmcore.optim import Adafactor, AdamW
+from palmcore.text import generate, load
 from palmcore.tokenizer import Tokenizer
 
 __all__ = ["load", "generate", "Mesh", "PaLMConfig", "PaLM", "Adafactor", "AdamW", "Tokenizer", "schedules", "set_num_threads", "get_num_threads"]
@@ -26,9 +26,7 @@ __version__ = "0.1.0"
 def set_num_threads(n: int) -> None:
     """Threads used by every CPU kernel (the BLAS runs single-threaded inside them), for calls
     from any Python thread."""
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 1024:
-        raise ValueError(f"the thread count must be a positive integer, got {n!r} (at most 1024)")
-    _core.set_num_threads(n)
+    _core.set_num_threads(checks.integer("the thread count", n, 1, 1024))
 
 
 def get_num_threads() -> int:
@@ -36,14 +34,16 @@ def get_num_threads() -> int:
 
 
 def _threads_from_environment() -> None:
+    """PALMCORE_NUM_THREADS, when set; a bad value is named in a warning and ignored (so that
+    the import, and the command line, still work)."""
     value = _os.environ.get("PALMCORE_NUM_THREADS")
     if value is None:
         return
     try:
-        n = int(value)
-    except ValueError:
-        raise ValueError(f"PALMCORE_NUM_THREADS must be a positive integer, got {value!r}") from None
-    set_num_threads(n)
+        set_num_threads(int(value))
+    except (TypeError, ValueError):
+        _warnings.warn(f"PALMCORE_NUM_THREADS={value!r} is not a thread count in [1, 1024]; ignored "
+                       f"(using {get_num_threads()} threads)", RuntimeWarning, stacklevel=2)
 
 
 _threads_from_environment()

@@ -6,10 +6,15 @@
         optimizer.safetensors   m.<name>, v.<name>; kind, settings and steps_taken as metadata
         trainer.json            whatever the training loop needs to resume (step, RNG, data, ...)
         tokenizer.model         the SentencePiece model, when the run has one
+        complete.json           written last: the format and the files above
 
-A checkpoint is built in a hidden temporary directory and renamed into place, so a crash at
-any moment leaves the earlier checkpoints intact and no half-written one visible. Only the
-newest ``keep`` are kept.
+A checkpoint is built in a hidden ``.tmp-*`` directory and renamed into place, so a crash at
+any moment leaves the earlier checkpoints intact and no half-written one visible. Nothing
+complete is deleted before its replacement is in place: re-saving a step renames the old
+directory aside (``.old-*``) first, and pruning renames a checkpoint aside before removing it.
+Only directories holding ``complete.json`` and its files count. The next save removes what
+killed writers left behind, and puts back a replaced checkpoint whose replacement never landed.
+Only the newest ``keep`` are kept. Files and folders follow the process's umask.
 """
 
 from __future__ import annotations
@@ -24,11 +29,15 @@ import tempfile
 import numpy as np
 
 from palmcore.config import PaLMConfig
+from palmcore.files import fsync_dir, umask
 from palmcore.model import PaLM
 from palmcore.tensorfile import load_file, save_file
 
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
+_ASIDE = re.compile(r"^\.old-(step-\d{8})-")
 FORMAT = "palmcore-checkpoint/1"
+MARKER = "complete.json"
+_REQUIRED = ("model.safetensors", "config.json", "trainer.json")
 
 
 @dataclasses.dataclass
@@ -58,19 +67,22 @@ def save(root: str, model: PaLM, optimizer=None, trainer: dict | None = None, st
         mesh.barrier()  # until the main rank has written it
         return final
     try:
+        os.makedirs(root, exist_ok=True)
+        recover(root)
         _write(root, final, model, weights, state, trainer, step, tokenizer_path)
     finally:
         if mesh is not None:
             mesh.barrier()
     for old in list_checkpoints(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
     return final
 
 
 def _write(root, final, model, weights, state, trainer, step, tokenizer_path) -> None:
-    os.makedirs(root, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=root, prefix=".tmp-step-")
     try:
+        os.chmod(tmp, 0o777 & ~umask())
+        files = ["model.safetensors", "config.json", "trainer.json"]
         save_file(weights, os.path.join(tmp, "model.safetensors"), {"format": FORMAT})
         _write_json(os.path.join(tmp, "config.json"), model.config.to_dict())
         if state is not None:
@@ -79,17 +91,61 @@ def _write(root, final, model, weights, state, trainer, step, tokenizer_path) ->
             save_file(tensors, os.path.join(tmp, "optimizer.safetensors"),
                       {"format": FORMAT, "kind": state["kind"], "steps_taken": state["steps_taken"],
                        "settings": json.dumps(state["settings"])})
+            files.append("optimizer.safetensors")
         _write_json(os.path.join(tmp, "trainer.json"), dict(trainer or {}, step=step))
         if tokenizer_path is not None:
             shutil.copyfile(tokenizer_path, os.path.join(tmp, "tokenizer.model"))
-        _fsync_dir(tmp)
-        if os.path.exists(final):  # re-saving a step: move the old one aside first
-            shutil.rmtree(final)
+            files.append("tokenizer.model")
+        _write_json(os.path.join(tmp, MARKER), {"format": FORMAT, "step": step, "files": files})
+        fsync_dir(tmp)
+        aside = None
+        if os.path.exists(final):  # re-saving a step: the old one stays whole until the new one is in
+            aside = tempfile.mkdtemp(dir=root, prefix=f".old-{os.path.basename(final)}-")
+            os.rename(final, os.path.join(aside, "checkpoint"))
         os.rename(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def recover(root: str) -> None:
+    """Tidy up after writers that were killed: remove ``.tmp-*`` folders, put back a checkpoint
+    that was moved aside for a replacement that never landed, and drop the rest."""
+    for name in os.listdir(root):
+        path = os.path.join(root, name)
+        aside = _ASIDE.match(name)
+        if aside:
+            final, old = os.path.join(root, aside.group(1)), os.path.join(path, "checkpoint")
+            if not is_checkpoint(final) and is_checkpoint(old):
+                if os.path.exists(final):
+                    _remove(final)
+                os.rename(old, final)
+            shutil.rmtree(path, ignore_errors=True)
+        elif name.startswith(".tmp-") and os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _remove(path: str) -> None:
+    """Delete a checkpoint directory: renamed to a hidden name first, so that no half-deleted
+    folder is ever seen under its step name."""
+    root, name = os.path.split(path)
+    trash = tempfile.mkdtemp(dir=root, prefix=f".tmp-removed-{name}-")
+    os.rename(path, os.path.join(trash, name))
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def is_checkpoint(path: str) -> bool:
+    """Whether ``path`` is a complete checkpoint: its marker and every file it names exist."""
+    try:
+        with open(os.path.join(path, MARKER)) as f:
+            files = json.load(f)["files"]
+        names = set(files) | set(_REQUIRED)
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        return False
+    return all(isinstance(n, str) and os.path.isfile(os.path.join(path, n)) for n in names)
 
 
 def list_checkpoints(root: str) -> list[str]:
@@ -97,7 +153,7 @@ def list_checkpoints(root: str) -> list[str]:
     if not os.path.isdir(root):
         return []
     names = sorted(n for n in os.listdir(root) if _STEP_DIR.match(n))
-    return [os.path.join(root, n) for n in names]
+    return [p for p in (os.path.join(root, n) for n in names) if is_checkpoint(p)]
 
 
 def latest(root: str) -> str | None:
@@ -105,53 +161,77 @@ def latest(root: str) -> str | None:
     return found[-1] if found else None
 
 
-def load(path: str, config: PaLMConfig | None = None, mesh=None) -> Checkpoint:
-    """Load a checkpoint directory (or the newest one under a run folder). With ``config``,
-    the checkpoint must have been written for that configuration. With ``mesh``, the model
-    is laid out on it (whatever mesh wrote the checkpoint)."""
+def load(path: str, config: PaLMConfig | None = None, mesh=None, with_optimizer: bool = True) -> Checkpoint:
+    """Load a checkpoint directory (or the newest complete one under a run's checkpoints
+    folder). With ``config``, the checkpoint must have been written for that configuration.
+    With ``mesh``, the model is laid out on it (whatever mesh wrote the checkpoint). A damaged
+    or mismatched checkpoint raises ValueError naming the file and the problem, before any
+    model is built."""
     if not os.path.exists(os.path.join(path, "model.safetensors")) and latest(path):
         path = latest(path)
-    for name in ("model.safetensors", "config.json", "trainer.json"):
+    for name in _REQUIRED:
         if not os.path.exists(os.path.join(path, name)):
             raise ValueError(f"{path} is not a palmcore checkpoint: {name} is missing")
-    with open(os.path.join(path, "config.json")) as f:
-        saved = PaLMConfig.from_dict(json.load(f))
+    saved = PaLMConfig.from_dict(_read_json_object(os.path.join(path, "config.json")))
     if config is not None and config != saved:
         different = [k for k, v in config.to_dict().items() if saved.to_dict()[k] != v]
         raise ValueError(f"checkpoint {path} is for another configuration (differs in "
                          f"{', '.join(different)})")
     tensors, _ = load_file(os.path.join(path, "model.safetensors"))
+    _check_tensors_match(os.path.join(path, "model.safetensors"), tensors, saved)
+    trainer = _read_json_object(os.path.join(path, "trainer.json"))
+    opt_path = os.path.join(path, "optimizer.safetensors")
+    optimizer_state = _read_optimizer(opt_path, saved) if with_optimizer and os.path.exists(opt_path) else None
     model = PaLM(saved, seed=0, mesh=mesh)
     model.load_state_dict(tensors)
-    with open(os.path.join(path, "trainer.json")) as f:
-        trainer = json.load(f)
-    optimizer_state = None
-    opt_path = os.path.join(path, "optimizer.safetensors")
-    if os.path.exists(opt_path):
-        tensors, meta = load_file(opt_path)
-        names = model.state_dict_names()
-        missing = [n for n in names if f"m.{n}" not in tensors or f"v.{n}" not in tensors]
-        if missing or len(tensors) != 2 * len(names):
-            raise ValueError(f"{opt_path} does not match the model's parameters")
-        optimizer_state = {"kind": meta.get("kind"), "settings": json.loads(meta.get("settings", "{}")),
-                           "steps_taken": int(meta.get("steps_taken", 0)),
-                           "m": {n: tensors[f"m.{n}"] for n in names},
-                           "v": {n: tensors[f"v.{n}"] for n in names}}
     return Checkpoint(path, model, optimizer_state, trainer)
 
 
-def load_pretrained(path: str):
-    """(model, tokenizer) from a run folder, its checkpoints folder or one checkpoint."""
-    from palmcore.tokenizer import Tokenizer  # noqa: PLC0415
+def _check_tensors_match(path: str, tensors: dict, config: PaLMConfig) -> None:
+    """The weights file holds exactly the tensors config.json implies (counted first, so that
+    an absurd config is refused before anything proportional to it is built)."""
+    expected_count = 2 + 8 * config.n_layers
+    if len(tensors) != expected_count:
+        raise ValueError(f"{path} holds {len(tensors)} tensors, but config.json (n_layers="
+                         f"{config.n_layers}) implies {expected_count}: the checkpoint is damaged or "
+                         "its files do not belong together")
+    shapes = config.param_shapes()
+    missing = [n for n in shapes if n not in tensors]
+    unexpected = [n for n in tensors if n not in shapes]
+    if missing or unexpected:
+        raise ValueError(f"{path} does not match config.json: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for name, shape in shapes.items():
+        if tuple(tensors[name].shape) != shape:
+            raise ValueError(f"{path}: tensor '{name}' has shape {tuple(tensors[name].shape)}, but "
+                             f"config.json implies {shape}")
 
-    for candidate in (path, os.path.join(path, "checkpoints")):
-        if os.path.exists(os.path.join(candidate, "model.safetensors")) or latest(candidate):
-            ck = load(candidate)
-            tok_path = os.path.join(ck.path, "tokenizer.model")
-            if not os.path.exists(tok_path):
-                raise ValueError(f"checkpoint {ck.path} holds no tokenizer.model")
-            return ck.model, Tokenizer(tok_path)
-    raise ValueError(f"no palmcore checkpoint in {path}")
+
+def _read_optimizer(path: str, config: PaLMConfig) -> dict:
+    tensors, meta = load_file(path)
+    names = list(config.param_shapes())
+    missing = [n for n in names if f"m.{n}" not in tensors or f"v.{n}" not in tensors]
+    if missing or len(tensors) != 2 * len(names):
+        raise ValueError(f"{path} does not match the model's parameters")
+    try:
+        settings = json.loads(meta.get("settings", "{}"))
+        steps = int(meta.get("steps_taken", 0))
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"{path}: damaged metadata ({e})") from None
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path}: damaged metadata (settings is not a JSON object)")
+    return {"kind": meta.get("kind"), "settings": settings, "steps_taken": steps,
+            "m": {n: tensors[f"m.{n}"] for n in names}, "v": {n: tensors[f"v.{n}"] for n in names}}
+
+
+def _read_json_object(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{path} is damaged: not valid JSON ({type(e).__name__})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} is damaged: a JSON object was expected, got {type(value).__name__}")
+    return value
 
 
 def _write_json(path: str, value: dict) -> None:
@@ -165,11 +245,3 @@ def _json_default(value):
     if isinstance(value, np.generic):
         return value.item()
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -13,14 +13,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shlex
 import sys
 import time
 
 import numpy as np
 
 import palmcore
+from palmcore import checks
 from palmcore.config import PaLMConfig
 from palmcore.data import stdlib_files
+from palmcore.generation import sampling_settings
+from palmcore.runlock import RunFolderInUse
+from palmcore.train import TrainingDiverged, TrainSettings, run
 
 
 def stdlib_text(max_bytes: int) -> bytes:
@@ -36,18 +41,22 @@ def stdlib_text(max_bytes: int) -> bytes:
     return b"".join(chunks)[:max_bytes]
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+def _argument(parse, check):
+    """An argparse type: ``parse`` the text, then ``check`` it with palmcore.checks (its
+    message becomes argparse's)."""
+    def convert(text: str):
+        try:
+            return check(parse(text))
+        except (TypeError, ValueError) as e:
+            raise argparse.ArgumentTypeError(str(e).replace("value must", "must")) from None
+    return convert
 
 
-def thread_count(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 1024:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1024], got {text}")
-    return value
+positive_int = _argument(int, lambda v: checks.integer("value", v, 1))
+nonnegative_int = _argument(int, lambda v: checks.integer("value", v, 0))
+seed_int = _argument(int, lambda v: checks.integer("value", v, 0, 2**64 - 1))
+thread_count = _argument(int, lambda v: checks.integer("value", v, 0, 1024))
+nonnegative_real = _argument(float, lambda v: checks.real("value", v, low=0.0))
 
 
 def demo(args: argparse.Namespace) -> None:
@@ -93,8 +102,6 @@ def config_overrides(pairs: list[str]) -> dict:
 
 
 def train(args: argparse.Namespace) -> None:
-    from palmcore.train import TrainSettings, run  # noqa: PLC0415 (keeps `palmcore info` light)
-
     if args.threads:
         palmcore.set_num_threads(args.threads)
     default_run = args.corpus is None
@@ -102,46 +109,59 @@ def train(args: argparse.Namespace) -> None:
         corpus=args.corpus or stdlib_files(), out=args.out, tokenizer=args.tokenizer,
         vocab_size=args.vocab_size, preset=args.preset, overrides=config_overrides(args.set),
         batch_size=args.batch_size, accumulate=args.accumulate, seq_len=args.seq_len, steps=args.steps,
-        time_budget=args.time_budget if args.time_budget or not default_run else 540.0,
+        time_budget=args.time_budget if args.time_budget is not None or not default_run else 540.0,
         optimizer=args.optimizer, lr=args.lr, schedule=args.schedule, eval_every=args.eval_every,
         checkpoint_every=args.eval_every, seed=args.seed, mesh=args.mesh)
     summary = run(settings, resume=args.resume)
-    if summary or settings.mesh == "data=1,model=1":
-        print(json.dumps(summary))
+    if summary:  # the main rank
+        print_summary(summary, settings.out)
+
+
+def print_summary(summary: dict, out: str) -> None:
+    """The end of a training run, for a person: the sample, what was trained, where it is, and
+    the command to try next."""
+    if "sample" in summary:
+        settings = ", ".join(f"{k.replace('_', '-')} {v}" for k, v in summary["sample_settings"].items())
+        print(f"\nsample ({settings}), continuing a held-out prompt:")
+        if sys.stdout.isatty():
+            print(f"\033[2m{summary['sample_prompt']}\033[0m\033[1m{summary['sample']}\033[0m")
+        else:
+            print(f"{summary['sample_prompt']}\n----- the model's continuation -----\n{summary['sample']}")
+    minutes, seconds = divmod(round(summary["wall_s"]), 60)
+    print(f"\ntrained to step {summary['steps']:,} ({summary['tokens']:,} tokens) in {minutes}m {seconds}s"
+          + ("" if summary["stopped_by"] == "steps" else f", stopped by the {summary['stopped_by']}"))
+    if "val_loss" in summary:
+        print(f"validation at step {summary['val_step']:,}: loss {summary['val_loss']:.4f}, "
+              f"perplexity {summary['val_ppl']:.2f}, {summary['val_bpb']:.3f} bits/byte")
+    print(f"checkpoint: {summary['checkpoint']}")
+    if summary["plot"]:
+        print(f"loss plot:  {summary['plot']}")
+    print(f"try:        palmcore generate --checkpoint {shlex.quote(out)} --prompt 'def fibonacci('")
 
 
 def generate(args: argparse.Namespace) -> None:
-    from palmcore.generation import EOS, load_cached  # noqa: PLC0415
+    from palmcore.text import load_cached, stream_text  # noqa: PLC0415
 
     if args.threads:
         palmcore.set_num_threads(args.threads)
-    model, tokenizer = load_cached(args.checkpoint)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     repetition_penalty=args.repetition_penalty, seed=args.seed)
+    sampling_settings(args.max_new_tokens, stop_tokens=(), **sampling)  # checked before anything is read
+    model, tokenizer = load_cached(args.checkpoint)
 
     def continue_prompt(text: str) -> None:
-        ids = [EOS] + tokenizer.encode(text)
-        new_tokens = min(args.max_new_tokens, model.config.max_seq_len - len(ids))
-        if new_tokens < 1:
-            raise ValueError(f"the prompt is {len(ids)} tokens; the model's max_seq_len is "
-                             f"{model.config.max_seq_len}")
+        pieces = stream_text(model, tokenizer, text, args.max_new_tokens, **sampling)  # checks first
         print(text, end="", flush=True)
-        new, shown = [], ""
-        for token in model.stream(ids, max_new_tokens=new_tokens, stop_tokens=(EOS,), **sampling):
-            if token == EOS:
-                break
-            new.append(token)
-            decoded = tokenizer.decode(new)
-            if not decoded.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                print(decoded[len(shown):], end="", flush=True)
-                shown = decoded
-        print(tokenizer.decode(new)[len(shown):], flush=True)
+        for piece in pieces:
+            print(piece, end="", flush=True)
+        print(flush=True)
 
     if not args.interactive:
         continue_prompt(args.prompt)
         return
     print(f"palmcore generate: {args.checkpoint} ({model.num_params() / 1e6:.1f}M parameters). "
           "One prompt per line; an empty line or Ctrl-D ends.", file=sys.stderr)
+    sys.stdin.reconfigure(errors="surrogateescape")  # bytes that are not UTF-8 are named, not fatal
     while True:
         try:
             line = input("> ")
@@ -179,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     p_demo.add_argument("--seq-len", type=positive_int, default=256)
     p_demo.add_argument("--steps", type=positive_int, default=5)
     p_demo.add_argument("--threads", type=thread_count, default=0, help="0: PALMCORE_NUM_THREADS or all cores")
-    p_demo.add_argument("--seed", type=int, default=0)
+    p_demo.add_argument("--seed", type=seed_int, default=0)
     p_train = sub.add_parser("train", help="train on text files (default: the stdlib's sources)")
     p_train.add_argument("--corpus", nargs="+", help="files, folders or globs (default: the stdlib)")
     p_train.add_argument("--tokenizer", help="a SentencePiece .model to reuse (default: train one)")
@@ -192,13 +212,14 @@ def main(argv: list[str] | None = None) -> int:
     p_train.add_argument("--accumulate", type=positive_int, default=1,
                          help="micro-batches per step (must divide --batch-size)")
     p_train.add_argument("--steps", type=positive_int, default=100000)
-    p_train.add_argument("--time-budget", type=float, default=None,
+    p_train.add_argument("--time-budget", type=nonnegative_real, default=None,
                          help="seconds (default: none, or 540 for the default run)")
     p_train.add_argument("--optimizer", choices=["adafactor", "adamw"], default="adafactor")
-    p_train.add_argument("--lr", type=float, default=None)
+    p_train.add_argument("--lr", type=nonnegative_real, default=None,
+                         help="peak learning rate (default 1e-2 for adafactor, 3e-4 for adamw)")
     p_train.add_argument("--schedule", choices=["palm", "cosine"], default="palm")
     p_train.add_argument("--eval-every", type=positive_int, default=100)
-    p_train.add_argument("--seed", type=int, default=0)
+    p_train.add_argument("--seed", type=seed_int, default=0)
     p_train.add_argument("--out", default="runs/default")
     p_train.add_argument("--resume", action="store_true")
     p_train.add_argument("--threads", type=thread_count, default=0)
@@ -212,10 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     p_gen.add_argument("--interactive", action="store_true", help="keep reading prompts from stdin")
     p_gen.add_argument("--max-new-tokens", type=positive_int, default=200)
     p_gen.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
-    p_gen.add_argument("--top-k", type=int, default=40, help="0: off")
+    p_gen.add_argument("--top-k", type=nonnegative_int, default=40, help="0: off")
     p_gen.add_argument("--top-p", type=float, default=0.95, help="1: off")
     p_gen.add_argument("--repetition-penalty", type=float, default=1.0, help="1: off")
-    p_gen.add_argument("--seed", type=int, default=0)
+    p_gen.add_argument("--seed", type=seed_int, default=0)
     p_gen.add_argument("--threads", type=thread_count, default=0)
     p_plan = sub.add_parser("plan", help="memory, FLOPs and communication per device on a mesh")
     p_plan.add_argument("--preset", default="palm-540b", choices=PaLMConfig.presets())
@@ -232,12 +253,11 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"demo": demo, "train": train, "generate": generate, "plan": plan, "info": info}
     try:
         commands[args.command](args)
-    except (ValueError, TypeError) as e:  # bad input: a clear message, not a traceback
+    except (ValueError, TypeError, RunFolderInUse, TrainingDiverged) as e:  # a clear message, not a traceback
         parser.exit(2, f"palmcore {args.command}: error: {e}\n")
     except KeyboardInterrupt:
-        if args.command != "generate":
-            raise
         print(file=sys.stderr)
+        return 130
     return 0
 
 

@@ -99,8 +99,12 @@ class PaLMConfig:
         return shapes
 
     def num_params(self) -> int:
-        """Parameter count N (the embedding is counted once: it is tied)."""
-        return sum(math.prod(s) for s in self.param_shapes().values())
+        """Parameter count N (the embedding is counted once: it is tied): the sum of
+        param_shapes(), counted without listing every layer."""
+        V, D, F = self.vocab_size, self.d_model, self.ffn_dim
+        q_width, kv_width = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        per_layer = D + D * q_width + 2 * D * kv_width + q_width * D + 3 * D * F
+        return V * D + self.n_layers * per_layer + D
 
     def flops_per_token(self, seq_len: int) -> int:
         """Training FLOPs per token, as in the PaLM paper (appendix B): 6N + 12·L·H·dh·T."""

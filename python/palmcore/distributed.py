@@ -18,7 +18,7 @@ from palmcore.plan import MeshShape
 _LAUNCHER_VARIABLES = ("PMI_SIZE", "PMI_RANK", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK")
 
 
-def _launched_by_mpi() -> bool:
+def launched_by_mpi() -> bool:
     return any(v in os.environ for v in _LAUNCHER_VARIABLES)
 
 
@@ -56,7 +56,7 @@ class Mesh:
 
     def __init__(self, data: int = 1, model: int = 1):
         self.shape = MeshShape(data, model)
-        if self.shape.size == 1 and not _launched_by_mpi():
+        if self.shape.size == 1 and not launched_by_mpi():
             self.world_rank, self.world_size = 0, 1
             self._comms = []
             self.model_comm = _core.Communicator.single_rank()

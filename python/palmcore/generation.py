@@ -1,57 +1,36 @@
-"""Generation from a PaLM: argument checks, the C++ decoder's Python face, text in and out.
+"""Token-level generation: argument checks and the Python face of the C++ decoder.
 
 The decoder (csrc/generator.cpp) prefills the prompts into a key/value cache and then makes one
 token per step for every unfinished row; the sampler (csrc/sampler.cpp) follows PALM_SPEC.md
-"Sampling". Python only checks arguments and hands tokens over.
+"Sampling". Python only checks arguments and hands tokens over. Text in and text out live in
+palmcore.text.
 """
 
 from __future__ import annotations
 
 import numbers
-import os
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from palmcore import _core
-
-EOS = 1  # the tokenizer's end-of-document id: the default stop token, and the prompt's left edge
-_INT32_MAX = 2**31 - 1
+from palmcore import _core, checks
 
 
 def sampling_settings(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop_tokens,
                       seed) -> dict:
-    """The settings dict the C++ decoder reads, with types checked (ranges are checked there)."""
-    def integer(name, value):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise TypeError(f"{name} must be an integer, got {value!r}")
-        return int(value)
-
-    def real(name, value):
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise TypeError(f"{name} must be a number, got {value!r}")
-        return float(value)
-
-    seed = integer("seed", seed)
-    if not 0 <= seed < 2**64:
-        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
-    max_new_tokens = integer("max_new_tokens", max_new_tokens)
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    top_k = integer("top_k", top_k)
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
+    """The settings dict the C++ decoder reads, every value checked (TypeError for a wrong
+    kind, ValueError for a value out of range)."""
     if stop_tokens is None:
         stop_tokens = ()
     if isinstance(stop_tokens, numbers.Integral):
         stop_tokens = (stop_tokens,)
-    stop = [integer("a stop token", t) for t in stop_tokens]
-    if any(not 0 <= t <= _INT32_MAX for t in stop):
-        raise ValueError(f"stop tokens must be token ids >= 0, got {stop}")
-    return {"max_new_tokens": max_new_tokens, "temperature": real("temperature", temperature),
-            "top_k": top_k, "top_p": real("top_p", top_p),
-            "repetition_penalty": real("repetition_penalty", repetition_penalty),
-            "stop_tokens": stop, "seed": seed}
+    return {"max_new_tokens": checks.integer("max_new_tokens", max_new_tokens, 0, checks.INT32_MAX),
+            "temperature": checks.real("temperature", temperature, low=0.0),
+            "top_k": checks.integer("top_k", top_k, 0, checks.INT32_MAX),
+            "top_p": checks.real("top_p", top_p, 0.0, 1.0, low_open=True),
+            "repetition_penalty": checks.real("repetition_penalty", repetition_penalty, 0.0, low_open=True),
+            "stop_tokens": [checks.integer("a stop token", t, 0, checks.INT32_MAX) for t in stop_tokens],
+            "seed": checks.integer("seed", seed, 0, 2**64 - 1)}
 
 
 def token_lists(prompts) -> list[list[int]]:
@@ -71,22 +50,25 @@ def token_lists(prompts) -> list[list[int]]:
 
 
 def token_list(prompt, name: str = "prompt") -> list[int]:
-    array = np.asarray(prompt)
-    if array.ndim != 1 or (array.size and array.dtype.kind not in "iu"):
+    if isinstance(prompt, (str, bytes)) or not isinstance(prompt, (Sequence, np.ndarray)):
         raise TypeError(f"{name} must be a sequence of integer token ids, got {prompt!r:.60}")
-    if array.size == 0:
+    if len(prompt) == 0:
         raise ValueError(f"{name} is empty (give at least one token)")
-    if array.min() < 0 or array.max() > _INT32_MAX:
-        bad = int(array[(array < 0) | (array > _INT32_MAX)][0])
-        raise ValueError(f"{name}: token id {bad} is outside the vocabulary")
-    return [int(t) for t in array]
+    ids = []
+    for t in prompt:
+        if isinstance(t, bool) or not isinstance(t, numbers.Integral):
+            raise TypeError(f"{name} must be a sequence of integer token ids, got {prompt!r:.60}")
+        if not 0 <= t <= checks.INT32_MAX:
+            raise ValueError(f"{name}: token id {int(t)} is outside the vocabulary")
+        ids.append(int(t))
+    return ids
 
 
 class Generation:
-    """One generation in progress: call :meth:`step` until :attr:`done`."""
+    """One generation in progress over a C++ model: call :meth:`step` until :attr:`done`."""
 
-    def __init__(self, model, prompts: list[list[int]], settings: dict):
-        self._generator = _core.Generator(model._model, prompts, settings)
+    def __init__(self, core_model, prompts: list[list[int]], settings: dict):
+        self._generator = _core.Generator(core_model, prompts, settings)
         self.outputs: list[list[int]] = [[] for _ in prompts]
 
     @property
@@ -105,19 +87,20 @@ class Generation:
             self.step()
         return self.outputs
 
-
-def stream_tokens(generation: Generation) -> Iterator[int]:
-    while not generation.done:
-        for _, token in generation.step():
-            yield token
+    def tokens(self) -> Iterator[int]:
+        """The new tokens as they are made (of a one-prompt generation)."""
+        while not self.done:
+            for _, token in self.step():
+                yield token
 
 
 class KVCache:
-    """A key/value cache over a model, for incremental forwards: ``feed`` runs tokens that
+    """A key/value cache over a C++ model, for incremental forwards: ``feed`` runs tokens that
     continue the sequences of cache slots and returns the logits of each slot's last token."""
 
-    def __init__(self, model, slots: int, capacity: int):
-        self._cache = _core.KVCache(model._model, slots, capacity)
+    def __init__(self, core_model, slots: int, capacity: int):
+        self._cache = _core.KVCache(core_model, checks.integer("slots", slots, high=checks.INT32_MAX),
+                                    checks.integer("capacity", capacity, high=checks.INT32_MAX))
 
     @property
     def lengths(self) -> list[int]:
@@ -139,45 +122,7 @@ class KVCache:
         if slots.dtype.kind not in "iu":
             raise TypeError(f"slots must be integers, got {slots.dtype}")
         for name, values in (("token", tokens), ("slot", slots)):
-            if values.size and (values.min() < -_INT32_MAX or values.max() > _INT32_MAX):
+            if values.size and (values.min() < -checks.INT32_MAX or values.max() > checks.INT32_MAX):
                 raise ValueError(f"a {name} id is outside the int32 range")
         return self._cache.feed(np.ascontiguousarray(tokens, dtype=np.int32),
                                 np.ascontiguousarray(slots, dtype=np.int32))
-
-
-_loaded: dict = {}
-
-
-def load_cached(path: str):
-    """palmcore.load(path), kept while the newest checkpoint under path stays the same."""
-    from palmcore.checkpoint import latest, load_pretrained  # noqa: PLC0415
-
-    key = os.path.realpath(path)
-    if not os.path.exists(key):
-        raise ValueError(f"no palmcore checkpoint at {path}: it does not exist")
-    newest = latest(key) or latest(os.path.join(key, "checkpoints")) or key
-    stamp = (newest, os.path.getmtime(newest))
-    if _loaded.get(key, (None,))[0] != stamp:
-        _loaded.clear()
-        _loaded[key] = (stamp, load_pretrained(key))
-    return _loaded[key][1]
-
-
-def generate_text(checkpoint: str, prompt, max_new_tokens: int = 80, temperature: float = 0.8,
-                  top_k: int = 40, top_p: float = 0.95, repetition_penalty: float = 1.0,
-                  stop_tokens=(EOS,), seed: int = 0):
-    """The continuation of ``prompt`` (a string, or a list of strings) by the checkpoint at
-    ``checkpoint`` (a run folder, its checkpoints folder or one checkpoint). Each prompt is
-    encoded after an end-of-document token, as training saw every document; the stop token
-    is left out of the text."""
-    model, tokenizer = load_cached(checkpoint)
-    single = isinstance(prompt, str)
-    texts = [prompt] if single else list(prompt)
-    if not all(isinstance(t, str) for t in texts):
-        raise TypeError("prompt must be a string or a list of strings")
-    outputs = model.generate([[EOS] + tokenizer.encode(t) for t in texts], max_new_tokens=max_new_tokens,
-                             temperature=temperature, top_k=top_k, top_p=top_p,
-                             repetition_penalty=repetition_penalty, stop_tokens=stop_tokens, seed=seed)
-    stop = set(sampling_settings(0, 1.0, 0, 1.0, 1.0, stop_tokens, 0)["stop_tokens"])
-    decoded = [tokenizer.decode(out[:-1] if out and out[-1] in stop else out) for out in outputs]
-    return decoded[0] if single else decoded

@@ -6,9 +6,9 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from palmcore import _core
+from palmcore import _core, checks
 from palmcore.config import PaLMConfig
-from palmcore.generation import Generation, KVCache, sampling_settings, stream_tokens, token_list, token_lists
+from palmcore.generation import Generation, KVCache, sampling_settings, token_list, token_lists
 
 _INT32 = np.iinfo(np.int32)
 
@@ -28,8 +28,7 @@ class PaLM:
     def __init__(self, config: PaLMConfig, seed: int = 0, mesh=None):
         if not isinstance(config, PaLMConfig):
             raise TypeError(f"config must be a PaLMConfig, got {type(config).__name__}")
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**64:
-            raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+        seed = checks.integer("seed", seed, 0, 2**64 - 1)
         self._config = config
         self._mesh = mesh
         if mesh is not None and mesh.model > 1:
@@ -39,6 +38,16 @@ class PaLM:
         self._names = self._model.param_names()
         # name -> (full shape, split axis or -1, offset of this rank's slice along it, offset in the flat buffer)
         self._layout = {n: tuple(self._model.param_layout(n)) for n in self._names}
+
+    @property
+    def core(self):
+        """The C++ model (palmcore._core.Model) behind this object, for palmcore's own
+        C++-facing classes (the optimizers)."""
+        return self._model
+
+    def param_shape(self, name: str) -> tuple:
+        """The full shape of parameter ``name`` (whatever this rank holds of it)."""
+        return tuple(self._layout[name][0])
 
     @property
     def mesh(self):
@@ -112,7 +121,7 @@ class PaLM:
             if not isinstance(value, np.ndarray) or value.dtype != np.float32:
                 dtype = getattr(value, "dtype", type(value).__name__)
                 raise TypeError(f"parameter '{name}' must be a float32 ndarray, got {dtype}")
-            expected = tuple(self._layout[name][0])
+            expected = self.param_shape(name)
             if value.shape != expected:
                 raise ValueError(f"parameter '{name}' has shape {value.shape}, expected {expected}")
             if not np.isfinite(value).all():
@@ -151,23 +160,30 @@ class PaLM:
         key/value cache; a row ends after a stop token (which is emitted) or max_new_tokens.
         ``temperature=0`` is greedy. Sampling follows PALM_SPEC.md "Sampling": the draws of
         row i come from (seed, i, step), whatever the batch or thread count."""
-        settings = sampling_settings(max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-                                     stop_tokens, seed)
-        return Generation(self, token_lists(prompts), settings).run()
+        return self.generation(prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+                               stop_tokens, seed).run()
 
     def stream(self, prompt, max_new_tokens: int = 64, temperature: float = 0.8, top_k: int = 40,
                top_p: float = 0.95, repetition_penalty: float = 1.0, stop_tokens=(1,),
                seed: int = 0) -> Iterator[int]:
         """The new tokens of one prompt (a token-id list) as they are made; arguments as in
         :meth:`generate` (and checked here, before the first token)."""
+        return self.generation([token_list(prompt)], max_new_tokens, temperature, top_k, top_p,
+                               repetition_penalty, stop_tokens, seed).tokens()
+
+    def generation(self, prompts, max_new_tokens: int = 64, temperature: float = 0.8, top_k: int = 40,
+                   top_p: float = 0.95, repetition_penalty: float = 1.0, stop_tokens=(1,),
+                   seed: int = 0) -> Generation:
+        """A generation in progress, stepped by the caller (:meth:`Generation.step`): the
+        arguments of :meth:`generate`, checked here."""
         settings = sampling_settings(max_new_tokens, temperature, top_k, top_p, repetition_penalty,
                                      stop_tokens, seed)
-        return stream_tokens(Generation(self, [token_list(prompt)], settings))
+        return Generation(self._model, token_lists(prompts), settings)
 
     def kv_cache(self, slots: int = 1, capacity: int | None = None) -> KVCache:
         """An empty key/value cache of ``slots`` sequences of up to ``capacity`` positions
         (default max_seq_len), for incremental forwards (:meth:`KVCache.feed`)."""
-        return KVCache(self, slots, self._config.max_seq_len if capacity is None else capacity)
+        return KVCache(self._model, slots, self._config.max_seq_len if capacity is None else capacity)
 
 
 def _as_token_array(values, what: str) -> np.ndarray:

@@ -28,7 +28,7 @@ class _Optimizer:
         self._model = model
         self._settings = settings
         data_comm = model.mesh.data_comm if model.mesh is not None else None
-        self._opt = _core.Optimizer(model._model, self._kind, settings, data_comm)
+        self._opt = _core.Optimizer(model.core, self._kind, settings, data_comm)
 
     @property
     def steps_taken(self) -> int:
@@ -72,9 +72,9 @@ class _Optimizer:
                 a = moments[n]
                 if not isinstance(a, np.ndarray) or a.dtype != np.float32 or not np.isfinite(a).all():
                     raise ValueError(f"optimizer state '{key}' of '{n}' must be a finite float32 array")
-                if tuple(a.shape) != tuple(self._model._layout[n][0]):
+                if tuple(a.shape) != self._model.param_shape(n):
                     raise ValueError(f"optimizer state '{key}' of '{n}' has shape {a.shape}, expected "
-                                     f"{tuple(self._model._layout[n][0])}")
+                                     f"{self._model.param_shape(n)}")
         steps = state.get("steps_taken")
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise ValueError(f"steps_taken must be a non-negative integer, got {steps!r}")

@@ -14,6 +14,8 @@ import tempfile
 
 import numpy as np
 
+from palmcore.files import umask
+
 _DTYPES = {"F32": np.float32, "F64": np.float64, "I32": np.int32, "I64": np.int64}
 _NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
 
@@ -41,6 +43,7 @@ def save_file(tensors: dict[str, np.ndarray], path: str, metadata: dict[str, str
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".safetensors")
     try:
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes it 0600
         with os.fdopen(fd, "wb") as f:
             f.write(len(encoded).to_bytes(8, "little"))
             f.write(encoded)

@@ -2,29 +2,46 @@
 checkpoints, resume and the loss-spike guard, around the C++ model and optimizer.
 
     summary = palmcore.train.run(TrainSettings(corpus=["notes/"], out="runs/notes", steps=500))
+
+Nothing is lost and nothing is done twice:
+- One run per folder: the run holds an exclusive lock on ``<out>/.lock`` (runlock.py).
+- A step is atomic: Ctrl-C or SIGTERM only sets a flag, which the loop reads between steps (on
+  a mesh, every rank reads it at the same step). The run then saves a checkpoint and stops, so
+  ``--resume`` continues exactly where it left off.
+- metrics.jsonl is append-only: a step replayed after a rollback (or after resuming from an
+  older checkpoint) is appended again, marked ``"replay": true``; a rollback adds an
+  ``"event": "rollback"`` line. For each step, the last line is the truth.
+- A run whose loss keeps spiking stops after ``max_rollbacks`` rollbacks without a new
+  checkpoint in between (TrainingDiverged), instead of rolling back forever.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import signal
+import threading
 import time
 from typing import Callable
 
 import numpy as np
 from tqdm import tqdm
 
-from palmcore import checkpoint, schedules
+from palmcore import checkpoint, checks, schedules
 from palmcore.config import PaLMConfig
-from palmcore.data import PackedDataset, TokenCache, find_files
-from palmcore.distributed import Mesh, _launched_by_mpi
+from palmcore.data import PackedDataset, TokenCache, text_files
+from palmcore.distributed import Mesh, launched_by_mpi
 from palmcore.model import PaLM
 from palmcore.optim import Adafactor, AdamW
 from palmcore.plan import MeshShape
 from palmcore.plot import write_loss_png
+from palmcore.runlock import RunLock
 from palmcore.tokenizer import Tokenizer
+
+SAMPLING = dict(temperature=0.8, top_k=40, top_p=0.95)  # the end-of-run sample's settings
 
 
 @dataclasses.dataclass
@@ -52,144 +69,328 @@ class TrainSettings:
     seed: int = 0
     spike_factor: float = 3.0         # a loss above this × its running average is a spike
     spike_warmup: int = 20            # steps before the running average is trusted
+    max_rollbacks: int = 5            # rollbacks in a row (no checkpoint between) before giving up
     progress: bool = True             # a tqdm progress bar on stderr
-    sample_tokens: int = 40           # greedy continuation of a held-out prompt at the end
+    sample_tokens: int = 40           # a sampled continuation of a held-out prompt at the end
     mesh: str = "data=1,model=1"      # data x model ranks (launch with mpiexec -n data·model)
+
+    def check(self) -> None:
+        """Every setting's kind and range (TypeError / ValueError naming it)."""
+        for name in ("vocab_size", "batch_size", "accumulate", "seq_len", "eval_every", "eval_batches",
+                     "checkpoint_every", "keep", "warmup_steps"):
+            checks.integer(name, getattr(self, name), 1)
+        for name in ("steps", "spike_warmup", "max_rollbacks", "sample_tokens"):
+            checks.integer(name, getattr(self, name), 0)
+        checks.integer("seed", self.seed, 0, 2**64 - 1)
+        if self.time_budget is not None:
+            checks.real("time_budget", self.time_budget, low=0.0)
+        if self.lr is not None:
+            checks.real("lr", self.lr, low=0.0)
+        checks.real("max_grad_norm", self.max_grad_norm, low=0.0, low_open=True)
+        checks.real("spike_factor", self.spike_factor, low=1.0, low_open=True)
+        if self.optimizer not in ("adafactor", "adamw"):
+            raise ValueError(f"optimizer must be 'adafactor' or 'adamw', got {self.optimizer!r}")
+        if self.schedule not in ("palm", "cosine"):
+            raise ValueError(f"schedule must be 'palm' or 'cosine', got {self.schedule!r}")
+        if os.path.exists(self.out) and not os.path.isdir(self.out):
+            raise ValueError(f"the output folder {self.out} is a file")
+        explicit = self.overrides.get("max_seq_len")
+        if explicit is not None and not (isinstance(explicit, int) and explicit >= self.seq_len):
+            raise ValueError(f"seq_len {self.seq_len} does not fit the max_seq_len {explicit!r} that was "
+                             "set explicitly: lower the sequence length or raise max_seq_len")
+
+    @property
+    def peak_lr(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return 1e-2 if self.optimizer == "adafactor" else 3e-4
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss kept spiking: rolling back further would loop forever."""
 
 
 def run(s: TrainSettings, resume: bool = False, log: Callable[[str], None] = tqdm.write) -> dict:
     """Train as ``s`` says, writing checkpoints and metrics.jsonl under ``s.out``; with
-    ``resume``, continue from the newest checkpoint there (whatever mesh wrote it). Returns the
-    last metrics (on the main rank; {} on the others).
+    ``resume``, continue from the newest checkpoint there (whatever mesh wrote it). Returns a
+    summary of the run (on the main rank; {} on the others): steps, tokens, wall_s, the last
+    evaluation (val_loss, val_ppl, val_bpb at val_step), checkpoint, plot, stopped_by and the
+    end-of-run sample (sample_prompt, sample).
 
     On a mesh of data x model ranks every rank runs this: data rank d takes its share of each
     batch's rows, the model ranks split the parameters; the main rank alone logs and writes."""
+    s.check()
     shape = MeshShape.parse(s.mesh)
-    if not 1 <= s.accumulate <= s.batch_size or s.batch_size % (s.accumulate * shape.data):
+    if s.batch_size % (s.accumulate * shape.data):
         raise ValueError(f"accumulate ({s.accumulate}) x the data axis ({shape.data}) must divide "
                          f"batch_size ({s.batch_size})")
-    mesh = Mesh(shape.data, shape.model) if shape.size > 1 or _launched_by_mpi() else None
+    mesh = Mesh(shape.data, shape.model) if shape.size > 1 or launched_by_mpi() else None
     main = mesh is None or mesh.is_main
     if not main:
         log = _silent
         s = dataclasses.replace(s, progress=False)
     os.makedirs(s.out, exist_ok=True)
-    # the main rank trains the tokenizer and builds the token cache; the others then read them
-    tokenizer = _main_first(mesh, lambda: _tokenizer(s, log))
-    cache = _main_first(mesh, lambda: TokenCache.build(s.corpus, tokenizer, os.path.join(s.out, "data")))
-    train_data = PackedDataset(cache, s.seq_len, "train", seed=s.seed)
-    val_data = PackedDataset(cache, s.seq_len, "val", seed=s.seed)
-    ckpt_dir = os.path.join(s.out, "checkpoints")
-    config = PaLMConfig.preset(s.preset, **{**s.overrides, "vocab_size": tokenizer.vocab_size,
-                                            "max_seq_len": max(s.seq_len, s.overrides.get("max_seq_len", 0))})
-    if s.schedule not in ("palm", "cosine"):
-        raise ValueError(f"schedule must be 'palm' or 'cosine', got {s.schedule!r}")
-    default_lr = 1e-2 if s.optimizer == "adafactor" else 3e-4
-    lr_at = (schedules.palm(s.lr or default_lr) if s.schedule == "palm" else
-             schedules.cosine(s.lr or default_lr, s.warmup_steps, max(s.steps, s.warmup_steps + 1)))
+    with RunLock(s.out) if main else contextlib.nullcontext():
+        training = _Run(s, mesh, log)
+        with _StopRequests() as stop:
+            return training.train(resume, stop)
 
-    latest = checkpoint.latest(ckpt_dir) if resume else None
-    if latest:
-        ck = checkpoint.load(latest, config=config, mesh=mesh)
-        model, state = ck.model, ck.trainer
+
+class _Run:
+    def __init__(self, s: TrainSettings, mesh, log):
+        self.s, self.mesh, self.log = s, mesh, log
+        self.main = mesh is None or mesh.is_main
+        # the main rank trains the tokenizer and builds the token cache; the others then read them
+        self.tokenizer = _main_first(mesh, lambda: _tokenizer(s, log))
+        cache = _main_first(mesh, lambda: TokenCache.build(s.corpus, self.tokenizer, os.path.join(s.out, "data")))
+        self.train_data = PackedDataset(cache, s.seq_len, "train", seed=s.seed)
+        self.val_data = PackedDataset(cache, s.seq_len, "val", seed=s.seed)
+        if self.train_data.split_note:
+            log(self.train_data.split_note)
+        self.config = PaLMConfig.preset(s.preset, **{**s.overrides, "vocab_size": self.tokenizer.vocab_size,
+                                                     "max_seq_len": s.overrides.get("max_seq_len", s.seq_len)})
+        self.lr_at = (schedules.palm(s.peak_lr) if s.schedule == "palm" else
+                      schedules.cosine(s.peak_lr, s.warmup_steps, max(s.steps, s.warmup_steps + 1)))
+        self.ckpt_dir = os.path.join(s.out, "checkpoints")
+        self.metrics = _Metrics(os.path.join(s.out, "metrics.jsonl") if self.main else None)
+        self.plot_path = os.path.join(s.out, "loss.png")
+
+    def train(self, resume: bool, stop: "_StopRequests") -> dict:
+        s, log = self.s, self.log
+        self.stop = stop
+        latest = checkpoint.latest(self.ckpt_dir) if resume else None
+        if latest:
+            model, opt, state = self._load(latest)
+            log(f"resumed from {latest} (step {state['step']})")
+        else:
+            model = PaLM(self.config, seed=s.seed, mesh=self.mesh)
+            opt = _optimizer(s, model)
+            state = {"step": 0, "data_step": 0, "loss_avg": None, "skipped": [],
+                     "settings": {k: getattr(s, k) for k in ("seed", "batch_size", "seq_len", "optimizer",
+                                                              "schedule", "lr", "max_grad_norm")}}
+            self._save(model, opt, state)  # a rollback target
+        start = time.perf_counter()
+        stopped_by, rollbacks, last_eval = "steps", 0, {}
+        # With a time budget the bar counts seconds (its ETA is then the budget's end), else steps.
+        by_time = s.time_budget is not None
+        bar = tqdm(total=round(s.time_budget) if by_time else s.steps, initial=0 if by_time else state["step"],
+                   unit="s" if by_time else "step", disable=not s.progress, dynamic_ncols=True)
+        try:
+            while state["step"] < s.steps:
+                spent = by_time and time.perf_counter() - start > s.time_budget
+                signalled = self.stop.requested
+                if _any_rank(self.mesh, spent or signalled):  # every rank stops at the same step
+                    stopped_by = "interrupt" if _any_rank(self.mesh, signalled) else "time budget"
+                    log(f"stopping at step {state['step']}: " +
+                        ("interrupted; saving a checkpoint" if stopped_by == "interrupt" else
+                         f"time budget of {s.time_budget:.0f} s spent"))
+                    break
+                tokens = _data_share(self.mesh, self.train_data.batch(state["data_step"], s.batch_size))
+                t0 = time.perf_counter()
+                model.zero_grad()
+                out = _accumulate(model, tokens, s.accumulate, s.batch_size // s.accumulate * s.seq_len)
+                step = state["step"] + 1
+                lr = self.lr_at(step)
+                spike = _spike(out["loss"], state["loss_avg"], step, s)
+                grad_norm = math.nan
+                if not spike:
+                    try:
+                        grad_norm = opt.step(lr, s.max_grad_norm, grad_scale=1.0 / s.accumulate)
+                    except RuntimeError:  # a non-finite gradient norm: nothing was changed
+                        spike = "non-finite gradient norm"
+                if spike:
+                    rollbacks += 1
+                    if rollbacks > s.max_rollbacks:
+                        raise TrainingDiverged(
+                            f"training diverged: {rollbacks} loss spikes in a row since the last checkpoint "
+                            f"(the last at step {step}: {spike}). Lower the learning rate (now "
+                            f"{s.peak_lr:g}; --lr) or max_grad_norm, or check the data; the checkpoints in "
+                            f"{self.ckpt_dir} are intact")
+                    model, opt, state = self._roll_back(state, spike)
+                    continue
+                elapsed = time.perf_counter() - t0
+                avg = state["loss_avg"]
+                state.update(step=step, data_step=state["data_step"] + 1,
+                             loss_avg=out["loss"] if avg is None else 0.95 * avg + 0.05 * out["loss"])
+                _skip_forward(state)
+                line = {"step": step, "loss": out["loss"], "ce": out["ce"], "lr": lr, "grad_norm": grad_norm,
+                        "tokens_per_s": s.batch_size * s.seq_len / elapsed}
+                if step % s.eval_every == 0 or step == s.steps:
+                    evaluation = self._evaluate(model)
+                    if evaluation:
+                        line.update(evaluation)
+                        last_eval = dict(evaluation, val_step=step)
+                        log(f"step {step}: loss {out['loss']:.4f} val_loss {line['val_loss']:.4f} "
+                            f"val_bpb {line['val_bpb']:.3f} lr {lr:.2e} {line['tokens_per_s']:,.0f} tok/s")
+                self.metrics.append(line)
+                if "val_loss" in line and self.main:
+                    write_loss_png(self.metrics.path, self.plot_path)
+                bar.update(min(bar.total, round(time.perf_counter() - start)) - bar.n if by_time else 1)
+                bar.set_postfix(step=step, loss=f"{out['loss']:.3f}", tok_s=f"{line['tokens_per_s']:,.0f}")
+                if step % s.checkpoint_every == 0:
+                    self._save(model, opt, state)
+                    rollbacks = 0
+        except KeyboardInterrupt:  # raised by code (the signals themselves only set a flag)
+            stopped_by = "interrupt"
+            log(f"interrupted at step {state['step']}: saving a checkpoint")
+        finally:
+            bar.close()
+        if stopped_by == "time budget" and last_eval.get("val_step") != state["step"] and state["step"] > 0:
+            evaluation = self._evaluate(model)  # stopped between evaluations: evaluate once more
+            if evaluation:
+                last_eval = dict(evaluation, val_step=state["step"])
+                self.metrics.append(dict(evaluation, step=state["step"], final=True))
+                log(f"step {state['step']}: val_loss {evaluation['val_loss']:.4f} "
+                    f"val_bpb {evaluation['val_bpb']:.3f} (final)")
+                if self.main:
+                    write_loss_png(self.metrics.path, self.plot_path)
+        path = self._save(model, opt, state)
+        summary = {"steps": state["step"], "tokens": state["step"] * s.batch_size * s.seq_len,
+                   "wall_s": time.perf_counter() - start, "stopped_by": stopped_by, "checkpoint": path,
+                   "plot": self.plot_path if os.path.exists(self.plot_path) else None, **last_eval}
+        if s.sample_tokens and stopped_by != "interrupt":
+            summary.update(self._sample(model))
+        return summary if self.main else {}
+
+    def _load(self, path: str):
+        ck = checkpoint.load(path, config=self.config, mesh=self.mesh)
+        state = _trainer_state(ck.trainer, os.path.join(path, "trainer.json"))
         for key in ("seed", "batch_size", "seq_len", "optimizer", "schedule"):
-            if key in state.get("settings", {}) and state["settings"][key] != getattr(s, key):
-                raise ValueError(f"cannot resume {latest} with {key}={getattr(s, key)!r}: it was "
+            if key in state["settings"] and state["settings"][key] != getattr(self.s, key):
+                raise ValueError(f"cannot resume {path} with {key}={getattr(self.s, key)!r}: it was "
                                  f"trained with {key}={state['settings'][key]!r}")
-        opt = _optimizer(s, model)
+        if ck.optimizer_state is None:
+            raise ValueError(f"cannot resume from {path}: it holds no optimizer state")
+        opt = _optimizer(self.s, ck.model)
         opt.load_state_dict(ck.optimizer_state)
-        log(f"resumed from {latest} (step {state['step']})")
-    else:
-        model = PaLM(config, seed=s.seed, mesh=mesh)
-        opt = _optimizer(s, model)
-        state = {"step": 0, "data_step": 0, "loss_avg": None, "skipped": [],
-                 "settings": {k: getattr(s, k) for k in ("seed", "batch_size", "seq_len", "optimizer",
-                                                          "schedule", "lr", "max_grad_norm")}}
-        checkpoint.save(ckpt_dir, model, opt, state, step=0, keep=s.keep,  # a rollback target
-                        tokenizer_path=tokenizer.model_path)
+        return ck.model, opt, state
 
-    metrics_path = os.path.join(s.out, "metrics.jsonl") if main else os.devnull
-    start = time.perf_counter()
-    last: dict = {}
-    # With a time budget the bar counts seconds (its ETA is then the budget's end), else steps.
-    by_time = s.time_budget is not None
-    bar = tqdm(total=round(s.time_budget) if by_time else s.steps, initial=0 if by_time else state["step"],
-               unit="s" if by_time else "step", disable=not s.progress, dynamic_ncols=True)
-    try:
-        while state["step"] < s.steps:
-            spent = s.time_budget is not None and time.perf_counter() - start > s.time_budget
-            if _any_rank(mesh, spent):  # every rank stops at the same step
-                log(f"time budget of {s.time_budget:.0f} s spent at step {state['step']}")
-                break
-            tokens = _data_share(mesh, train_data.batch(state["data_step"], s.batch_size))
-            t0 = time.perf_counter()
-            model.zero_grad()
-            out = _accumulate(model, tokens, s.accumulate, s.batch_size // s.accumulate * s.seq_len)
-            step = state["step"] + 1
-            lr = lr_at(step)
-            spike = _spike(out["loss"], state["loss_avg"], step, s)
-            grad_norm = math.nan
-            if not spike:
-                try:
-                    grad_norm = opt.step(lr, s.max_grad_norm, grad_scale=1.0 / s.accumulate)
-                except RuntimeError:  # a non-finite gradient norm: nothing was changed
-                    spike = "non-finite gradient norm"
-            if spike:
-                model, opt, state = _roll_back(ckpt_dir, config, s, state, spike, log, mesh)
-                continue
-            elapsed = time.perf_counter() - t0
-            avg = state["loss_avg"]
-            state.update(step=step, data_step=state["data_step"] + 1,
-                         loss_avg=out["loss"] if avg is None else 0.95 * avg + 0.05 * out["loss"])
-            state = _skip_forward(state)
-            last = {"step": step, "loss": out["loss"], "ce": out["ce"], "lr": lr, "grad_norm": grad_norm,
-                    "tokens_per_s": s.batch_size * s.seq_len / elapsed}
-            if step % s.eval_every == 0 or step == s.steps:
-                last.update(_evaluate(model, val_data, tokenizer, s))
-                log(f"step {step}: loss {out['loss']:.4f} val_loss {last['val_loss']:.4f} "
-                    f"val_bpb {last['val_bpb']:.3f} lr {lr:.2e} {last['tokens_per_s']:,.0f} tok/s")
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(last) + "\n")
-            if "val_loss" in last and main:
-                write_loss_png(metrics_path, os.path.join(s.out, "loss.png"))
-            bar.update(min(bar.total, round(time.perf_counter() - start)) - bar.n if by_time else 1)
-            bar.set_postfix(step=step, loss=f"{out['loss']:.3f}", tok_s=f"{last['tokens_per_s']:,.0f}")
-            if step % s.checkpoint_every == 0:
-                checkpoint.save(ckpt_dir, model, opt, state, step=step, keep=s.keep,
-                                tokenizer_path=tokenizer.model_path)
-    except KeyboardInterrupt:
-        log(f"interrupted at step {state['step']}: saving a checkpoint")
-    finally:
-        bar.close()
-    if last and "val_loss" not in last:  # stopped between evaluations: evaluate once more
-        last.update(_evaluate(model, val_data, tokenizer, s))
-        log(f"step {last['step']}: val_loss {last['val_loss']:.4f} val_bpb {last['val_bpb']:.3f} (final)")
-        if main:
-            _rewrite_last_line(metrics_path, last)
-            write_loss_png(metrics_path, os.path.join(s.out, "loss.png"))
-    checkpoint.save(ckpt_dir, model, opt, state, step=state["step"], keep=s.keep,
-                    tokenizer_path=tokenizer.model_path)
-    if s.sample_tokens:
-        # generation runs on an unsharded model: a model-sharded one is gathered for the main rank
-        weights = model.state_dict() if mesh is not None and mesh.model > 1 else None
-        if main:
-            sampler = model if weights is None else PaLM(config)
-            if weights is not None:
-                sampler.load_state_dict(weights)
-            prompt, sample = _greedy_sample(sampler, tokenizer, val_data, s.sample_tokens)
-            log(f"sample (greedy, after a held-out prompt):\n{prompt}\033[1m{sample}\033[0m")
-            last = dict(last, sample_prompt=prompt, sample=sample)
-    return last if main else {}
+    def _save(self, model: PaLM, opt, state: dict) -> str:
+        return checkpoint.save(self.ckpt_dir, model, opt, state, step=state["step"], keep=self.s.keep,
+                               tokenizer_path=self.tokenizer.model_path)
+
+    def _roll_back(self, state: dict, why: str):
+        """Back to the newest checkpoint, skipping the batch that spiked (and everything the
+        rolled-back steps had consumed is replayed, except that batch)."""
+        bad = state["data_step"]
+        model, opt, restored = self._load(checkpoint.latest(self.ckpt_dir))
+        restored["skipped"] = sorted(set(restored["skipped"]) | set(state["skipped"]) | {bad})
+        self.log(f"loss spike at step {state['step'] + 1} ({why}): rolled back to step {restored['step']}, "
+                 f"skipping data batch {bad}")
+        self.metrics.append({"event": "rollback", "at_step": state["step"] + 1, "to_step": restored["step"],
+                             "skipped_batch": bad, "reason": why})
+        # replay from the checkpoint's data position, stepping over every skipped batch
+        return model, opt, _skip_forward(restored)
+
+    def _evaluate(self, model: PaLM) -> dict | None:
+        """Validation loss, perplexity and bits per byte over the first eval_batches batches
+        (each data rank takes its share of every batch; the sums are then added over the data
+        axis). None when a stop was requested meanwhile (checked between batches)."""
+        s = self.s
+        sums = np.zeros(4)  # Σ loss·tokens, Σ ce·tokens (nats), tokens, bytes
+        for k in range(s.eval_batches):
+            if _any_rank(self.mesh, self.stop.requested):
+                model.zero_grad()
+                return None
+            batch = _data_share(model.mesh, self.val_data.batch(k, s.batch_size))
+            out = model.forward_backward(batch[:, :-1], batch[:, 1:])
+            sums += [out["loss"] * out["tokens"], out["ce"] * out["tokens"], out["tokens"],
+                     sum(len(self.tokenizer.decode(row).encode()) for row in batch[:, 1:])]
+        model.zero_grad()
+        if model.mesh is not None and model.mesh.data > 1:
+            total = sums.astype(np.float32)
+            model.mesh.data_comm.all_reduce_sum(total)
+            sums = total.astype(np.float64)
+        return {"val_loss": float(sums[0] / sums[2]), "val_ppl": math.exp(sums[1] / sums[2]),
+                "val_bpb": float(sums[1] / math.log(2) / max(sums[3], 1))}
+
+    def _sample(self, model: PaLM) -> dict:
+        """A continuation of the first half of the first held-out window, sampled with the
+        default settings (SAMPLING) and the run's seed. Generation runs on an unsharded model:
+        a model-sharded one is gathered for the main rank."""
+        weights = model.state_dict() if self.mesh is not None and self.mesh.model > 1 else None
+        if not self.main:
+            return {}
+        if weights is not None:
+            model = PaLM(self.config)
+            model.load_state_dict(weights)
+        ids = [int(t) for t in self.val_data.window(0)[: max(1, self.s.seq_len // 2)]]
+        new = model.generate([ids], max_new_tokens=min(self.s.sample_tokens, self.config.max_seq_len - len(ids)),
+                             stop_tokens=(), seed=self.s.seed, **SAMPLING)[0]
+        return {"sample_prompt": self.tokenizer.decode(ids), "sample": self.tokenizer.decode(new),
+                "sample_settings": dict(SAMPLING, seed=self.s.seed)}
 
 
-def _rewrite_last_line(metrics_path: str, last: dict) -> None:
-    """The last step's line of metrics.jsonl, now with its evaluation."""
-    with open(metrics_path) as f:
-        lines = f.readlines()
-    lines[-1] = json.dumps(last) + "\n"
-    with open(metrics_path + ".tmp", "w") as f:
-        f.writelines(lines)
-    os.replace(metrics_path + ".tmp", metrics_path)
+class _StopRequests:
+    """While entered (in the main thread), SIGINT and SIGTERM set ``requested`` instead of
+    interrupting: the loop stops at the next step boundary, so no step is half done."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self) -> "_StopRequests":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._request)
+        return self
+
+    def _request(self, signum, frame) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class _Metrics:
+    """metrics.jsonl, append-only. A step at or below the highest step already logged (the
+    file may hold an earlier attempt) is marked ``"replay": true``."""
+
+    def __init__(self, path: str | None):
+        self.path = path
+        self.highest = 0
+        if path and os.path.exists(path):
+            with open(path) as f:
+                for line in f:
+                    try:
+                        self.highest = max(self.highest, int(json.loads(line).get("step", 0)))
+                    except (ValueError, TypeError, AttributeError):
+                        pass  # a line cut short by a crash
+        if path:
+            self._repair_cut_line()
+
+    def _repair_cut_line(self) -> None:
+        """A crash mid-write can leave a last line without its newline: end it, so the next
+        line starts on its own."""
+        with open(self.path, "ab+") as f:
+            if f.tell() and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b"\n":
+                f.write(b"\n")
+
+    def append(self, line: dict) -> None:
+        if self.path is None:
+            return
+        if "step" in line and line["step"] <= self.highest and not line.get("final"):
+            line = dict(line, replay=True)
+        self.highest = max(self.highest, line.get("step", 0))
+        with open(self.path, "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+
+def _trainer_state(trainer: dict, path: str) -> dict:
+    """The loop's state from a checkpoint's trainer.json, every field checked."""
+    def field(name, kind, ok=lambda v: True):
+        value = trainer.get(name)
+        if not isinstance(value, kind) or isinstance(value, bool) or not ok(value):
+            raise ValueError(f"{path} is damaged: '{name}' is {value!r}")
+        return value
+
+    return {"step": field("step", int, lambda v: v >= 0), "data_step": field("data_step", int, lambda v: v >= 0),
+            "loss_avg": None if trainer.get("loss_avg") is None else
+            field("loss_avg", (int, float), math.isfinite),
+            "skipped": [int(b) for b in field("skipped", list, lambda v: all(
+                isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in v))],
+            "settings": field("settings", dict)}
 
 
 def _accumulate(model: PaLM, tokens: np.ndarray, micro_batches: int, micro_tokens: int) -> dict:
@@ -248,18 +449,14 @@ def _tokenizer(s: TrainSettings, log) -> Tokenizer:
         return Tokenizer(path)
     if s.tokenizer:
         raise ValueError(f"no tokenizer model at {s.tokenizer}")
-    files = find_files(s.corpus)
-    log(f"training a {s.vocab_size}-token tokenizer on {len(files)} files")
-    texts = (open(f, encoding="utf-8", errors="replace").read() for f in files)
-    return Tokenizer.train(texts, s.vocab_size, path)
+    files, skipped = text_files(s.corpus)
+    log(f"training a {s.vocab_size}-token tokenizer on {len(files)} files"
+        + (f" ({len(skipped)} binary files left out)" if skipped else ""))
+    return Tokenizer.train_on_files(files, s.vocab_size, path)
 
 
 def _optimizer(s: TrainSettings, model: PaLM):
-    if s.optimizer == "adafactor":
-        return Adafactor(model)
-    if s.optimizer == "adamw":
-        return AdamW(model)
-    raise ValueError(f"optimizer must be 'adafactor' or 'adamw', got {s.optimizer!r}")
+    return Adafactor(model) if s.optimizer == "adafactor" else AdamW(model)
 
 
 def _spike(loss: float, avg: float | None, step: int, s: TrainSettings) -> str | None:
@@ -270,48 +467,7 @@ def _spike(loss: float, avg: float | None, step: int, s: TrainSettings) -> str |
     return None
 
 
-def _roll_back(ckpt_dir, config, s: TrainSettings, state: dict, why: str, log, model_mesh=None):
-    """Back to the newest checkpoint, skipping the batch that spiked (and everything the
-    rolled-back steps had consumed is replayed, except that batch)."""
-    bad = state["data_step"]
-    ck = checkpoint.load(checkpoint.latest(ckpt_dir), config=config, mesh=model_mesh)
-    opt = _optimizer(s, ck.model)
-    opt.load_state_dict(ck.optimizer_state)
-    restored = dict(ck.trainer)
-    restored["skipped"] = sorted(set(restored.get("skipped", [])) | set(state.get("skipped", [])) | {bad})
-    log(f"loss spike at step {state['step'] + 1} ({why}): rolled back to step {restored['step']}, "
-        f"skipping data batch {bad}")
-    # replay from the checkpoint's data position, stepping over every skipped batch
-    return ck.model, opt, _skip_forward(restored)
-
-
 def _skip_forward(state: dict) -> dict:
     while state["data_step"] in state["skipped"]:
         state["data_step"] += 1
     return state
-
-
-def _greedy_sample(model: PaLM, tokenizer: Tokenizer, data: PackedDataset, n: int) -> tuple[str, str]:
-    """A greedy continuation of the first half of the first held-out window."""
-    ids = [int(t) for t in data.window(0)[: max(1, data.seq_len // 2)]]
-    new = model.generate([ids], max_new_tokens=min(n, model.config.max_seq_len - len(ids)), temperature=0,
-                         stop_tokens=())[0]
-    return tokenizer.decode(ids), tokenizer.decode(new)
-
-
-def _evaluate(model: PaLM, data: PackedDataset, tokenizer: Tokenizer, s: TrainSettings) -> dict:
-    """Validation loss, perplexity and bits per byte over the first eval_batches batches (each
-    data rank takes its share of every batch; the sums are then added over the data axis)."""
-    sums = np.zeros(4)  # Σ loss·tokens, Σ ce·tokens (nats), tokens, bytes
-    for k in range(s.eval_batches):
-        batch = _data_share(model.mesh, data.batch(k, s.batch_size))
-        out = model.forward_backward(batch[:, :-1], batch[:, 1:])
-        sums += [out["loss"] * out["tokens"], out["ce"] * out["tokens"], out["tokens"],
-                 sum(len(tokenizer.decode(row).encode()) for row in batch[:, 1:])]
-    model.zero_grad()
-    if model.mesh is not None and model.mesh.data > 1:
-        total = sums.astype(np.float32)
-        model.mesh.data_comm.all_reduce_sum(total)
-        sums = total.astype(np.float64)
-    return {"val_loss": float(sums[0] / sums[2]), "val_ppl": math.exp(sums[1] / sums[2]),
-            "val_bpb": float(sums[1] / math.log(2) / max(sums[3], 1))}

@@ -1,9 +1,24 @@
-"""Fixtures shared by the training and generation tests."""
+"""Fixtures shared by the tests: the thread count (``threads``) and a small corpus."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+
+
+@pytest.fixture(params=[1, 2], ids=["threads1", "threads2"])
+def threads(request):
+    """Run the test with palmcore.set_num_threads(n) for n = 1 and 2; restore the previous
+    count afterwards (also when the test fails). A module that wants every test run with both
+    counts sets ``pytestmark = pytest.mark.usefixtures("threads")``."""
+    import palmcore  # noqa: PLC0415  (here, so that collecting tests without it still works)
+
+    old = palmcore.get_num_threads()
+    palmcore.set_num_threads(request.param)
+    try:
+        yield request.param
+    finally:
+        palmcore.set_num_threads(old)
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""Shared test helpers: random parameters and tokens, a relative error, tiny configurations."""
+"""Shared test helpers: random parameters and tokens, the error measure (scaled_err), tiny
+configurations."""
 
 from __future__ import annotations
 
@@ -34,12 +35,56 @@ def random_tokens(cfg, B, T, seed) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, cfg.vocab_size, size=(B, T), dtype=np.int64)
 
 
-def rel_err(a, b) -> float:
-    """||a - b||_2 / max(||b||_2, tiny), Frobenius norm over the whole array."""
+def scaled_err(a, b, floor: float) -> float:
+    """The one error measure of the tests: max|a - b| / max(max|b|, floor).
+
+    ``a`` is the result under test, ``b`` the reference (same shape); the largest absolute
+    error over the whole array, relative to the larger of the reference's own scale (its
+    largest magnitude) and ``floor``.
+
+    Why a floor: rounding error is relative to the size of the terms a result is computed
+    from, not to the result, which can cancel to (near) zero. The plain ratio
+    ||a - b|| / ||b|| then divides rounding noise by a tiny norm: with T = 1 attention sees one
+    key, the gradient with respect to the queries is exactly 0 in float64 and float32 noise
+    gave a "relative error" of 2.4e+299 for a correct result. ``floor`` is a stated scale of the
+    quantity that does not vanish when the reference does: the size of its summands (|A|·|B|
+    for a matmul, the inputs of a kernel), the largest of the sibling outputs of the same
+    computation (for one gradient tensor: the largest gradient entry over all parameters), or
+    an absolute unit of the quantity (1 nat for a loss, 1 for probabilities). It must be > 0
+    and finite, so the measure is never a division by (almost) nothing.
+
+    Why it still fails on a wrong result: a wrong value is wrong by the order of the quantity
+    itself, and a floor is a scale of the quantity, at most a small factor above it (|A|·|B| is
+    a few times |A·B| for the tests' random data; the largest gradient entry over all
+    parameters is within ~20x of every non-degenerate tensor's), so the measure of a wrong
+    result is then far above the tolerances of 1e-4 and below. tests/test_helpers.py checks
+    both sides: noise on an exactly-zero reference passes, an error of 1 % fails.
+    Why the max norm rather than Frobenius: one wrong element among many is not averaged away.
+    NaN or inf in ``a`` gives NaN or inf, which fails every ``<= tol``. Empty arrays give 0.
+    """
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
-    return float(np.linalg.norm((a - b).ravel())
-                 / max(np.linalg.norm(b.ravel()), np.finfo(np.float64).tiny))
+    assert a.shape == b.shape, f"shapes differ: {a.shape} vs {b.shape}"
+    floor = float(floor)
+    assert 0.0 < floor < np.inf, f"the floor must be a positive finite scale, not {floor!r}"
+    if a.size == 0:
+        return 0.0
+    diff = np.abs(a - b)
+    if not np.all(np.isfinite(diff)):
+        return float("nan") if np.isnan(diff).any() else float("inf")
+    return float(diff.max() / max(float(np.abs(b).max()), floor))
+
+
+def max_abs(*arrays) -> float:
+    """The largest magnitude over all the given arrays (or dicts of arrays): a floor for
+    scaled_err from the sibling outputs of one computation."""
+    out = 0.0
+    for x in arrays:
+        for v in (x.values() if isinstance(x, dict) else [x]):
+            v = np.asarray(v, dtype=np.float64)
+            if v.size:
+                out = max(out, float(np.abs(v).max()))
+    return out
 
 
 def tiny_configs() -> list:

@@ -15,6 +15,8 @@ import pytest
 import palmcore
 from palmcore import _core
 
+from helpers import scaled_err
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -102,13 +104,13 @@ def trained_on_every_mesh(tmp_path_factory):
 @pytest.mark.parametrize("data,model", MESHES[1:])
 def test_every_mesh_trains_like_one_rank(trained_on_every_mesh, data, model):
     """After 3 optimizer steps the losses, the first step's logits and every gathered parameter
-    agree with the 1 x 1 run: relative error <= 1e-5 (float32 sums in another order; seen: 2e-7)."""
+    agree with the 1 x 1 run: helpers.scaled_err <= 1e-5 with floor 1 (losses in nats, logits
+    and parameters are O(1): norm scales ~1, a unit-std embedding), float32 sums in another
+    order; seen: 2e-7."""
     one, other = trained_on_every_mesh[(1, 1)], trained_on_every_mesh[(data, model)]
     assert set(one) == set(other)
-    np.testing.assert_allclose(other["losses"], one["losses"], rtol=1e-5)
     for name in one:
-        a, b = one[name].astype(np.float64), other[name].astype(np.float64)
-        assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(a), name
+        assert scaled_err(other[name], one[name], floor=1.0) <= 1e-5, name
 
 
 def train(out, mesh: str, steps: int, corpus: str, resume: bool = False):

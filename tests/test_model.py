@@ -1,12 +1,18 @@
 """Tests of palmcore.PaLM, the C++ model, against palmcore.reference (the float64 oracle).
 
 Accuracy criterion: for every compared quantity (logits, loss, ce and every gradient of
-``model.grads()``) the relative error
+``model.grads()``) the error (helpers.scaled_err)
 
-    rel_err(a, b) = ||a - b||_F / ||b||_F        (Frobenius norm over the whole array)
+    max|a - b| / max(max|b|, floor)
 
 of the C++ float32 result ``a`` against the float64 reference ``b`` must be <= 1e-4
-(REL_TOL). The reference runs on exactly the float32 values that were loaded into the model
+(REL_TOL; observed worst about 1.3e-6). The floors: 1 for logits (the tied unit-std embedding
+makes logits O(1)), 1 nat for loss and ce, and for each gradient tensor the largest reference
+gradient entry over all parameters of the same forward_backward (GRAD floor). The last matters:
+with T = 1 attention sees one key, so the gradients of wq and wk are exactly 0 in the reference
+and float32 rounding noise (about 1e-8 of the gradient scale) divided by their own norm is
+meaningless. Each non-degenerate gradient tensor is at least ~6 % of that scale in these cases,
+so an error of 1 % in any of them is still caught. The reference runs on exactly the float32 values that were loaded into the model
 (cast back to float64), so the error measures the C++ arithmetic only, not the rounding of
 the parameters. ``tokens`` (the counted-target count) must match exactly.
 
@@ -30,22 +36,13 @@ import palmcore
 from palmcore import PaLM, PaLMConfig
 from palmcore import reference as ref
 
-from helpers import random_params, random_tokens, rel_err, tiny_configs
+from helpers import max_abs, random_params, random_tokens, scaled_err, tiny_configs
 
 REL_TOL = 1e-4
+LOGITS_FLOOR = 1.0   # logits are O(1): unit-std tied embedding over normalized activations
+LOSS_FLOOR = 1.0     # 1 nat: ce >= 0 is about log V for these random models
 
 # --------------------------------------------------------------------------- fixtures, helpers
-
-
-@pytest.fixture(params=[1, 2], ids=["threads1", "threads2"])
-def threads(request):
-    """Run the test with palmcore.set_num_threads(n); restore the previous count afterwards."""
-    old = palmcore.get_num_threads()
-    palmcore.set_num_threads(request.param)
-    try:
-        yield request.param
-    finally:
-        palmcore.set_num_threads(old)
 
 
 @pytest.fixture
@@ -90,8 +87,18 @@ def model_with(cfg, p32, seed=0):
 
 
 def check_scalar(name, got, want):
-    err = abs(got - want) / max(abs(want), np.finfo(np.float64).tiny)
-    assert err <= REL_TOL, f"{name}: got {got!r}, reference {want!r}, rel err {err:.2e}"
+    err = scaled_err(got, want, floor=LOSS_FLOOR)
+    assert err <= REL_TOL, f"{name}: got {got!r}, reference {want!r}, err {err:.2e}"
+
+
+def check_grads(got, want, tol=REL_TOL):
+    """Every gradient tensor against the reference, with the GRAD floor: the largest reference
+    gradient entry over all parameters (a tensor can be 0, e.g. wq and wk with T = 1)."""
+    floor = max_abs(want)
+    assert floor > 0, "the reference gradients are all zero: nothing to compare against"
+    for name, g in got.items():
+        err = scaled_err(g, want[name], floor=floor)
+        assert err <= tol, f"grad {name}: err {err:.2e} (floor {floor:.3g})"
 
 
 def check_against_reference(model, cfg, p64, tokens, targets, expected=None):
@@ -101,8 +108,8 @@ def check_against_reference(model, cfg, p64, tokens, targets, expected=None):
     want_logits, want = expected
     logits = model.forward(tokens)
     assert logits.dtype == np.float32 and logits.shape == want_logits.shape
-    err = rel_err(logits, want_logits)
-    assert err <= REL_TOL, f"logits: rel err {err:.2e}"
+    err = scaled_err(logits, want_logits, floor=LOGITS_FLOOR)
+    assert err <= REL_TOL, f"logits: err {err:.2e}"
 
     model.zero_grad()
     out = model.forward_backward(tokens, targets)
@@ -114,8 +121,7 @@ def check_against_reference(model, cfg, p64, tokens, targets, expected=None):
     assert list(grads) == list(cfg.param_shapes())
     for name, g in grads.items():
         assert g.dtype == np.float32 and g.shape == cfg.param_shapes()[name], name
-        err = rel_err(g, want["grads"][name])
-        assert err <= REL_TOL, f"grad {name}: rel err {err:.2e}"
+    check_grads(grads, want["grads"])
 
 
 def reference_results(cfg, p64, tokens, targets):
@@ -252,8 +258,8 @@ def test_gradients_accumulate_and_zero_grad_resets():
     assert first == second
     for name in once:
         assert once[name].any(), name
-        err = rel_err(twice[name], 2 * once[name].astype(np.float64))
-        assert err <= 1e-6, f"{name}: two calls give {err:.2e} away from 2x one call"
+    # float32 g + g == 2 g exactly, so the tolerance is tight
+    check_grads(twice, {n: 2 * g.astype(np.float64) for n, g in once.items()}, tol=1e-6)
     model.zero_grad()
     for name, g in model.grads().items():
         assert np.array_equal(g, np.zeros_like(g)), name
@@ -272,9 +278,7 @@ def test_accumulation_over_different_batches_is_the_sum():
         model.forward_backward(tokens, targets)
     total = model.grads()
     want = [ref.loss_and_grads(p64, cfg, t, y)["grads"] for t, y in batches]
-    for name in total:
-        err = rel_err(total[name], want[0][name] + want[1][name])
-        assert err <= REL_TOL, f"{name}: rel err {err:.2e}"
+    check_grads(total, {name: want[0][name] + want[1][name] for name in total})
 
 
 def test_all_targets_ignored(threads):

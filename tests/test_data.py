@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from palmcore import Tokenizer
-from palmcore.data import PackedDataset, TokenCache, find_files
+from palmcore.data import PackedDataset, TokenCache, find_files, text_files
 from palmcore.tokenizer import EOD_ID
 
 
@@ -84,3 +84,49 @@ def test_errors(corpus, tmp_path):
         PackedDataset(cache, 10**6)
     with pytest.raises(ValueError, match=r"split must be 'train' or 'val'"):
         PackedDataset(cache, 4, split="test")
+
+
+def test_few_documents_split_within_them(corpus, tmp_path):
+    """One document (or a few short ones) cannot be split by document: the held-out split is
+    then the corpus's last tokens, and together the splits hold every token once."""
+    folder, tok, _ = corpus
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "only.txt").write_text("".join((folder / "doc00.txt").read_text() * 40))
+    cache = TokenCache.build([str(one)], tok, str(tmp_path / "one-cache"))
+    train = PackedDataset(cache, 8, "train", seed=0, val_fraction=0.1)
+    val = PackedDataset(cache, 8, "val", seed=0, val_fraction=0.1)
+    assert "too few documents (1)" in train.split_note and train.num_windows >= 1 and val.num_windows >= 1
+    n = int(cache.bounds[0, 1])
+    (a, b), (c, d) = train.segments[0], val.segments[0]
+    assert a == 0 and b == c and d == n and d - c == max(9, int(np.ceil(0.1 * n)))
+    assert np.array_equal(train.window(0)[:9], cache.tokens[:9])
+    assert np.array_equal(val.window(0)[:9], cache.tokens[c:c + 9])
+    # many documents: split by document as before, no note
+    many = TokenCache.build([str(folder)], tok, str(tmp_path / "many-cache"))
+    assert PackedDataset(many, 5, "train", seed=1).split_note == ""
+
+
+def test_binary_files_are_left_out(corpus, tmp_path):
+    folder, tok, _ = corpus
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "a.txt").write_text("alpha beta")
+    (mixed / "blob.bin").write_bytes(b"\x7fELF\x00\x01" * 100)
+    text, binary = text_files([str(mixed)])
+    assert [os.path.basename(p) for p in text] == ["a.txt"] and [os.path.basename(p) for p in binary] == ["blob.bin"]
+    cache = TokenCache.build([str(mixed)], tok, str(tmp_path / "cache"))
+    assert [os.path.basename(p) for p in cache.files] == ["a.txt"]
+
+
+def test_long_texts_are_encoded_in_pieces(corpus):
+    """encode_to_array equals encode for a text up to its chunk size, and cuts a longer one
+    after a line break (each piece encoded alone) without losing a character."""
+    _, tok, _ = corpus
+    text = "".join(f"x=1; alpha {i} beta\n  gamma é中\n" for i in range(50))
+    assert list(tok.encode_to_array(text, np.uint16, chunk_chars=len(text))) == tok.encode(text)
+    for chunk in (7, 40, 101):
+        ids = tok.encode_to_array(text, np.uint16, chunk_chars=chunk)
+        assert ids.dtype == np.uint16 and tok.decode(ids) == text
+    assert tok.decode(tok.encode_to_array("no line break " * 20, np.int32, chunk_chars=9)) == "no line break " * 20
+    assert tok.encode_to_array("", np.int32).shape == (0,)

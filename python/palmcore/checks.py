@@ -33,7 +33,10 @@ def real(name: str, value, low: float | None = None, high: float | None = None,
     """``value`` as a finite float in [low, high] (or (low, high] with ``low_open``)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {value!r}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an integer beyond float's range
+        value = math.inf if value > 0 else -math.inf
     below = low is not None and (value <= low if low_open else value < low)
     if not math.isfinite(value) or below or (high is not None and value > high):
         bounded = low is not None and high is not None

@@ -36,10 +36,8 @@ def palmcore_decode(palmcore, model, prompts, new):
     """(new tokens [B, new], prefill s, decode s) with palmcore's decoder."""
     import time  # noqa: PLC0415
 
-    from palmcore.generation import Generation, sampling_settings  # noqa: PLC0415
-
-    settings = sampling_settings(new, 0.0, 0, 1.0, 1.0, (), 0)
-    gen = Generation(model, [list(map(int, p)) for p in prompts], settings)
+    gen = model.generation([list(map(int, p)) for p in prompts], max_new_tokens=new, temperature=0.0,
+                           top_k=0, top_p=1.0, stop_tokens=())
     t0 = time.perf_counter()
     gen.step()
     t1 = time.perf_counter()

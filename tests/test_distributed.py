@@ -126,7 +126,7 @@ def train(out, mesh: str, steps: int, corpus: str, resume: bool = False):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     with open(os.path.join(out, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
-    return {r["step"]: r["loss"] for r in rows}, done
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}, done
 
 
 def test_train_on_a_mesh_and_resume_on_others(corpus, tmp_path):
@@ -137,7 +137,7 @@ def test_train_on_a_mesh_and_resume_on_others(corpus, tmp_path):
     straight, _ = train(tmp_path / "straight", "data=1,model=1", 8, corpus)
     run_dir = tmp_path / "moving"
     losses, done = train(run_dir, "data=2,model=2", 4, corpus)
-    assert done.stdout.count('"step": 4') == 1            # only the main rank prints its summary
+    assert done.stdout.count("trained to step 4 ") == 1   # only the main rank prints its summary
     for mesh, steps in (("data=1,model=1", 6), ("data=1,model=2", 8)):
         losses, done = train(run_dir, mesh, steps, corpus, resume=True)
         assert f"resumed from {run_dir}" in done.stdout + done.stderr

@@ -214,42 +214,44 @@ def test_bad_load_state_dict_changes_nothing(model, corrupt, exc, match):
 BASE = dict(vocab_size=37, d_model=16, n_layers=2, n_heads=4)   # head_dim 4
 
 BAD_CONFIGS = [
-    (dict(n_kv_heads=3), r"n_heads \(4\) must be a multiple of n_kv_heads \(3\)"),
-    (dict(n_heads=6, n_kv_heads=4, head_dim=2), r"n_heads \(6\) must be a multiple of n_kv_heads \(4\)"),
-    (dict(n_kv_heads=8), r"n_heads \(4\) must be a multiple of n_kv_heads \(8\)"),
-    (dict(head_dim=3), r"head_dim must be even.*got 3"),
-    (dict(d_model=12, n_heads=12), r"head_dim must be even.*got 1"),
-    (dict(d_model=10), r"d_model \(10\) is not divisible by n_heads \(4\)"),
-    (dict(head_dim=0), r"head_dim must be a positive integer, got 0"),
-    (dict(head_dim=-4), r"head_dim must be a positive integer, got -4"),
-    (dict(ffn_dim=0), r"ffn_dim must be a positive integer, got 0"),
-    (dict(ffn_dim=-1), r"ffn_dim must be a positive integer, got -1"),
-    (dict(rope_base=0.0), r"rope_base must be a positive finite number, got 0\.0"),
-    (dict(rope_base=float("inf")), r"rope_base must be a positive finite number"),
-    (dict(norm_eps=-1e-5), r"norm_eps must be a positive finite number"),
-    (dict(norm_eps=float("nan")), r"norm_eps must be a positive finite number, got nan"),
-    (dict(z_loss=-1e-4), r"z_loss must be a non-negative finite number"),
-    (dict(z_loss=float("inf")), r"z_loss must be a non-negative finite number"),
-    (dict(rope_base="10000"), r"rope_base must be a positive finite number, got '10000'"),
-    (dict(rope_base=True), r"rope_base must be a positive finite number, got True"),
-    (dict(norm_eps=1e-50), r"norm_eps must be a positive finite number, got 1e-50 \(in \[1e-30, 1e3\]"),
-    (dict(z_loss=1e39), r"z_loss must be a non-negative finite number, got 1e\+39 \(at most 1e3"),
-    (dict(d_model=2**31), r"d_model must be a positive integer, got 2147483648 \(at most 2\^31 - 1\)"),
+    # (overrides, error, message): TypeError for a value of the wrong kind, ValueError for a
+    # value out of range or fields that do not fit together
+    (dict(n_kv_heads=3), ValueError, r"n_heads \(4\) must be a multiple of n_kv_heads \(3\)"),
+    (dict(n_heads=6, n_kv_heads=4, head_dim=2), ValueError, r"n_heads \(6\) must be a multiple of n_kv_heads \(4\)"),
+    (dict(n_kv_heads=8), ValueError, r"n_heads \(4\) must be a multiple of n_kv_heads \(8\)"),
+    (dict(head_dim=3), ValueError, r"head_dim must be even.*got 3"),
+    (dict(d_model=12, n_heads=12), ValueError, r"head_dim must be even.*got 1"),
+    (dict(d_model=10), ValueError, r"d_model \(10\) is not divisible by n_heads \(4\)"),
+    (dict(head_dim=0), ValueError, r"head_dim must be in \[1, 2147483647\], got 0"),
+    (dict(head_dim=-4), ValueError, r"head_dim must be in \[1, 2147483647\], got -4"),
+    (dict(ffn_dim=0), ValueError, r"ffn_dim must be in \[1, 2147483647\], got 0"),
+    (dict(ffn_dim=-1), ValueError, r"ffn_dim must be in \[1, 2147483647\], got -1"),
+    (dict(rope_base=0.0), ValueError, r"rope_base must be finite and > 0, got 0\.0"),
+    (dict(rope_base=float("inf")), ValueError, r"rope_base must be finite and > 0, got inf"),
+    (dict(norm_eps=-1e-5), ValueError, r"norm_eps must be in \[1e-30, 1000\], got -1e-05"),
+    (dict(norm_eps=float("nan")), ValueError, r"norm_eps must be in \[1e-30, 1000\], got nan"),
+    (dict(z_loss=-1e-4), ValueError, r"z_loss must be in \[0, 1000\], got -0.0001"),
+    (dict(z_loss=float("inf")), ValueError, r"z_loss must be in \[0, 1000\], got inf"),
+    (dict(rope_base="10000"), TypeError, r"rope_base must be a number, got '10000'"),
+    (dict(rope_base=True), TypeError, r"rope_base must be a number, got True"),
+    (dict(norm_eps=1e-50), ValueError, r"norm_eps must be in \[1e-30, 1000\], got 1e-50"),
+    (dict(z_loss=1e39), ValueError, r"z_loss must be in \[0, 1000\], got 1e\+39"),
+    (dict(d_model=2**31), ValueError, r"d_model must be in \[1, 2147483647\], got 2147483648"),
 ]
 for _field in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "max_seq_len"):
     BAD_CONFIGS += [
-        ({_field: 0}, rf"{_field} must be a positive integer, got 0"),
-        ({_field: -3}, rf"{_field} must be a positive integer, got -3"),
-        ({_field: 4.0}, rf"{_field} must be a positive integer, got 4\.0"),
-        ({_field: True}, rf"{_field} must be a positive integer, got True"),
-        ({_field: None}, rf"{_field} must be a positive integer, got None"),
+        ({_field: 0}, ValueError, rf"{_field} must be in \[1, 2147483647\], got 0"),
+        ({_field: -3}, ValueError, rf"{_field} must be in \[1, 2147483647\], got -3"),
+        ({_field: 4.0}, TypeError, rf"{_field} must be an integer, got 4\.0"),
+        ({_field: True}, TypeError, rf"{_field} must be an integer, got True"),
+        ({_field: None}, TypeError, rf"{_field} must be an integer, got None"),
     ]
 
 
-@pytest.mark.parametrize("overrides,match", BAD_CONFIGS,
-                         ids=[",".join(f"{k}={v!r}" for k, v in o.items()) for o, _ in BAD_CONFIGS])
-def test_bad_config(overrides, match):
-    with pytest.raises(ValueError, match=match):
+@pytest.mark.parametrize("overrides,error,match", BAD_CONFIGS,
+                         ids=[",".join(f"{k}={v!r}" for k, v in o.items()) for o, _, _ in BAD_CONFIGS])
+def test_bad_config(overrides, error, match):
+    with pytest.raises(error, match=match):
         PaLMConfig(**{**BASE, **overrides})
 
 
@@ -264,7 +266,7 @@ def test_unknown_preset_and_fields():
         PaLMConfig.from_dict({**BASE, "dropout": 0.1, "n_experts": 8})
     with pytest.raises(TypeError, match=r"unexpected keyword argument 'dropout'"):
         PaLMConfig.preset("seed", dropout=0.1)
-    with pytest.raises(ValueError, match=r"seq_len must be a positive integer, got 0"):
+    with pytest.raises(ValueError, match=r"seq_len must be in \[1, 2147483647\], got 0"):
         PaLMConfig(**BASE).flops_per_token(0)
 
 

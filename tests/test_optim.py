@@ -122,11 +122,15 @@ def test_state_dict_resumes_exactly(kind):
 def test_bad_arguments():
     model = fresh_model()
     opt = palmcore.Adafactor(model)
-    with pytest.raises(ValueError, match=r"lr must be a finite number >= 0"):
+    with pytest.raises(ValueError, match=r"lr must be finite and >= 0, got -1.0"):
         opt.step(-1.0)
-    with pytest.raises(ValueError, match=r"max_grad_norm must be a positive number or None"):
+    with pytest.raises(TypeError, match=r"lr must be a number, got '0.1'"):
+        opt.step("0.1")
+    with pytest.raises(ValueError, match=r"max_grad_norm must be finite and > 0, got 0.0"):
         opt.step(1e-2, max_grad_norm=0.0)
-    with pytest.raises(ValueError, match=r"beta1 must be a finite number"):
+    with pytest.raises(ValueError, match=r"grad_scale must be finite and > 0, got inf"):
+        opt.step(1e-2, grad_scale=float("inf"))
+    with pytest.raises(ValueError, match=r"beta1 must be finite, got nan"):
         palmcore.AdamW(model, betas=(float("nan"), 0.95))
     with pytest.raises(TypeError, match=r"model must be a palmcore.PaLM"):
         palmcore.Adafactor(object())
@@ -182,5 +186,5 @@ def test_bad_schedules():
         palmcore.schedules.palm(constant_steps=0)
     with pytest.raises(ValueError, match=r"schedule steps count from 1"):
         palmcore.schedules.palm()(0)
-    with pytest.raises(ValueError, match=r"grad_scale must be a positive finite number"):
+    with pytest.raises(ValueError, match=r"grad_scale must be finite and > 0, got 0.0"):
         palmcore.Adafactor(fresh_model()).step(1e-2, grad_scale=0.0)

@@ -52,7 +52,7 @@ def test_special_ids_and_batches(tok):
 def test_errors(tok, tmp_path):
     with pytest.raises(ValueError, match=r"outside the vocabulary"):
         tok.decode([tok.vocab_size])
-    with pytest.raises(TypeError, match=r"encode takes a str"):
+    with pytest.raises(TypeError, match=r"text must be a str, got bytes"):
         tok.encode(b"bytes")
     with pytest.raises(ValueError, match=r"no tokenizer model at"):
         Tokenizer(str(tmp_path / "missing.model"))

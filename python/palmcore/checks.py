@@ -39,19 +39,23 @@ def real(name: str, value, low: float | None = None, high: float | None = None,
         value = math.inf if value > 0 else -math.inf
     below = low is not None and (value <= low if low_open else value < low)
     if not math.isfinite(value) or below or (high is not None and value > high):
-        bounded = low is not None and high is not None
-        raise ValueError(f"{name} must be {'' if bounded else 'finite and '}{_range(low, high, low_open)}, "
-                         f"got {value}")
+        if low is None and high is None:
+            what = "finite"
+        elif low is None or high is None:
+            what = f"finite and {_range(low, high, low_open)}"
+        else:
+            what = _range(low, high, low_open)
+        raise ValueError(f"{name} must be {what}, got {value}")
     return value
 
 
 def _range(low, high, low_open: bool = False) -> str:
-    """'in [0, 1]', 'in (0, 1]', '>= 0', '> 0', '<= 9' or 'any value'."""
+    """'in [0, 1]', 'in (0, 1]', '>= 0', '> 0' or '<= 9'."""
     if low is not None and high is not None:
         return f"in {'(' if low_open else '['}{_number(low)}, {_number(high)}]"
     if low is not None:
         return f"{'>' if low_open else '>='} {_number(low)}"
-    return f"<= {_number(high)}" if high is not None else "any value"
+    return f"<= {_number(high)}"
 
 
 def _number(x) -> str:

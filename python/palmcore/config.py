@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import numbers
+
+from palmcore import checks
 
 # Shapes from PALM_SPEC.md: `seed` is the seed article's example code, the rest are the
 # PaLM paper's Table 1 (for planning and accounting, not for training on a CPU).
@@ -40,7 +40,7 @@ class PaLMConfig:
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "max_seq_len"):
-            _require_positive_int(name, getattr(self, name))
+            _extent(name, getattr(self, name))
         if self.head_dim is None:
             if self.d_model % self.n_heads:
                 raise ValueError(f"d_model ({self.d_model}) is not divisible by n_heads "
@@ -48,8 +48,8 @@ class PaLMConfig:
             self.head_dim = self.d_model // self.n_heads
         if self.ffn_dim is None:
             self.ffn_dim = 4 * self.d_model
-        _require_positive_int("head_dim", self.head_dim)
-        _require_positive_int("ffn_dim", self.ffn_dim)
+        _extent("head_dim", self.head_dim)
+        _extent("ffn_dim", self.ffn_dim)
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE's rotate-half, got {self.head_dim}")
         if self.n_heads % self.n_kv_heads:
@@ -57,11 +57,9 @@ class PaLMConfig:
                              f"({self.n_kv_heads})")
         # rope_base is any positive number; norm_eps and z_loss are used as float32, so they
         # stay where float32 represents them.
-        _require_real("rope_base", self.rope_base, "a positive finite number", lambda v: v > 0)
-        _require_real("norm_eps", self.norm_eps, "a positive finite number",
-                      lambda v: 1e-30 <= v <= 1e3, " (in [1e-30, 1e3]: it is used in float32)")
-        _require_real("z_loss", self.z_loss, "a non-negative finite number",
-                      lambda v: 0 <= v <= 1e3, " (at most 1e3: it is used in float32)")
+        checks.real("rope_base", self.rope_base, low=0.0, low_open=True)
+        checks.real("norm_eps", self.norm_eps, 1e-30, 1e3)
+        checks.real("z_loss", self.z_loss, 0.0, 1e3)
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "max_seq_len",
                      "head_dim", "ffn_dim"):
             setattr(self, name, int(getattr(self, name)))
@@ -108,14 +106,14 @@ class PaLMConfig:
 
     def flops_per_token(self, seq_len: int) -> int:
         """Training FLOPs per token, as in the PaLM paper (appendix B): 6N + 12·L·H·dh·T."""
-        _require_positive_int("seq_len", seq_len)
+        _extent("seq_len", seq_len)
         return 6 * self.num_params() + 12 * self.n_layers * self.n_heads * self.head_dim * seq_len
 
     def kv_cache_bytes(self, slots: int, positions: int) -> int:
         """Bytes of a float32 key/value cache: keys and values of n_kv_heads heads per layer
         for ``slots`` sequences of ``positions`` tokens."""
-        _require_positive_int("slots", slots)
-        _require_positive_int("positions", positions)
+        _extent("slots", slots)
+        _extent("positions", positions)
         return 2 * self.n_layers * slots * positions * self.n_kv_heads * self.head_dim * 4
 
     def to_dict(self) -> dict:
@@ -133,15 +131,6 @@ class PaLMConfig:
         return json.dumps(self.to_dict(), indent=2)
 
 
-_MAX_EXTENT = 2**31 - 1  # every extent is a 32-bit BLAS dimension
-
-
-def _require_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 < value <= _MAX_EXTENT:
-        raise ValueError(f"{name} must be a positive integer, got {value!r} (at most 2^31 - 1)")
-
-
-def _require_real(name: str, value, what: str, in_range, why: str = "") -> None:
-    if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
-            or not in_range(value)):
-        raise ValueError(f"{name} must be {what}, got {value!r}{why}")
+def _extent(name: str, value) -> None:
+    """A size: a positive integer that fits a 32-bit BLAS dimension."""
+    checks.integer(name, value, 1, checks.INT32_MAX)

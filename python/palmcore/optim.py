@@ -8,11 +8,9 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
-from palmcore import _core
+from palmcore import _core, checks
 from palmcore.model import PaLM
 
 
@@ -22,9 +20,7 @@ class _Optimizer:
     def __init__(self, model: PaLM, settings: dict):
         if not isinstance(model, PaLM):
             raise TypeError(f"model must be a palmcore.PaLM, got {type(model).__name__}")
-        for name, value in settings.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        settings = {name: checks.real(name, value) for name, value in settings.items()}
         self._model = model
         self._settings = settings
         data_comm = model.mesh.data_comm if model.mesh is not None else None
@@ -39,15 +35,9 @@ class _Optimizer:
         ``n`` micro-batches), clipped to global norm at most ``max_grad_norm`` (None: no
         clipping). Returns the norm before clipping. A non-finite norm raises RuntimeError and
         changes nothing. On a mesh, the gradients are first summed over the data axis."""
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
-            raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
-        if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float))
-                                              and math.isfinite(max_grad_norm) and max_grad_norm > 0):
-            raise ValueError(f"max_grad_norm must be a positive number or None, got {max_grad_norm!r}")
-        if isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float)) \
-                or not math.isfinite(grad_scale) or grad_scale <= 0:
-            raise ValueError(f"grad_scale must be a positive finite number, got {grad_scale!r}")
-        return self._opt.step(float(lr), float(max_grad_norm or 0.0), float(grad_scale))
+        lr = checks.real("lr", lr, low=0.0)
+        clip = 0.0 if max_grad_norm is None else checks.real("max_grad_norm", max_grad_norm, low=0.0, low_open=True)
+        return self._opt.step(lr, clip, checks.real("grad_scale", grad_scale, low=0.0, low_open=True))
 
     def state_dict(self) -> dict:
         """{"kind", "settings", "steps_taken", "m": {name: float32}, "v": {name: float32}}, full

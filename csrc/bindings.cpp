@@ -14,6 +14,7 @@
 #include "palmcore/benchmark.h"
 #include "palmcore/communicator.h"
 #include "palmcore/generator.h"
+#include "palmcore/memory.h"
 #include "palmcore/model.h"
 #include "palmcore/ops.h"
 #include "palmcore/optimizer.h"
@@ -252,6 +253,15 @@ static void bind_runtime_info(py::module_& m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("measure_read_gbps", &measure_read_gbps, py::arg("bytes"), py::arg("repeats") = 5,
         py::call_guard<py::gil_scoped_release>());
+}
+
+// The memory guard: the memory the machine can still give, and an optional cap on palmcore's
+// own live bytes (an allocation beyond either raises ValueError).
+static void bind_memory(py::module_& m) {
+  m.def("available_memory", &available_memory_bytes);
+  m.def("set_memory_limit", &set_memory_limit, py::arg("bytes"));
+  m.def("get_memory_limit", &memory_limit);
+  m.def("allocated_bytes", &allocated_bytes);
 }
 
 // The model: construction, parameters by name, and the training-time forward / backward.
@@ -516,6 +526,7 @@ PYBIND11_MODULE(_core, m) {
   m.doc() = "palmcore's C++ runtime (use the palmcore package, not this module)";
   bind_kernels(m);
   bind_runtime_info(m);
+  bind_memory(m);
   bind_model(m);
   bind_communicators(m);
   bind_cache_and_generator(m);

@@ -14,6 +14,7 @@
 #include "palmcore/benchmark.h"
 #include "palmcore/communicator.h"
 #include "palmcore/generator.h"
+#include "palmcore/memory.h"
 #include "palmcore/model.h"
 #include "palmcore/ops.h"
 #include "palmcore/optimizer.h"
@@ -30,20 +31,8 @@ namespace {
 using IntArray = py::array_t<int32_t, py::array::c_style>;
 using FloatArray = py::array_t<float, py::array::c_style>;
 
-std::vector<int64_t> shape_of(const py::array& a) {
-  return std::vector<int64_t>(a.shape(), a.shape() + a.ndim());
-}
-
-Tensor borrow_tokens(const IntArray& tokens, const char* what) {
-  if (tokens.ndim() != 2)
-    throw std::invalid_argument(std::string(what) + " must be 2-D [batch, seq], got " +
-                                std::to_string(tokens.ndim()) + "-D");
-  return Tensor::borrow(const_cast<int32_t*>(tokens.data()), shape_of(tokens), DType::I32);
-}
-
 // A model and the lock that serializes calls on it: compute runs with the GIL released, so two
-// Python threads could otherwise enter one model at once. Compute takes the lock only after
-// releasing the GIL and drops it before taking the GIL back, so the two locks cannot deadlock.
+// Python threads could otherwise enter one model at once.
 struct LockedModel {
   explicit LockedModel(Model m) : model(std::move(m)) {}
   Model model;
@@ -75,7 +64,30 @@ struct LockedGenerator {
   Generator generator;
 };
 
-SamplingSettings sampling_settings(const py::dict& c) {
+}  // namespace
+
+// Runs f() with the GIL released and `model`'s lock held, and returns what it returns (which
+// must not be a Python object). The lock is taken only after releasing the GIL and dropped
+// before taking the GIL back, so the two locks cannot deadlock.
+template <typename F>
+static auto run_locked(LockedModel& model, F&& f) -> decltype(f()) {
+  py::gil_scoped_release release;
+  std::lock_guard<std::mutex> guard(model.mutex);
+  return f();
+}
+
+static std::vector<int64_t> shape_of(const py::array& a) {
+  return std::vector<int64_t>(a.shape(), a.shape() + a.ndim());
+}
+
+static Tensor borrow_tokens(const IntArray& tokens, const char* what) {
+  if (tokens.ndim() != 2)
+    throw std::invalid_argument(std::string(what) + " must be 2-D [batch, seq], got " +
+                                std::to_string(tokens.ndim()) + "-D");
+  return Tensor::borrow(const_cast<int32_t*>(tokens.data()), shape_of(tokens), DType::I32);
+}
+
+static SamplingSettings sampling_settings(const py::dict& c) {
   SamplingSettings s;
   s.temperature = c["temperature"].cast<double>();
   s.top_k = c["top_k"].cast<int64_t>();
@@ -86,72 +98,20 @@ SamplingSettings sampling_settings(const py::dict& c) {
   return s;
 }
 
-std::unique_ptr<LockedGenerator> make_generator(LockedModel& model, std::vector<std::vector<int32_t>> prompts,
-                                                const py::dict& c) {
-  GenerationSettings settings{sampling_settings(c), c["max_new_tokens"].cast<int64_t>(),
-                              c["stop_tokens"].cast<std::vector<int32_t>>()};
-  py::gil_scoped_release release;
-  std::lock_guard<std::mutex> guard(model.mutex);
-  return std::make_unique<LockedGenerator>(model, std::move(prompts), std::move(settings));
-}
-
-std::unique_ptr<LockedOptimizer> make_optimizer(LockedModel& model, const std::string& kind,
-                                                const py::dict& c, std::shared_ptr<Communicator> data_comm) {
-  if (kind == "adafactor")
-    return std::make_unique<LockedOptimizer>(
-        model, OptimizerKind::Adafactor,
-        AdafactorSettings{c["beta1"].cast<double>(), c["decay"].cast<double>(), c["clip"].cast<double>(),
-                          c["eps"].cast<double>(), c["min_scale"].cast<double>()},
-        AdamWSettings{}, std::move(data_comm));
-  if (kind == "adamw")
-    return std::make_unique<LockedOptimizer>(
-        model, OptimizerKind::AdamW, AdafactorSettings{},
-        AdamWSettings{c["beta1"].cast<double>(), c["beta2"].cast<double>(), c["eps"].cast<double>(),
-                      c["weight_decay"].cast<double>()},
-        std::move(data_comm));
-  throw std::invalid_argument("unknown optimizer '" + kind + "'; known: adafactor, adamw");
-}
-
-// A float32 copy of one of the model's tensors, taken under the model's lock with the GIL
-// released (a step in another thread holds that lock for long).
-template <typename Get>
-py::array_t<float> copy_out(LockedModel& self, const std::vector<int64_t>& shape, Get get) {
-  py::array_t<float> out(shape);
-  float* dst = out.mutable_data();
-  {
-    py::gil_scoped_release release;
-    std::lock_guard<std::mutex> guard(self.mutex);
-    const Tensor t = get(self.model);
-    std::memcpy(dst, t.data<float>(), t.numel() * sizeof(float));
-  }
-  return out;
-}
-
-std::unique_ptr<LockedModel> make_model(const py::dict& c, uint64_t seed, int64_t shard_rank, int64_t shard_size,
-                                        std::shared_ptr<Communicator> model_comm) {
-  ModelConfig config{c["vocab_size"].cast<int64_t>(), c["d_model"].cast<int64_t>(),
-                     c["n_layers"].cast<int64_t>(),   c["n_heads"].cast<int64_t>(),
-                     c["n_kv_heads"].cast<int64_t>(), c["head_dim"].cast<int64_t>(),
-                     c["ffn_dim"].cast<int64_t>(),    c["max_seq_len"].cast<int64_t>(),
-                     c["rope_base"].cast<double>(),   c["norm_eps"].cast<double>(),
-                     c["z_loss"].cast<double>()};
-  py::gil_scoped_release release;
-  return std::make_unique<LockedModel>(Model(config, seed, Device::CPU, ModelShard{shard_rank, shard_size, std::move(model_comm)}));
-}
-
 // The ops one by one on NumPy arrays, for the kernel tests against palmcore.reference.
 // Inputs are float32 / int32 C-contiguous arrays; outputs are fresh arrays.
-Tensor view_of(const py::array& a, DType dtype) {
+static Tensor view_of(const py::array& a, DType dtype) {
   return Tensor::borrow(const_cast<void*>(a.data()), shape_of(a), dtype);
 }
 
-py::array_t<float> zeros_like_shape(std::vector<int64_t> shape) {
+static py::array_t<float> zeros_like_shape(std::vector<int64_t> shape) {
   py::array_t<float> out(shape);
   std::memset(out.mutable_data(), 0, out.size() * sizeof(float));
   return out;
 }
 
-void bind_kernels(py::module_& k) {
+static void bind_kernels(py::module_& m) {
+  py::module_ k = m.def_submodule("kernels", "the ops one by one, for tests (no argument checks)");
   const auto F = DType::F32;
   const auto I = DType::I32;
   k.def("matmul", [=](const FloatArray& a, bool ta, const FloatArray& b, bool tb, FloatArray c, float alpha,
@@ -283,12 +243,8 @@ void bind_kernels(py::module_& k) {
   });
 }
 
-}  // namespace
-
-PYBIND11_MODULE(_core, m) {
-  m.doc() = "palmcore's C++ runtime (use the palmcore package, not this module)";
-  py::module_ kernels = m.def_submodule("kernels", "the ops one by one, for tests (no argument checks)");
-  bind_kernels(kernels);
+// Threads of the CPU kernels, and the machine measurements behind the roofline numbers.
+static void bind_runtime_info(py::module_& m) {
   m.def("set_num_threads", &set_num_threads, py::arg("n"));
   m.def("get_num_threads", &get_num_threads);
   m.def("measure_sgemm_gflops", &measure_matmul_gflops, py::arg("m"), py::arg("n"), py::arg("k"),
@@ -297,7 +253,44 @@ PYBIND11_MODULE(_core, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("measure_read_gbps", &measure_read_gbps, py::arg("bytes"), py::arg("repeats") = 5,
         py::call_guard<py::gil_scoped_release>());
+}
 
+// The memory guard: the memory the machine can still give, and an optional cap on palmcore's
+// own live bytes (an allocation beyond either raises ValueError).
+static void bind_memory(py::module_& m) {
+  m.def("available_memory", &available_memory_bytes);
+  m.def("set_memory_limit", &set_memory_limit, py::arg("bytes"));
+  m.def("get_memory_limit", &memory_limit);
+  m.def("allocated_bytes", &allocated_bytes);
+}
+
+// The model: construction, parameters by name, and the training-time forward / backward.
+static std::unique_ptr<LockedModel> make_model(const py::dict& c, uint64_t seed, int64_t shard_rank,
+                                               int64_t shard_size, std::shared_ptr<Communicator> model_comm) {
+  ModelConfig config{c["vocab_size"].cast<int64_t>(), c["d_model"].cast<int64_t>(),
+                     c["n_layers"].cast<int64_t>(),   c["n_heads"].cast<int64_t>(),
+                     c["n_kv_heads"].cast<int64_t>(), c["head_dim"].cast<int64_t>(),
+                     c["ffn_dim"].cast<int64_t>(),    c["max_seq_len"].cast<int64_t>(),
+                     c["rope_base"].cast<double>(),   c["norm_eps"].cast<double>(),
+                     c["z_loss"].cast<double>()};
+  py::gil_scoped_release release;
+  return std::make_unique<LockedModel>(Model(config, seed, Device::CPU, ModelShard{shard_rank, shard_size, std::move(model_comm)}));
+}
+
+// A float32 copy of one of the model's tensors, taken under the model's lock (a step in
+// another thread holds that lock for long).
+template <typename Get>
+static py::array_t<float> copy_out(LockedModel& self, const std::vector<int64_t>& shape, Get get) {
+  py::array_t<float> out(shape);
+  float* dst = out.mutable_data();
+  run_locked(self, [&] {
+    const Tensor t = get(self.model);
+    std::memcpy(dst, t.data<float>(), t.numel() * sizeof(float));
+  });
+  return out;
+}
+
+static void bind_model(py::module_& m) {
   py::class_<LockedModel>(m, "Model")
       .def(py::init(&make_model), py::arg("config"), py::arg("seed"), py::arg("shard_rank") = 0,
            py::arg("shard_size") = 1, py::arg("model_comm") = nullptr)
@@ -329,13 +322,13 @@ PYBIND11_MODULE(_core, m) {
                throw std::invalid_argument("parameter '" + name + "' must have shape " +
                                            self.model.param(name).shape_string());
              const float* src = value.data();
-             py::gil_scoped_release release;
-             std::lock_guard<std::mutex> guard(self.mutex);
-             Tensor dst = self.model.param(name);
-             for (int64_t i = 0; i < dst.numel(); ++i)
-               if (!std::isfinite(src[i]))
-                 throw std::invalid_argument("parameter '" + name + "' holds a non-finite value (NaN or Inf)");
-             std::memcpy(dst.data<float>(), src, dst.numel() * sizeof(float));
+             run_locked(self, [&] {
+               Tensor dst = self.model.param(name);
+               for (int64_t i = 0; i < dst.numel(); ++i)
+                 if (!std::isfinite(src[i]))
+                   throw std::invalid_argument("parameter '" + name + "' holds a non-finite value (NaN or Inf)");
+               std::memcpy(dst.data<float>(), src, dst.numel() * sizeof(float));
+             });
            })
       .def("forward",
            [](LockedModel& self, const IntArray& tokens) {
@@ -344,22 +337,13 @@ PYBIND11_MODULE(_core, m) {
              const int64_t V = self.model.config().vocab_size;
              py::array_t<float> logits({t.dim(0), t.dim(1), V});
              Tensor out = Tensor::borrow(logits.mutable_data(), {t.dim(0) * t.dim(1), V}, DType::F32);
-             {
-               py::gil_scoped_release release;
-               std::lock_guard<std::mutex> guard(self.mutex);
-               self.model.forward(t, out);
-             }
+             run_locked(self, [&] { self.model.forward(t, out); });
              return logits;
            })
       .def("forward_backward",
            [](LockedModel& self, const IntArray& tokens, const IntArray& targets, int64_t total_tokens) {
              Tensor t = borrow_tokens(tokens, "tokens"), y = borrow_tokens(targets, "targets");
-             LossStats s;
-             {
-               py::gil_scoped_release release;
-               std::lock_guard<std::mutex> guard(self.mutex);
-               s = self.model.forward_backward(t, y, total_tokens);
-             }
+             const LossStats s = run_locked(self, [&] { return self.model.forward_backward(t, y, total_tokens); });
              py::dict out;
              out["loss"] = s.loss;
              out["ce"] = s.ce;
@@ -367,14 +351,12 @@ PYBIND11_MODULE(_core, m) {
              return out;
            },
            py::arg("tokens"), py::arg("targets"), py::arg("total_tokens") = 0)
-      .def("zero_grad", [](LockedModel& self) {
-        py::gil_scoped_release release;
-        std::lock_guard<std::mutex> guard(self.mutex);
-        self.model.zero_grad();
-      });
+      .def("zero_grad", [](LockedModel& self) { run_locked(self, [&] { self.model.zero_grad(); }); });
+}
 
-  // Collectives over one mesh axis; arrays are float32, C-contiguous (reduced in place where
-  // the name says so), and the GIL is released while ranks exchange data.
+// Collectives over one mesh axis; arrays are float32, C-contiguous (reduced in place where
+// the name says so), and the GIL is released while ranks exchange data.
+static void bind_communicators(py::module_& m) {
   m.def("built_with_mpi", &built_with_mpi);
   py::class_<Communicator, std::shared_ptr<Communicator>>(m, "Communicator")
       .def_static("single_rank", []() { return std::shared_ptr<Communicator>(make_single_rank_communicator()); })
@@ -417,12 +399,20 @@ PYBIND11_MODULE(_core, m) {
         py::gil_scoped_release release;
         c.barrier();
       });
+}
 
+// Inference: a key/value cache fed by hand, and whole generations stepped from Python.
+static std::unique_ptr<LockedGenerator> make_generator(LockedModel& model, std::vector<std::vector<int32_t>> prompts,
+                                                       const py::dict& c) {
+  GenerationSettings settings{sampling_settings(c), c["max_new_tokens"].cast<int64_t>(),
+                              c["stop_tokens"].cast<std::vector<int32_t>>()};
+  return run_locked(model, [&] { return std::make_unique<LockedGenerator>(model, std::move(prompts), std::move(settings)); });
+}
+
+static void bind_cache_and_generator(py::module_& m) {
   py::class_<LockedCache>(m, "KVCache")
       .def(py::init([](LockedModel& model, int64_t slots, int64_t capacity) {
-             py::gil_scoped_release release;
-             std::lock_guard<std::mutex> guard(model.mutex);
-             return std::make_unique<LockedCache>(model, slots, capacity);
+             return run_locked(model, [&] { return std::make_unique<LockedCache>(model, slots, capacity); });
            }),
            py::arg("model"), py::arg("slots"), py::arg("capacity"), py::keep_alive<1, 2>())
       .def_property_readonly("lengths", [](const LockedCache& self) { return self.cache.lengths; })
@@ -439,13 +429,11 @@ PYBIND11_MODULE(_core, m) {
         const Tensor sl = Tensor::borrow(const_cast<int32_t*>(slots.data()), shape_of(slots), DType::I32);
         std::vector<float> values;  // copied under the lock: the model's next call reuses its logits
         int64_t rows = 0;
-        {
-          py::gil_scoped_release release;
-          std::lock_guard<std::mutex> guard(self.owner.mutex);
+        run_locked(self.owner, [&] {
           const Tensor logits = self.owner.model.forward_cached(self.cache, t, sl);
           rows = logits.dim(0);
           values.assign(logits.data<float>(), logits.data<float>() + logits.numel());
-        }
+        });
         py::array_t<float> out({rows, self.owner.model.config().vocab_size});
         std::memcpy(out.mutable_data(), values.data(), values.size() * sizeof(float));
         return out;
@@ -456,26 +444,39 @@ PYBIND11_MODULE(_core, m) {
            py::keep_alive<1, 2>())
       .def_property_readonly("done", [](const LockedGenerator& self) { return self.generator.done(); })
       .def("step", [](LockedGenerator& self) {
-        std::vector<Generator::Token> made;
-        {
-          py::gil_scoped_release release;
-          std::lock_guard<std::mutex> guard(self.owner.mutex);
-          made = self.generator.step();
-        }
+        const std::vector<Generator::Token> made = run_locked(self.owner, [&] { return self.generator.step(); });
         std::vector<std::pair<int64_t, int32_t>> out;
         for (const Generator::Token& t : made) out.emplace_back(t.row, t.token);
         return out;
       });
+}
 
+// Training: the optimizers over the model's flat parameters, and the learning-rate schedules.
+static std::unique_ptr<LockedOptimizer> make_optimizer(LockedModel& model, const std::string& kind,
+                                                       const py::dict& c, std::shared_ptr<Communicator> data_comm) {
+  if (kind == "adafactor")
+    return std::make_unique<LockedOptimizer>(
+        model, OptimizerKind::Adafactor,
+        AdafactorSettings{c["beta1"].cast<double>(), c["decay"].cast<double>(), c["clip"].cast<double>(),
+                          c["eps"].cast<double>(), c["min_scale"].cast<double>()},
+        AdamWSettings{}, std::move(data_comm));
+  if (kind == "adamw")
+    return std::make_unique<LockedOptimizer>(
+        model, OptimizerKind::AdamW, AdafactorSettings{},
+        AdamWSettings{c["beta1"].cast<double>(), c["beta2"].cast<double>(), c["eps"].cast<double>(),
+                      c["weight_decay"].cast<double>()},
+        std::move(data_comm));
+  throw std::invalid_argument("unknown optimizer '" + kind + "'; known: adafactor, adamw");
+}
+
+static void bind_optimizer(py::module_& m) {
   py::class_<LockedOptimizer>(m, "Optimizer")
       .def(py::init(&make_optimizer), py::arg("model"), py::arg("kind"), py::arg("settings"),
            py::arg("data_comm") = nullptr,
            py::keep_alive<1, 2>())
       .def("step",
            [](LockedOptimizer& self, double lr, double max_grad_norm, double grad_scale) {
-             py::gil_scoped_release release;
-             std::lock_guard<std::mutex> guard(self.owner.mutex);
-             return self.optimizer.step(lr, max_grad_norm, grad_scale);
+             return run_locked(self.owner, [&] { return self.optimizer.step(lr, max_grad_norm, grad_scale); });
            })
       .def_property(
           "steps_taken", [](const LockedOptimizer& self) { return self.optimizer.steps_taken(); },
@@ -489,9 +490,7 @@ PYBIND11_MODULE(_core, m) {
              if (which != 1 && which != 2) throw std::invalid_argument("moment must be 1 or 2");
              py::array_t<float> out(self.owner.model.flat_params().numel());
              float* dst = out.mutable_data();
-             py::gil_scoped_release release;
-             std::lock_guard<std::mutex> guard(self.owner.mutex);
-             self.optimizer.gather_moment(which, dst);
+             run_locked(self.owner, [&] { self.optimizer.gather_moment(which, dst); });
              return out;
            })
       .def("set_moments", [](LockedOptimizer& self, int which, const FloatArray& flat) {
@@ -499,9 +498,7 @@ PYBIND11_MODULE(_core, m) {
         if (flat.ndim() != 1 || flat.shape(0) != self.owner.model.flat_params().numel())
           throw std::invalid_argument("optimizer state must be one flat array laid out like the parameters");
         const float* src = flat.data();
-        py::gil_scoped_release release;
-        std::lock_guard<std::mutex> guard(self.owner.mutex);
-        self.optimizer.scatter_moment(which, src);
+        run_locked(self.owner, [&] { self.optimizer.scatter_moment(which, src); });
       });
 
   py::class_<Schedule>(m, "Schedule")
@@ -522,4 +519,16 @@ PYBIND11_MODULE(_core, m) {
            py::arg("kind"), py::arg("peak"), py::arg("constant_steps"), py::arg("warmup_steps"),
            py::arg("total_steps"), py::arg("floor"))
       .def("__call__", &Schedule::at, py::arg("step"));
+}
+
+// The order matters to the docstrings: a signature names the Python type of a class bound before it.
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "palmcore's C++ runtime (use the palmcore package, not this module)";
+  bind_kernels(m);
+  bind_runtime_info(m);
+  bind_memory(m);
+  bind_model(m);
+  bind_communicators(m);
+  bind_cache_and_generator(m);
+  bind_optimizer(m);
 }

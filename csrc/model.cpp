@@ -8,6 +8,7 @@
 #include <stdexcept>
 #include <unordered_map>
 
+#include "palmcore/memory.h"
 #include "palmcore/random.h"
 #include "palmcore/threads.h"
 
@@ -23,6 +24,24 @@ void require(bool ok, const std::string& message) {
 // is so large that 64 rows exceed it).
 int64_t logits_chunk_rows(int64_t vocab, int64_t rows) {
   return std::min(rows, std::max<int64_t>(64, (int64_t{16} << 20) / vocab));
+}
+
+// Parameters one rank of `shards` holds (PALM_SPEC "Sharded layout"), counted from the config
+// in time independent of n_layers; throws std::invalid_argument if the count overflows 64 bits.
+int64_t local_param_count(const ModelConfig& c, int64_t shards) {
+  const int64_t D = c.d_model, q = c.n_heads * c.head_dim / shards, kv = c.n_kv_heads * c.head_dim;
+  const int64_t F = c.ffn_dim / shards;
+  // A layer's parameters are D times these widths: norm, wq, wo, wk, wv, w_gate, w_up, w_down.
+  const int64_t widths[] = {1, q, q, kv, kv, F, F, F};
+  int64_t width = 0, layer = 0, embed = 0, total = 0;
+  bool overflow = false;
+  for (int64_t w : widths) overflow = overflow || __builtin_add_overflow(width, w, &width);
+  overflow = overflow || __builtin_mul_overflow(D, width, &layer) ||
+             __builtin_mul_overflow(layer, c.n_layers, &total) ||
+             __builtin_mul_overflow(c.vocab_size / shards, D, &embed) || __builtin_add_overflow(total, embed, &total) ||
+             __builtin_add_overflow(total, D, &total);  // the final norm
+  require(!overflow, "the model's parameter count overflows 64 bits");
+  return total;
 }
 
 }  // namespace
@@ -105,6 +124,14 @@ Model::Model(const ModelConfig& config, uint64_t seed, Device device, ModelShard
                                      {"ffn_dim", config_.ffn_dim}, {"vocab_size", config_.vocab_size}})
     require(extent % M == 0, "the model axis (" + std::to_string(M) + ") must divide " + name + " (" +
                                  std::to_string(extent) + ")");
+  // Refused before building anything as large as n_layers (info_ below, then the buffers).
+  const int64_t local_params = local_param_count(config_, M);
+  uint64_t param_bytes = 0;  // parameters and gradients, float32
+  require(!__builtin_mul_overflow(static_cast<uint64_t>(local_params), 2 * sizeof(float), &param_bytes),
+          "the model's parameter bytes overflow 64 bits");
+  require_memory("the model", param_bytes,
+                 "its parameters and gradients (" + std::to_string(local_params) + " parameters" +
+                     (M > 1 ? " on this rank of " + std::to_string(M) : "") + ", float32)");
   const int64_t V = config_.vocab_size, D = config_.d_model, F = config_.ffn_dim;
   const int64_t q_width = config_.n_heads * config_.head_dim;
   const int64_t kv_width = config_.n_kv_heads * config_.head_dim;
@@ -135,6 +162,7 @@ Model::Model(const ModelConfig& config, uint64_t seed, Device device, ModelShard
     add(p + "mlp.w_down", {F, D}, 1.0 / std::sqrt(double(F)), 0);
   }
   add("final_norm.scale", {D}, 0.0, -1);
+  if (offset != local_params) throw std::logic_error("local_param_count disagrees with the parameter layout");
 
   apply_num_threads();
   params_ = Tensor::zeros({offset}, DType::F32, device_);
@@ -495,6 +523,9 @@ KVCache Model::make_cache(int64_t slots, int64_t capacity) const {
                              config_.head_dim * 2 * config_.n_layers;
   require(floats < 0x1p40L, "a cache of " + std::to_string(slots) + " slots x " + std::to_string(capacity) +
                                 " positions is too large");
+  require_memory("the key/value cache", static_cast<uint64_t>(floats) * sizeof(float),
+                 "the keys and values of " + std::to_string(slots) + " slots x " + std::to_string(capacity) +
+                     " positions");
   KVCache cache;
   cache.slots = slots;
   cache.capacity = capacity;

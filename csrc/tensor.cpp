@@ -5,22 +5,38 @@
 #include <new>
 #include <stdexcept>
 
+#include "palmcore/memory.h"
+
 namespace palmcore {
 
 const char* device_name(Device device) { return device == Device::CPU ? "cpu" : "cuda"; }
 
 size_t dtype_size(DType dtype) { return dtype == DType::F32 ? sizeof(float) : sizeof(int32_t); }
 
-Buffer::Buffer(Device device, size_t bytes) : device_(device), bytes_(bytes), data_(nullptr) {
+static std::string format_shape(const std::vector<int64_t>& shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
+Buffer::Buffer(Device device, size_t bytes, const std::vector<int64_t>& shape)
+    : device_(device), bytes_(bytes), data_(nullptr) {
   if (device != Device::CPU) throw std::runtime_error("palmcore was built without the CUDA backend");
+  if (!try_count_allocation(bytes))
+    throw std::invalid_argument(out_of_memory_message("palmcore", bytes, "a tensor of shape " + format_shape(shape)));
   // 64-byte alignment: one cache line, one AVX-512 vector.
   size_t rounded = (bytes + 63) / 64 * 64;
   data_ = std::aligned_alloc(64, rounded == 0 ? 64 : rounded);
-  if (data_ == nullptr) throw std::bad_alloc();
+  if (data_ == nullptr) {
+    count_release(bytes);
+    throw std::bad_alloc();
+  }
 }
 
 Buffer::~Buffer() {
-  if (owned_) std::free(data_);
+  if (!owned_) return;
+  std::free(data_);
+  count_release(bytes_);
 }
 
 Tensor Tensor::zeros(std::vector<int64_t> shape, DType dtype, Device device) {
@@ -31,7 +47,7 @@ Tensor Tensor::zeros(std::vector<int64_t> shape, DType dtype, Device device) {
   for (int64_t extent : t.shape_)
     if (extent < 0 || __builtin_mul_overflow(bytes, extent, &bytes))
       throw std::invalid_argument("tensor of shape " + t.shape_string() + " is too large");
-  t.buffer_ = std::make_shared<Buffer>(device, static_cast<size_t>(bytes));
+  t.buffer_ = std::make_shared<Buffer>(device, static_cast<size_t>(bytes), t.shape_);
   t.fill_zero();
   return t;
 }
@@ -50,11 +66,7 @@ int64_t Tensor::numel() const {
   return n;
 }
 
-std::string Tensor::shape_string() const {
-  std::string s = "[";
-  for (size_t i = 0; i < shape_.size(); ++i) s += (i ? ", " : "") + std::to_string(shape_[i]);
-  return s + "]";
-}
+std::string Tensor::shape_string() const { return format_shape(shape_); }
 
 Tensor Tensor::view(int64_t element_offset, std::vector<int64_t> shape) const {
   Tensor t = *this;

@@ -23,7 +23,10 @@ size_t dtype_size(DType dtype);
 // One allocation on one device, freed when the last tensor viewing it goes away.
 class Buffer {
  public:
-  Buffer(Device device, size_t bytes);
+  // Counted in allocated_bytes() (palmcore/memory.h) while it lives. Throws
+  // std::invalid_argument, naming `shape` (the tensor it is for), if the bytes do not fit under
+  // palmcore's memory limit or, from 1 MiB on, in the memory available.
+  Buffer(Device device, size_t bytes, const std::vector<int64_t>& shape);
   // Borrowed memory (a caller's array): never freed here; the caller keeps it alive.
   Buffer(Device device, void* borrowed, size_t bytes)
       : device_(device), bytes_(bytes), data_(borrowed), owned_(false) {}

@@ -142,3 +142,30 @@ def test_allocated_bytes_follow_a_model():
 
 def test_available_memory_is_a_byte_count():
     assert isinstance(_core.available_memory(), int) and _core.available_memory() > 0
+
+
+@pytest.mark.parametrize("value,limit", [("8G", 8 << 30), ("500M", 500 << 20), ("1.5GiB", 3 << 29), ("4096", 4096),
+                                         ("lots", None), ("-1G", None), ("0", None)])
+def test_memory_limit_from_the_environment(value, limit):
+    """PALMCORE_MEMORY_LIMIT sets palmcore.set_memory_limit; a bad value is named and ignored."""
+    proc = subprocess.run([sys.executable, "-c", "import palmcore; print(palmcore.get_memory_limit())"],
+                          env={**os.environ, "PALMCORE_MEMORY_LIMIT": value}, cwd="/", capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(limit)
+    if limit is None:
+        assert f"PALMCORE_MEMORY_LIMIT={value!r} is not a size" in proc.stderr
+
+
+def test_the_public_limit_refuses_a_batch():
+    model = palmcore.PaLM(palmcore.PaLMConfig(**SMALL))
+    try:
+        palmcore.set_memory_limit(_core.allocated_bytes() + MiB)
+        with pytest.raises(ValueError, match=r"out of memory: palmcore needs .* bytes\) for a tensor of shape"):
+            model.forward(np.ones((64, 256), np.int64))
+        with pytest.raises(TypeError, match=r"the memory limit must be an integer"):
+            palmcore.set_memory_limit(1.5)
+    finally:
+        palmcore.set_memory_limit(None)
+    assert palmcore.get_memory_limit() is None
+    assert model.forward(np.ones((64, 256), np.int64)).shape == (64, 256, 64)

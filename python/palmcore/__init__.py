@@ -19,7 +19,8 @@ from palmcore.optim import Adafactor, AdamW
 from palmcore.text import generate, load
 from palmcore.tokenizer import Tokenizer
 
-__all__ = ["load", "generate", "Mesh", "PaLMConfig", "PaLM", "Adafactor", "AdamW", "Tokenizer", "schedules", "set_num_threads", "get_num_threads"]
+__all__ = ["load", "generate", "Mesh", "PaLMConfig", "PaLM", "Adafactor", "AdamW", "Tokenizer", "schedules",
+           "set_num_threads", "get_num_threads", "set_memory_limit", "get_memory_limit"]
 __version__ = "0.1.0"
 
 
@@ -31,6 +32,34 @@ def set_num_threads(n: int) -> None:
 
 def get_num_threads() -> int:
     return _core.get_num_threads()
+
+
+def set_memory_limit(limit_bytes: int | None) -> None:
+    """Cap the memory palmcore's own tensors may hold at ``limit_bytes`` (None: no cap). With or
+    without it, an allocation the machine cannot give is refused: a model, cache or batch too
+    large raises ValueError stating the bytes needed and available, and nothing changes."""
+    _core.set_memory_limit(0 if limit_bytes is None else checks.integer("the memory limit", limit_bytes, 1))
+
+
+def get_memory_limit() -> int | None:
+    return _core.get_memory_limit() or None
+
+
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def _memory_limit_from_environment() -> None:
+    """PALMCORE_MEMORY_LIMIT: bytes, or a number with K, M, G or T (powers of 1024), e.g. 8G."""
+    value = _os.environ.get("PALMCORE_MEMORY_LIMIT")
+    if value is None:
+        return
+    text = value.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = text[-1:] if text[-1:] in _UNITS else ""
+    try:
+        set_memory_limit(round(float(text[:len(text) - len(unit)]) * _UNITS[unit]))
+    except (TypeError, ValueError, OverflowError):
+        _warnings.warn(f"PALMCORE_MEMORY_LIMIT={value!r} is not a size such as 8G or 500M; ignored",
+                       RuntimeWarning, stacklevel=2)
 
 
 def _threads_from_environment() -> None:
@@ -47,3 +76,4 @@ def _threads_from_environment() -> None:
 
 
 _threads_from_environment()
+_memory_limit_from_environment()

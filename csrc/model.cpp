@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <stdexcept>
 #include <unordered_map>
@@ -59,7 +60,9 @@ void ModelConfig::validate() const {
   const long double layer = static_cast<long double>(d_model) * head_dim * (2 * n_heads + 2 * n_kv_heads) +
                             3.0L * d_model * ffn_dim + d_model;
   const long double params = static_cast<long double>(vocab_size) * d_model + n_layers * layer + d_model;
-  require(params < 0x1p48L, "the model has " + std::to_string(static_cast<double>(params)) +
+  char count[32];
+  std::snprintf(count, sizeof count, "%.3Le", params);
+  require(params < 0x1p48L, std::string("the model has ") + count +
                                 " parameters, more than this runtime can hold (2^48)");
   require(head_dim % 2 == 0, "head_dim must be even for RoPE, got " + std::to_string(head_dim));
   require(n_heads % n_kv_heads == 0, "n_heads (" + std::to_string(n_heads) +

@@ -292,3 +292,27 @@ def test_the_cli_ends_with_a_summary_and_the_next_command(corpus, tmp_path, caps
     assert f"checkpoint: {tmp_path}/checkpoints/step-00000005" in out
     assert f"loss plot:  {tmp_path}/loss.png" in out
     assert f"try:        palmcore generate --checkpoint {tmp_path} --prompt 'def fibonacci('" in out
+
+
+def test_an_absurd_model_is_refused_before_memory_runs_out(corpus, tmp_path):
+    """`--set n_layers=...` used to run into the OOM killer; the child's address space is
+    capped so that a regression fails here instead of exhausting the machine. 10^7 layers of
+    the seed preset (7.9e12 parameters) meet the memory guard; 10^9 (9.3e14) the runtime's
+    2^48 cap."""
+    code = ("import resource, sys\nfrom palmcore.cli import main\n"
+            "vm = [int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmSize')][0]\n"
+            "resource.setrlimit(resource.RLIMIT_AS, (vm + (2 << 30), vm + (2 << 30)))\n"
+            "sys.exit(main(sys.argv[1:]))")
+    proc = subprocess.run([sys.executable, "-c", code, "train", "--corpus", corpus, "--vocab-size", "300",
+                           "--set", "n_layers=10000000", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert re.search(r"palmcore train: error: out of memory: the model needs [\d.]+ [KMGTP]iB \(\d+ bytes\) for its "
+                     r"parameters and gradients \(\d+ parameters, float32\) but [\d.]+ [KMGTP]?i?B \(\d+ bytes\) are "
+                     r"available", proc.stderr), proc.stderr
+    proc = subprocess.run([sys.executable, "-c", code, "train", "--corpus", corpus, "--vocab-size", "300",
+                           "--set", "n_layers=1000000000", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "palmcore train: error: the model has 9.341e+14 parameters, more than this runtime can hold (2^48)" \
+        in proc.stderr, proc.stderr

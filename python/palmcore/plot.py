@@ -1,68 +1,89 @@
-"""loss.png without a plotting library: the training loss (blue) and validation loss (orange)
-against the step, drawn with NumPy and written as a PNG with zlib. Axes start at the first
-step and span the losses' range; the numbers themselves are in metrics.jsonl."""
+"""loss.png: the training and validation loss of a run against the step, drawn with matplotlib
+(its object API and the Agg canvas: no display, no global state), from metrics.jsonl.
+
+metrics.jsonl is append-only: a step can appear more than once (a replay after a rollback or a
+resume), and the last line for a step is the truth. Lines without a step (events) and lines a
+crash cut short are skipped.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import os
-import struct
-import zlib
+import tempfile
 
-import numpy as np
-
-_BLUE, _ORANGE, _GREY = (31, 119, 180), (255, 127, 14), (120, 120, 120)
+from palmcore.files import umask
 
 
-def write_loss_png(metrics_path: str, png_path: str, width: int = 720, height: int = 400) -> None:
+def loss_curves(rows: list[dict]) -> tuple[list, list, float | None]:
+    """(train [(step, loss)], validation [(step, val_loss)], the last val_bpb or None) from
+    metrics lines, the last line for each step winning, non-finite values left out."""
+    by_step: dict[int, dict] = {}
+    for row in rows:
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            by_step[row["step"]] = {**by_step.get(row["step"], {}), **row} if row.get("final") else row
+    train, val, bpb = [], [], None
+    for step in sorted(by_step):
+        row = by_step[step]
+        if _finite(row.get("loss")):
+            train.append((step, row["loss"]))
+        if _finite(row.get("val_loss")):
+            val.append((step, row["val_loss"]))
+            bpb = row["val_bpb"] if _finite(row.get("val_bpb")) else bpb
+    return train, val, bpb
+
+
+def title(run_name: str, final_bpb: float | None) -> str:
+    return run_name if final_bpb is None else f"{run_name} — final val {final_bpb:.3f} bits/byte"
+
+
+def read_metrics(path: str) -> list[dict]:
     rows = []
-    with open(metrics_path) as f:
+    with open(path) as f:
         for line in f:
-            rows.append(json.loads(line))
-    train = np.array([(r["step"], r["loss"]) for r in rows if np.isfinite(r.get("loss", np.nan))])
-    val = np.array([(r["step"], r["val_loss"]) for r in rows if "val_loss" in r])
-    canvas = np.full((height, width, 3), 255, dtype=np.uint8)
-    margin = 30
-    if len(train):
-        points = np.concatenate([train, val]) if len(val) else train
-        x0, x1 = points[:, 0].min(), max(points[:, 0].max(), points[:, 0].min() + 1)
-        y0, y1 = points[:, 1].min(), max(points[:, 1].max(), points[:, 1].min() + 1e-9)
-
-        def to_pixels(xy):
-            px = margin + (xy[:, 0] - x0) / (x1 - x0) * (width - 2 * margin)
-            py = height - margin - (xy[:, 1] - y0) / (y1 - y0) * (height - 2 * margin)
-            return np.stack([px, py], axis=1)
-
-        _polyline(canvas, to_pixels(train), _BLUE)
-        if len(val):
-            _polyline(canvas, to_pixels(val), _ORANGE, thick=2)
-    _polyline(canvas, np.array([[margin, margin], [margin, height - margin],
-                                [width - margin, height - margin]], float), _GREY)
-    _write_png(png_path, canvas)
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                pass  # a line cut short by a crash
+    return rows
 
 
-def _polyline(canvas: np.ndarray, points: np.ndarray, color, thick: int = 1) -> None:
-    """Segments between consecutive points, sampled one pixel apart."""
-    if len(points) == 1:
-        points = np.repeat(points, 2, axis=0)
-    for (ax, ay), (bx, by) in zip(points[:-1], points[1:]):
-        n = int(max(abs(bx - ax), abs(by - ay))) + 1
-        xs = np.rint(np.linspace(ax, bx, n)).astype(int)
-        ys = np.rint(np.linspace(ay, by, n)).astype(int)
-        for d in range(thick):
-            canvas[np.clip(ys + d, 0, canvas.shape[0] - 1), np.clip(xs, 0, canvas.shape[1] - 1)] = color
+def write_loss_png(metrics_path: str, png_path: str, run_name: str | None = None) -> None:
+    """Draw metrics.jsonl's curves into ``png_path`` (written atomically, following the umask);
+    the title is the run's name (default: the folder holding metrics.jsonl) and the last
+    validation bits per byte."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415 (import palmcore stays light)
+    from matplotlib.figure import Figure  # noqa: PLC0415
+
+    train, val, bpb = loss_curves(read_metrics(metrics_path))
+    name = run_name or os.path.basename(os.path.dirname(os.path.abspath(metrics_path)))
+    figure = Figure(figsize=(8, 4.5), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    if train:
+        axes.plot(*zip(*train), linewidth=1, label="train")
+    if val:
+        axes.plot(*zip(*val), marker="o", markersize=4, linewidth=1.5, label="validation")
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss (nats)")
+    axes.set_title(title(name, bpb))
+    axes.grid(True, alpha=0.3)
+    if train or val:
+        axes.legend()
+    figure.tight_layout()
+    directory = os.path.dirname(os.path.abspath(png_path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".png")
+    try:
+        os.chmod(tmp, 0o666 & ~umask())
+        with os.fdopen(fd, "wb") as f:
+            figure.savefig(f, format="png")
+        os.replace(tmp, png_path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
-def _write_png(path: str, rgb: np.ndarray) -> None:
-    height, width, _ = rgb.shape
-    raw = b"".join(b"\x00" + rgb[y].tobytes() for y in range(height))  # filter 0 per row
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-           + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(png)
-    os.replace(tmp, path)
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

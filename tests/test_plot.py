@@ -137,3 +137,14 @@ def test_import_palmcore_does_not_import_matplotlib():
     code = "import sys, palmcore, palmcore.plot; print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_write_loss_png_follows_the_umask(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    write_jsonl(metrics, ROWS)
+    old = os.umask(0o027)
+    try:
+        write_loss_png(str(metrics), str(tmp_path / "loss.png"))
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "loss.png").st_mode & 0o777 == 0o640

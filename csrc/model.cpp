@@ -473,7 +473,7 @@ LossStats Model::forward_backward(const Tensor& tokens, const Tensor& targets, i
   stats.loss = loss_sum / stats.tokens;
   if (sharded()) all_reduce(act_.dfinal_h);
 
-  act_.dx.fill_zero();
+  fill_zero(act_.dx);
   layernorm_backward(act_.dfinal_h, act_.final_xhat, act_.final_rstd, weights_.final_norm, act_.dx,
                      weight_grads_.final_norm);
   for (int64_t i = config_.n_layers - 1; i >= 0; --i) {

@@ -17,6 +17,23 @@ namespace palmcore {
       throw std::runtime_error(std::string(#op) + ": no kernel for device " + device_name(device)); \
   }
 
+void copy(const Tensor& src, Tensor& dst) {
+  if (src.shape() != dst.shape())
+    throw std::invalid_argument("copy: source " + src.shape_string() + " and destination " + dst.shape_string() +
+                                " differ in shape");
+  const bool converts = src.dtype() != dst.dtype();
+  const bool f32_bf16 = (src.dtype() == DType::F32 || src.dtype() == DType::BF16) &&
+                        (dst.dtype() == DType::F32 || dst.dtype() == DType::BF16);
+  if (converts && !f32_bf16)
+    throw std::invalid_argument(std::string("copy: no conversion from ") + dtype_name(src.dtype()) + " to " +
+                                dtype_name(dst.dtype()));
+  // a copy that touches a device runs on that device's backend
+  const Device device = src.device() == Device::CPU ? dst.device() : src.device();
+  PALMCORE_DISPATCH(copy, device, src, dst);
+}
+
+void fill_zero(Tensor& x) { PALMCORE_DISPATCH(fill_zero, x.device(), x); }
+
 void matmul(const Tensor& a, bool transpose_a, const Tensor& b, bool transpose_b, Tensor& c,
             float alpha, float beta) {
   PALMCORE_DISPATCH(matmul, c.device(), a, transpose_a, b, transpose_b, c, alpha, beta);

@@ -6,12 +6,31 @@
 #include <stdexcept>
 
 #include "palmcore/memory.h"
+#include "palmcore/ops.h"
 
 namespace palmcore {
 
 const char* device_name(Device device) { return device == Device::CPU ? "cpu" : "cuda"; }
 
-size_t dtype_size(DType dtype) { return dtype == DType::F32 ? sizeof(float) : sizeof(int32_t); }
+const char* dtype_name(DType dtype) {
+  switch (dtype) {
+    case DType::F32: return "float32";
+    case DType::I32: return "int32";
+    case DType::BF16: return "bfloat16";
+    case DType::F64: return "float64";
+  }
+  return "?";
+}
+
+size_t dtype_size(DType dtype) {
+  switch (dtype) {
+    case DType::F32: return sizeof(float);
+    case DType::I32: return sizeof(int32_t);
+    case DType::BF16: return sizeof(bf16);
+    case DType::F64: return sizeof(double);
+  }
+  return 0;
+}
 
 static std::string format_shape(const std::vector<int64_t>& shape) {
   std::string s = "[";
@@ -48,7 +67,7 @@ Tensor Tensor::zeros(std::vector<int64_t> shape, DType dtype, Device device) {
     if (extent < 0 || __builtin_mul_overflow(bytes, extent, &bytes))
       throw std::invalid_argument("tensor of shape " + t.shape_string() + " is too large");
   t.buffer_ = std::make_shared<Buffer>(device, static_cast<size_t>(bytes), t.shape_);
-  t.fill_zero();
+  fill_zero(t);
   return t;
 }
 
@@ -89,6 +108,23 @@ Tensor Tensor::reshape(std::vector<int64_t> shape) const {
   return t;
 }
 
-void Tensor::fill_zero() { std::memset(data<char>(), 0, static_cast<size_t>(numel()) * dtype_size(dtype_)); }
+void Tensor::check_dtype(DType want) const {
+  if (dtype_ != want)
+    throw std::logic_error(std::string("a ") + dtype_name(dtype_) + " tensor of shape " + shape_string() +
+                           " was read as " + dtype_name(want));
+}
+
+void Tensor::check_on_host() const {
+  if (device() != Device::CPU)
+    throw std::logic_error("a tensor of shape " + shape_string() + " on " + device_name(device()) +
+                           " was read on the host (copy it there first)");
+}
+
+Tensor Tensor::to(Device device) const {
+  if (device == this->device()) return *this;
+  Tensor t = zeros(shape_, dtype_, device);
+  copy(*this, t);
+  return t;
+}
 
 }  // namespace palmcore

@@ -87,7 +87,7 @@ class Model {
   // `total_tokens` counted targets (0: this call's own count; data parallelism passes the
   // count of the whole batch over all its ranks, so that their gradients add up to its mean).
   LossStats forward_backward(const Tensor& tokens, const Tensor& targets, int64_t total_tokens = 0);
-  void zero_grad() { grads_.fill_zero(); }
+  void zero_grad() { fill_zero(grads_); }
 
   // An empty cache of `slots` sequences of up to `capacity` <= max_seq_len positions.
   KVCache make_cache(int64_t slots, int64_t capacity) const;

@@ -12,13 +12,28 @@
 #include <string>
 #include <vector>
 
+#include "palmcore/math/bf16.h"
+
 namespace palmcore {
 
 enum class Device { CPU, CUDA };
-enum class DType { F32, I32 };
+enum class DType { F32, I32, BF16, F64 };
 
 const char* device_name(Device device);
+const char* dtype_name(DType dtype);
 size_t dtype_size(DType dtype);
+
+// The dtype an element type stands for (data<T>() checks it).
+template <typename T>
+constexpr DType dtype_of();
+template <>
+constexpr DType dtype_of<float>() { return DType::F32; }
+template <>
+constexpr DType dtype_of<int32_t>() { return DType::I32; }
+template <>
+constexpr DType dtype_of<bf16>() { return DType::BF16; }
+template <>
+constexpr DType dtype_of<double>() { return DType::F64; }
 
 // One allocation on one device, freed when the last tensor viewing it goes away.
 class Buffer {
@@ -68,14 +83,30 @@ class Tensor {
   // The same elements seen with another shape of equal size.
   Tensor reshape(std::vector<int64_t> shape) const;
 
+  // The elements, on the tensor's device; T must be the tensor's dtype.
   template <typename T>
   T* data() const {
-    return reinterpret_cast<T*>(static_cast<char*>(buffer_->data()) + byte_offset_);
+    check_dtype(dtype_of<T>());
+    return static_cast<T*>(raw_data());
   }
+  // The elements where the host can touch them: the tensor must be on the CPU (copy a device
+  // tensor to the host first: Tensor::to).
+  template <typename T>
+  T* host_data() const {
+    check_on_host();
+    return data<T>();
+  }
+  // The first byte, untyped (for copies of raw bytes).
+  void* raw_data() const { return static_cast<char*>(buffer_->data()) + byte_offset_; }
+  size_t nbytes() const { return static_cast<size_t>(numel()) * dtype_size(dtype_); }
 
-  void fill_zero();
+  // A copy on `device` (this tensor itself when it is already there).
+  Tensor to(Device device) const;
 
  private:
+  void check_dtype(DType want) const;
+  void check_on_host() const;
+
   std::shared_ptr<Buffer> buffer_;
   size_t byte_offset_ = 0;
   std::vector<int64_t> shape_;

@@ -120,6 +120,13 @@ static void bind_kernels(py::module_& m) {
     matmul(view_of(a, F), ta, view_of(b, F), tb, out, alpha, beta);
     return c;
   });
+  k.def("round_bf16", [=](const FloatArray& x) {
+    auto out = zeros_like_shape(shape_of(x));
+    std::memcpy(out.mutable_data(), x.data(), x.size() * sizeof(float));
+    Tensor o = view_of(out, F);
+    round_bf16(o);
+    return out;
+  });
   k.def("embedding_forward", [=](const FloatArray& table, const IntArray& tokens, int64_t first) {
     auto out = zeros_like_shape({tokens.shape(0), table.shape(1)});
     Tensor o = view_of(out, F);
@@ -328,8 +335,19 @@ static void bind_model(py::module_& m) {
                  if (!std::isfinite(src[i]))
                    throw std::invalid_argument("parameter '" + name + "' holds a non-finite value (NaN or Inf)");
                std::memcpy(dst.data<float>(), src, dst.numel() * sizeof(float));
+               self.model.param_changed(name);
              });
            })
+      .def("set_precision",
+           [](LockedModel& self, const std::string& precision) {
+             if (precision != "fp32" && precision != "bf16")
+               throw std::invalid_argument("precision must be 'fp32' or 'bf16', got '" + precision + "'");
+             run_locked(self, [&] {
+               self.model.set_precision(precision == "bf16" ? Precision::BF16 : Precision::FP32);
+             });
+           })
+      .def("precision",
+           [](LockedModel& self) { return self.model.precision() == Precision::BF16 ? "bf16" : "fp32"; })
       .def("forward",
            [](LockedModel& self, const IntArray& tokens) {
              Tensor t = borrow_tokens(tokens, "tokens");

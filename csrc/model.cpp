@@ -180,6 +180,8 @@ Model::Model(const ModelConfig& config, uint64_t seed, Device device, ModelShard
   }
   weights_ = views_of(params_);
   weight_grads_ = views_of(grads_);
+  gemm_params_ = params_;
+  gemm_weights_ = weights_;
 
   make_rope_tables(config_.max_seq_len, config_.head_dim, config_.rope_base, rope_cos_, rope_sin_);
 }
@@ -213,6 +215,32 @@ Tensor Model::grad(const std::string& name) const {
   return grads_.view(p.offset, p.shape);
 }
 
+void Model::set_precision(Precision precision) {
+  if (precision == precision_) return;
+  gemm_params_ = precision == Precision::BF16 ? Tensor::zeros(params_.shape(), DType::F32, device_) : params_;
+  gemm_weights_ = views_of(gemm_params_);
+  precision_ = precision;
+  params_changed();
+}
+
+void Model::params_changed() {
+  if (!bf16()) return;
+  copy(params_, gemm_params_);
+  round_bf16(gemm_params_);
+}
+
+void Model::param_changed(const std::string& name) {
+  if (!bf16()) return;
+  const ParamInfo& p = info(name);
+  Tensor copy_of = gemm_params_.view(p.offset, p.shape);
+  copy(param(name), copy_of);
+  round_bf16(copy_of);
+}
+
+void Model::bf16_point(Tensor& t) const {
+  if (bf16()) round_bf16(t);
+}
+
 Model::Weights Model::views_of(const Tensor& flat) const {
   std::unordered_map<std::string, Tensor> by_name;
   for (const ParamInfo& p : info_) by_name[p.name] = flat.view(p.offset, p.shape);
@@ -231,7 +259,7 @@ Model::Weights Model::views_of(const Tensor& flat) const {
 
 AttentionShape Model::attention_shape(int64_t batch, int64_t seq) const {
   return {batch, seq, local_heads(), config_.n_kv_heads, config_.head_dim,
-          shard_.rank * local_heads(), config_.n_heads / config_.n_kv_heads};
+          shard_.rank * local_heads(), config_.n_heads / config_.n_kv_heads, bf16()};
 }
 
 // Size every activation and scratch buffer for batch shape [B, T], once per shape (and the
@@ -267,6 +295,7 @@ void Model::prepare(int64_t batch, int64_t seq) {
   a.final_h = f32({rows, D});
   if (sharded()) a.branches = f32({rows, D});
   a.dx = f32({rows, D});
+  if (bf16()) a.dx_bf16 = f32({rows, D});
   a.dh = f32({rows, D});
   a.dfinal_h = f32({rows, D});
   a.dattn = f32({rows, qw});
@@ -364,30 +393,53 @@ void Model::load_batch(const Tensor& tokens, const Tensor* targets) {
 // model axis (PALM_SPEC "Sharded layout"), a rank looks up the ids of its vocabulary rows and
 // computes its heads and MLP units; x = the all-reduce of those pieces, once for the embedding
 // and once per layer (the parallel block lets both branches share it).
+//
+// The bf16 mode's rounding points R(·) (PALM_SPEC "Precision"; R = round to bf16, ties to even),
+// with W~ = R(W) the weight copy of every GEMM weight and the embedding:
+//   forward   x = E~[t];  h = R(LN(x));  q = R(rope(R(h W~q))), k = R(rope(R(h W~k))), v = R(h W~v);
+//             attention with p = R(softmax(s)); o = R(p v);  gate = R(h W~gate), up = R(h W~up),
+//             a = R(silu(gate) up);  x += o W~o + a W~down (x stays float32);
+//             hf = R(LN(x));  z = hf E~ᵀ / √D (float32; the loss is float32)
+//   backward  dz = R(dz);  dhf = dz E~ / √D;  per layer: dxr = R(dx) feeds the GEMMs;
+//             do = R(dxr W~oᵀ), da = R(dxr W~downᵀ), dgate = R(·), dup = R(·);
+//             attention backward with p = R(exp(s - lse)) and ds' = R(p (dp - D) / √dh);
+//             dq = R(rope⁻¹(R(ds' k))), dk = R(rope⁻¹(R(ds'ᵀ q))), dv = R(pᵀ do);
+//             dh = Σ d· W~ᵀ (float32);  dW += hᵀ d· (float32);  LN backward and dx float32
 void Model::run_forward(Activations& act, KVCache* cache) {
   const float eps = static_cast<float>(config_.norm_eps);
-  embedding_forward(weights_.embed, act.tokens, act.x, vocab_first());
+  embedding_forward(gemm_weights_.embed, act.tokens, act.x, vocab_first());
   if (sharded()) all_reduce(act.x);
   for (int64_t i = 0; i < config_.n_layers; ++i) {
-    const LayerWeights& w = weights_.layers[i];
+    const LayerWeights& w = gemm_weights_.layers[i];
     LayerActivations& a = act.layers[cache ? 0 : i];
-    layernorm_forward(act.x, w.norm, eps, a.h, a.xhat, a.rstd);
+    layernorm_forward(act.x, weights_.layers[i].norm, eps, a.h, a.xhat, a.rstd);
+    bf16_point(a.h);
     matmul(a.h, false, w.wq, false, a.q);
     matmul(a.h, false, w.wk, false, a.k);
     matmul(a.h, false, w.wv, false, a.v);
+    bf16_point(a.q);
+    bf16_point(a.k);
+    bf16_point(a.v);
     rope_apply(a.q, act.positions, rope_cos_, rope_sin_, local_heads(), false);
     rope_apply(a.k, act.positions, rope_cos_, rope_sin_, config_.n_kv_heads, false);
+    bf16_point(a.q);
+    bf16_point(a.k);
     if (cache) {
       kv_cache_write(a.k, a.v, act.slots, act.positions, cache->keys[i], cache->values[i], cache->capacity);
-      attention_cached(a.q, act.slots, act.positions, cache->keys[i], cache->values[i], a.attn,
-                       {cache->slots, cache->capacity, config_.n_heads, config_.n_kv_heads, config_.head_dim},
+      AttentionShape shape{cache->slots, cache->capacity, config_.n_heads, config_.n_kv_heads, config_.head_dim};
+      shape.bf16 = bf16();
+      attention_cached(a.q, act.slots, act.positions, cache->keys[i], cache->values[i], a.attn, shape,
                        act.attention);
     } else {
       attention_forward(a.q, a.k, a.v, a.attn, a.lse, attention_shape(act.batch, act.seq), act.attention);
     }
+    bf16_point(a.attn);
     matmul(a.h, false, w.w_gate, false, a.gate);
     matmul(a.h, false, w.w_up, false, a.up);
+    bf16_point(a.gate);
+    bf16_point(a.up);
     swiglu_forward(a.gate, a.up, act.swiglu);
+    bf16_point(act.swiglu);
     if (!sharded()) {
       matmul(a.attn, false, w.wo, false, act.x, 1.0f, 1.0f);        // parallel block:
       matmul(act.swiglu, false, w.w_down, false, act.x, 1.0f, 1.0f);  // both branches add to x
@@ -399,6 +451,7 @@ void Model::run_forward(Activations& act, KVCache* cache) {
     add_to(act.x, act.branches);
   }
   layernorm_forward(act.x, weights_.final_norm, eps, act.final_h, act.final_xhat, act.final_rstd);
+  bf16_point(act.final_h);
 }
 
 void Model::all_reduce(Tensor& t) { shard_.comm->all_reduce_sum(t.data<float>(), t.numel()); }
@@ -409,13 +462,13 @@ void Model::forward(const Tensor& tokens, Tensor& logits) {
   run_forward(act_, nullptr);
   const float scale = 1.0f / std::sqrt(static_cast<float>(config_.d_model));
   if (!sharded()) {
-    matmul(act_.final_h, false, weights_.embed, true, logits, scale);
+    matmul(act_.final_h, false, gemm_weights_.embed, true, logits, scale);
     return;
   }
   const int64_t rows = act_.batch * act_.seq, Vl = local_vocab(), M = shard_.size;
   Tensor mine = Tensor::zeros({rows, Vl}, DType::F32, device_);
   Tensor all = Tensor::zeros({M, rows, Vl}, DType::F32, device_);
-  matmul(act_.final_h, false, weights_.embed, true, mine, scale);
+  matmul(act_.final_h, false, gemm_weights_.embed, true, mine, scale);
   shard_.comm->all_gather(mine.data<float>(), all.data<float>(), mine.numel());
   for (int64_t m = 0; m < M; ++m)
     for (int64_t r = 0; r < rows; ++r)
@@ -447,7 +500,7 @@ LossStats Model::forward_backward(const Tensor& tokens, const Tensor& targets, i
     Tensor dh = act_.dfinal_h.rows(r0, r1);
     Tensor lse = act_.row_lse.view(0, {n}), picked = act_.row_picked.view(0, {n});
     const Tensor y_chunk = act_.targets.view(r0, {n});
-    matmul(h, false, weights_.embed, true, z, logit_scale);
+    matmul(h, false, gemm_weights_.embed, true, z, logit_scale);
     cross_entropy_stats(z, y_chunk, vocab_first(), lse, picked);
     if (sharded()) {
       float* l = lse.data<float>();
@@ -466,7 +519,8 @@ LossStats Model::forward_backward(const Tensor& tokens, const Tensor& targets, i
       loss_sum += ce + config_.z_loss * row_lse * row_lse;
     }
     cross_entropy_backward(z, y_chunk, vocab_first(), lse, static_cast<float>(config_.z_loss), grad_scale);
-    matmul(z, false, weights_.embed, false, dh, logit_scale);                     // dh = dz @ E / √D
+    bf16_point(z);
+    matmul(z, false, gemm_weights_.embed, false, dh, logit_scale);                // dh = dz @ E / √D
     matmul(z, true, h, false, weight_grads_.embed, logit_scale, 1.0f);            // dE += dzᵀ h / √D
   }
   stats.ce = ce_sum / stats.tokens;
@@ -477,20 +531,36 @@ LossStats Model::forward_backward(const Tensor& tokens, const Tensor& targets, i
   layernorm_backward(act_.dfinal_h, act_.final_xhat, act_.final_rstd, weights_.final_norm, act_.dx,
                      weight_grads_.final_norm);
   for (int64_t i = config_.n_layers - 1; i >= 0; --i) {
-    const LayerWeights& w = weights_.layers[i];
+    const LayerWeights& w = gemm_weights_.layers[i];
     LayerWeights& gw = weight_grads_.layers[i];
     LayerActivations& a = act_.layers[i];
-    // dx reaches both branches unchanged (x_out = x_in + attn + mlp).
-    matmul(a.attn, true, act_.dx, false, gw.wo, 1.0f, 1.0f);
-    matmul(act_.dx, false, w.wo, true, act_.dattn);
+    // dx reaches both branches unchanged (x_out = x_in + attn + mlp); the GEMMs read it rounded
+    // in the bf16 mode, while dx itself keeps accumulating in float32.
+    Tensor& dx = bf16() ? act_.dx_bf16 : act_.dx;
+    if (bf16()) {
+      copy(act_.dx, dx);
+      round_bf16(dx);
+    }
+    matmul(a.attn, true, dx, false, gw.wo, 1.0f, 1.0f);
+    matmul(dx, false, w.wo, true, act_.dattn);
+    bf16_point(act_.dattn);
     swiglu_forward(a.gate, a.up, act_.swiglu);  // recomputed rather than kept per layer
-    matmul(act_.swiglu, true, act_.dx, false, gw.w_down, 1.0f, 1.0f);
-    matmul(act_.dx, false, w.w_down, true, act_.dswiglu);
+    bf16_point(act_.swiglu);
+    matmul(act_.swiglu, true, dx, false, gw.w_down, 1.0f, 1.0f);
+    matmul(dx, false, w.w_down, true, act_.dswiglu);
+    bf16_point(act_.dswiglu);
     swiglu_backward(a.gate, a.up, act_.dswiglu, act_.dgate, act_.dup);
+    bf16_point(act_.dgate);
+    bf16_point(act_.dup);
     attention_backward(a.q, a.k, a.v, a.attn, a.lse, act_.dattn, act_.dq, act_.dk, act_.dv,
                        attention_shape(act_.batch, act_.seq), act_.attention);
+    bf16_point(act_.dq);
+    bf16_point(act_.dk);
+    bf16_point(act_.dv);
     rope_apply(act_.dq, act_.positions, rope_cos_, rope_sin_, local_heads(), true);
     rope_apply(act_.dk, act_.positions, rope_cos_, rope_sin_, config_.n_kv_heads, true);
+    bf16_point(act_.dq);
+    bf16_point(act_.dk);
     // dh = Σ over the five projections of h: d(out) @ Wᵀ; dW += hᵀ d(out). Sharded, the split
     // projections' part of dh and the shared key/value head's gradients (from this rank's query
     // heads only) are all-reduced first: one all-reduce of dh per layer, two small ones.
@@ -511,7 +581,7 @@ LossStats Model::forward_backward(const Tensor& tokens, const Tensor& targets, i
       matmul(*shared[j].second, false, *shared[j].first, true, act_.dh, 1.0f, 1.0f);
       matmul(a.h, true, *shared[j].second, false, *shared_grad[j], 1.0f, 1.0f);
     }
-    layernorm_backward(act_.dh, a.xhat, a.rstd, w.norm, act_.dx, gw.norm);
+    layernorm_backward(act_.dh, a.xhat, a.rstd, weights_.layers[i].norm, act_.dx, gw.norm);
   }
   embedding_backward(act_.dx, act_.tokens, weight_grads_.embed, vocab_first());
   return stats;
@@ -580,7 +650,7 @@ Tensor Model::forward_cached(KVCache& cache, const Tensor& tokens, const Tensor&
   Tensor h = a.logit_h.rows(0, n);
   Tensor logits = a.logits.rows(0, n);
   embedding_forward(a.final_h, wanted, h);
-  matmul(h, false, weights_.embed, true, logits, 1.0f / std::sqrt(static_cast<float>(config_.d_model)));
+  matmul(h, false, gemm_weights_.embed, true, logits, 1.0f / std::sqrt(static_cast<float>(config_.d_model)));
   return logits;
 }
 

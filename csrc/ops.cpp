@@ -34,6 +34,8 @@ void copy(const Tensor& src, Tensor& dst) {
 
 void fill_zero(Tensor& x) { PALMCORE_DISPATCH(fill_zero, x.device(), x); }
 
+void round_bf16(Tensor& x) { PALMCORE_DISPATCH(round_bf16, x.device(), x); }
+
 void matmul(const Tensor& a, bool transpose_a, const Tensor& b, bool transpose_b, Tensor& c,
             float alpha, float beta) {
   PALMCORE_DISPATCH(matmul, c.device(), a, transpose_a, b, transpose_b, c, alpha, beta);

@@ -113,6 +113,7 @@ double Optimizer::step(double lr, double max_grad_norm, double grad_scale) {
     data_comm_->all_gather(grad_share_.data<float>(), padded_.data<float>(), share_);
     std::memcpy(params.data<float>(), padded_.data<float>(), n * sizeof(float));
   }
+  model_.params_changed();
   return norm;
 }
 

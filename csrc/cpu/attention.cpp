@@ -47,7 +47,7 @@ void score_tile(const Layout& L, const float* q, const float* k, int64_t b, int6
 // cached attention (one query of every head in a group, limit_step 0).
 void attend_block(const float* Q, int64_t ldq, int64_t m, const float* K, const float* V, int64_t ldkv,
                   int64_t dh, int64_t first_limit, int64_t limit_step, float scale, float* s, float* O,
-                  int64_t ldo, float* lse, int64_t lse_stride) {
+                  int64_t ldo, float* lse, int64_t lse_stride, bool bf16) {
   const int64_t n = first_limit + (m - 1) * limit_step;
   gemm(false, true, m, n, dh, scale, Q, ldq, K, ldkv, 0.0f, s, n);
   for (int64_t i = 0; i < m; ++i) {
@@ -58,6 +58,8 @@ void attend_block(const float* Q, int64_t ldq, int64_t m, const float* K, const 
     const float l = static_cast<float>(sum_lanes(row, visible));
     const float inv_l = 1.0f / l;
     for (int64_t j = 0; j < visible; ++j) row[j] *= inv_l;
+    if (bf16)
+      for (int64_t j = 0; j < visible; ++j) row[j] = palmcore::round_bf16(row[j]);
     std::fill(row + visible, row + n, 0.0f);
     if (lse) lse[i * lse_stride] = mx + std::log(l);
   }
@@ -96,7 +98,7 @@ void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, Tensor
           const int64_t i1 = std::min(L.T, i0 + kAttentionQueryBlock), g = L.kv_of(h);
           attend_block(qs + L.q_at(b, i0, h), L.q_stride, i1 - i0, ks + L.kv_at(b, 0, g), vs + L.kv_at(b, 0, g),
                        L.kv_stride, L.dh, i0 + 1, 1, scale, s, os + L.q_at(b, i0, h), L.q_stride,
-                       lses + (b * L.H + h) * L.T + i0, 1);
+                       lses + (b * L.H + h) * L.T + i0, 1, shape.bf16);
         }
   }
 }
@@ -139,12 +141,12 @@ void attention_cached(const Tensor& q, const Tensor& slots, const Tensor& positi
         if (m == 1) {
           const int64_t h0 = g * L.group;
           attend_block(qs + r0 * L.q_stride + h0 * L.dh, L.dh, L.group, K, V, L.kv_stride, L.dh, first_limit, 0,
-                       scale, s, os + r0 * L.q_stride + h0 * L.dh, L.dh, nullptr, 0);
+                       scale, s, os + r0 * L.q_stride + h0 * L.dh, L.dh, nullptr, 0, shape.bf16);
           continue;
         }
         for (int64_t h = g * L.group; h < (g + 1) * L.group; ++h)
           attend_block(qs + r0 * L.q_stride + h * L.dh, L.q_stride, m, K, V, L.kv_stride, L.dh, first_limit, 1,
-                       scale, s, os + r0 * L.q_stride + h * L.dh, L.q_stride, nullptr, 0);
+                       scale, s, os + r0 * L.q_stride + h * L.dh, L.q_stride, nullptr, 0, shape.bf16);
       }
   }
 }
@@ -192,7 +194,9 @@ void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const
             // ds_ij = p_ij (dp_ij - D_i), pre-multiplied by the score scale
             for (int64_t j = 0; j < n; ++j) {
               prow[j] = exp_approx(prow[j] - lse_i);
+              if (shape.bf16) prow[j] = palmcore::round_bf16(prow[j]);
               dsrow[j] = prow[j] * (dsrow[j] - D) * scale;
+              if (shape.bf16) dsrow[j] = palmcore::round_bf16(dsrow[j]);
             }
             std::fill(prow + n, prow + i1, 0.0f);
             std::fill(dsrow + n, dsrow + i1, 0.0f);

@@ -1,4 +1,4 @@
-// copy and fill_zero on the host (the shapes and dtypes were checked in ops.cpp).
+// copy, fill_zero and round_bf16 on the host (the shapes and dtypes were checked in ops.cpp).
 #include <cstring>
 
 #include "cpu/cpu_ops.h"
@@ -24,5 +24,12 @@ void copy(const Tensor& src, Tensor& dst) {
 }
 
 void fill_zero(Tensor& x) { std::memset(x.raw_data(), 0, x.nbytes()); }
+
+void round_bf16(Tensor& x) {
+  float* v = x.data<float>();
+  const int64_t n = x.numel();
+#pragma omp parallel for schedule(static) if (n >= kParallelMinElements)
+  for (int64_t i = 0; i < n; ++i) v[i] = palmcore::round_bf16(v[i]);
+}
 
 }  // namespace palmcore::cpu

@@ -61,6 +61,12 @@ struct KVCache {
 // RoPE's angle tables for positions [0, positions): cos and sin of p · base^(-2i/dh), [positions, dh/2].
 void make_rope_tables(int64_t positions, int64_t head_dim, double base, Tensor& cos_table, Tensor& sin_table);
 
+// PALM_SPEC "Precision". FP32 computes in float32. BF16 is mixed precision: every GEMM reads a
+// bf16 copy of the weights and bf16 inputs and accumulates in float32; the activations the
+// spec stores in bf16 are rounded where they are made (model.cpp lists the points). On the CPU
+// the bf16 values are kept in float32, so this is the oracle a GPU's bf16 mode must match.
+enum class Precision { FP32, BF16 };
+
 class Model {
  public:
   // Throws std::invalid_argument if the config breaks the spec, or if the shard's axis does
@@ -88,6 +94,13 @@ class Model {
   // count of the whole batch over all its ranks, so that their gradients add up to its mean).
   LossStats forward_backward(const Tensor& tokens, const Tensor& targets, int64_t total_tokens = 0);
   void zero_grad() { fill_zero(grads_); }
+
+  Precision precision() const { return precision_; }
+  void set_precision(Precision precision);
+  // After anything writes the parameters (an optimizer step), or one of them (a loaded state):
+  // refreshes the bf16 copy the GEMMs read.
+  void params_changed();
+  void param_changed(const std::string& name);
 
   // An empty cache of `slots` sequences of up to `capacity` <= max_seq_len positions.
   KVCache make_cache(int64_t slots, int64_t capacity) const;
@@ -118,6 +131,7 @@ class Model {
     Tensor final_xhat, final_rstd, final_h;
     // backward scratch (and, sharded, the sum of a layer's two branches before its all-reduce)
     Tensor dx, dh, dfinal_h, dattn, dq, dk, dv, swiglu, dswiglu, dgate, dup, branches;
+    Tensor dx_bf16;  // bf16 mode: dx rounded, the GEMMs' copy of the residual gradient
     Tensor logits_chunk, row_lse, row_picked, row_shift;
     AttentionWorkspace attention;
     // inference: the rows whose logits are wanted, their final hidden states and logits
@@ -135,6 +149,9 @@ class Model {
   // t = Σ over the model axis of t, in place.
   void all_reduce(Tensor& t);
   AttentionShape attention_shape(int64_t batch, int64_t seq) const;
+  bool bf16() const { return precision_ == Precision::BF16; }
+  // In the bf16 mode, t = round_bf16(t): a point where the spec stores an activation in bf16.
+  void bf16_point(Tensor& t) const;
   // Heads, MLP units and vocabulary rows this rank holds, and the first vocabulary id.
   int64_t local_heads() const { return config_.n_heads / shard_.size; }
   int64_t local_ffn() const { return config_.ffn_dim / shard_.size; }
@@ -148,6 +165,11 @@ class Model {
   std::vector<ParamInfo> info_;
   Tensor params_, grads_;
   Weights weights_, weight_grads_;
+  // What the GEMMs and the embedding lookup read: the parameters themselves (fp32), or their
+  // bf16-rounded copy (bf16).
+  Precision precision_ = Precision::FP32;
+  Tensor gemm_params_;
+  Weights gemm_weights_;
   Tensor rope_cos_, rope_sin_;
   Activations act_, infer_;
 };

@@ -17,6 +17,7 @@ struct AttentionShape {
   int64_t batch, seq, heads, kv_heads, head_dim;
   int64_t first_head = 0;  // of this shard's query heads among all of them
   int64_t group = 0;       // query heads per key/value head; 0: heads / kv_heads (unsharded)
+  bool bf16 = false;       // round the probabilities and score gradients to bf16 (PALM_SPEC "Precision")
   int64_t query_group() const { return group ? group : heads / kv_heads; }
 };
 // Attention works a block of this many queries at a time.

@@ -111,7 +111,7 @@ def train(args: argparse.Namespace) -> None:
         batch_size=args.batch_size, accumulate=args.accumulate, seq_len=args.seq_len, steps=args.steps,
         time_budget=args.time_budget if args.time_budget is not None or not default_run else 540.0,
         optimizer=args.optimizer, lr=args.lr, schedule=args.schedule, eval_every=args.eval_every,
-        checkpoint_every=args.eval_every, seed=args.seed, mesh=args.mesh)
+        checkpoint_every=args.eval_every, seed=args.seed, mesh=args.mesh, precision=args.precision)
     summary = run(settings, resume=args.resume)
     if summary:  # the main rank
         print_summary(summary, settings.out)
@@ -223,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     p_train.add_argument("--out", default="runs/default")
     p_train.add_argument("--resume", action="store_true")
     p_train.add_argument("--threads", type=thread_count, default=0)
+    p_train.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                         help="bf16: mixed precision as PALM_SPEC says (float32 master weights and checkpoints)")
     p_train.add_argument("--mesh", default="data=1,model=1",
                          help="data=D,model=M: data- and tensor-parallel over D·M ranks "
                               "(mpiexec -n D·M palmcore train --mesh ...)")

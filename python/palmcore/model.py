@@ -25,7 +25,7 @@ class PaLM:
     group must call it: it gathers), or with ``shard=True`` the local pieces.
     """
 
-    def __init__(self, config: PaLMConfig, seed: int = 0, mesh=None):
+    def __init__(self, config: PaLMConfig, seed: int = 0, mesh=None, precision: str = "fp32"):
         if not isinstance(config, PaLMConfig):
             raise TypeError(f"config must be a PaLMConfig, got {type(config).__name__}")
         seed = checks.integer("seed", seed, 0, 2**64 - 1)
@@ -35,6 +35,9 @@ class PaLM:
             self._model = _core.Model(config.to_dict(), int(seed), mesh.model_index, mesh.model, mesh.model_comm)
         else:
             self._model = _core.Model(config.to_dict(), int(seed))
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+        self._model.set_precision(precision)
         self._names = self._model.param_names()
         # name -> (full shape, split axis or -1, offset of this rank's slice along it, offset in the flat buffer)
         self._layout = {n: tuple(self._model.param_layout(n)) for n in self._names}
@@ -48,6 +51,12 @@ class PaLM:
     def param_shape(self, name: str) -> tuple:
         """The full shape of parameter ``name`` (whatever this rank holds of it)."""
         return tuple(self._layout[name][0])
+
+    @property
+    def precision(self) -> str:
+        """'fp32', or 'bf16': PALM_SPEC "Precision" mixed precision (float32 master weights,
+        bf16 GEMM inputs, float32 accumulation); parameters and state_dict stay float32."""
+        return self._model.precision()
 
     @property
     def mesh(self):

@@ -11,6 +11,12 @@ G = H // Hkv query heads per key/value head, dh head width, F SwiGLU hidden widt
 
 Public entry points: :func:`forward` (logits) and :func:`loss_and_grads`. This module
 imports only NumPy; ``cfg`` is anything with PaLMConfig's fields.
+
+``precision="bf16"`` applies PALM_SPEC "Precision" at the runtime's rounding points (listed
+above ``Model::run_forward`` in csrc/model.cpp): the GEMM weights and the embedding are
+read as R(W), and the activations the spec stores in bf16 are rounded where they are made,
+R = round to the nearest bfloat16, ties to even. Everything else stays float64, so the
+runtime's bf16 mode is compared with the same rounding, not with float32 arithmetic.
 """
 
 from __future__ import annotations
@@ -40,6 +46,25 @@ def softmax(z):
     """exp(z - logsumexp(z)) over the last axis (entries at -inf get probability 0)."""
     e = np.exp(z - z.max(axis=-1, keepdims=True))
     return e / e.sum(axis=-1, keepdims=True)
+
+
+def round_bf16(x):
+    """x rounded to the nearest bfloat16 (through float32, ties to even), as float64."""
+    f = np.asarray(x, dtype=np.float32)
+    u = f.view(np.uint32).astype(np.uint64)
+    u = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16
+    out = u.astype(np.uint32).view(np.float32)
+    return np.where(np.isnan(f), f, out).astype(np.float64)
+
+
+def _identity(x):
+    return x
+
+
+def _rounding(precision: str):
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+    return round_bf16 if precision == "bf16" else _identity
 
 
 # --------------------------------------------------------------------------- layer norm
@@ -100,21 +125,21 @@ def rope_backward(dy, theta):
 
 # --------------------------------------------------------------------------- attention
 
-def attention_forward(q, k, v):
+def attention_forward(q, k, v, rnd=_identity):
     """Causal grouped-query attention. q [B, T, H, dh]; k, v [B, T, Hkv, dh] -> [B, T, H, dh].
 
     Query head j = kv * G + g reads key/value head kv = j // G. For each head:
         s[i, t] = q_i . k_t / sqrt(dh)   for t <= i (causal), -inf otherwise
-        p[i, :] = softmax(s[i, :])
-        o_i     = sum_t p[i, t] v_t"""
+        p[i, :] = rnd(softmax(s[i, :]))
+        o_i     = rnd(sum_t p[i, t] v_t)"""
     B, T, H, dh = q.shape
     Hkv = k.shape[2]
     qg = q.reshape(B, T, Hkv, H // Hkv, dh)                  # [b, i, kv, g, d]
     s = np.einsum("bikgd,btkd->bkgit", qg, k) / np.sqrt(dh)
     causal = np.tril(np.ones((T, T), dtype=bool))            # causal[i, t] = t <= i
-    p = softmax(np.where(causal, s, -np.inf))
-    o = np.einsum("bkgit,btkd->bikgd", p, v)
-    return o.reshape(B, T, H, dh), (qg, k, v, p)
+    p = rnd(softmax(np.where(causal, s, -np.inf)))
+    o = rnd(np.einsum("bkgit,btkd->bikgd", p, v))
+    return o.reshape(B, T, H, dh), (qg, k, v, p, o, rnd)
 
 
 def attention_cached(q, slots, positions, k_cache, v_cache):
@@ -137,17 +162,20 @@ def attention_backward(do, cache):
 
         dv_t     = sum_i p[i, t] do_i                 (also summed over the G heads sharing kv)
         dp[i, t] = do_i . v_t
-        ds       = p * (dp - sum_t p * dp)            (softmax backward; masked p = 0)
-        dq_i     = sum_t ds[i, t] k_t / sqrt(dh)
-        dk_t     = sum_i ds[i, t] q_i / sqrt(dh)      (also summed over the G heads)"""
-    qg, k, v, p = cache
+        D_i      = do_i . o_i                         (= sum_t p[i, t] dp[i, t])
+        ds'      = rnd(p * (dp - D) / sqrt(dh))       (softmax backward; masked p = 0)
+        dq_i     = rnd(sum_t ds'[i, t] k_t)
+        dk_t     = rnd(sum_i ds'[i, t] q_i)           (also summed over the G heads)
+    and dv rounded too (rnd is the identity in float32)."""
+    qg, k, v, p, o, rnd = cache
     B, T, Hkv, G, dh = qg.shape
     dog = do.reshape(B, T, Hkv, G, dh)
-    dv = np.einsum("bkgit,bikgd->btkd", p, dog)
+    dv = rnd(np.einsum("bkgit,bikgd->btkd", p, dog))
     dp = np.einsum("bikgd,btkd->bkgit", dog, v)
-    ds = p * (dp - (p * dp).sum(axis=-1, keepdims=True))
-    dq = np.einsum("bkgit,btkd->bikgd", ds, k) / np.sqrt(dh)
-    dk = np.einsum("bkgit,bikgd->btkd", ds, qg) / np.sqrt(dh)
+    D = np.einsum("bikgd,bikgd->bkgi", dog, o)[..., None]
+    ds = rnd(p * (dp - D) / np.sqrt(dh))
+    dq = rnd(np.einsum("bkgit,btkd->bikgd", ds, k))
+    dk = rnd(np.einsum("bkgit,bikgd->btkd", ds, qg))
     return dq.reshape(B, T, Hkv * G, dh), dk, dv
 
 
@@ -164,12 +192,12 @@ def silu_grad(u):
     return s * (1.0 + u * (1.0 - s))
 
 
-def swiglu_forward(h, w_gate, w_up, w_down):
-    """mlp(h) = (silu(h @ w_gate) * (h @ w_up)) @ w_down."""
-    a = h @ w_gate
-    b = h @ w_up
-    m = silu(a) * b
-    return m @ w_down, (h, a, b, m, w_gate, w_up, w_down)
+def swiglu_forward(h, w_gate, w_up, w_down, rnd=_identity):
+    """mlp(h) = (silu(h @ w_gate) * (h @ w_up)) @ w_down, with a, b and m rounded by rnd."""
+    a = rnd(h @ w_gate)
+    b = rnd(h @ w_up)
+    m = rnd(silu(a) * b)
+    return m @ w_down, (h, a, b, m, w_gate, w_up, w_down, rnd)
 
 
 def swiglu_backward(dy, cache):
@@ -179,11 +207,11 @@ def swiglu_backward(dy, cache):
         da = dm * b * silu'(a),  db = dm * silu(a)
         dw_gate = h^T da,        dw_up = h^T db
         dh = da @ w_gate^T + db @ w_up^T"""
-    h, a, b, m, w_gate, w_up, w_down = cache
+    h, a, b, m, w_gate, w_up, w_down, rnd = cache
     dw_down = _rows(m).T @ _rows(dy)
-    dm = dy @ w_down.T
-    da = dm * b * silu_grad(a)
-    db = dm * silu(a)
+    dm = rnd(dy @ w_down.T)
+    da = rnd(dm * b * silu_grad(a))
+    db = rnd(dm * silu(a))
     dw_gate = _rows(h).T @ _rows(da)
     dw_up = _rows(h).T @ _rows(db)
     dh = da @ w_gate.T + db @ w_up.T
@@ -232,41 +260,45 @@ def cross_entropy_backward(cache):
 
 # --------------------------------------------------------------------------- one block
 
-def block_forward(x, p, cfg, theta):
+def block_forward(x, p, cfg, theta, rnd=_identity):
     """PaLM's parallel block: h = LN(x); x + attention(h) + mlp(h).
 
-    p: this layer's weights by short name ("norm.scale", "attn.wq", ...)."""
+    p: this layer's weights by short name ("norm.scale", "attn.wq", ...), the GEMM weights
+    already rounded in the bf16 mode; rnd rounds the activations stored in bf16."""
     B, T, _ = x.shape
     H, Hkv, dh = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     h, ln = layernorm_forward(x, p["norm.scale"], cfg.norm_eps)
-    q = (h @ p["attn.wq"]).reshape(B, T, H, dh)
-    k = (h @ p["attn.wk"]).reshape(B, T, Hkv, dh)
-    v = (h @ p["attn.wv"]).reshape(B, T, Hkv, dh)
-    o, att = attention_forward(rope_forward(q, theta), rope_forward(k, theta), v)
+    h = rnd(h)
+    q = rnd(h @ p["attn.wq"]).reshape(B, T, H, dh)
+    k = rnd(h @ p["attn.wk"]).reshape(B, T, Hkv, dh)
+    v = rnd(h @ p["attn.wv"]).reshape(B, T, Hkv, dh)
+    o, att = attention_forward(rnd(rope_forward(q, theta)), rnd(rope_forward(k, theta)), v, rnd)
     o = o.reshape(B, T, H * dh)                               # concat_heads
     attn = o @ p["attn.wo"]
-    mlp, mc = swiglu_forward(h, p["mlp.w_gate"], p["mlp.w_up"], p["mlp.w_down"])
-    return x + attn + mlp, (h, ln, o, att, mc, p, theta)
+    mlp, mc = swiglu_forward(h, p["mlp.w_gate"], p["mlp.w_up"], p["mlp.w_down"], rnd)
+    return x + attn + mlp, (h, ln, o, att, mc, p, theta, rnd)
 
 
 def block_backward(dout, cache):
-    """out = x + attn(h) + mlp(h), h = LN(x): dx = dout + LN_backward(dh_attn + dh_mlp)."""
-    h, ln, o, att, mc, p, theta = cache
+    """out = x + attn(h) + mlp(h), h = LN(x): dx = dout + LN_backward(dh_attn + dh_mlp).
+    The products read dout rounded (rnd), while dx itself is not."""
+    h, ln, o, att, mc, p, theta, rnd = cache
     B, T, _ = h.shape
     g = {}
+    dr = rnd(dout)
     # attn = o @ wo
-    g["attn.wo"] = _rows(o).T @ _rows(dout)
-    do = (dout @ p["attn.wo"].T).reshape(B, T, -1, att[0].shape[-1])
+    g["attn.wo"] = _rows(o).T @ _rows(dr)
+    do = rnd(dr @ p["attn.wo"].T).reshape(B, T, -1, att[0].shape[-1])
     dq_rot, dk_rot, dv = attention_backward(do, att)
-    dq = rope_backward(dq_rot, theta).reshape(B, T, -1)
-    dk = rope_backward(dk_rot, theta).reshape(B, T, -1)
+    dq = rnd(rope_backward(dq_rot, theta)).reshape(B, T, -1)
+    dk = rnd(rope_backward(dk_rot, theta)).reshape(B, T, -1)
     dv = dv.reshape(B, T, -1)
     # q, k, v = h @ wq, h @ wk, h @ wv
     g["attn.wq"] = _rows(h).T @ _rows(dq)
     g["attn.wk"] = _rows(h).T @ _rows(dk)
     g["attn.wv"] = _rows(h).T @ _rows(dv)
     dh = dq @ p["attn.wq"].T + dk @ p["attn.wk"].T + dv @ p["attn.wv"].T
-    dh_mlp, g["mlp.w_gate"], g["mlp.w_up"], g["mlp.w_down"] = swiglu_backward(dout, mc)
+    dh_mlp, g["mlp.w_gate"], g["mlp.w_up"], g["mlp.w_down"] = swiglu_backward(dr, mc)
     dx_ln, g["norm.scale"] = layernorm_backward(dh + dh_mlp, ln)
     return dout + dx_ln, g
 
@@ -312,28 +344,36 @@ def _check_ids(a, what, cfg, allow_negative):
     return a
 
 
-def _forward(params, cfg, tokens):
+def _gemm_params(params, rnd):
+    """What the products read: every weight but the norm scales through rnd."""
+    return {n: w if n.endswith("norm.scale") else rnd(w) for n, w in params.items()}
+
+
+def _forward(params, cfg, tokens, rnd=_identity):
     """Logits [B, T, V] and the caches for _backward; params already float64 and checked."""
     B, T = tokens.shape
     theta = rope_angles(T, cfg.head_dim, cfg.rope_base)
-    x = params["embed"][tokens]                               # no embedding scaling
+    w = _gemm_params(params, rnd)
+    x = w["embed"][tokens]                                    # no embedding scaling
     blocks = []
     for i in range(cfg.n_layers):
-        x, c = block_forward(x, _layer(params, i), cfg, theta)
+        x, c = block_forward(x, _layer(w, i), cfg, theta, rnd)
         blocks.append(c)
     hf, ln = layernorm_forward(x, params["final_norm.scale"], cfg.norm_eps)
-    z = hf @ params["embed"].T / np.sqrt(cfg.d_model)         # tied output embedding
-    return z, (tokens, blocks, hf, ln)
+    hf = rnd(hf)
+    z = hf @ w["embed"].T / np.sqrt(cfg.d_model)              # tied output embedding
+    return z, (tokens, blocks, hf, ln, w, rnd)
 
 
 def _backward(dz, params, cfg, caches):
     """Gradients of all parameters, by spec name, from d loss / d logits."""
-    tokens, blocks, hf, ln = caches
+    tokens, blocks, hf, ln, w, rnd = caches
     s = 1.0 / np.sqrt(cfg.d_model)
     grads = {}
+    dz = rnd(dz)
     # z = hf @ embed^T * s: the output half of the tied embedding's gradient
     d_embed = _rows(dz).T @ _rows(hf) * s                     # [V, D]
-    dx, grads["final_norm.scale"] = layernorm_backward(dz @ params["embed"] * s, ln)
+    dx, grads["final_norm.scale"] = layernorm_backward(dz @ w["embed"] * s, ln)
     for i in reversed(range(cfg.n_layers)):
         dx, g = block_backward(dx, blocks[i])
         for short, value in g.items():
@@ -344,14 +384,15 @@ def _backward(dz, params, cfg, caches):
     return {name: grads[name] for name in cfg.param_shapes()}  # the spec's order
 
 
-def forward(params: dict, cfg, tokens) -> np.ndarray:
+def forward(params: dict, cfg, tokens, precision: str = "fp32") -> np.ndarray:
     """Logits float64 [B, T, V] for tokens [B, T] at positions 0..T-1."""
+    rnd = _rounding(precision)
     params = _check_params(params, cfg)
     tokens = _check_ids(tokens, "tokens", cfg, allow_negative=False)
-    return _forward(params, cfg, tokens)[0]
+    return _forward(params, cfg, tokens, rnd)[0]
 
 
-def loss_and_grads(params: dict, cfg, tokens, targets) -> dict:
+def loss_and_grads(params: dict, cfg, tokens, targets, precision: str = "fp32") -> dict:
     """Loss (cross-entropy + z-loss, mean over targets >= 0) and its gradient for every parameter.
 
     Returns {"loss": float, "ce": float, "tokens": N, "grads": {spec name: float64 array}};
@@ -361,7 +402,7 @@ def loss_and_grads(params: dict, cfg, tokens, targets) -> dict:
     targets = _check_ids(targets, "targets", cfg, allow_negative=True)
     if targets.shape != tokens.shape:
         raise ValueError(f"targets shape {targets.shape} != tokens shape {tokens.shape}")
-    z, caches = _forward(params, cfg, tokens)
+    z, caches = _forward(params, cfg, tokens, _rounding(precision))
     loss, ce, n, ce_cache = cross_entropy_forward(z, targets, cfg.z_loss)
     grads = _backward(cross_entropy_backward(ce_cache), params, cfg, caches)
     return {"loss": loss, "ce": ce, "tokens": n, "grads": grads}

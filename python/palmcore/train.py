@@ -73,6 +73,7 @@ class TrainSettings:
     progress: bool = True             # a tqdm progress bar on stderr
     sample_tokens: int = 40           # a sampled continuation of a held-out prompt at the end
     mesh: str = "data=1,model=1"      # data x model ranks (launch with mpiexec -n data·model)
+    precision: str = "fp32"           # or "bf16": PALM_SPEC "Precision" (float32 master weights)
 
     def check(self) -> None:
         """Every setting's kind and range (TypeError / ValueError naming it)."""
@@ -92,6 +93,8 @@ class TrainSettings:
             raise ValueError(f"optimizer must be 'adafactor' or 'adamw', got {self.optimizer!r}")
         if self.schedule not in ("palm", "cosine"):
             raise ValueError(f"schedule must be 'palm' or 'cosine', got {self.schedule!r}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
         if os.path.exists(self.out) and not os.path.isdir(self.out):
             raise ValueError(f"the output folder {self.out} is a file")
         explicit = self.overrides.get("max_seq_len")
@@ -163,7 +166,7 @@ class _Run:
             model, opt, state = self._load(latest)
             log(f"resumed from {latest} (step {state['step']})")
         else:
-            model = PaLM(self.config, seed=s.seed, mesh=self.mesh)
+            model = PaLM(self.config, seed=s.seed, mesh=self.mesh, precision=s.precision)
             opt = _optimizer(s, model)
             state = {"step": 0, "data_step": 0, "loss_avg": None, "skipped": [],
                      "settings": {k: getattr(s, k) for k in ("seed", "batch_size", "seq_len", "optimizer",
@@ -253,7 +256,7 @@ class _Run:
         return summary if self.main else {}
 
     def _load(self, path: str):
-        ck = checkpoint.load(path, config=self.config, mesh=self.mesh)
+        ck = checkpoint.load(path, config=self.config, mesh=self.mesh, precision=self.s.precision)
         state = _trainer_state(ck.trainer, os.path.join(path, "trainer.json"))
         for key in ("seed", "batch_size", "seq_len", "optimizer", "schedule"):
             if key in state["settings"] and state["settings"][key] != getattr(self.s, key):

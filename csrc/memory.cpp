@@ -1,5 +1,6 @@
 #include "palmcore/memory.h"
 
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -71,6 +72,15 @@ uint64_t available_memory_bytes() {
     read_keyed("/sys/fs/cgroup/memory.stat", "inactive_file", reclaimable);
     const uint64_t used = current - std::min(current, reclaimable);
     available = std::min(available, max > used ? max - used : 0);
+  }
+  // A limit on the process's address space (ulimit -v) is reached before the machine runs out.
+  rlimit address_space{};
+  uint64_t pages = 0;
+  if (getrlimit(RLIMIT_AS, &address_space) == 0 && address_space.rlim_cur != RLIM_INFINITY &&
+      read_number("/proc/self/statm", pages)) {
+    const uint64_t mapped = pages * static_cast<uint64_t>(sysconf(_SC_PAGE_SIZE));
+    const uint64_t cap = static_cast<uint64_t>(address_space.rlim_cur);
+    available = std::min(available, cap > mapped ? cap - mapped : 0);
   }
   return available;
 }

@@ -114,6 +114,10 @@ double Optimizer::step(double lr, double max_grad_norm, double grad_scale) {
     std::memcpy(params.data<float>(), padded_.data<float>(), n * sizeof(float));
   }
   model_.params_changed();
+  // An update that overflowed (a learning rate far too large) must not pass for a step: the
+  // caller rolls back to a checkpoint instead of saving infinite weights.
+  if (!std::isfinite(sum_squares(params)))
+    throw std::runtime_error("the update made a parameter non-finite (NaN or Inf): the learning rate is too large");
   return norm;
 }
 

@@ -153,10 +153,11 @@ def test_a_crash_while_re_saving_a_step_keeps_the_old_one(tmp_path, monkeypatch)
     with pytest.raises(OSError, match="simulated"):
         checkpoint.save(str(tmp_path), model, opt, step=2)
     monkeypatch.undo()
-    # the old step 2 was moved aside, not deleted; readers see step 1 meanwhile, never a broken 2
-    assert checkpoint.latest(str(tmp_path)).endswith("step-00000001")
-    assert any(n.startswith(".old-step-00000002-") for n in _names(tmp_path))
-    checkpoint.load(str(tmp_path))
+    # the old step 2 was moved aside, not deleted, and readers still find it there
+    aside = [n for n in _names(tmp_path) if n.startswith(".old-step-00000002-")]
+    assert len(aside) == 1
+    assert checkpoint.latest(str(tmp_path)) == os.path.join(tmp_path, aside[0], "checkpoint")
+    assert checkpoint.load(str(tmp_path)).trainer["step"] == 2
     # the next save puts the old step 2 back before anything else
     checkpoint.save(str(tmp_path), model, opt, step=3)
     assert _names(tmp_path) == ["step-00000001", "step-00000002", "step-00000003"]
@@ -235,3 +236,44 @@ def test_damaged_optimizer_metadata_is_named(tmp_path):
         save_file(tensors, opt_path, {**meta, **bad})
         with pytest.raises(ValueError, match=r"optimizer.safetensors: damaged metadata"):
             checkpoint.load(path)
+
+
+def test_the_only_checkpoint_stays_visible_through_a_killed_re_save(tmp_path, monkeypatch):
+    model, opt = trained(steps=1)
+    checkpoint.save(str(tmp_path), model, opt, step=0, keep=1)
+    real_rename = os.rename
+
+    def crash_on_moving_in(src, dst):
+        if os.path.basename(src).startswith(".tmp-step-"):
+            raise OSError("killed (simulated)")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", crash_on_moving_in)
+    with pytest.raises(OSError, match="simulated"):
+        checkpoint.save(str(tmp_path), model, opt, step=0, keep=1)
+    monkeypatch.undo()
+    assert checkpoint.latest(str(tmp_path)) is not None
+    assert checkpoint.load(str(tmp_path)).trainer["step"] == 0
+    checkpoint.save(str(tmp_path), model, opt, step=1, keep=1)   # tidies up and prunes the aside one
+    assert _names(tmp_path) == ["step-00000001"]
+
+
+def test_steps_beyond_eight_digits_are_listed_in_order(tmp_path):
+    model, opt = trained(steps=1)
+    for step in (99_999_999, 100_000_000, 7):
+        checkpoint.save(str(tmp_path), model, opt, step=step, keep=5)
+    assert [os.path.basename(p) for p in checkpoint.list_checkpoints(str(tmp_path))] == \
+        ["step-00000007", "step-99999999", "step-100000000"]
+
+
+def test_non_finite_weights_are_never_saved(tmp_path):
+    """An update that overflows is reported after it, and such weights are never written."""
+    model, opt = trained(steps=1)
+    tokens = random_tokens(CFG, 2, 9, 5)
+    model.zero_grad()
+    model.forward_backward(tokens[:, :-1], tokens[:, 1:])
+    with pytest.raises(RuntimeError, match=r"the update made a parameter non-finite"):
+        opt.step(1e30)
+    with pytest.raises(ValueError, match=r"refusing to save a checkpoint whose parameters are not finite"):
+        checkpoint.save(str(tmp_path), model, opt, step=2)
+    assert checkpoint.latest(str(tmp_path)) is None

@@ -169,3 +169,26 @@ def test_the_public_limit_refuses_a_batch():
         palmcore.set_memory_limit(None)
     assert palmcore.get_memory_limit() is None
     assert model.forward(np.ones((64, 256), np.int64)).shape == (64, 256, 64)
+
+
+def test_an_address_space_limit_counts_as_the_memory_available():
+    """Under `ulimit -v`, the guard refuses what the limit would not allow (a ValueError naming
+    the bytes), rather than letting the allocation fail with std::bad_alloc."""
+    code = r"""
+import resource, numpy as np, palmcore
+cfg = palmcore.PaLMConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, max_seq_len=256)
+model = palmcore.PaLM(cfg)
+vm = [int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmSize")][0]
+resource.setrlimit(resource.RLIMIT_AS, (vm + (512 << 20), vm + (512 << 20)))
+tokens = np.ones((4000, 256), np.int32)
+try:
+    model.forward_backward(tokens, tokens)
+    print("allocated")
+except ValueError as e:
+    print("refused:", e)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PALMCORE_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"refused: out of memory: palmcore needs .* bytes\) for a tensor of shape .* are available",
+                     proc.stdout), proc.stdout + proc.stderr

@@ -105,6 +105,17 @@ def test_a_diverging_run_stops_with_a_clear_error(corpus, tmp_path):
     assert checkpoint.latest(str(tmp_path / "checkpoints")).endswith("step-00000000")  # intact
 
 
+def test_an_overflowing_update_rolls_back_instead_of_saving_infinite_weights(corpus, tmp_path):
+    """--lr 1e30 with a checkpoint after every step: the first update overflows the weights;
+    that is a spike (rolled back), never a checkpoint that cannot be loaded again."""
+    lines = []
+    with pytest.raises(TrainingDiverged, match=r"the update made a parameter non-finite"):
+        run(settings(corpus, tmp_path, lr=1e30, steps=50, checkpoint_every=1, eval_every=1), log=lines.append)
+    for path in checkpoint.list_checkpoints(str(tmp_path / "checkpoints")):
+        checkpoint.load(path)                                  # every checkpoint written loads
+    palmcore.load(str(tmp_path))
+
+
 def test_the_cli_names_divergence_and_exits(corpus, tmp_path, capsys):
     from palmcore.cli import main
 
@@ -153,6 +164,7 @@ def test_the_lock_dies_with_its_process(corpus, tmp_path):
     (dict(steps=2.5), TypeError, r"steps must be an integer, got 2.5"),
     (dict(seed=2**64), ValueError, r"seed must be in \[0, 18446744073709551615\]"),
     (dict(optimizer="sgd"), ValueError, r"optimizer must be 'adafactor' or 'adamw'"),
+    (dict(batch_size=10**9), ValueError, r"out of memory: a batch of 1000000000 x 17 tokens needs"),
     (dict(seq_len=32, overrides=dict(d_model=32, n_layers=1, n_heads=2, max_seq_len=16)), ValueError,
      r"seq_len 32 does not fit the max_seq_len 16 that was set explicitly"),
 ])
@@ -171,10 +183,16 @@ def test_lr_zero_means_zero(corpus, tmp_path):
     assert {r["lr"] for r in metrics(tmp_path)} == {0.0}
 
 
-def test_out_pointing_at_a_file_is_refused(corpus, tmp_path):
+def test_out_pointing_at_a_file_is_refused(corpus, tmp_path, capsys):
     (tmp_path / "a-file").write_text("x")
     with pytest.raises(ValueError, match=r"the output folder .*a-file is a file"):
         run(settings(corpus, tmp_path / "a-file"), log=quiet)
+    from palmcore.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:      # a folder inside a file: no traceback either
+        main(["train", "--corpus", corpus, "--out", str(tmp_path / "a-file" / "run")])
+    assert exit_info.value.code == 2
+    assert "palmcore train: error: Not a directory" in capsys.readouterr().err
 
 
 def test_a_damaged_trainer_json_is_named_on_resume(corpus, tmp_path):
@@ -183,7 +201,7 @@ def test_a_damaged_trainer_json_is_named_on_resume(corpus, tmp_path):
     with open(path) as f:
         trainer = json.load(f)
     for damage, match in [({"step": "two"}, r"'step' is 'two'"), ({"skipped": {"a": 1}}, r"'skipped' is"),
-                          ({"settings": None}, r"'settings' is None")]:
+                          ({"settings": None}, r"'settings' is None"), ({"step": 10**300}, r"'step' is 1000")]:
         with open(path, "w") as f:
             json.dump({**trainer, **damage}, f)
         with pytest.raises(ValueError, match=rf"trainer.json is damaged: {match}"):
@@ -210,6 +228,32 @@ def test_an_interrupted_evaluation_keeps_every_earlier_line(corpus, tmp_path, mo
     rows = metrics(tmp_path)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert "val_loss" not in rows[-1] and summary["steps"] == 4 and summary["stopped_by"] == "interrupt"
+
+
+def test_an_interrupt_during_the_last_evaluation_stops_the_run(corpus, tmp_path, monkeypatch):
+    real = palmcore.PaLM.forward_backward
+
+    def sigint_in_evaluation(self, tokens, targets, total_tokens=None):
+        if total_tokens is None:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(self, tokens, targets, total_tokens)
+
+    monkeypatch.setattr(palmcore.PaLM, "forward_backward", sigint_in_evaluation)
+    summary = run(settings(corpus, tmp_path, steps=4, eval_every=4), log=quiet)
+    assert summary["stopped_by"] == "interrupt" and summary["steps"] == 4 and "sample" not in summary
+    assert checkpoint.latest(str(tmp_path / "checkpoints")).endswith("step-00000004")
+
+
+def test_a_huge_skipped_list_resumes_quickly(corpus, tmp_path):
+    """A (tampered) trainer.json with many skipped batches: skipping is a set lookup."""
+    run(settings(corpus, tmp_path, steps=2), log=quiet)
+    path = os.path.join(checkpoint.latest(str(tmp_path / "checkpoints")), "trainer.json")
+    with open(path) as f:
+        trainer = json.load(f)
+    with open(path, "w") as f:
+        json.dump({**trainer, "skipped": list(range(trainer["data_step"], trainer["data_step"] + 200_000))}, f)
+    run(settings(corpus, tmp_path, steps=3), resume=True, log=quiet)
+    assert checkpoint.load(str(tmp_path / "checkpoints")).trainer["data_step"] == trainer["data_step"] + 200_001
 
 
 def test_replayed_steps_are_marked(corpus, tmp_path):

@@ -33,8 +33,8 @@ from palmcore.files import fsync_dir, umask
 from palmcore.model import PaLM
 from palmcore.tensorfile import load_file, save_file
 
-_STEP_DIR = re.compile(r"^step-(\d{8})$")
-_ASIDE = re.compile(r"^\.old-(step-\d{8})-")
+_STEP_DIR = re.compile(r"^step-(\d{8,})$")
+_ASIDE = re.compile(r"^\.old-(step-\d{8,})-")
 FORMAT = "palmcore-checkpoint/1"
 MARKER = "complete.json"
 _REQUIRED = ("model.safetensors", "config.json", "trainer.json")
@@ -61,6 +61,9 @@ def save(root: str, model: PaLM, optimizer=None, trainer: dict | None = None, st
         raise ValueError(f"keep must be at least 1, got {keep}")
     final = os.path.join(root, f"step-{step:08d}")
     weights = model.state_dict()
+    bad = [n for n, w in weights.items() if not np.isfinite(w).all()]
+    if bad:  # it could never be loaded again
+        raise ValueError(f"refusing to save a checkpoint whose parameters are not finite: {bad[:3]}")
     state = optimizer.state_dict() if optimizer is not None else None
     mesh = model.mesh
     if mesh is not None and not mesh.is_main:
@@ -74,7 +77,7 @@ def save(root: str, model: PaLM, optimizer=None, trainer: dict | None = None, st
         if mesh is not None:
             mesh.barrier()
     for old in list_checkpoints(root)[:-keep]:
-        _remove(old)
+        _remove(old if _STEP_DIR.match(os.path.basename(old)) else os.path.dirname(old))
     return final
 
 
@@ -149,11 +152,20 @@ def is_checkpoint(path: str) -> bool:
 
 
 def list_checkpoints(root: str) -> list[str]:
-    """The complete checkpoints under ``root``, oldest first."""
+    """The complete checkpoints under ``root``, oldest first. A step whose folder is missing or
+    incomplete while its previous version waits aside (a re-save that was killed between its
+    two renames) is listed at the aside path: nothing complete is ever invisible."""
     if not os.path.isdir(root):
         return []
-    names = sorted(n for n in os.listdir(root) if _STEP_DIR.match(n))
-    return [p for p in (os.path.join(root, n) for n in names) if is_checkpoint(p)]
+    found, aside = {}, {}
+    for name in os.listdir(root):
+        path = os.path.join(root, name)
+        if _STEP_DIR.match(name) and is_checkpoint(path):
+            found[int(_STEP_DIR.match(name).group(1))] = path
+        elif _ASIDE.match(name) and is_checkpoint(os.path.join(path, "checkpoint")):
+            aside[int(_ASIDE.match(name).group(1)[len("step-"):])] = os.path.join(path, "checkpoint")
+    found = {**aside, **found}
+    return [found[step] for step in sorted(found)]
 
 
 def latest(root: str) -> str | None:

@@ -115,6 +115,8 @@ def train(args: argparse.Namespace) -> None:
     summary = run(settings, resume=args.resume)
     if summary:  # the main rank
         print_summary(summary, settings.out)
+    if summary.get("stopped_by") == "interrupt":
+        raise KeyboardInterrupt  # saved; the exit status says it was cut short
 
 
 def print_summary(summary: dict, out: str) -> None:
@@ -257,6 +259,12 @@ def main(argv: list[str] | None = None) -> int:
         commands[args.command](args)
     except (ValueError, TypeError, RunFolderInUse, TrainingDiverged) as e:  # a clear message, not a traceback
         parser.exit(2, f"palmcore {args.command}: error: {e}\n")
+    except MemoryError:
+        parser.exit(2, f"palmcore {args.command}: error: out of memory (a batch, sequence or model too large "
+                       "for this machine)\n")
+    except OSError as e:  # a path that cannot be made or read
+        parser.exit(2, f"palmcore {args.command}: error: {e.strerror or e}"
+                       f"{': ' + str(e.filename) if e.filename else ''}\n")
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130

@@ -33,7 +33,8 @@ class _Optimizer:
     def step(self, lr: float, max_grad_norm: float | None = 1.0, grad_scale: float = 1.0) -> float:
         """One update from the model's accumulated gradients times ``grad_scale`` (``1/n`` after
         ``n`` micro-batches), clipped to global norm at most ``max_grad_norm`` (None: no
-        clipping). Returns the norm before clipping. A non-finite norm raises RuntimeError and
+        clipping). Returns the norm before clipping. An update that leaves a parameter non-finite
+        raises RuntimeError after it (roll back to a checkpoint). A non-finite norm raises RuntimeError and
         changes nothing. On a mesh, the gradients are first summed over the data axis."""
         lr = checks.real("lr", lr, low=0.0)
         clip = 0.0 if max_grad_norm is None else checks.real("max_grad_norm", max_grad_norm, low=0.0, low_open=True)
@@ -66,8 +67,8 @@ class _Optimizer:
                     raise ValueError(f"optimizer state '{key}' of '{n}' has shape {a.shape}, expected "
                                      f"{self._model.param_shape(n)}")
         steps = state.get("steps_taken")
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-            raise ValueError(f"steps_taken must be a non-negative integer, got {steps!r}")
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps < 2**62:
+            raise ValueError(f"steps_taken must be an integer in [0, 2^62), got {steps!r}")
         for which, key in ((1, "m"), (2, "v")):
             flat = np.empty(self._model.num_params(), np.float32)
             for n, piece in self._model.flat_pieces(flat).items():

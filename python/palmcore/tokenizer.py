@@ -92,6 +92,8 @@ class Tokenizer:
         if vocab_size < 260:
             raise ValueError(f"vocab_size must be at least 260 (4 specials + 256 bytes), got {vocab_size}")
         prefix = model_path[:-len(".model")] if model_path.endswith(".model") else model_path
+        # trained under a temporary name, then renamed: a killed training leaves no half-written model
+        tmp_prefix = f"{prefix}.tmp-{os.getpid()}"
         fed = {"chars": 0, "sentences": 0}
 
         def sentences():
@@ -107,15 +109,22 @@ class Tokenizer:
 
         try:
             spm.SentencePieceTrainer.Train(
-                sentence_iterator=sentences(), model_prefix=prefix, vocab_size=vocab_size, model_type="bpe",
+                sentence_iterator=sentences(), model_prefix=tmp_prefix, vocab_size=vocab_size, model_type="bpe",
                 character_coverage=0.9995, byte_fallback=True, split_digits=True,
                 normalization_rule_name="identity", remove_extra_whitespaces=False,
                 add_dummy_prefix=False, allow_whitespace_only_pieces=True, split_by_whitespace=True,
                 max_sentence_length=8 * _PIECE_CHARS, pad_id=PAD_ID, eos_id=EOD_ID, unk_id=UNK_ID,
                 bos_id=BOS_ID, hard_vocab_limit=False, minloglevel=2, num_threads=1)
-        except RuntimeError as e:
-            raise ValueError(f"SentencePiece could not train a {vocab_size}-token tokenizer on this text "
-                             f"({fed['sentences']} lines, {fed['chars']} characters): {e}") from None
+        except BaseException as e:
+            for suffix in (".vocab", ".model"):
+                if os.path.exists(tmp_prefix + suffix):
+                    os.unlink(tmp_prefix + suffix)
+            if isinstance(e, RuntimeError):
+                raise ValueError(f"SentencePiece could not train a {vocab_size}-token tokenizer on this text "
+                                 f"({fed['sentences']} lines, {fed['chars']} characters): {e}") from None
+            raise
+        os.replace(tmp_prefix + ".vocab", prefix + ".vocab")
+        os.replace(tmp_prefix + ".model", prefix + ".model")  # last: the model appears whole or not at all
         return cls(prefix + ".model")
 
     @property

@@ -30,7 +30,7 @@ from typing import Callable
 import numpy as np
 from tqdm import tqdm
 
-from palmcore import checkpoint, checks, schedules
+from palmcore import _core, checkpoint, checks, schedules
 from palmcore.config import PaLMConfig
 from palmcore.data import PackedDataset, TokenCache, text_files
 from palmcore.distributed import Mesh, launched_by_mpi
@@ -97,6 +97,7 @@ class TrainSettings:
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
         if os.path.exists(self.out) and not os.path.isdir(self.out):
             raise ValueError(f"the output folder {self.out} is a file")
+        _check_batch_memory(self)
         explicit = self.overrides.get("max_seq_len")
         if explicit is not None and not (isinstance(explicit, int) and explicit >= self.seq_len):
             raise ValueError(f"seq_len {self.seq_len} does not fit the max_seq_len {explicit!r} that was "
@@ -199,9 +200,10 @@ class _Run:
                 if not spike:
                     try:
                         grad_norm = opt.step(lr, s.max_grad_norm, grad_scale=1.0 / s.accumulate)
-                    except RuntimeError:  # a non-finite gradient norm: nothing was changed
-                        spike = "non-finite gradient norm"
-                if spike:
+                    except RuntimeError as e:  # a non-finite gradient norm, or update
+                        spike = str(e)
+                if _any_rank(self.mesh, bool(spike)):  # every rank rolls back together
+                    spike = spike or "a spike on another rank"
                     rollbacks += 1
                     if rollbacks > s.max_rollbacks:
                         raise TrainingDiverged(
@@ -218,6 +220,7 @@ class _Run:
                 _skip_forward(state)
                 line = {"step": step, "loss": out["loss"], "ce": out["ce"], "lr": lr, "grad_norm": grad_norm,
                         "tokens_per_s": s.batch_size * s.seq_len / elapsed}
+                evaluation = {}
                 if step % s.eval_every == 0 or step == s.steps:
                     evaluation = self._evaluate(model)
                     if evaluation:
@@ -233,6 +236,10 @@ class _Run:
                 if step % s.checkpoint_every == 0:
                     self._save(model, opt, state)
                     rollbacks = 0
+                if evaluation is None:  # a stop requested during the evaluation
+                    stopped_by = "interrupt"
+                    log(f"stopping at step {step}: interrupted during the evaluation; saving a checkpoint")
+                    break
         except KeyboardInterrupt:  # raised by code (the signals themselves only set a flag)
             stopped_by = "interrupt"
             log(f"interrupted at step {state['step']}: saving a checkpoint")
@@ -266,7 +273,7 @@ class _Run:
             raise ValueError(f"cannot resume from {path}: it holds no optimizer state")
         opt = _optimizer(self.s, ck.model)
         opt.load_state_dict(ck.optimizer_state)
-        return ck.model, opt, state
+        return ck.model, opt, _skip_forward(state)
 
     def _save(self, model: PaLM, opt, state: dict) -> str:
         return checkpoint.save(self.ckpt_dir, model, opt, state, step=state["step"], keep=self.s.keep,
@@ -380,6 +387,18 @@ class _Metrics:
             f.write(json.dumps(line) + "\n")
 
 
+def _check_batch_memory(s: TrainSettings) -> None:
+    """A batch's token windows (int32, and the copies the steps make of them) must fit: an
+    absurd --batch-size is refused here, before NumPy runs out of memory building one. The
+    model's own tensors are checked by its memory guard when it sizes them."""
+    need = 3 * s.batch_size * (s.seq_len + 1) * 4
+    available = _core.available_memory()
+    if need > available:
+        raise ValueError(f"out of memory: a batch of {s.batch_size} x {s.seq_len + 1} tokens needs "
+                         f"{need / 2**30:.2f} GiB ({need} bytes) but {available / 2**30:.2f} GiB "
+                         f"({available} bytes) are available")
+
+
 def _trainer_state(trainer: dict, path: str) -> dict:
     """The loop's state from a checkpoint's trainer.json, every field checked."""
     def field(name, kind, ok=lambda v: True):
@@ -388,11 +407,12 @@ def _trainer_state(trainer: dict, path: str) -> dict:
             raise ValueError(f"{path} is damaged: '{name}' is {value!r}")
         return value
 
-    return {"step": field("step", int, lambda v: v >= 0), "data_step": field("data_step", int, lambda v: v >= 0),
+    in_range = lambda v: 0 <= v < 2**62  # noqa: E731
+    return {"step": field("step", int, in_range), "data_step": field("data_step", int, in_range),
             "loss_avg": None if trainer.get("loss_avg") is None else
             field("loss_avg", (int, float), math.isfinite),
             "skipped": [int(b) for b in field("skipped", list, lambda v: all(
-                isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in v))],
+                isinstance(b, int) and not isinstance(b, bool) and 0 <= b < 2**62 for b in v))],
             "settings": field("settings", dict)}
 
 
@@ -471,6 +491,7 @@ def _spike(loss: float, avg: float | None, step: int, s: TrainSettings) -> str |
 
 
 def _skip_forward(state: dict) -> dict:
-    while state["data_step"] in state["skipped"]:
+    skipped = set(state["skipped"])
+    while state["data_step"] in skipped:
         state["data_step"] += 1
     return state

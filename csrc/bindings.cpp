@@ -291,8 +291,8 @@ static py::array_t<float> copy_out(LockedModel& self, const std::vector<int64_t>
   py::array_t<float> out(shape);
   float* dst = out.mutable_data();
   run_locked(self, [&] {
-    const Tensor t = get(self.model);
-    std::memcpy(dst, t.data<float>(), t.numel() * sizeof(float));
+    const Tensor t = get(self.model).to(Device::CPU);
+    std::memcpy(dst, t.host_data<float>(), t.numel() * sizeof(float));
   });
   return out;
 }
@@ -334,7 +334,7 @@ static void bind_model(py::module_& m) {
                for (int64_t i = 0; i < dst.numel(); ++i)
                  if (!std::isfinite(src[i]))
                    throw std::invalid_argument("parameter '" + name + "' holds a non-finite value (NaN or Inf)");
-               std::memcpy(dst.data<float>(), src, dst.numel() * sizeof(float));
+               copy(Tensor::borrow(const_cast<float*>(src), shape, DType::F32), dst);
                self.model.param_changed(name);
              });
            })
@@ -448,9 +448,9 @@ static void bind_cache_and_generator(py::module_& m) {
         std::vector<float> values;  // copied under the lock: the model's next call reuses its logits
         int64_t rows = 0;
         run_locked(self.owner, [&] {
-          const Tensor logits = self.owner.model.forward_cached(self.cache, t, sl);
+          const Tensor logits = self.owner.model.forward_cached(self.cache, t, sl).to(Device::CPU);
           rows = logits.dim(0);
-          values.assign(logits.data<float>(), logits.data<float>() + logits.numel());
+          values.assign(logits.host_data<float>(), logits.host_data<float>() + logits.numel());
         });
         py::array_t<float> out({rows, self.owner.model.config().vocab_size});
         std::memcpy(out.mutable_data(), values.data(), values.size() * sizeof(float));

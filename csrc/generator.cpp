@@ -97,9 +97,10 @@ std::vector<Generator::Token> Generator::step() {
 void Generator::feed_and_sample(const std::vector<int32_t>& tokens, const std::vector<int32_t>& slots,
                                 std::vector<Token>& made) {
   const int64_t rows = static_cast<int64_t>(tokens.size());
-  const Tensor logits = model_.forward_cached(
+  const Tensor device_logits = model_.forward_cached(
       cache_, Tensor::borrow(const_cast<int32_t*>(tokens.data()), {rows}, DType::I32),
       Tensor::borrow(const_cast<int32_t*>(slots.data()), {rows}, DType::I32));
+  const Tensor logits = device_logits.to(Device::CPU);  // the sampler runs on the host
   // forward_cached returns one logits row per slot, at that slot's last row here, in row order.
   // A slot samples when its whole sequence so far is in the cache (a prompt cut by a prefill
   // chunk samples only after its last chunk).
@@ -121,7 +122,7 @@ void Generator::feed_and_sample(const std::vector<int32_t>& tokens, const std::v
   for (int64_t i = 0; i < n; ++i) {
     try {
       const int64_t b = row_of[i];
-      chosen[i] = sample_token(logits.data<float>() + logits_row[i] * V, V, seen_[b], settings_.sampling, b,
+      chosen[i] = sample_token(logits.host_data<float>() + logits_row[i] * V, V, seen_[b], settings_.sampling, b,
                                static_cast<int64_t>(outputs_[b].size()), scratch_[omp_get_thread_num()]);
     } catch (...) {
 #pragma omp critical

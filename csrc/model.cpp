@@ -170,23 +170,36 @@ Model::Model(const ModelConfig& config, uint64_t seed, Device device, ModelShard
   apply_num_threads();
   params_ = Tensor::zeros({offset}, DType::F32, device_);
   grads_ = Tensor::zeros({offset}, DType::F32, device_);
+  Tensor initial = host_twin(params_);  // drawn on the host
   for (size_t s = 0; s < info_.size(); ++s) {
     const ParamInfo& p = info_[s];
-    float* w = params_.data<float>() + p.offset;
+    float* w = initial.host_data<float>() + p.offset;
     if (p.init_std == 0.0)
       std::fill(w, w + p.numel(), 1.0f);
     else
       init_normal(p, seed, s, w);
   }
+  upload(initial, params_);
   weights_ = views_of(params_);
   weight_grads_ = views_of(grads_);
   gemm_params_ = params_;
   gemm_weights_ = weights_;
 
   make_rope_tables(config_.max_seq_len, config_.head_dim, config_.rope_base, rope_cos_, rope_sin_);
+  rope_cos_ = rope_cos_.to(device_);
+  rope_sin_ = rope_sin_.to(device_);
 }
 
-// θ[p, i] = p · base^(-2i/dh), computed in double, stored as float cos and sin [positions, dh/2].
+Tensor Model::host_twin(const Tensor& t) const {
+  return t.device() == Device::CPU ? t : Tensor::zeros(t.shape(), t.dtype(), Device::CPU);
+}
+
+void Model::upload(const Tensor& host, Tensor& dst) const {
+  if (host.raw_data() != dst.raw_data()) copy(host, dst);
+}
+
+// θ[p, i] = p · base^(-2i/dh), computed in double, stored as float cos and sin [positions, dh/2]
+// (host tensors).
 void make_rope_tables(int64_t positions, int64_t head_dim, double base, Tensor& cos_table, Tensor& sin_table) {
   const int64_t half = head_dim / 2;
   cos_table = Tensor::zeros({positions, half});
@@ -194,8 +207,8 @@ void make_rope_tables(int64_t positions, int64_t head_dim, double base, Tensor& 
   for (int64_t pos = 0; pos < positions; ++pos)
     for (int64_t i = 0; i < half; ++i) {
       const double theta = pos * std::pow(base, -2.0 * i / head_dim);
-      cos_table.data<float>()[pos * half + i] = static_cast<float>(std::cos(theta));
-      sin_table.data<float>()[pos * half + i] = static_cast<float>(std::sin(theta));
+      cos_table.host_data<float>()[pos * half + i] = static_cast<float>(std::cos(theta));
+      sin_table.host_data<float>()[pos * half + i] = static_cast<float>(std::sin(theta));
     }
 }
 
@@ -284,7 +297,12 @@ void Model::prepare(int64_t batch, int64_t seq) {
   a.tokens = Tensor::zeros({rows}, DType::I32, device_);
   a.targets = Tensor::zeros({rows}, DType::I32, device_);
   a.positions = Tensor::zeros({rows}, DType::I32, device_);
-  for (int64_t r = 0; r < rows; ++r) a.positions.data<int32_t>()[r] = static_cast<int32_t>(r % seq);
+  a.tokens_host = host_twin(a.tokens);
+  a.targets_host = host_twin(a.targets);
+  a.positions_host = host_twin(a.positions);
+  for (int64_t r = 0; r < rows; ++r) a.positions_host.host_data<int32_t>()[r] = static_cast<int32_t>(r % seq);
+  upload(a.positions_host, a.positions);
+  a.loss_sums = Tensor::zeros({2}, DType::F64, device_);
   a.x = f32({rows, D});
   for (int64_t i = 0; i < config_.n_layers; ++i)
     a.layers.push_back({f32({rows, D}), f32({rows}), f32({rows, D}), f32({rows, qw}),
@@ -335,6 +353,9 @@ void Model::prepare_inference(int64_t rows, const KVCache& cache) {
   a.tokens = Tensor::zeros({rows}, DType::I32, device_);
   a.positions = Tensor::zeros({rows}, DType::I32, device_);
   a.slots = Tensor::zeros({rows}, DType::I32, device_);
+  a.tokens_host = host_twin(a.tokens);
+  a.positions_host = host_twin(a.positions);
+  a.slots_host = host_twin(a.slots);
   a.x = f32({rows, D});
   a.layers.push_back({f32({rows, D}), f32({rows}), f32({rows, D}), f32({rows, qw}), f32({rows, kvw}),
                       f32({rows, kvw}), f32({rows, qw}), f32({rows * config_.n_heads}), f32({rows, F}),
@@ -346,6 +367,7 @@ void Model::prepare_inference(int64_t rows, const KVCache& cache) {
   a.attention = AttentionWorkspace::create(
       {cache.slots, cache.capacity, config_.n_heads, config_.n_kv_heads, config_.head_dim}, threads, device_, false);
   a.logit_rows = Tensor::zeros({logit_rows}, DType::I32, device_);
+  a.logit_rows_host = host_twin(a.logit_rows);
   a.logit_h = f32({logit_rows, D});
   a.logits = f32({logit_rows, config_.vocab_size});
   infer_ = std::move(a);
@@ -363,7 +385,7 @@ void Model::check_shape(const Tensor& tokens, const char* what) const {
 // Ids are checked in the model's own copy, never in the caller's memory, which another
 // thread could change between the check and the use.
 static void check_ids(const Tensor& ids, const char* what, int64_t vocab, bool allow_ignored) {
-  const int32_t* t = ids.data<int32_t>();
+  const int32_t* t = ids.host_data<int32_t>();
   for (int64_t i = 0; i < ids.numel(); ++i)
     if (t[i] >= vocab || (t[i] < 0 && !allow_ignored))
       throw std::invalid_argument(std::string(what) + " id " + std::to_string(t[i]) + " at flat index " +
@@ -380,11 +402,13 @@ void Model::load_batch(const Tensor& tokens, const Tensor* targets) {
                                                     " differs from tokens shape " + tokens.shape_string());
   }
   prepare(tokens.dim(0), tokens.dim(1));
-  std::memcpy(act_.tokens.data<int32_t>(), tokens.data<int32_t>(), tokens.numel() * sizeof(int32_t));
-  check_ids(act_.tokens, "tokens", config_.vocab_size, false);
+  copy(tokens.reshape({tokens.numel()}), act_.tokens_host);
+  check_ids(act_.tokens_host, "tokens", config_.vocab_size, false);
+  upload(act_.tokens_host, act_.tokens);
   if (targets) {
-    std::memcpy(act_.targets.data<int32_t>(), targets->data<int32_t>(), targets->numel() * sizeof(int32_t));
-    check_ids(act_.targets, "targets", config_.vocab_size, true);
+    copy(targets->reshape({targets->numel()}), act_.targets_host);
+    check_ids(act_.targets_host, "targets", config_.vocab_size, true);
+    upload(act_.targets_host, act_.targets);
   }
 }
 
@@ -454,7 +478,8 @@ void Model::run_forward(Activations& act, KVCache* cache) {
   bf16_point(act.final_h);
 }
 
-void Model::all_reduce(Tensor& t) { shard_.comm->all_reduce_sum(t.data<float>(), t.numel()); }
+// The communicators work on host memory (MPI); a device model needs NCCL's (not built yet).
+void Model::all_reduce(Tensor& t) { shard_.comm->all_reduce_sum(t.host_data<float>(), t.numel()); }
 
 // z = LN(x) @ embed^T / sqrt(D); sharded, each rank's vocabulary columns gathered.
 void Model::forward(const Tensor& tokens, Tensor& logits) {
@@ -469,11 +494,11 @@ void Model::forward(const Tensor& tokens, Tensor& logits) {
   Tensor mine = Tensor::zeros({rows, Vl}, DType::F32, device_);
   Tensor all = Tensor::zeros({M, rows, Vl}, DType::F32, device_);
   matmul(act_.final_h, false, gemm_weights_.embed, true, mine, scale);
-  shard_.comm->all_gather(mine.data<float>(), all.data<float>(), mine.numel());
+  shard_.comm->all_gather(mine.host_data<float>(), all.host_data<float>(), mine.numel());
   for (int64_t m = 0; m < M; ++m)
     for (int64_t r = 0; r < rows; ++r)
-      std::memcpy(logits.data<float>() + r * config_.vocab_size + m * Vl,
-                  all.data<float>() + (m * rows + r) * Vl, Vl * sizeof(float));
+      std::memcpy(logits.host_data<float>() + r * config_.vocab_size + m * Vl,
+                  all.host_data<float>() + (m * rows + r) * Vl, Vl * sizeof(float));
 }
 
 LossStats Model::forward_backward(const Tensor& tokens, const Tensor& targets, int64_t total_tokens) {
@@ -481,7 +506,7 @@ LossStats Model::forward_backward(const Tensor& tokens, const Tensor& targets, i
   load_batch(tokens, &targets);
   run_forward(act_, nullptr);
   const int64_t rows = act_.batch * act_.seq;
-  const int32_t* y = act_.targets.data<int32_t>();
+  const int32_t* y = act_.targets_host.host_data<int32_t>();
   LossStats stats;
   for (int64_t r = 0; r < rows; ++r) stats.tokens += y[r] >= 0;
   if (stats.tokens == 0) return stats;  // nothing counted: loss 0, no gradient (on every rank alike)
@@ -492,7 +517,7 @@ LossStats Model::forward_backward(const Tensor& tokens, const Tensor& targets, i
   const float logit_scale = 1.0f / std::sqrt(static_cast<float>(config_.d_model));
   const float grad_scale = 1.0f / static_cast<float>(total_tokens ? total_tokens : stats.tokens);
   const int64_t chunk = act_.logits_chunk.dim(0);
-  double ce_sum = 0.0, loss_sum = 0.0;
+  fill_zero(act_.loss_sums);
   for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
     const int64_t r1 = std::min(rows, r0 + chunk), n = r1 - r0;
     Tensor z = act_.logits_chunk.rows(0, n);
@@ -502,9 +527,9 @@ LossStats Model::forward_backward(const Tensor& tokens, const Tensor& targets, i
     const Tensor y_chunk = act_.targets.view(r0, {n});
     matmul(h, false, gemm_weights_.embed, true, z, logit_scale);
     cross_entropy_stats(z, y_chunk, vocab_first(), lse, picked);
-    if (sharded()) {
-      float* l = lse.data<float>();
-      float* top = act_.row_shift.data<float>();
+    if (sharded()) {  // on the host, as the communicators are
+      float* l = lse.host_data<float>();
+      float* top = act_.row_shift.host_data<float>();
       std::copy(l, l + n, top);
       shard_.comm->all_reduce_max(top, n);
       for (int64_t r = 0; r < n; ++r) l[r] = std::exp(l[r] - top[r]);
@@ -512,19 +537,15 @@ LossStats Model::forward_backward(const Tensor& tokens, const Tensor& targets, i
       for (int64_t r = 0; r < n; ++r) l[r] = top[r] + std::log(l[r]);
       all_reduce(picked);
     }
-    for (int64_t r = r0; r < r1; ++r) {
-      if (y[r] < 0) continue;
-      const double row_lse = lse.data<float>()[r - r0], ce = row_lse - picked.data<float>()[r - r0];
-      ce_sum += ce;
-      loss_sum += ce + config_.z_loss * row_lse * row_lse;
-    }
+    cross_entropy_sums(lse, picked, y_chunk, config_.z_loss, act_.loss_sums);
     cross_entropy_backward(z, y_chunk, vocab_first(), lse, static_cast<float>(config_.z_loss), grad_scale);
     bf16_point(z);
     matmul(z, false, gemm_weights_.embed, false, dh, logit_scale);                // dh = dz @ E / √D
     matmul(z, true, h, false, weight_grads_.embed, logit_scale, 1.0f);            // dE += dzᵀ h / √D
   }
-  stats.ce = ce_sum / stats.tokens;
-  stats.loss = loss_sum / stats.tokens;
+  const Tensor sums = act_.loss_sums.to(Device::CPU);  // the one read-back of the loss
+  stats.ce = sums.host_data<double>()[0] / stats.tokens;
+  stats.loss = sums.host_data<double>()[1] / stats.tokens;
   if (sharded()) all_reduce(act_.dfinal_h);
 
   fill_zero(act_.dx);
@@ -624,11 +645,11 @@ Tensor Model::forward_cached(KVCache& cache, const Tensor& tokens, const Tensor&
   const int64_t rows = tokens.dim(0);
   prepare_inference(rows, cache);
   Activations& a = infer_;
-  std::memcpy(a.tokens.data<int32_t>(), tokens.data<int32_t>(), rows * sizeof(int32_t));
-  std::memcpy(a.slots.data<int32_t>(), slots.data<int32_t>(), rows * sizeof(int32_t));
-  check_ids(a.tokens, "tokens", config_.vocab_size, false);
+  copy(tokens, a.tokens_host);
+  copy(slots, a.slots_host);
+  check_ids(a.tokens_host, "tokens", config_.vocab_size, false);
   // Positions continue each slot's sequence; the logits wanted are each slot's last row here.
-  const int32_t* slot = a.slots.data<int32_t>();
+  const int32_t* slot = a.slots_host.host_data<int32_t>();
   std::vector<int64_t> length = cache.lengths, last_row(cache.slots, -1);
   for (int64_t r = 0; r < rows; ++r) {
     require(slot[r] >= 0 && slot[r] < cache.slots, "slot " + std::to_string(slot[r]) + " at row " +
@@ -636,12 +657,15 @@ Tensor Model::forward_cached(KVCache& cache, const Tensor& tokens, const Tensor&
                                                        std::to_string(cache.slots) + " slots");
     require(length[slot[r]] < cache.capacity, "slot " + std::to_string(slot[r]) + " would grow past the cache capacity of " +
                                                   std::to_string(cache.capacity) + " positions");
-    a.positions.data<int32_t>()[r] = static_cast<int32_t>(length[slot[r]]++);
+    a.positions_host.host_data<int32_t>()[r] = static_cast<int32_t>(length[slot[r]]++);
     last_row[slot[r]] = r;
   }
   int64_t n = 0;
   for (int64_t r = 0; r < rows; ++r)
-    if (last_row[slot[r]] == r) a.logit_rows.data<int32_t>()[n++] = static_cast<int32_t>(r);
+    if (last_row[slot[r]] == r) a.logit_rows_host.host_data<int32_t>()[n++] = static_cast<int32_t>(r);
+  for (auto [host, dst] : {std::pair{&a.tokens_host, &a.tokens}, {&a.slots_host, &a.slots},
+                           {&a.positions_host, &a.positions}, {&a.logit_rows_host, &a.logit_rows}})
+    upload(*host, *dst);
 
   run_forward(a, &cache);
   cache.lengths = std::move(length);

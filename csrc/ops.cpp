@@ -118,6 +118,11 @@ void cross_entropy_backward(Tensor& logits, const Tensor& targets, int64_t first
   PALMCORE_DISPATCH(cross_entropy_backward, logits.device(), logits, targets, first, lse, z_loss, grad_scale);
 }
 
+void cross_entropy_sums(const Tensor& lse, const Tensor& picked, const Tensor& targets, double z_loss,
+                        Tensor& sums) {
+  PALMCORE_DISPATCH(cross_entropy_sums, sums.device(), lse, picked, targets, z_loss, sums);
+}
+
 double sum_squares(const Tensor& x) { PALMCORE_DISPATCH(sum_squares, x.device(), x); }
 
 std::pair<double, double> adafactor_second_moment(const Tensor& x, const Tensor& g, Tensor& v, int64_t step,

@@ -46,9 +46,9 @@ double Optimizer::step(double lr, double max_grad_norm, double grad_scale) {
   // g of this rank's share, summed over the data axis
   Tensor g_share = grads.view(begin_, {end_ - begin_});
   if (data_parallel) {
-    std::memcpy(padded_.data<float>(), grads.data<float>(), n * sizeof(float));
-    std::fill(padded_.data<float>() + n, padded_.data<float>() + padded_.numel(), 0.0f);
-    data_comm_->reduce_scatter_sum(padded_.data<float>(), grad_share_.data<float>(), share_);
+    std::memcpy(padded_.host_data<float>(), grads.host_data<float>(), n * sizeof(float));
+    std::fill(padded_.host_data<float>() + n, padded_.host_data<float>() + padded_.numel(), 0.0f);
+    data_comm_->reduce_scatter_sum(padded_.host_data<float>(), grad_share_.host_data<float>(), share_);
     g_share = grad_share_.view(0, {end_ - begin_});
   }
   const std::vector<ParamInfo>& info = model_.params_info();
@@ -108,10 +108,11 @@ double Optimizer::step(double lr, double max_grad_norm, double grad_scale) {
                       std::sqrt(sums[2 * i + 1] / count), adafactor_);
     }
   }
+  // The data axis's collectives work on host memory (MPI); NCCL's come with the CUDA backend.
   if (data_parallel) {  // every rank's updated share, back to every rank
-    std::memcpy(grad_share_.data<float>(), params.data<float>() + begin_, (end_ - begin_) * sizeof(float));
-    data_comm_->all_gather(grad_share_.data<float>(), padded_.data<float>(), share_);
-    std::memcpy(params.data<float>(), padded_.data<float>(), n * sizeof(float));
+    std::memcpy(grad_share_.host_data<float>(), params.host_data<float>() + begin_, (end_ - begin_) * sizeof(float));
+    data_comm_->all_gather(grad_share_.host_data<float>(), padded_.host_data<float>(), share_);
+    std::memcpy(params.host_data<float>(), padded_.host_data<float>(), n * sizeof(float));
   }
   model_.params_changed();
   // An update that overflowed (a learning rate far too large) must not pass for a step: the
@@ -125,17 +126,17 @@ void Optimizer::gather_moment(int which, float* flat) const {
   const Tensor& moment = which == 1 ? m_ : v_;
   const int64_t n = model_.flat_params().numel();
   if (data_comm_->size() == 1) {
-    std::memcpy(flat, moment.data<float>(), n * sizeof(float));
+    std::memcpy(flat, moment.host_data<float>(), n * sizeof(float));
     return;
   }
   std::vector<float> all(data_comm_->size() * share_);
-  data_comm_->all_gather(moment.data<float>(), all.data(), share_);
+  data_comm_->all_gather(moment.host_data<float>(), all.data(), share_);
   std::memcpy(flat, all.data(), n * sizeof(float));
 }
 
 void Optimizer::scatter_moment(int which, const float* flat) {
   Tensor& moment = which == 1 ? m_ : v_;
-  std::memcpy(moment.data<float>(), flat + begin_, (end_ - begin_) * sizeof(float));
+  std::memcpy(moment.host_data<float>(), flat + begin_, (end_ - begin_) * sizeof(float));
 }
 
 }  // namespace palmcore

@@ -45,4 +45,18 @@ void cross_entropy_backward(Tensor& logits, const Tensor& targets, int64_t first
   }
 }
 
+void cross_entropy_sums(const Tensor& lse, const Tensor& picked, const Tensor& targets, double z_loss,
+                        Tensor& sums) {
+  const float* l = lse.data<float>();
+  const float* z_y = picked.data<float>();
+  const int32_t* y = targets.data<int32_t>();
+  double* out = sums.data<double>();
+  for (int64_t r = 0; r < lse.numel(); ++r) {
+    if (y[r] < 0) continue;
+    const double row_lse = l[r], ce = row_lse - z_y[r];
+    out[0] += ce;
+    out[1] += ce + z_loss * row_lse * row_lse;
+  }
+}
+
 }  // namespace palmcore::cpu

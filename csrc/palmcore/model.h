@@ -127,6 +127,10 @@ class Model {
   struct Activations {
     int64_t batch = 0, seq = 0, threads = 0, cache_capacity = 0;
     Tensor tokens, targets, positions, slots, x;
+    // The ids as the host sees them: checked there, then copied to the device (the same tensors
+    // on the CPU). Positions and the rows whose logits are wanted are computed there too.
+    Tensor tokens_host, targets_host, positions_host, slots_host, logit_rows_host;
+    Tensor loss_sums;  // float64 [2]: Σ ce and Σ loss over the step's rows, on the device
     std::vector<LayerActivations> layers;
     Tensor final_xhat, final_rstd, final_h;
     // backward scratch (and, sharded, the sum of a layer's two branches before its all-reduce)
@@ -143,6 +147,10 @@ class Model {
   void prepare_inference(int64_t rows, const KVCache& cache);
   // Checks shapes, sizes the activations, copies the ids in and checks the copies.
   void load_batch(const Tensor& tokens, const Tensor* targets);
+  // A host tensor shaped like t: t itself on the CPU, else a new one to stage data in.
+  Tensor host_twin(const Tensor& t) const;
+  // dst = host (when they are not the same tensor): staged data to the device.
+  void upload(const Tensor& host, Tensor& dst) const;
   // The layers and the final norm over a's rows: causal attention within each sequence, or
   // against the cache when one is given.
   void run_forward(Activations& a, KVCache* cache);

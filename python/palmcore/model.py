@@ -25,16 +25,21 @@ class PaLM:
     group must call it: it gathers), or with ``shard=True`` the local pieces.
     """
 
-    def __init__(self, config: PaLMConfig, seed: int = 0, mesh=None):
+    def __init__(self, config: PaLMConfig, seed: int = 0, mesh=None, device: str = "cpu"):
+        """``device``: "cpu", "cuda" (device 0) or "cuda:N". A CUDA device that cannot be used
+        raises RuntimeError saying why (palmcore built without CUDA, no driver, no device)."""
         if not isinstance(config, PaLMConfig):
             raise TypeError(f"config must be a PaLMConfig, got {type(config).__name__}")
+        if not isinstance(device, str):
+            raise TypeError(f"device must be a string such as 'cpu' or 'cuda:0', got {type(device).__name__}")
         seed = checks.integer("seed", seed, 0, 2**64 - 1)
         self._config = config
         self._mesh = mesh
         if mesh is not None and mesh.model > 1:
-            self._model = _core.Model(config.to_dict(), int(seed), mesh.model_index, mesh.model, mesh.model_comm)
+            self._model = _core.Model(config.to_dict(), int(seed), mesh.model_index, mesh.model, mesh.model_comm,
+                                      device=device)
         else:
-            self._model = _core.Model(config.to_dict(), int(seed))
+            self._model = _core.Model(config.to_dict(), int(seed), device=device)
         self._names = self._model.param_names()
         # name -> (full shape, split axis or -1, offset of this rank's slice along it, offset in the flat buffer)
         self._layout = {n: tuple(self._model.param_layout(n)) for n in self._names}
@@ -48,6 +53,11 @@ class PaLM:
     def param_shape(self, name: str) -> tuple:
         """The full shape of parameter ``name`` (whatever this rank holds of it)."""
         return tuple(self._layout[name][0])
+
+    @property
+    def device(self) -> str:
+        """Where the parameters and the compute live: "cpu" or "cuda:N"."""
+        return self._model.device
 
     @property
     def mesh(self):

@@ -5,6 +5,7 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <memory>
@@ -195,6 +196,34 @@ static void bind_kernels(py::module_& m) {
       },
       py::arg("a"), py::arg("transpose_a"), py::arg("b"), py::arg("transpose_b"), py::arg("c"),
       py::arg("alpha") = 1.0f, py::arg("beta") = 0.0f, py::arg("device") = "cpu", py::arg("guard") = 0);
+  // Seconds per C[m, n] = A[m, k] @ B[k, n] on `device`, A and B of `dtype` ("float32" or
+  // "bfloat16"), operands resident there, the mean of `repeats` calls after one warm-up (for
+  // bench/gpu/gemm.py; copying one element back waits for the device).
+  k.def(
+      "time_matmul",
+      [=](int64_t m, int64_t n, int64_t kk, const std::string& dtype, const std::string& device, int repeats) {
+        const Device d = parse_device(device).first;
+        const DType in = dtype == "bfloat16" ? DType::BF16 : DType::F32;
+        auto operand = [&](int64_t rows, int64_t cols) {
+          std::vector<float> host(rows * cols);
+          for (size_t i = 0; i < host.size(); ++i) host[i] = static_cast<float>((i * 2654435761u) % 1000) / 1000.0f - 0.5f;
+          Tensor t = Tensor::zeros({rows, cols}, in, d);
+          copy(Tensor::borrow(host.data(), {rows, cols}, F), t);
+          return t;
+        };
+        const Tensor A = operand(m, kk), B = operand(kk, n);
+        Tensor C = Tensor::zeros({m, n}, F, d);
+        py::gil_scoped_release release;
+        auto wait = [&] { (void)C.view(0, {1}).to(Device::CPU); };
+        matmul(A, false, B, false, C);
+        wait();
+        const auto start = std::chrono::steady_clock::now();
+        for (int r = 0; r < repeats; ++r) matmul(A, false, B, false, C);
+        wait();
+        return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() / repeats;
+      },
+      py::arg("m"), py::arg("n"), py::arg("k"), py::arg("dtype") = "float32", py::arg("device") = "cpu",
+      py::arg("repeats") = 10);
   // src (float32, or uint16 holding bfloat16 bits) copied to `dtype` ("float32" / "bfloat16")
   // on `device`, converting where `route` says: "device" (both ends there), "upload" (on the
   // way from the host), "download" (on the way back).

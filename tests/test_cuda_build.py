@@ -91,7 +91,9 @@ def test_a_model_on_cuda_is_plumbing_only_this_issue():
 
 
 def test_palmcore_info_tells_the_truth():
-    out = subprocess.run([sys.executable, "-m", "palmcore", "info"], capture_output=True, text=True, timeout=120)
+    no_site = ["-S"] if sys.flags.no_site else []  # the same palmcore as this process imported
+    out = subprocess.run([sys.executable, *no_site, "-m", "palmcore", "info"], capture_output=True, text=True,
+                         timeout=120)
     assert out.returncode == 0, out.stderr
     text = out.stdout
     assert re.search(r"CUDA\s+yes: CUDA \d+\.\d+" if INFO["cuda"] else r"CUDA\s+no", text), text
@@ -128,7 +130,7 @@ def test_import_works_with_cuda_libraries_hidden(tmp_path):
     code = ("import palmcore, palmcore.cli; palmcore.cuda_available(); print('\\n'.join(palmcore.cli.build_report()));"
             "maps = open('/proc/self/maps').read();"
             "print('LOADED' if any(n in maps for n in ('libcudart.so', 'libcublas')) else 'CLEAN')")
-    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, *(["-S"] if sys.flags.no_site else []), "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr
     if not palmcore.cuda_available():

@@ -5,6 +5,7 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <memory>
@@ -12,6 +13,7 @@
 #include <string>
 
 #include "palmcore/benchmark.h"
+#include "palmcore/build_info.h"
 #include "palmcore/communicator.h"
 #include "palmcore/generator.h"
 #include "palmcore/memory.h"
@@ -34,8 +36,9 @@ using FloatArray = py::array_t<float, py::array::c_style>;
 // A model and the lock that serializes calls on it: compute runs with the GIL released, so two
 // Python threads could otherwise enter one model at once.
 struct LockedModel {
-  explicit LockedModel(Model m) : model(std::move(m)) {}
+  LockedModel(Model m, std::string device) : model(std::move(m)), device(std::move(device)) {}
   Model model;
+  std::string device;  // "cpu" or "cuda:N"
   std::mutex mutex;
 };
 
@@ -110,16 +113,156 @@ static py::array_t<float> zeros_like_shape(std::vector<int64_t> shape) {
   return out;
 }
 
+// "cpu", "cuda" (= "cuda:0") or "cuda:N"; a CUDA device is checked to be usable and made the
+// one this process works on (std::runtime_error saying why not).
+static std::pair<Device, int> parse_device(const std::string& name) {
+  if (name == "cpu") return {Device::CPU, 0};
+  int index = 0;
+  if (name.rfind("cuda:", 0) == 0 && name.size() > 5 &&
+      std::all_of(name.begin() + 5, name.end(), [](char ch) { return ch >= '0' && ch <= '9'; }) && name.size() < 12)
+    index = std::stoi(name.substr(5));
+  else if (name != "cuda")
+    throw std::invalid_argument("device must be 'cpu', 'cuda' or 'cuda:N', got '" + name + "'");
+  try {
+    use_cuda_device(index);
+  } catch (const std::runtime_error& e) {
+    throw std::runtime_error("device '" + name + "' cannot be used: " + e.what());
+  }
+  return {Device::CUDA, index};
+}
+
+// The dtype a NumPy array stands for: float32, int32, or uint16 holding bfloat16 bits.
+static DType dtype_of_array(const py::array& a) {
+  if (py::isinstance<py::array_t<float>>(a)) return DType::F32;
+  if (py::isinstance<py::array_t<int32_t>>(a)) return DType::I32;
+  if (py::isinstance<py::array_t<uint16_t>>(a)) return DType::BF16;
+  throw std::invalid_argument("expected a float32, int32 or uint16 (bfloat16 bits) array");
+}
+
+// A copy of a C-contiguous array on `device`, in a buffer of its own.
+static Tensor on_device(const py::array& a, Device device) {
+  if (!(a.flags() & py::array::c_style)) throw std::invalid_argument("expected a C-contiguous array");
+  const Tensor host = view_of(a, dtype_of_array(a));
+  Tensor t = Tensor::zeros(host.shape(), host.dtype(), device);
+  copy(host, t);
+  return t;
+}
+
+// A NumPy copy of a host tensor (bfloat16 as uint16 bits).
+static py::array to_numpy(const Tensor& t) {
+  py::array out;
+  switch (t.dtype()) {
+    case DType::F32: out = py::array_t<float>(t.shape()); break;
+    case DType::I32: out = py::array_t<int32_t>(t.shape()); break;
+    case DType::BF16: out = py::array_t<uint16_t>(t.shape()); break;
+    case DType::F64: out = py::array_t<double>(t.shape()); break;
+  }
+  if (t.device() != Device::CPU) throw std::logic_error("to_numpy: the tensor is not on the host");
+  std::memcpy(out.mutable_data(), t.raw_data(), t.nbytes());
+  return out;
+}
+
 static void bind_kernels(py::module_& m) {
   py::module_ k = m.def_submodule("kernels", "the ops one by one, for tests (no argument checks)");
   const auto F = DType::F32;
   const auto I = DType::I32;
-  k.def("matmul", [=](const FloatArray& a, bool ta, const FloatArray& b, bool tb, FloatArray c, float alpha,
-                      float beta) {
-    Tensor out = view_of(c, F);
-    matmul(view_of(a, F), ta, view_of(b, F), tb, out, alpha, beta);
-    return c;
-  });
+  // On any device: the arrays go there, the op runs there, the result comes back. C sits
+  // `guard` elements into a NaN-filled buffer; with guard > 0 the result is (C, the 2·guard
+  // guard elements after the op), which must still be NaN: a kernel writing outside C shows.
+  k.def(
+      "matmul",
+      [=](const py::array& a, bool ta, const py::array& b, bool tb, FloatArray c, float alpha, float beta,
+          const std::string& device, int64_t guard) -> py::object {
+        const Device d = parse_device(device).first;
+        const Tensor A = on_device(a, d), B = on_device(b, d);
+        const int64_t n = static_cast<int64_t>(c.size());
+        std::vector<float> host(n + 2 * guard, std::nanf(""));
+        std::memcpy(host.data() + guard, c.data(), n * sizeof(float));
+        Tensor whole = Tensor::zeros({n + 2 * guard}, F, d);
+        copy(Tensor::borrow(host.data(), {n + 2 * guard}, F), whole);
+        Tensor out = whole.view(guard, shape_of(c));
+        {
+          py::gil_scoped_release release;
+          matmul(A, ta, B, tb, out, alpha, beta);
+        }
+        Tensor back = Tensor::borrow(host.data(), {n + 2 * guard}, F);
+        copy(whole, back);
+        std::memcpy(c.mutable_data(), host.data() + guard, n * sizeof(float));
+        if (guard == 0) return std::move(c);
+        py::array_t<float> guards(2 * guard);
+        std::memcpy(guards.mutable_data(), host.data(), guard * sizeof(float));
+        std::memcpy(guards.mutable_data() + guard, host.data() + guard + n, guard * sizeof(float));
+        return py::make_tuple(c, guards);
+      },
+      py::arg("a"), py::arg("transpose_a"), py::arg("b"), py::arg("transpose_b"), py::arg("c"),
+      py::arg("alpha") = 1.0f, py::arg("beta") = 0.0f, py::arg("device") = "cpu", py::arg("guard") = 0);
+  // Seconds per C[m, n] = A[m, k] @ B[k, n] on `device`, A and B of `dtype` ("float32" or
+  // "bfloat16"), operands resident there, the mean of `repeats` calls after one warm-up (for
+  // bench/gpu/gemm.py; copying one element back waits for the device).
+  k.def(
+      "time_matmul",
+      [=](int64_t m, int64_t n, int64_t kk, const std::string& dtype, const std::string& device, int repeats) {
+        const Device d = parse_device(device).first;
+        const DType in = dtype == "bfloat16" ? DType::BF16 : DType::F32;
+        auto operand = [&](int64_t rows, int64_t cols) {
+          std::vector<float> host(rows * cols);
+          for (size_t i = 0; i < host.size(); ++i) host[i] = static_cast<float>((i * 2654435761u) % 1000) / 1000.0f - 0.5f;
+          Tensor t = Tensor::zeros({rows, cols}, in, d);
+          copy(Tensor::borrow(host.data(), {rows, cols}, F), t);
+          return t;
+        };
+        const Tensor A = operand(m, kk), B = operand(kk, n);
+        Tensor C = Tensor::zeros({m, n}, F, d);
+        py::gil_scoped_release release;
+        auto wait = [&] { (void)C.view(0, {1}).to(Device::CPU); };
+        matmul(A, false, B, false, C);
+        wait();
+        const auto start = std::chrono::steady_clock::now();
+        for (int r = 0; r < repeats; ++r) matmul(A, false, B, false, C);
+        wait();
+        return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() / repeats;
+      },
+      py::arg("m"), py::arg("n"), py::arg("k"), py::arg("dtype") = "float32", py::arg("device") = "cpu",
+      py::arg("repeats") = 10);
+  // src (float32, or uint16 holding bfloat16 bits) copied to `dtype` ("float32" / "bfloat16")
+  // on `device`, converting where `route` says: "device" (both ends there), "upload" (on the
+  // way from the host), "download" (on the way back).
+  k.def(
+      "copy",
+      [](const py::array& src, const std::string& dtype, const std::string& device, const std::string& route) {
+        const Device d = parse_device(device).first;
+        const DType to = dtype == "bfloat16" ? DType::BF16 : dtype == "float32" ? DType::F32 : DType::I32;
+        if (to == DType::I32) throw std::invalid_argument("copy: dtype must be float32 or bfloat16");
+        const Tensor host_src = view_of(src, dtype_of_array(src));
+        Tensor result;
+        if (route == "device") {
+          const Tensor there = on_device(src, d);
+          Tensor converted = Tensor::zeros(there.shape(), to, d);
+          copy(there, converted);
+          result = converted.to(Device::CPU);
+        } else if (route == "upload") {
+          Tensor converted = Tensor::zeros(host_src.shape(), to, d);
+          copy(host_src, converted);
+          result = converted.to(Device::CPU);
+        } else if (route == "download") {
+          const Tensor there = on_device(src, d);
+          result = Tensor::zeros(host_src.shape(), to, Device::CPU);
+          copy(there, result);
+        } else {
+          throw std::invalid_argument("copy: route must be device, upload or download");
+        }
+        return to_numpy(result);
+      },
+      py::arg("src"), py::arg("dtype"), py::arg("device") = "cpu", py::arg("route") = "device");
+  // x (float32, int32, or uint16 holding bfloat16 bits) taken to `device`, zeroed there, brought back
+  k.def(
+      "fill_zero",
+      [](const py::array& x, const std::string& device) {
+        Tensor there = on_device(x, parse_device(device).first);
+        fill_zero(there);
+        return to_numpy(there.to(Device::CPU));
+      },
+      py::arg("x"), py::arg("device") = "cpu");
   k.def("round_bf16", [=](const FloatArray& x) {
     auto out = zeros_like_shape(shape_of(x));
     std::memcpy(out.mutable_data(), x.data(), x.size() * sizeof(float));
@@ -264,7 +407,45 @@ static void bind_runtime_info(py::module_& m) {
 
 // The memory guard: the memory the machine can still give, and an optional cap on palmcore's
 // own live bytes (an allocation beyond either raises ValueError).
+// What was compiled in and which CUDA devices the process sees (palmcore info, cuda_available).
+static void bind_build_info(py::module_& m) {
+  m.def("build_info", [] {
+    const BuildInfo b = build_info();
+    py::dict d;
+    d["compiler"] = b.compiler;
+    d["cpu_features"] = b.cpu_features;
+    d["blas"] = b.blas;
+    d["blas_config"] = b.blas_config;
+    d["mpi"] = b.mpi;
+    d["cuda_option"] = b.cuda_option;
+    d["cuda"] = b.cuda;
+    d["cuda_version"] = b.cuda_version;
+    d["cuda_runtime_version"] = b.cuda_runtime_version;
+    d["cuda_architectures"] = b.cuda_architectures;
+    d["cuda_architectures_default"] = b.cuda_architectures_default;
+    d["nccl"] = b.nccl;
+    return d;
+  });
+  m.def("cuda_devices", [] {
+    py::list devices;
+    for (const CudaDeviceInfo& c : cuda_devices()) {
+      py::dict d;
+      d["index"] = c.index;
+      d["name"] = c.name;
+      d["compute_capability"] = std::to_string(c.major) + "." + std::to_string(c.minor);
+      d["multiprocessors"] = c.multiprocessors;
+      d["total_memory"] = c.total_bytes;
+      d["free_memory"] = c.free_bytes;
+      devices.append(d);
+    }
+    return devices;
+  });
+  m.def("cuda_driver_version", &cuda_driver_version);
+  m.def("cuda_unavailable_reason", &cuda_unavailable_reason);
+}
+
 static void bind_memory(py::module_& m) {
+  m.def("device_allocated_bytes", &device_allocated_bytes, py::arg("device") = 0);
   m.def("available_memory", &available_memory_bytes);
   m.def("set_memory_limit", &set_memory_limit, py::arg("bytes"));
   m.def("get_memory_limit", &memory_limit);
@@ -273,7 +454,10 @@ static void bind_memory(py::module_& m) {
 
 // The model: construction, parameters by name, and the training-time forward / backward.
 static std::unique_ptr<LockedModel> make_model(const py::dict& c, uint64_t seed, int64_t shard_rank,
-                                               int64_t shard_size, std::shared_ptr<Communicator> model_comm) {
+                                               int64_t shard_size, std::shared_ptr<Communicator> model_comm,
+                                               const std::string& device) {
+  const auto [d, index] = parse_device(device);
+  const std::string device_label = d == Device::CPU ? "cpu" : "cuda:" + std::to_string(index);
   ModelConfig config{c["vocab_size"].cast<int64_t>(), c["d_model"].cast<int64_t>(),
                      c["n_layers"].cast<int64_t>(),   c["n_heads"].cast<int64_t>(),
                      c["n_kv_heads"].cast<int64_t>(), c["head_dim"].cast<int64_t>(),
@@ -281,7 +465,8 @@ static std::unique_ptr<LockedModel> make_model(const py::dict& c, uint64_t seed,
                      c["rope_base"].cast<double>(),   c["norm_eps"].cast<double>(),
                      c["z_loss"].cast<double>()};
   py::gil_scoped_release release;
-  return std::make_unique<LockedModel>(Model(config, seed, Device::CPU, ModelShard{shard_rank, shard_size, std::move(model_comm)}));
+  return std::make_unique<LockedModel>(Model(config, seed, d, ModelShard{shard_rank, shard_size, std::move(model_comm)}),
+                                       device_label);
 }
 
 // A float32 copy of one of the model's tensors, taken under the model's lock (a step in
@@ -300,7 +485,8 @@ static py::array_t<float> copy_out(LockedModel& self, const std::vector<int64_t>
 static void bind_model(py::module_& m) {
   py::class_<LockedModel>(m, "Model")
       .def(py::init(&make_model), py::arg("config"), py::arg("seed"), py::arg("shard_rank") = 0,
-           py::arg("shard_size") = 1, py::arg("model_comm") = nullptr)
+           py::arg("shard_size") = 1, py::arg("model_comm") = nullptr, py::arg("device") = "cpu")
+      .def_property_readonly("device", [](const LockedModel& self) { return self.device; })
       .def("param_names",
            [](const LockedModel& self) {
              std::vector<std::string> names;
@@ -544,6 +730,7 @@ PYBIND11_MODULE(_core, m) {
   m.doc() = "palmcore's C++ runtime (use the palmcore package, not this module)";
   bind_kernels(m);
   bind_runtime_info(m);
+  bind_build_info(m);
   bind_memory(m);
   bind_model(m);
   bind_communicators(m);

@@ -16,6 +16,7 @@ namespace {
 
 std::atomic<uint64_t> live_bytes{0};
 std::atomic<uint64_t> limit_bytes{0};
+std::atomic<uint64_t> device_live_bytes[kMaxCountedDevices];
 
 // The number after `key` in a file of "key number ..." lines (/proc/meminfo, memory.stat).
 bool read_keyed(const char* path, const char* key, uint64_t& value) {
@@ -115,6 +116,24 @@ std::string out_of_memory_message(const std::string& who, uint64_t bytes, const 
     message += "; palmcore's memory limit is " + describe(limit) + ", of which " + describe(allocated_bytes()) +
                " are in use";
   return message;
+}
+
+static bool counted(int device) { return device >= 0 && device < kMaxCountedDevices; }
+
+void count_device_allocation(int device, uint64_t bytes) {
+  if (counted(device)) device_live_bytes[device].fetch_add(bytes);
+}
+
+void count_device_release(int device, uint64_t bytes) {
+  if (counted(device)) device_live_bytes[device].fetch_sub(bytes);
+}
+
+uint64_t device_allocated_bytes(int device) { return counted(device) ? device_live_bytes[device].load() : 0; }
+
+std::string device_out_of_memory_message(int device, uint64_t bytes, const std::string& what, uint64_t free_bytes) {
+  return "out of memory: palmcore needs " + describe(bytes) + " for " + what + " on cuda:" + std::to_string(device) +
+         " but " + describe(free_bytes) + " are free there (palmcore holds " +
+         describe(device_allocated_bytes(device)) + " of it)";
 }
 
 void require_memory(const std::string& who, uint64_t bytes, const std::string& what) {

@@ -7,6 +7,9 @@
 
 #include "palmcore/memory.h"
 #include "palmcore/ops.h"
+#ifdef PALMCORE_CUDA
+#include "cuda/cuda_ops.h"
+#endif
 
 namespace palmcore {
 
@@ -40,7 +43,14 @@ static std::string format_shape(const std::vector<int64_t>& shape) {
 
 Buffer::Buffer(Device device, size_t bytes, const std::vector<int64_t>& shape)
     : device_(device), bytes_(bytes), data_(nullptr) {
-  if (device != Device::CPU) throw std::runtime_error("palmcore was built without the CUDA backend");
+  if (device == Device::CUDA) {
+#ifdef PALMCORE_CUDA
+    data_ = cuda::allocate(bytes, "a tensor of shape " + format_shape(shape));  // counted there
+    return;
+#else
+    throw std::runtime_error("palmcore was built without CUDA (PALMCORE_CUDA=OFF, or no nvcc found when it was built)");
+#endif
+  }
   if (!try_count_allocation(bytes))
     throw std::invalid_argument(out_of_memory_message("palmcore", bytes, "a tensor of shape " + format_shape(shape)));
   // 64-byte alignment: one cache line, one AVX-512 vector.
@@ -54,6 +64,12 @@ Buffer::Buffer(Device device, size_t bytes, const std::vector<int64_t>& shape)
 
 Buffer::~Buffer() {
   if (!owned_) return;
+#ifdef PALMCORE_CUDA
+  if (device_ == Device::CUDA) {
+    cuda::release(data_, bytes_);  // counted there
+    return;
+  }
+#endif
   std::free(data_);
   count_release(bytes_);
 }

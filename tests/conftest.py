@@ -1,4 +1,4 @@
-"""Fixtures shared by the tests: the thread count (``threads``) and a small corpus."""
+"""Fixtures shared by the tests: the thread count (``threads``), a small corpus, the backend (``device``)."""
 
 from __future__ import annotations
 
@@ -30,3 +30,18 @@ def corpus(tmp_path_factory):
     for i in range(8):
         (folder / f"f{i}.py").write_text("".join(rng.choice(words, size=400)))
     return str(folder)
+
+
+def _cuda_usable() -> bool:
+    import palmcore  # noqa: PLC0415
+
+    return palmcore.cuda_available()
+
+
+@pytest.fixture(params=["cpu", "cuda"])
+def device(request):
+    """The backends to run a test on: "cpu" always, "cuda" where a usable GPU is (otherwise
+    skipped with the reason "no CUDA device")."""
+    if request.param == "cuda" and not _cuda_usable():
+        pytest.skip("no CUDA device")
+    return request.param

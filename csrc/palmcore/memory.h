@@ -41,4 +41,15 @@ std::string out_of_memory_message(const std::string& who, uint64_t bytes, const 
 // Throws std::invalid_argument with that message if `bytes` exceed allocatable_bytes().
 void require_memory(const std::string& who, uint64_t bytes, const std::string& what);
 
+// Device memory (the CUDA backend's buffers), counted per device apart from the host's; the
+// backend checks each allocation against the device's free memory (cudaMemGetInfo), which it
+// alone can read. Devices 0..kMaxCountedDevices-1.
+constexpr int kMaxCountedDevices = 64;
+void count_device_allocation(int device, uint64_t bytes);
+void count_device_release(int device, uint64_t bytes);
+// Bytes of the buffers palmcore owns now on `device` (0 for a device out of range).
+uint64_t device_allocated_bytes(int device);
+// "out of memory: palmcore needs 4.00 GiB (...) for <what> on cuda:0 but 2.10 GiB (...) are free there"
+std::string device_out_of_memory_message(int device, uint64_t bytes, const std::string& what, uint64_t free_bytes);
+
 }  // namespace palmcore

@@ -20,8 +20,18 @@ from palmcore.text import generate, load
 from palmcore.tokenizer import Tokenizer
 
 __all__ = ["load", "generate", "Mesh", "PaLMConfig", "PaLM", "Adafactor", "AdamW", "Tokenizer", "schedules",
-           "set_num_threads", "get_num_threads", "set_memory_limit", "get_memory_limit"]
+           "set_num_threads", "get_num_threads", "set_memory_limit", "get_memory_limit", "cuda_available"]
 __version__ = "0.1.0"
+
+
+def cuda_available() -> bool:
+    """Whether models and tensors can be made on a CUDA device here: palmcore built with CUDA,
+    a driver new enough, a device and cuBLASLt. Never raises; ``_core.cuda_unavailable_reason()``
+    says why not."""
+    try:
+        return not _core.cuda_unavailable_reason()
+    except Exception:  # noqa: BLE001  (a question, not an operation: no answer is "no")
+        return False
 
 
 def set_num_threads(n: int) -> None:

@@ -5,7 +5,7 @@
     palmcore train      train a PaLM on text files (default: the `seed` preset on the stdlib)
     palmcore generate   continue a prompt with a trained checkpoint, printing as it goes
     palmcore plan       memory, FLOPs and communication per device of a sharded training step
-    palmcore info       presets, parameter counts and FLOPs per token, threads
+    palmcore info       what was compiled in and which GPUs are here; presets, parameter counts, FLOPs per token
 """
 
 from __future__ import annotations
@@ -184,8 +184,45 @@ def plan(args: argparse.Namespace) -> None:
     print(make_plan(cfg, MeshShape.parse(args.mesh), args.batch, args.seq, args.peak_tflops * 1e12, args.mfu).table())
 
 
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def build_report() -> list[str]:
+    """What this palmcore was compiled with, then what this machine has (GPUs or why none)."""
+    from palmcore import _core  # noqa: PLC0415
+
+    b = _core.build_info()
+    lines = ["compiled with:",
+             f"  compiler  {b['compiler']}",
+             f"  CPU       {' '.join(b['cpu_features']) or 'baseline (no SIMD extensions beyond the default)'}",
+             f"  BLAS      {b['blas']}" + (f" ({b['blas_config']})" if b["blas_config"] else ""),
+             f"  MPI       {'yes (MPICH ABI, loaded at run time)' if b['mpi'] else 'no'}"]
+    if b["cuda"]:
+        v = b["cuda_runtime_version"]
+        archs = ", ".join(f"sm_{a}" for a in b["cuda_architectures"])
+        lines.append(f"  CUDA      yes: CUDA {v // 1000}.{v % 1000 // 10} (nvcc {b['cuda_version']}), {archs}, "
+                     f"cuBLASLt loaded at run time (PALMCORE_CUDA={b['cuda_option']})")
+    else:
+        lines.append(f"  CUDA      no (PALMCORE_CUDA={b['cuda_option']})")
+    lines.append(f"  NCCL      {'yes' if b['nccl'] else 'no (not yet)'}")
+    lines.append("found here:")
+    devices = _core.cuda_devices()
+    for d in devices:
+        lines.append(f"  GPU {d['index']}     {d['name']}, compute capability {d['compute_capability']}, "
+                     f"{d['multiprocessors']} SMs, {_gib(d['total_memory'])} ({_gib(d['free_memory'])} free)")
+    reason = _core.cuda_unavailable_reason()
+    if reason:
+        lines.append(f"  CUDA      not usable: {reason}")
+    elif devices:
+        driver = _core.cuda_driver_version()
+        lines.append(f"  CUDA      usable (driver supports CUDA {driver // 1000}.{driver % 1000 // 10})")
+    return lines
+
+
 def info(args: argparse.Namespace) -> None:
     print(f"palmcore {palmcore.__version__}, {palmcore.get_num_threads()} threads")
+    print("\n".join(build_report()))
     print(f"{'preset':<10} {'params':>12} {'GFLOP/token (T=2048)':>22}")
     for name in PaLMConfig.presets():
         cfg = PaLMConfig.preset(name)
@@ -250,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     p_plan.add_argument("--seq", type=positive_int, default=2048)
     p_plan.add_argument("--peak-tflops", type=float, default=275.0, help="per device (TPU v4 bf16: 275)")
     p_plan.add_argument("--mfu", type=float, default=0.462, help="model FLOPs utilization (PaLM 540B: 0.462)")
-    sub.add_parser("info", help="presets, parameter counts, FLOPs per token")
+    sub.add_parser("info", help="what was compiled in, GPUs found; presets, parameter counts, FLOPs per token")
     args = parser.parse_args(argv)
     if args.command is None:
         args = parser.parse_args(["train"])

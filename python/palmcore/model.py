@@ -25,16 +25,23 @@ class PaLM:
     group must call it: it gathers), or with ``shard=True`` the local pieces.
     """
 
-    def __init__(self, config: PaLMConfig, seed: int = 0, mesh=None, precision: str = "fp32"):
+    def __init__(self, config: PaLMConfig, seed: int = 0, mesh=None, device: str = "cpu",
+                 precision: str = "fp32"):
+        """``device``: "cpu", "cuda" (device 0) or "cuda:N". A CUDA device that cannot be used
+        raises RuntimeError saying why (palmcore built without CUDA, no driver, no device).
+        ``precision``: "fp32", or "bf16" (PALM_SPEC "Precision")."""
         if not isinstance(config, PaLMConfig):
             raise TypeError(f"config must be a PaLMConfig, got {type(config).__name__}")
+        if not isinstance(device, str):
+            raise TypeError(f"device must be a string such as 'cpu' or 'cuda:0', got {type(device).__name__}")
         seed = checks.integer("seed", seed, 0, 2**64 - 1)
         self._config = config
         self._mesh = mesh
         if mesh is not None and mesh.model > 1:
-            self._model = _core.Model(config.to_dict(), int(seed), mesh.model_index, mesh.model, mesh.model_comm)
+            self._model = _core.Model(config.to_dict(), int(seed), mesh.model_index, mesh.model, mesh.model_comm,
+                                      device=device)
         else:
-            self._model = _core.Model(config.to_dict(), int(seed))
+            self._model = _core.Model(config.to_dict(), int(seed), device=device)
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
         self._model.set_precision(precision)
@@ -57,6 +64,11 @@ class PaLM:
         """'fp32', or 'bf16': PALM_SPEC "Precision" mixed precision (float32 master weights,
         bf16 GEMM inputs, float32 accumulation); parameters and state_dict stay float32."""
         return self._model.precision()
+
+    @property
+    def device(self) -> str:
+        """Where the parameters and the compute live: "cpu" or "cuda:N"."""
+        return self._model.device
 
     @property
     def mesh(self):

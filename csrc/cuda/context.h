@@ -1,0 +1,29 @@
+// One context per device, made on first use (the first CUDA tensor): the stream every op of
+// that device is enqueued on, the cuBLASLt handle and the workspace of its GEMMs. Contexts
+// live until the process ends (never destroyed: the driver may be gone by static destruction).
+#pragma once
+
+#include <cublasLt.h>
+#include <cuda_runtime.h>
+
+#include "cuda/cuda_ops.h"
+
+namespace palmcore::cuda {
+
+struct Context {
+  int device = 0;
+  cudaStream_t stream = nullptr;
+  cublasLtHandle_t lt = nullptr;
+  void* workspace = nullptr;
+  size_t workspace_bytes = 0;
+};
+
+// The current device's context, with that device made current on the calling thread (the
+// CUDA runtime's current device is per thread; the callers of the ops are any threads).
+// Throws std::runtime_error naming the reason when CUDA cannot be used.
+Context& context();
+
+// Throws std::runtime_error "<what>: <CUDA's error string>" unless `status` is success.
+void check_cuda(cudaError_t status, const char* what);
+
+}  // namespace palmcore::cuda

@@ -18,6 +18,60 @@
 
 namespace palmcore {
 
+// The one validation layer: every op's tensors are checked here (one device, dtypes, shapes
+// that agree), before either backend's kernel runs, so the kernels can trust them.
+namespace {
+
+struct Arg {
+  const char* name;
+  const Tensor& t;
+};
+
+[[noreturn]] void refuse(const char* op, const std::string& why) {
+  throw std::invalid_argument(std::string(op) + ": " + why);
+}
+
+void one_device(const char* op, std::initializer_list<Arg> args) {
+  for (const Arg& a : args)
+    if (a.t.device() != args.begin()->t.device())
+      refuse(op, std::string(a.name) + " is on " + device_name(a.t.device()) + " but " + args.begin()->name +
+                     " on " + device_name(args.begin()->t.device()));
+}
+
+// `a` is of `dtype` and shaped `shape` (-1: any extent).
+void expect(const char* op, const Arg& a, DType dtype, std::vector<int64_t> shape) {
+  if (a.t.dtype() != dtype)
+    refuse(op, std::string(a.name) + " must be " + dtype_name(dtype) + ", got " + dtype_name(a.t.dtype()));
+  bool ok = a.t.ndim() == static_cast<int>(shape.size());
+  for (size_t i = 0; ok && i < shape.size(); ++i) ok = shape[i] < 0 || a.t.dim(static_cast<int>(i)) == shape[i];
+  if (!ok) {
+    std::string want = "[";
+    for (size_t i = 0; i < shape.size(); ++i) want += (i ? ", " : "") + (shape[i] < 0 ? "*" : std::to_string(shape[i]));
+    refuse(op, std::string(a.name) + " has shape " + a.t.shape_string() + ", expected " + want + "]");
+  }
+}
+
+// Every tensor of `args` float32 with the first one's shape.
+void alike(const char* op, std::initializer_list<Arg> args) {
+  one_device(op, args);
+  for (const Arg& a : args) expect(op, a, DType::F32, args.begin()->t.shape());
+}
+
+void sums_slot(const char* op, const Tensor& sums, int64_t index, int64_t count) {
+  if (sums.dtype() != DType::F64 || index < 0 || index + count > sums.numel())
+    refuse(op, "sums must be float64 with room for " + std::to_string(count) + " at index " + std::to_string(index));
+}
+
+// q [B·T, H·dh], k, v [B·T, Hkv·dh] for an attention shape.
+void attention_inputs(const char* op, const Tensor& q, const Tensor& k, const Tensor& v, const AttentionShape& s) {
+  const int64_t rows = s.batch * s.seq;
+  expect(op, {"q", q}, DType::F32, {rows, s.heads * s.head_dim});
+  expect(op, {"k", k}, DType::F32, {rows, s.kv_heads * s.head_dim});
+  expect(op, {"v", v}, DType::F32, {rows, s.kv_heads * s.head_dim});
+}
+
+}  // namespace
+
 #define PALMCORE_DISPATCH(op, device, ...)                               \
   switch (device) {                                                      \
     case Device::CPU:                                                    \
@@ -53,7 +107,10 @@ void copy(const Tensor& src, Tensor& dst) {
 
 void fill_zero(Tensor& x) { PALMCORE_DISPATCH(fill_zero, x.device(), x); }
 
-void round_bf16(Tensor& x) { PALMCORE_DISPATCH(round_bf16, x.device(), x); }
+void round_bf16(Tensor& x) {
+  expect("round_bf16", {"x", x}, DType::F32, x.shape());
+  PALMCORE_DISPATCH(round_bf16, x.device(), x);
+}
 
 void matmul(const Tensor& a, bool transpose_a, const Tensor& b, bool transpose_b, Tensor& c,
             float alpha, float beta) {
@@ -74,27 +131,57 @@ void matmul(const Tensor& a, bool transpose_a, const Tensor& b, bool transpose_b
 }
 
 void embedding_forward(const Tensor& table, const Tensor& tokens, Tensor& out, int64_t first) {
+  one_device("embedding_forward", {{"table", table}, {"tokens", tokens}, {"out", out}});
+  expect("embedding_forward", {"table", table}, DType::F32, {-1, -1});
+  expect("embedding_forward", {"tokens", tokens}, DType::I32, {-1});
+  expect("embedding_forward", {"out", out}, DType::F32, {tokens.numel(), table.dim(1)});
   PALMCORE_DISPATCH_CPU_ONLY(embedding_forward, out.device(), table, tokens, out, first);
 }
 
 void embedding_backward(const Tensor& dout, const Tensor& tokens, Tensor& dtable, int64_t first) {
+  one_device("embedding_backward", {{"dout", dout}, {"tokens", tokens}, {"dtable", dtable}});
+  expect("embedding_backward", {"dtable", dtable}, DType::F32, {-1, -1});
+  expect("embedding_backward", {"tokens", tokens}, DType::I32, {-1});
+  expect("embedding_backward", {"dout", dout}, DType::F32, {tokens.numel(), dtable.dim(1)});
   PALMCORE_DISPATCH_CPU_ONLY(embedding_backward, dtable.device(), dout, tokens, dtable, first);
 }
 
-void add_to(Tensor& x, const Tensor& y) { PALMCORE_DISPATCH_CPU_ONLY(add_to, x.device(), x, y); }
+void add_to(Tensor& x, const Tensor& y) {
+  alike("add_to", {{"x", x}, {"y", y}});
+  PALMCORE_DISPATCH_CPU_ONLY(add_to, x.device(), x, y);
+}
 
 void layernorm_forward(const Tensor& x, const Tensor& scale, float eps, Tensor& out, Tensor& xhat,
                        Tensor& rstd) {
+  alike("layernorm_forward", {{"x", x}, {"out", out}, {"xhat", xhat}});
+  one_device("layernorm_forward", {{"x", x}, {"scale", scale}, {"rstd", rstd}});
+  expect("layernorm_forward", {"x", x}, DType::F32, {-1, -1});
+  expect("layernorm_forward", {"scale", scale}, DType::F32, {x.dim(1)});
+  expect("layernorm_forward", {"rstd", rstd}, DType::F32, {x.dim(0)});
   PALMCORE_DISPATCH_CPU_ONLY(layernorm_forward, x.device(), x, scale, eps, out, xhat, rstd);
 }
 
 void layernorm_backward(const Tensor& dout, const Tensor& xhat, const Tensor& rstd,
                         const Tensor& scale, Tensor& dx, Tensor& dscale) {
+  alike("layernorm_backward", {{"dout", dout}, {"xhat", xhat}, {"dx", dx}});
+  alike("layernorm_backward", {{"scale", scale}, {"dscale", dscale}});
+  one_device("layernorm_backward", {{"dout", dout}, {"rstd", rstd}, {"scale", scale}});
+  expect("layernorm_backward", {"dout", dout}, DType::F32, {-1, -1});
+  expect("layernorm_backward", {"scale", scale}, DType::F32, {dout.dim(1)});
+  expect("layernorm_backward", {"rstd", rstd}, DType::F32, {dout.dim(0)});
   PALMCORE_DISPATCH_CPU_ONLY(layernorm_backward, dx.device(), dout, xhat, rstd, scale, dx, dscale);
 }
 
 void rope_apply(Tensor& x, const Tensor& positions, const Tensor& cos_table,
                 const Tensor& sin_table, int64_t heads, bool inverse) {
+  one_device("rope_apply", {{"x", x}, {"positions", positions}, {"cos_table", cos_table}, {"sin_table", sin_table}});
+  expect("rope_apply", {"x", x}, DType::F32, {-1, -1});
+  if (heads < 1 || x.dim(1) % heads || (x.dim(1) / heads) % 2)
+    refuse("rope_apply", "x's width " + std::to_string(x.dim(1)) + " is not " + std::to_string(heads) +
+                             " heads of an even width");
+  expect("rope_apply", {"positions", positions}, DType::I32, {x.dim(0)});
+  expect("rope_apply", {"cos_table", cos_table}, DType::F32, {-1, x.dim(1) / heads / 2});
+  expect("rope_apply", {"sin_table", sin_table}, DType::F32, cos_table.shape());
   PALMCORE_DISPATCH_CPU_ONLY(rope_apply, x.device(), x, positions, cos_table, sin_table, heads, inverse);
 }
 
@@ -112,63 +199,114 @@ AttentionWorkspace AttentionWorkspace::create(const AttentionShape& s, int64_t w
 
 void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, Tensor& out, Tensor& lse,
                        const AttentionShape& shape, AttentionWorkspace& ws) {
+  one_device("attention_forward", {{"q", q}, {"k", k}, {"v", v}, {"out", out}, {"lse", lse}});
+  attention_inputs("attention_forward", q, k, v, shape);
+  expect("attention_forward", {"out", out}, DType::F32, q.shape());
+  expect("attention_forward", {"lse", lse}, DType::F32, {shape.batch * shape.heads * shape.seq});
   PALMCORE_DISPATCH_CPU_ONLY(attention_forward, q.device(), q, k, v, out, lse, shape, ws);
 }
 
 void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
                         const Tensor& lse, const Tensor& dout, Tensor& dq, Tensor& dk, Tensor& dv,
                         const AttentionShape& shape, AttentionWorkspace& ws) {
+  one_device("attention_backward", {{"q", q}, {"k", k}, {"v", v}, {"out", out}, {"lse", lse}, {"dout", dout},
+                                    {"dq", dq}, {"dk", dk}, {"dv", dv}});
+  attention_inputs("attention_backward", q, k, v, shape);
+  alike("attention_backward", {{"q", q}, {"out", out}, {"dout", dout}, {"dq", dq}});
+  alike("attention_backward", {{"k", k}, {"dk", dk}, {"dv", dv}});
+  expect("attention_backward", {"lse", lse}, DType::F32, {shape.batch * shape.heads * shape.seq});
   PALMCORE_DISPATCH_CPU_ONLY(attention_backward, q.device(), q, k, v, out, lse, dout, dq, dk, dv, shape, ws);
 }
 
 void attention_cached(const Tensor& q, const Tensor& slots, const Tensor& positions, const Tensor& k_cache,
                       const Tensor& v_cache, Tensor& out, const AttentionShape& shape, AttentionWorkspace& ws) {
+  one_device("attention_cached", {{"q", q}, {"slots", slots}, {"positions", positions}, {"k_cache", k_cache},
+                                  {"v_cache", v_cache}, {"out", out}});
+  expect("attention_cached", {"q", q}, DType::F32, {-1, shape.heads * shape.head_dim});
+  expect("attention_cached", {"out", out}, DType::F32, q.shape());
+  expect("attention_cached", {"slots", slots}, DType::I32, {q.dim(0)});
+  expect("attention_cached", {"positions", positions}, DType::I32, {q.dim(0)});
+  expect("attention_cached", {"k_cache", k_cache}, DType::F32, {shape.batch * shape.seq, shape.kv_heads * shape.head_dim});
+  expect("attention_cached", {"v_cache", v_cache}, DType::F32, k_cache.shape());
   PALMCORE_DISPATCH_CPU_ONLY(attention_cached, q.device(), q, slots, positions, k_cache, v_cache, out, shape, ws);
 }
 
 void kv_cache_write(const Tensor& k, const Tensor& v, const Tensor& slots, const Tensor& positions,
                     Tensor& k_cache, Tensor& v_cache, int64_t capacity) {
+  one_device("kv_cache_write", {{"k", k}, {"v", v}, {"slots", slots}, {"positions", positions}, {"k_cache", k_cache},
+                                {"v_cache", v_cache}});
+  alike("kv_cache_write", {{"k", k}, {"v", v}});
+  alike("kv_cache_write", {{"k_cache", k_cache}, {"v_cache", v_cache}});
+  expect("kv_cache_write", {"k", k}, DType::F32, {-1, k_cache.dim(1)});
+  expect("kv_cache_write", {"slots", slots}, DType::I32, {k.dim(0)});
+  expect("kv_cache_write", {"positions", positions}, DType::I32, {k.dim(0)});
+  if (capacity < 1 || k_cache.dim(0) % capacity) refuse("kv_cache_write", "the cache's rows are not slots x capacity");
   PALMCORE_DISPATCH_CPU_ONLY(kv_cache_write, k_cache.device(), k, v, slots, positions, k_cache, v_cache, capacity);
 }
 
 void swiglu_forward(const Tensor& gate, const Tensor& up, Tensor& out) {
+  alike("swiglu_forward", {{"gate", gate}, {"up", up}, {"out", out}});
   PALMCORE_DISPATCH_CPU_ONLY(swiglu_forward, out.device(), gate, up, out);
 }
 
 void swiglu_backward(const Tensor& gate, const Tensor& up, const Tensor& dout, Tensor& dgate,
                      Tensor& dup) {
+  alike("swiglu_backward", {{"gate", gate}, {"up", up}, {"dout", dout}, {"dgate", dgate}, {"dup", dup}});
   PALMCORE_DISPATCH_CPU_ONLY(swiglu_backward, dgate.device(), gate, up, dout, dgate, dup);
 }
 
 void cross_entropy_stats(const Tensor& logits, const Tensor& targets, int64_t first, Tensor& lse,
                          Tensor& picked) {
+  one_device("cross_entropy_stats", {{"logits", logits}, {"targets", targets}, {"lse", lse}, {"picked", picked}});
+  expect("cross_entropy_stats", {"logits", logits}, DType::F32, {-1, -1});
+  expect("cross_entropy_stats", {"targets", targets}, DType::I32, {logits.dim(0)});
+  expect("cross_entropy_stats", {"lse", lse}, DType::F32, {logits.dim(0)});
+  expect("cross_entropy_stats", {"picked", picked}, DType::F32, {logits.dim(0)});
   PALMCORE_DISPATCH_CPU_ONLY(cross_entropy_stats, logits.device(), logits, targets, first, lse, picked);
 }
 
 void cross_entropy_backward(Tensor& logits, const Tensor& targets, int64_t first, const Tensor& lse,
                             float z_loss, float grad_scale) {
+  one_device("cross_entropy_backward", {{"logits", logits}, {"targets", targets}, {"lse", lse}});
+  expect("cross_entropy_backward", {"logits", logits}, DType::F32, {-1, -1});
+  expect("cross_entropy_backward", {"targets", targets}, DType::I32, {logits.dim(0)});
+  expect("cross_entropy_backward", {"lse", lse}, DType::F32, {logits.dim(0)});
   PALMCORE_DISPATCH_CPU_ONLY(cross_entropy_backward, logits.device(), logits, targets, first, lse, z_loss, grad_scale);
 }
 
 void cross_entropy_sums(const Tensor& lse, const Tensor& picked, const Tensor& targets, double z_loss,
                         Tensor& sums) {
+  one_device("cross_entropy_sums", {{"lse", lse}, {"picked", picked}, {"targets", targets}, {"sums", sums}});
+  alike("cross_entropy_sums", {{"lse", lse}, {"picked", picked}});
+  expect("cross_entropy_sums", {"targets", targets}, DType::I32, lse.shape());
+  sums_slot("cross_entropy_sums", sums, 0, 2);
   PALMCORE_DISPATCH_CPU_ONLY(cross_entropy_sums, sums.device(), lse, picked, targets, z_loss, sums);
 }
 
-double sum_squares(const Tensor& x) { PALMCORE_DISPATCH_CPU_ONLY(sum_squares, x.device(), x); }
+void sum_squares(const Tensor& x, Tensor& sums, int64_t index) {
+  one_device("sum_squares", {{"x", x}, {"sums", sums}});
+  expect("sum_squares", {"x", x}, DType::F32, x.shape());
+  sums_slot("sum_squares", sums, index, 1);
+  PALMCORE_DISPATCH_CPU_ONLY(sum_squares, x.device(), x, sums, index);
+}
 
-std::pair<double, double> adafactor_second_moment(const Tensor& x, const Tensor& g, Tensor& v, int64_t step,
-                                                  double grad_scale, const AdafactorSettings& settings) {
-  PALMCORE_DISPATCH_CPU_ONLY(adafactor_second_moment, x.device(), x, g, v, step, grad_scale, settings);
+void adafactor_second_moment(const Tensor& x, const Tensor& g, Tensor& v, int64_t step, double grad_scale,
+                             const AdafactorSettings& settings, Tensor& sums, int64_t index) {
+  alike("adafactor_second_moment", {{"x", x}, {"g", g}, {"v", v}});
+  one_device("adafactor_second_moment", {{"x", x}, {"sums", sums}});
+  sums_slot("adafactor_second_moment", sums, index, 2);
+  PALMCORE_DISPATCH_CPU_ONLY(adafactor_second_moment, x.device(), x, g, v, step, grad_scale, settings, sums, index);
 }
 
 void adafactor_apply(Tensor& x, const Tensor& g, Tensor& m, const Tensor& v, double lr, double grad_scale,
                      double rms_u, double rms_x, const AdafactorSettings& settings) {
+  alike("adafactor_apply", {{"x", x}, {"g", g}, {"m", m}, {"v", v}});
   PALMCORE_DISPATCH_CPU_ONLY(adafactor_apply, x.device(), x, g, m, v, lr, grad_scale, rms_u, rms_x, settings);
 }
 
 void adamw_update(Tensor& x, const Tensor& g, Tensor& m, Tensor& v, int64_t step, double lr,
                   double grad_scale, const AdamWSettings& settings) {
+  alike("adamw_update", {{"x", x}, {"g", g}, {"m", m}, {"v", v}});
   PALMCORE_DISPATCH_CPU_ONLY(adamw_update, x.device(), x, g, m, v, step, lr, grad_scale, settings);
 }
 

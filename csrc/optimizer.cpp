@@ -5,7 +5,6 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
-#include <tuple>
 #include <vector>
 
 #include "palmcore/threads.h"
@@ -22,6 +21,7 @@ Optimizer::Optimizer(Model& model, OptimizerKind kind, const AdafactorSettings& 
   begin_ = std::min(n, data_comm_->rank() * share_);
   end_ = std::min(n, begin_ + share_);
   m_ = Tensor::zeros({share_}, DType::F32, params.device());
+  sums_ = Tensor::zeros({2 * static_cast<int64_t>(model.params_info().size())}, DType::F64, params.device());
   v_ = Tensor::zeros({share_}, DType::F32, params.device());
   if (ranks > 1) {
     grad_share_ = Tensor::zeros({share_}, DType::F32, params.device());
@@ -75,12 +75,20 @@ double Optimizer::step(double lr, double max_grad_norm, double grad_scale) {
         for (int k = 0; k < per; ++k) per_tensor[per * i + k] = split[j++];
   };
 
+  // The sums are written on the device and read back once per pass (read_sums).
+  auto read_sums = [&](int64_t count) {
+    const Tensor host = sums_.view(0, {count}).to(Device::CPU);
+    return std::vector<double>(host.host_data<double>(), host.host_data<double>() + count);
+  };
   double squares = 0.0;
   if (!data_parallel && !sharded) {
-    squares = sum_squares(g_share);  // one pass; the same bits as ever on one rank
+    sum_squares(g_share, sums_, 0);  // one pass; the same bits as ever on one rank
+    squares = read_sums(1)[0];
   } else {
-    std::vector<double> per_tensor(info.size());
-    for (size_t i = 0; i < info.size(); ++i) per_tensor[i] = pieces[i].g.numel() ? sum_squares(pieces[i].g) : 0.0;
+    fill_zero(sums_);
+    for (size_t i = 0; i < info.size(); ++i)
+      if (pieces[i].g.numel()) sum_squares(pieces[i].g, sums_, static_cast<int64_t>(i));
+    std::vector<double> per_tensor = read_sums(static_cast<int64_t>(info.size()));
     sum_over_mesh(per_tensor, 1);
     for (double s : per_tensor) squares += s;
   }
@@ -95,11 +103,12 @@ double Optimizer::step(double lr, double max_grad_norm, double grad_scale) {
       if (p.x.numel()) adamw_update(p.x, p.g, p.m, p.v, steps_, lr, scale, adamw_);
   } else {
     // Adafactor: pass 1 on every piece, (Σu², Σx²) of whole tensors, then pass 2.
-    std::vector<double> sums(2 * info.size(), 0.0);
+    fill_zero(sums_);
     for (size_t i = 0; i < info.size(); ++i)
       if (pieces[i].x.numel())
-        std::tie(sums[2 * i], sums[2 * i + 1]) =
-            adafactor_second_moment(pieces[i].x, pieces[i].g, pieces[i].v, steps_, scale, adafactor_);
+        adafactor_second_moment(pieces[i].x, pieces[i].g, pieces[i].v, steps_, scale, adafactor_, sums_,
+                                2 * static_cast<int64_t>(i));
+    std::vector<double> sums = read_sums(2 * static_cast<int64_t>(info.size()));
     sum_over_mesh(sums, 2);
     for (size_t i = 0; i < info.size(); ++i) {
       if (!pieces[i].x.numel()) continue;
@@ -117,7 +126,8 @@ double Optimizer::step(double lr, double max_grad_norm, double grad_scale) {
   model_.params_changed();
   // An update that overflowed (a learning rate far too large) must not pass for a step: the
   // caller rolls back to a checkpoint instead of saving infinite weights.
-  if (!std::isfinite(sum_squares(params)))
+  sum_squares(params, sums_, 0);
+  if (!std::isfinite(read_sums(1)[0]))
     throw std::runtime_error("the update made a parameter non-finite (NaN or Inf): the learning rate is too large");
   return norm;
 }

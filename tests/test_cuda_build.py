@@ -135,3 +135,16 @@ def test_import_works_with_cuda_libraries_hidden(tmp_path):
     assert out.returncode == 0, out.stderr
     if not palmcore.cuda_available():
         assert out.stdout.strip().endswith("CLEAN"), out.stdout
+
+
+def test_train_on_cuda_is_a_clear_error_until_its_kernels_exist(corpus, tmp_path, capsys):
+    """Without a GPU: the device cannot be used; with one: the ops not written yet say so."""
+    from palmcore.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--corpus", corpus, "--vocab-size", "300", "--set", "d_model=32", "--set", "n_layers=1",
+              "--set", "n_heads=2", "--batch-size", "2", "--seq-len", "16", "--steps", "1", "--device", "cuda",
+              "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert re.search(r"palmcore train: error: (device 'cuda' cannot be used|no CUDA kernel yet for)",
+                     capsys.readouterr().err)

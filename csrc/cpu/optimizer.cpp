@@ -39,27 +39,29 @@ std::pair<double, double> chunked_sums(int64_t n, Term term) {
 
 }  // namespace
 
-double sum_squares(const Tensor& x) {
+void sum_squares(const Tensor& x, Tensor& sums, int64_t index) {
   const float* xs = x.data<float>();
-  return chunked_sums(x.numel(), [&](int64_t i) {
-           return std::pair<double, double>{double(xs[i]) * xs[i], 0.0};
-         }).first;
+  sums.data<double>()[index] = chunked_sums(x.numel(), [&](int64_t i) {
+                                 return std::pair<double, double>{double(xs[i]) * xs[i], 0.0};
+                               }).first;
 }
 
 // Pass 1: second moments, and Σ u² and Σ x_old² for the two RMS terms.
-std::pair<double, double> adafactor_second_moment(const Tensor& x, const Tensor& g, Tensor& v, int64_t step,
-                                                  double grad_scale, const AdafactorSettings& s) {
+void adafactor_second_moment(const Tensor& x, const Tensor& g, Tensor& v, int64_t step, double grad_scale,
+                             const AdafactorSettings& s, Tensor& sums, int64_t index) {
   const float* xs = x.data<float>();
   const float* gs = g.data<float>();
   float* vs = v.data<float>();
   const float beta2 = static_cast<float>(1.0 - std::pow(static_cast<double>(step), -s.decay));
   const float gscale = static_cast<float>(grad_scale), eps = static_cast<float>(s.eps);
-  return chunked_sums(x.numel(), [&](int64_t i) {
+  const auto [u2, x2] = chunked_sums(x.numel(), [&](int64_t i) {
     const float gi = gs[i] * gscale;
     vs[i] = beta2 * vs[i] + (1.0f - beta2) * (gi * gi + eps);
     const float u = gi / std::sqrt(vs[i]);
     return std::pair<double, double>{double(u) * u, double(xs[i]) * xs[i]};
   });
+  sums.data<double>()[index] = u2;
+  sums.data<double>()[index + 1] = x2;
 }
 
 // Pass 2: clipped update, momentum, parameter.

@@ -54,6 +54,7 @@ class Optimizer {
   int64_t share_ = 0, begin_ = 0, end_ = 0;  // this data rank's share of the flat buffer
   Tensor m_, v_;                             // [share_]: the moments of that share
   Tensor grad_share_, padded_;               // [share_], [data ranks · share_] (data axis > 1)
+  Tensor sums_;                              // float64 [2 · tensors]: the step's norms, on the device
   int64_t steps_ = 0;
 };
 

@@ -24,8 +24,7 @@ from palmcore import checks
 from palmcore.config import PaLMConfig
 from palmcore.data import stdlib_files
 from palmcore.generation import sampling_settings
-from palmcore.runlock import RunFolderInUse
-from palmcore.train import TrainingDiverged, TrainSettings, run
+from palmcore.train import TrainSettings, run
 
 
 def stdlib_text(max_bytes: int) -> bytes:
@@ -111,7 +110,8 @@ def train(args: argparse.Namespace) -> None:
         batch_size=args.batch_size, accumulate=args.accumulate, seq_len=args.seq_len, steps=args.steps,
         time_budget=args.time_budget if args.time_budget is not None or not default_run else 540.0,
         optimizer=args.optimizer, lr=args.lr, schedule=args.schedule, eval_every=args.eval_every,
-        checkpoint_every=args.eval_every, seed=args.seed, mesh=args.mesh, precision=args.precision)
+        checkpoint_every=args.eval_every, seed=args.seed, mesh=args.mesh, precision=args.precision,
+        device=args.device)
     summary = run(settings, resume=args.resume)
     if summary:  # the main rank
         print_summary(summary, settings.out)
@@ -262,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     p_train.add_argument("--out", default="runs/default")
     p_train.add_argument("--resume", action="store_true")
     p_train.add_argument("--threads", type=thread_count, default=0)
+    p_train.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (see palmcore info)")
     p_train.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                          help="bf16: mixed precision as PALM_SPEC says (float32 master weights and checkpoints)")
     p_train.add_argument("--mesh", default="data=1,model=1",
@@ -294,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"demo": demo, "train": train, "generate": generate, "plan": plan, "info": info}
     try:
         commands[args.command](args)
-    except (ValueError, TypeError, RunFolderInUse, TrainingDiverged) as e:  # a clear message, not a traceback
+    except (ValueError, TypeError, RuntimeError) as e:  # a clear message, not a traceback
         parser.exit(2, f"palmcore {args.command}: error: {e}\n")
     except MemoryError:
         parser.exit(2, f"palmcore {args.command}: error: out of memory (a batch, sequence or model too large "

@@ -74,6 +74,7 @@ class TrainSettings:
     sample_tokens: int = 40           # a sampled continuation of a held-out prompt at the end
     mesh: str = "data=1,model=1"      # data x model ranks (launch with mpiexec -n data·model)
     precision: str = "fp32"           # or "bf16": PALM_SPEC "Precision" (float32 master weights)
+    device: str = "cpu"               # or "cuda" / "cuda:N"
 
     def check(self) -> None:
         """Every setting's kind and range (TypeError / ValueError naming it)."""
@@ -167,7 +168,7 @@ class _Run:
             model, opt, state = self._load(latest)
             log(f"resumed from {latest} (step {state['step']})")
         else:
-            model = PaLM(self.config, seed=s.seed, mesh=self.mesh, precision=s.precision)
+            model = PaLM(self.config, seed=s.seed, mesh=self.mesh, device=s.device, precision=s.precision)
             opt = _optimizer(s, model)
             state = {"step": 0, "data_step": 0, "loss_avg": None, "skipped": [],
                      "settings": {k: getattr(s, k) for k in ("seed", "batch_size", "seq_len", "optimizer",
@@ -263,7 +264,8 @@ class _Run:
         return summary if self.main else {}
 
     def _load(self, path: str):
-        ck = checkpoint.load(path, config=self.config, mesh=self.mesh, precision=self.s.precision)
+        ck = checkpoint.load(path, config=self.config, mesh=self.mesh, device=self.s.device,
+                             precision=self.s.precision)
         state = _trainer_state(ck.trainer, os.path.join(path, "trainer.json"))
         for key in ("seed", "batch_size", "seq_len", "optimizer", "schedule"):
             if key in state["settings"] and state["settings"][key] != getattr(self.s, key):
@@ -322,7 +324,7 @@ class _Run:
         if not self.main:
             return {}
         if weights is not None:
-            model = PaLM(self.config)
+            model = PaLM(self.config, device=self.s.device, precision=self.s.precision)
             model.load_state_dict(weights)
         ids = [int(t) for t in self.val_data.window(0)[: max(1, self.s.seq_len // 2)]]
         new = model.generate([ids], max_new_tokens=min(self.s.sample_tokens, self.config.max_seq_len - len(ids)),

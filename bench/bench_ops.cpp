@@ -74,7 +74,7 @@ int main(int argc, char** argv) {
   report("swiglu_backward", 0, [&] { swiglu_backward(gate, up, y, dgate, dup); });
 
   const AttentionShape shape{B, T, H, Hkv, dh};
-  AttentionWorkspace ws = AttentionWorkspace::create(shape, get_num_threads(), Device::CPU, true);
+  AttentionWorkspace ws = AttentionWorkspace::create(shape, Device::CPU, true);
   Tensor q = random_tensor({rows, H * dh}, 6), k = random_tensor({rows, Hkv * dh}, 7);
   Tensor v = random_tensor({rows, Hkv * dh}, 8), o = Tensor::zeros({rows, H * dh});
   Tensor lse = Tensor::zeros({B * H * T}), dq = Tensor::zeros({rows, H * dh});

@@ -310,7 +310,7 @@ static void bind_kernels(py::module_& m) {
                                  int64_t heads, int64_t kv_heads) {
     const AttentionShape s{batch, q.shape(0) / batch, heads, kv_heads, q.shape(1) / heads};
     auto out = zeros_like_shape(shape_of(q)), lse = zeros_like_shape({batch * heads * s.seq});
-    AttentionWorkspace ws = AttentionWorkspace::create(s, get_num_threads(), Device::CPU, true);
+    AttentionWorkspace ws = AttentionWorkspace::create(s, Device::CPU, true);
     Tensor o = view_of(out, F), l = view_of(lse, F);
     apply_num_threads();
     attention_forward(view_of(q, F), view_of(kk, F), view_of(v, F), o, l, s, ws);
@@ -321,7 +321,7 @@ static void bind_kernels(py::module_& m) {
                                   int64_t batch, int64_t heads, int64_t kv_heads) {
     const AttentionShape s{batch, q.shape(0) / batch, heads, kv_heads, q.shape(1) / heads};
     auto dq = zeros_like_shape(shape_of(q)), dk = zeros_like_shape(shape_of(kk)), dv = zeros_like_shape(shape_of(v));
-    AttentionWorkspace ws = AttentionWorkspace::create(s, get_num_threads(), Device::CPU, true);
+    AttentionWorkspace ws = AttentionWorkspace::create(s, Device::CPU, true);
     Tensor a = view_of(dq, F), b = view_of(dk, F), c = view_of(dv, F);
     apply_num_threads();
     attention_backward(view_of(q, F), view_of(kk, F), view_of(v, F), view_of(out, F), view_of(lse, F),
@@ -333,7 +333,7 @@ static void bind_kernels(py::module_& m) {
                                 int64_t heads, int64_t kv_heads) {
     const AttentionShape s{n_slots, k_cache.shape(0) / n_slots, heads, kv_heads, q.shape(1) / heads};
     auto out = zeros_like_shape(shape_of(q));
-    AttentionWorkspace ws = AttentionWorkspace::create(s, get_num_threads(), Device::CPU, false);
+    AttentionWorkspace ws = AttentionWorkspace::create(s, Device::CPU, false);
     Tensor o = view_of(out, F);
     apply_num_threads();
     attention_cached(view_of(q, F), view_of(slots, I), view_of(positions, I), view_of(k_cache, F),

@@ -167,7 +167,7 @@ Model::Model(const ModelConfig& config, uint64_t seed, Device device, ModelShard
   add("final_norm.scale", {D}, 0.0, -1);
   if (offset != local_params) throw std::logic_error("local_param_count disagrees with the parameter layout");
 
-  apply_num_threads();
+  apply_num_threads();  // drawing the initial weights below runs in parallel on the host
   params_ = Tensor::zeros({offset}, DType::F32, device_);
   grads_ = Tensor::zeros({offset}, DType::F32, device_);
   Tensor initial = host_twin(params_);  // drawn on the host
@@ -279,21 +279,13 @@ AttentionShape Model::attention_shape(int64_t batch, int64_t seq) const {
 // per-thread attention tiles once per thread count). Built aside and swapped in whole, so a
 // failed allocation leaves the model as it was.
 void Model::prepare(int64_t batch, int64_t seq) {
-  const int64_t threads = get_num_threads();
-  if (batch == act_.batch && seq == act_.seq) {
-    if (act_.threads != threads) {
-      act_.attention = AttentionWorkspace::create(attention_shape(act_.batch, act_.seq), threads, device_, true);
-      act_.threads = threads;
-    }
-    return;
-  }
+  if (batch == act_.batch && seq == act_.seq) return;
   Activations a;
   const int64_t rows = batch * seq, D = config_.d_model, F = local_ffn();
   const int64_t qw = local_heads() * config_.head_dim, kvw = config_.n_kv_heads * config_.head_dim;
   auto f32 = [&](std::vector<int64_t> shape) { return Tensor::zeros(std::move(shape), DType::F32, device_); };
   a.batch = batch;
   a.seq = seq;
-  a.threads = threads;
   a.tokens = Tensor::zeros({rows}, DType::I32, device_);
   a.targets = Tensor::zeros({rows}, DType::I32, device_);
   a.positions = Tensor::zeros({rows}, DType::I32, device_);
@@ -329,7 +321,7 @@ void Model::prepare(int64_t batch, int64_t seq) {
   a.row_lse = f32({chunk});
   a.row_picked = f32({chunk});
   a.row_shift = f32({chunk});
-  a.attention = AttentionWorkspace::create(attention_shape(batch, seq), threads, device_, true);
+  a.attention = AttentionWorkspace::create(attention_shape(batch, seq), device_, true);
   act_ = std::move(a);
 }
 
@@ -337,9 +329,9 @@ void Model::prepare(int64_t batch, int64_t seq) {
 // scratch, attention tiles as long as the cache. Rebuilt (aside, then swapped in) when the
 // row count, the cache's shape or the thread count changes.
 void Model::prepare_inference(int64_t rows, const KVCache& cache) {
-  const int64_t threads = get_num_threads(), logit_rows = std::min(rows, cache.slots);
+  const int64_t logit_rows = std::min(rows, cache.slots);
   Activations& cur = infer_;
-  if (rows == cur.batch && cache.capacity == cur.cache_capacity && threads == cur.threads &&
+  if (rows == cur.batch && cache.capacity == cur.cache_capacity &&
       cur.logits.dim(0) == logit_rows)
     return;
   Activations a;
@@ -348,7 +340,6 @@ void Model::prepare_inference(int64_t rows, const KVCache& cache) {
   auto f32 = [&](std::vector<int64_t> shape) { return Tensor::zeros(std::move(shape), DType::F32, device_); };
   a.batch = rows;
   a.seq = 1;
-  a.threads = threads;
   a.cache_capacity = cache.capacity;
   a.tokens = Tensor::zeros({rows}, DType::I32, device_);
   a.positions = Tensor::zeros({rows}, DType::I32, device_);
@@ -365,7 +356,7 @@ void Model::prepare_inference(int64_t rows, const KVCache& cache) {
   a.final_rstd = f32({rows});
   a.final_h = f32({rows, D});
   a.attention = AttentionWorkspace::create(
-      {cache.slots, cache.capacity, config_.n_heads, config_.n_kv_heads, config_.head_dim}, threads, device_, false);
+      {cache.slots, cache.capacity, config_.n_heads, config_.n_kv_heads, config_.head_dim}, device_, false);
   a.logit_rows = Tensor::zeros({logit_rows}, DType::I32, device_);
   a.logit_rows_host = host_twin(a.logit_rows);
   a.logit_h = f32({logit_rows, D});
@@ -394,7 +385,6 @@ static void check_ids(const Tensor& ids, const char* what, int64_t vocab, bool a
 }
 
 void Model::load_batch(const Tensor& tokens, const Tensor* targets) {
-  apply_num_threads();
   check_shape(tokens, "tokens");
   if (targets) {
     check_shape(*targets, "targets");
@@ -634,7 +624,6 @@ KVCache Model::make_cache(int64_t slots, int64_t capacity) const {
 
 Tensor Model::forward_cached(KVCache& cache, const Tensor& tokens, const Tensor& slots) {
   require(!sharded(), "generation runs on an unsharded model: gather the state_dict into one first");
-  apply_num_threads();
   require(tokens.dtype() == DType::I32 && slots.dtype() == DType::I32, "tokens and slots must be int32");
   require(tokens.ndim() == 1 && slots.ndim() == 1 && tokens.dim(0) == slots.dim(0) && tokens.dim(0) > 0,
           "tokens and slots must be 1-D, non-empty and of one length, got " + tokens.shape_string() + " and " +

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "cpu/cpu_ops.h"
+#include "palmcore/threads.h"
 #ifdef PALMCORE_CUDA
 #include "cuda/cuda_ops.h"
 #define PALMCORE_CUDA_KERNEL(op, ...) return cuda::op(__VA_ARGS__)
@@ -72,9 +73,12 @@ void attention_inputs(const char* op, const Tensor& q, const Tensor& k, const Te
 
 }  // namespace
 
+// The CPU case first makes the calling thread's OpenMP regions use palmcore's thread count
+// (threads.h): the graph never deals with threads.
 #define PALMCORE_DISPATCH(op, device, ...)                               \
   switch (device) {                                                      \
     case Device::CPU:                                                    \
+      apply_num_threads();                                               \
       return cpu::op(__VA_ARGS__);                                       \
     case Device::CUDA:                                                   \
       PALMCORE_CUDA_KERNEL(op, __VA_ARGS__);                             \
@@ -84,6 +88,7 @@ void attention_inputs(const char* op, const Tensor& q, const Tensor& k, const Te
 #define PALMCORE_DISPATCH_CPU_ONLY(op, device, ...)                      \
   switch (device) {                                                      \
     case Device::CPU:                                                    \
+      apply_num_threads();                                               \
       return cpu::op(__VA_ARGS__);                                       \
     case Device::CUDA:                                                   \
       throw std::runtime_error("no CUDA kernel yet for " #op);           \
@@ -185,9 +190,9 @@ void rope_apply(Tensor& x, const Tensor& positions, const Tensor& cos_table,
   PALMCORE_DISPATCH_CPU_ONLY(rope_apply, x.device(), x, positions, cos_table, sin_table, heads, inverse);
 }
 
-AttentionWorkspace AttentionWorkspace::create(const AttentionShape& s, int64_t workers, Device device,
-                                              bool for_backward) {
+AttentionWorkspace AttentionWorkspace::create(const AttentionShape& s, Device device, bool for_backward) {
   AttentionWorkspace ws;
+  const int64_t workers = device == Device::CPU ? get_num_threads() : 1;
   const int64_t tile_rows = std::max(kAttentionQueryBlock, s.heads / s.kv_heads);
   ws.tiles = Tensor::zeros({workers, 2, tile_rows, s.seq}, DType::F32, device);
   if (for_backward) {

@@ -7,7 +7,6 @@
 #include <string>
 #include <vector>
 
-#include "palmcore/threads.h"
 
 namespace palmcore {
 
@@ -38,7 +37,6 @@ double Optimizer::step(double lr, double max_grad_norm, double grad_scale) {
   if (!(lr >= 0) || !std::isfinite(lr)) throw std::invalid_argument("lr must be finite and >= 0");
   if (!(grad_scale > 0) || !std::isfinite(grad_scale))
     throw std::invalid_argument("grad_scale must be finite and > 0");
-  apply_num_threads();
   const bool data_parallel = data_comm_->size() > 1, sharded = model_.shard().size > 1;
   Tensor& grads = model_.flat_grads();
   Tensor& params = model_.flat_params();

@@ -71,9 +71,12 @@ float* thread_tiles(AttentionWorkspace& ws) {
   return ws.tiles.data<float>() + omp_get_thread_num() * ws.tiles.numel() / ws.tiles.dim(0);
 }
 
-void require_tiles(const AttentionWorkspace& ws) {
-  if (omp_get_max_threads() > ws.tiles.dim(0))
-    throw std::logic_error("attention workspace sized for fewer threads than are running");
+// One pair of score tiles per running thread: more are made when the thread count grew since
+// the workspace was sized (the model does not track threads).
+void require_tiles(AttentionWorkspace& ws) {
+  const int64_t threads = omp_get_max_threads();
+  if (threads > ws.tiles.dim(0))
+    ws.tiles = Tensor::zeros({threads, ws.tiles.dim(1), ws.tiles.dim(2), ws.tiles.dim(3)}, DType::F32, Device::CPU);
 }
 
 }  // namespace

@@ -125,7 +125,7 @@ class Model {
   // Training keeps every layer's activations for the backward pass; inference (batch = rows,
   // seq = 1) has one layer's worth, reused by every layer.
   struct Activations {
-    int64_t batch = 0, seq = 0, threads = 0, cache_capacity = 0;
+    int64_t batch = 0, seq = 0, cache_capacity = 0;
     Tensor tokens, targets, positions, slots, x;
     // The ids as the host sees them: checked there, then copied to the device (the same tensors
     // on the CPU). Positions and the rows whose logits are wanted are computed there too.

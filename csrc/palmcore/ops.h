@@ -22,14 +22,14 @@ struct AttentionShape {
 };
 // Attention works a block of this many queries at a time.
 constexpr int64_t kAttentionQueryBlock = 64;
-// Attention's scratch, sized once per batch shape and thread count.
+// Attention's scratch, sized once per batch shape; what it holds is the backend's business
+// (the CPU's per-thread score tiles follow the thread count by themselves).
 struct AttentionWorkspace {
-  // [workers, 2, max(kAttentionQueryBlock, H / Hkv), T]: score tiles per thread
+  // [workers, 2, max(kAttentionQueryBlock, H / Hkv), T]: score tiles per worker (CPU thread)
   Tensor tiles;
   // [B·H, T, dh]: key/value gradients per query head (only when made for the backward pass)
   Tensor dkeys_part, dvalues_part;
-  static AttentionWorkspace create(const AttentionShape& shape, int64_t workers, Device device,
-                                   bool for_backward);
+  static AttentionWorkspace create(const AttentionShape& shape, Device device, bool for_backward);
 };
 
 // Optimizer settings (the update rules are in op_signatures.inc).

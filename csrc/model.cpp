@@ -517,14 +517,13 @@ LossStats Model::forward_backward(const Tensor& tokens, const Tensor& targets, i
     const Tensor y_chunk = act_.targets.view(r0, {n});
     matmul(h, false, gemm_weights_.embed, true, z, logit_scale);
     cross_entropy_stats(z, y_chunk, vocab_first(), lse, picked);
-    if (sharded()) {  // on the host, as the communicators are
-      float* l = lse.host_data<float>();
-      float* top = act_.row_shift.host_data<float>();
-      std::copy(l, l + n, top);
-      shard_.comm->all_reduce_max(top, n);
-      for (int64_t r = 0; r < n; ++r) l[r] = std::exp(l[r] - top[r]);
-      shard_.comm->all_reduce_sum(l, n);
-      for (int64_t r = 0; r < n; ++r) l[r] = top[r] + std::log(l[r]);
+    if (sharded()) {  // lse = log Σ_shards exp(lse_shard), as max + log Σ exp(lse_shard - max)
+      Tensor top = act_.row_shift.view(0, {n});
+      copy(lse, top);
+      shard_.comm->all_reduce_max(top.host_data<float>(), n);  // the communicators work on the host
+      lse_combine(lse, top, false);
+      all_reduce(lse);
+      lse_combine(lse, top, true);
       all_reduce(picked);
     }
     cross_entropy_sums(lse, picked, y_chunk, config_.z_loss, act_.loss_sums);

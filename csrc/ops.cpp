@@ -279,6 +279,11 @@ void cross_entropy_backward(Tensor& logits, const Tensor& targets, int64_t first
   PALMCORE_DISPATCH_CPU_ONLY(cross_entropy_backward, logits.device(), logits, targets, first, lse, z_loss, grad_scale);
 }
 
+void lse_combine(Tensor& lse, const Tensor& top, bool back) {
+  alike("lse_combine", {{"lse", lse}, {"top", top}});
+  PALMCORE_DISPATCH_CPU_ONLY(lse_combine, lse.device(), lse, top, back);
+}
+
 void cross_entropy_sums(const Tensor& lse, const Tensor& picked, const Tensor& targets, double z_loss,
                         Tensor& sums) {
   one_device("cross_entropy_sums", {{"lse", lse}, {"picked", picked}, {"targets", targets}, {"sums", sums}});

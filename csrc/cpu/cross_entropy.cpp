@@ -45,6 +45,12 @@ void cross_entropy_backward(Tensor& logits, const Tensor& targets, int64_t first
   }
 }
 
+void lse_combine(Tensor& lse, const Tensor& top, bool back) {
+  float* l = lse.data<float>();
+  const float* t = top.data<float>();
+  for (int64_t r = 0; r < lse.numel(); ++r) l[r] = back ? t[r] + std::log(l[r]) : std::exp(l[r] - t[r]);
+}
+
 void cross_entropy_sums(const Tensor& lse, const Tensor& picked, const Tensor& targets, double z_loss,
                         Tensor& sums) {
   const float* l = lse.data<float>();

@@ -132,6 +132,22 @@ def test_mismatched_config_wrong_dtype_and_missing_files(tmp_path):
 
 # ----------------------------------------------------------------- nothing lost (issue 9)
 
+def killed_while_moving_in(monkeypatch, save):
+    """save() as if the process died between moving the old folder aside and renaming the new
+    one in (the rename of the .tmp-step-* folder fails)."""
+    real_rename = os.rename
+
+    def crash_on_moving_in(src, dst):
+        if os.path.basename(src).startswith(".tmp-step-"):
+            raise OSError("killed (simulated)")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", crash_on_moving_in)
+    with pytest.raises(OSError, match="simulated"):
+        save()
+    monkeypatch.undo()
+
+
 def _names(root):
     return sorted(os.listdir(root))
 
@@ -142,17 +158,7 @@ def test_a_crash_while_re_saving_a_step_keeps_the_old_one(tmp_path, monkeypatch)
     model, opt = trained(steps=1)
     checkpoint.save(str(tmp_path), model, opt, step=1)
     first = checkpoint.save(str(tmp_path), model, opt, step=2)
-    real_rename = os.rename
-
-    def crash_on_moving_in(src, dst):
-        if os.path.basename(src).startswith(".tmp-step-"):
-            raise OSError("killed (simulated)")
-        return real_rename(src, dst)
-
-    monkeypatch.setattr(os, "rename", crash_on_moving_in)
-    with pytest.raises(OSError, match="simulated"):
-        checkpoint.save(str(tmp_path), model, opt, step=2)
-    monkeypatch.undo()
+    killed_while_moving_in(monkeypatch, lambda: checkpoint.save(str(tmp_path), model, opt, step=2))
     # the old step 2 was moved aside, not deleted, and readers still find it there
     aside = [n for n in _names(tmp_path) if n.startswith(".old-step-00000002-")]
     assert len(aside) == 1
@@ -241,17 +247,7 @@ def test_damaged_optimizer_metadata_is_named(tmp_path):
 def test_the_only_checkpoint_stays_visible_through_a_killed_re_save(tmp_path, monkeypatch):
     model, opt = trained(steps=1)
     checkpoint.save(str(tmp_path), model, opt, step=0, keep=1)
-    real_rename = os.rename
-
-    def crash_on_moving_in(src, dst):
-        if os.path.basename(src).startswith(".tmp-step-"):
-            raise OSError("killed (simulated)")
-        return real_rename(src, dst)
-
-    monkeypatch.setattr(os, "rename", crash_on_moving_in)
-    with pytest.raises(OSError, match="simulated"):
-        checkpoint.save(str(tmp_path), model, opt, step=0, keep=1)
-    monkeypatch.undo()
+    killed_while_moving_in(monkeypatch, lambda: checkpoint.save(str(tmp_path), model, opt, step=0, keep=1))
     assert checkpoint.latest(str(tmp_path)) is not None
     assert checkpoint.load(str(tmp_path)).trainer["step"] == 0
     checkpoint.save(str(tmp_path), model, opt, step=1, keep=1)   # tidies up and prunes the aside one

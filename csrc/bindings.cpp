@@ -5,6 +5,7 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cmath>
 #include <cstring>
@@ -12,10 +13,14 @@
 #include <mutex>
 #include <string>
 
+#include "cuda/shared_math_check.h"
 #include "palmcore/benchmark.h"
 #include "palmcore/build_info.h"
 #include "palmcore/communicator.h"
 #include "palmcore/generator.h"
+#include "palmcore/math/activations.h"
+#include "palmcore/math/philox.h"
+#include "palmcore/math/rope.h"
 #include "palmcore/memory.h"
 #include "palmcore/model.h"
 #include "palmcore/ops.h"
@@ -391,6 +396,54 @@ static void bind_kernels(py::module_& m) {
     cross_entropy_backward(z, view_of(targets, I), first, view_of(lse, F), z_loss, grad_scale);
     return logits;
   });
+  // The shared per-element math (palmcore/math/*.h) itself, element by element, for
+  // tests/test_shared_math.py (this file is compiled without -march=native: no contraction).
+  k.def("exp_approx", py::vectorize([](float x) { return exp_approx(x); }));
+  k.def("silu", py::vectorize([](float x) { return silu(x); }));
+  k.def("silu_grad", py::vectorize([](float x) { return silu_grad(x); }));
+  // (out, dgate, dup) of SwiGLU per element
+  k.def("swiglu_elementwise", [](const FloatArray& g, const FloatArray& u, const FloatArray& dout) {
+    auto out = zeros_like_shape(shape_of(g)), dgate = zeros_like_shape(shape_of(g)), dup = zeros_like_shape(shape_of(g));
+    for (py::ssize_t i = 0; i < g.size(); ++i) {
+      out.mutable_data()[i] = swiglu(g.data()[i], u.data()[i]);
+      swiglu_backward(g.data()[i], u.data()[i], dout.data()[i], dgate.mutable_data()[i], dup.mutable_data()[i]);
+    }
+    return py::make_tuple(out, dgate, dup);
+  });
+  // θ[p, i] = rope_angle(positions[p], i, head_dim, base), float64 [len(positions), head_dim / 2]
+  k.def("rope_angles", [](const std::vector<int64_t>& positions, int64_t head_dim, double base) {
+    const int64_t half = head_dim / 2;
+    py::array_t<double> theta({static_cast<int64_t>(positions.size()), half});
+    for (size_t p = 0; p < positions.size(); ++p)
+      for (int64_t i = 0; i < half; ++i) theta.mutable_data()[p * half + i] = rope_angle(positions[p], i, head_dim, base);
+    return theta;
+  });
+  // (x1', x2') = rotate_pair(x1, x2, cos, sin) per element
+  k.def("rotate_pair", [](FloatArray x1, FloatArray x2, const FloatArray& c, const FloatArray& s) {
+    for (py::ssize_t i = 0; i < x1.size(); ++i) rotate_pair(x1.mutable_data()[i], x2.mutable_data()[i], c.data()[i], s.data()[i]);
+    return py::make_tuple(x1, x2);
+  });
+  k.def("philox", [](uint64_t key, std::array<uint32_t, 4> counter) {
+    const PhiloxBlock r = philox4x32(key, {{counter[0], counter[1], counter[2], counter[3]}});
+    return py::make_tuple(r[0], r[1], r[2], r[3]);
+  });
+  // shared_math_row (cuda/shared_math_check.h) for every (x[i], y[i]) on `device`: [n, 9]
+  k.def(
+      "shared_math_rows",
+      [](const FloatArray& x, const FloatArray& y, const std::string& device) {
+        const int64_t n = x.size();
+        py::array_t<float> rows({n, static_cast<int64_t>(kSharedMathColumns)});
+        if (parse_device(device).first == Device::CPU) {
+          for (int64_t i = 0; i < n; ++i) shared_math_row(x.data()[i], y.data()[i], rows.mutable_data() + i * kSharedMathColumns);
+        } else {
+#ifdef PALMCORE_CUDA
+          const std::vector<float> back = cuda::shared_math_rows({x.data(), x.data() + n}, {y.data(), y.data() + n});
+          std::memcpy(rows.mutable_data(), back.data(), back.size() * sizeof(float));
+#endif
+        }
+        return rows;
+      },
+      py::arg("x"), py::arg("y"), py::arg("device") = "cpu");
 }
 
 // Threads of the CPU kernels, and the machine measurements behind the roofline numbers.

@@ -9,6 +9,7 @@
 #include <stdexcept>
 #include <unordered_map>
 
+#include "palmcore/math/rope.h"
 #include "palmcore/memory.h"
 #include "palmcore/random.h"
 #include "palmcore/threads.h"
@@ -206,7 +207,7 @@ void make_rope_tables(int64_t positions, int64_t head_dim, double base, Tensor& 
   sin_table = Tensor::zeros({positions, half});
   for (int64_t pos = 0; pos < positions; ++pos)
     for (int64_t i = 0; i < half; ++i) {
-      const double theta = pos * std::pow(base, -2.0 * i / head_dim);
+      const double theta = rope_angle(pos, i, head_dim, base);
       cos_table.host_data<float>()[pos * half + i] = static_cast<float>(std::cos(theta));
       sin_table.host_data<float>()[pos * half + i] = static_cast<float>(std::sin(theta));
     }

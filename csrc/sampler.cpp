@@ -7,7 +7,7 @@
 #include <stdexcept>
 #include <string>
 
-#include "palmcore/random.h"
+#include "palmcore/math/philox.h"
 
 namespace palmcore {
 namespace {

@@ -1,5 +1,7 @@
-// Rotary position embedding, rotate-half convention; math in palmcore/ops.h.
+// Rotary position embedding, rotate-half convention; math in palmcore/ops.h, per pair in
+// palmcore/math/rope.h.
 #include "cpu/cpu_ops.h"
+#include "palmcore/math/rope.h"
 
 namespace palmcore::cpu {
 
@@ -17,11 +19,7 @@ void rope_apply(Tensor& x, const Tensor& positions, const Tensor& cos_table,
     for (int64_t h = 0; h < heads; ++h) {
       float* x1 = xs + r * width + h * head_dim;
       float* x2 = x1 + half;
-      for (int64_t i = 0; i < half; ++i) {
-        const float a = x1[i], b = x2[i], s = sign * sn[i];
-        x1[i] = a * cs[i] - b * s;
-        x2[i] = b * cs[i] + a * s;
-      }
+      for (int64_t i = 0; i < half; ++i) rotate_pair(x1[i], x2[i], cs[i], sign * sn[i]);
     }
   }
 }

@@ -1,6 +1,7 @@
-// SwiGLU gate, forward and backward; math in palmcore/ops.h.
+// SwiGLU gate, forward and backward; math in palmcore/ops.h, per element in
+// palmcore/math/activations.h.
 #include "cpu/cpu_ops.h"
-#include "cpu/vector_math.h"
+#include "palmcore/math/activations.h"
 
 namespace palmcore::cpu {
 
@@ -11,7 +12,7 @@ void swiglu_forward(const Tensor& gate, const Tensor& up, Tensor& out) {
   const float* u = up.data<float>();
   float* o = out.data<float>();
 #pragma omp parallel for schedule(static) if (n >= kParallelMinElements)
-  for (int64_t i = 0; i < n; ++i) o[i] = g[i] * sigmoid_approx(g[i]) * u[i];
+  for (int64_t i = 0; i < n; ++i) o[i] = swiglu(g[i], u[i]);
 }
 
 // dgate = dout · up · σ(g)(1 + g(1 - σ(g))),  dup = dout · silu(g)
@@ -24,11 +25,7 @@ void swiglu_backward(const Tensor& gate, const Tensor& up, const Tensor& dout, T
   float* dg = dgate.data<float>();
   float* du = dup.data<float>();
 #pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < n; ++i) {
-    const float s = sigmoid_approx(g[i]);
-    dg[i] = d[i] * u[i] * s * (1.0f + g[i] * (1.0f - s));
-    du[i] = d[i] * g[i] * s;
-  }
+  for (int64_t i = 0; i < n; ++i) palmcore::swiglu_backward(g[i], u[i], d[i], dg[i], du[i]);
 }
 
 }  // namespace palmcore::cpu

@@ -1,44 +1,14 @@
-// Counter-based random numbers: Philox4x32-10 (Salmon et al., "Parallel random numbers: as
-// easy as 1, 2, 3", SC 2011). A draw is a pure function of (key, counter), so any element can
-// be drawn by any thread in any order and the result never depends on the thread count.
+// Normal draws on the host (parameter initialization) from the shared Philox draws of
+// palmcore/math/philox.h (which also holds uniform01, the sampler's draw).
 #pragma once
 
-#include <array>
 #include <cmath>
 #include <cstdint>
 #include <utility>
 
+#include "palmcore/math/philox.h"
+
 namespace palmcore {
-
-inline std::array<uint32_t, 4> philox4x32(uint64_t key, std::array<uint32_t, 4> ctr) {
-  uint32_t k0 = static_cast<uint32_t>(key), k1 = static_cast<uint32_t>(key >> 32);
-  for (int round = 0; round < 10; ++round) {
-    const uint64_t p0 = uint64_t{0xD2511F53u} * ctr[0];
-    const uint64_t p1 = uint64_t{0xCD9E8D57u} * ctr[2];
-    ctr = {static_cast<uint32_t>(p1 >> 32) ^ ctr[1] ^ k0, static_cast<uint32_t>(p1),
-           static_cast<uint32_t>(p0 >> 32) ^ ctr[3] ^ k1, static_cast<uint32_t>(p0)};
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
-  }
-  return ctr;
-}
-
-// The Philox block of draw (key, stream, index).
-inline std::array<uint32_t, 4> philox_draw(uint64_t key, uint64_t stream, uint64_t index) {
-  return philox4x32(key, {static_cast<uint32_t>(index), static_cast<uint32_t>(index >> 32),
-                          static_cast<uint32_t>(stream), static_cast<uint32_t>(stream >> 32)});
-}
-
-// A double in [0, 1) from 53 of the bits of two 32-bit words.
-inline double unit_interval(uint32_t high, uint32_t low) {
-  return static_cast<double>(((uint64_t{high} << 21) ^ low) & ((uint64_t{1} << 53) - 1)) * 0x1.0p-53;
-}
-
-// Uniform in [0, 1), draw (key, stream, index).
-inline double uniform01(uint64_t key, uint64_t stream, uint64_t index) {
-  const auto r = philox_draw(key, stream, index);
-  return unit_interval(r[0], r[1]);
-}
 
 // Two independent standard normals by Box-Muller from one Philox block, draw (key, stream, index).
 inline std::pair<double, double> standard_normal_pair(uint64_t key, uint64_t stream, uint64_t index) {

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import sys
+import time
+import traceback
 
 from palmcore import _core
 from palmcore.plan import MeshShape
@@ -42,9 +44,16 @@ def _abort_on_uncaught_exceptions(world) -> None:
         return
     previous = sys.excepthook
 
-    def hook(kind, value, traceback):
-        previous(kind, value, traceback)
-        sys.stderr.flush()
+    def hook(kind, value, tb):
+        if previous is sys.__excepthook__:
+            # the whole report in one write, then a moment for the launcher to forward it
+            # before the abort ends every process (a report cut at its first line said nothing)
+            sys.stderr.flush()
+            os.write(2, "".join(traceback.format_exception(kind, value, tb)).encode(errors="replace"))
+            time.sleep(0.5)
+        else:
+            previous(kind, value, tb)
+            sys.stderr.flush()
         world.Abort(1)
 
     hook._palmcore_abort = True

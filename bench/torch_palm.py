@@ -19,10 +19,11 @@ import torch.nn.functional as F
 
 
 class TorchPaLM:
-    def __init__(self, cfg, state_dict, threads: int, dtype=torch.float32):
+    def __init__(self, cfg, state_dict, threads: int, dtype=torch.float32, device: str = "cpu"):
         torch.set_num_threads(int(threads))
         self.cfg = cfg
         self.dtype = dtype
+        self.device = torch.device(device)
         shapes = cfg.param_shapes()
         missing = set(shapes) - set(state_dict)
         extra = set(state_dict) - set(shapes)
@@ -34,7 +35,7 @@ class TorchPaLM:
             arr = np.asarray(state_dict[name])
             if tuple(arr.shape) != tuple(shape):
                 raise ValueError(f"{name}: shape {arr.shape}, expected {shape}")
-            t = torch.tensor(arr, dtype=dtype)  # copies: palmcore's buffers are never aliased
+            t = torch.tensor(arr, dtype=dtype, device=self.device)  # copies: palmcore's buffers are never aliased
             t.requires_grad_(True)
             self.params[name] = t
         self._rope_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -48,7 +49,7 @@ class TorchPaLM:
             i = torch.arange(dh // 2, dtype=torch.float64)
             freqs = self.cfg.rope_base ** (-2.0 * i / dh)
             angles = torch.arange(T, dtype=torch.float64)[:, None] * freqs[None, :]
-            self._rope_cache[T] = (angles.cos().to(self.dtype), angles.sin().to(self.dtype))
+            self._rope_cache[T] = (angles.cos().to(self.device, self.dtype), angles.sin().to(self.device, self.dtype))
         return self._rope_cache[T]
 
     @staticmethod
@@ -65,7 +66,7 @@ class TorchPaLM:
     def logits(self, tokens):
         """Logits [B, T, V] for integer tokens [B, T]."""
         cfg, p = self.cfg, self.params
-        tokens = torch.as_tensor(np.asarray(tokens), dtype=torch.long)
+        tokens = torch.as_tensor(tokens, dtype=torch.long, device=self.device)
         B, T = tokens.shape
         H, Hkv, dh = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         rep = H // Hkv
@@ -147,7 +148,7 @@ class TorchPaLM:
     def loss(self, tokens, targets):
         """(loss, ce): loss = mean over targets >= 0 of (ce + z_loss·lse²); ce = its mean ce."""
         z = self.logits(tokens)
-        y = torch.as_tensor(np.asarray(targets), dtype=torch.long)
+        y = torch.as_tensor(targets, dtype=torch.long, device=self.device)
         mask = y >= 0
         count = mask.sum()
         if int(count) == 0:

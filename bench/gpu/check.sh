@@ -56,11 +56,14 @@ cd /tmp  # import the installed palmcore, not the checkout's python/ folder
 "$python" -c "import sys, palmcore; from palmcore import _core
 sys.exit(0 if palmcore.cuda_available() else 'check.sh: CUDA is not usable here: ' + _core.cuda_unavailable_reason())"
 cd - >/dev/null
-tests=(tests/test_cuda_build.py tests/test_backend*.py)
+tests=(tests/test_cuda_build.py tests/test_cuda_model.py tests/test_backend*.py tests/test_shared_math.py)
 if (( sanitize )); then
   sanitizer="$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")"
   "$sanitizer" --tool memcheck --error-exitcode 3 "$python" -m pytest -q -p no:cacheprovider "${tests[@]}"
 else
   "$python" -m pytest -q -p no:cacheprovider -rs "${tests[@]}"
   "$python" bench/gpu/gemm.py --device cuda
+  # a training step of the ~350M and ~1.3B configs (T=2048) against PyTorch where it is there;
+  # a config whose ops lack a CUDA kernel prints its error in its row
+  timeout 300 "$python" bench/gpu/train_step.py --configs 350m,1.3b || echo "check.sh: train_step.py ended early"
 fi

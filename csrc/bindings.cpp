@@ -444,6 +444,183 @@ static void bind_kernels(py::module_& m) {
         return rows;
       },
       py::arg("x"), py::arg("y"), py::arg("device") = "cpu");
+  // ---- The element-wise and row-wise ops on any device (CUDA kernels of csrc/cuda/{embedding,
+  // add,layernorm,rope,swiglu,kv_cache}.cu), for tests/test_backend_ops_elementwise.py ----
+  // <op>_on(..., device): every array goes to `device` as a view `kGuard` elements into a
+  // buffer of its own (data at an odd offset, as the model's views are), whose other bytes are
+  // all 0xFF (NaN as float32); an output that the op overwrites starts all 0xFF too, so an
+  // element it misses stays NaN. The op runs there; the tensors come back as new arrays, and a
+  // kernel that wrote outside its tensors raises RuntimeError.
+  struct Placed {
+    Tensor whole, view;
+  };
+  constexpr int64_t kGuard = 7;
+  auto place_bytes = [](const void* data, std::vector<int64_t> shape, DType dtype, Device d) {
+    int64_t n = 1;
+    for (int64_t e : shape) n *= e;
+    const size_t size = dtype_size(dtype);
+    std::vector<unsigned char> host((n + 2 * kGuard) * size, 0xFF);
+    if (data) std::memcpy(host.data() + kGuard * size, data, n * size);
+    Placed p;
+    p.whole = Tensor::zeros({n + 2 * kGuard}, dtype, d);
+    copy(Tensor::borrow(host.data(), {n + 2 * kGuard}, dtype), p.whole);
+    p.view = p.whole.view(kGuard, shape);
+    return p;
+  };
+  auto place = [=](const py::array& a, Device d) {
+    if (!(a.flags() & py::array::c_style)) throw std::invalid_argument("expected a C-contiguous array");
+    return place_bytes(a.data(), shape_of(a), dtype_of_array(a), d);
+  };
+  auto fresh = [=](std::vector<int64_t> shape, Device d) { return place_bytes(nullptr, std::move(shape), F, d); };
+  auto back = [](const Placed& p, const char* op) -> py::array {
+    const Tensor host = p.whole.to(Device::CPU);
+    const size_t size = dtype_size(host.dtype()), n = static_cast<size_t>(p.view.numel());
+    const auto* bytes = static_cast<const unsigned char*>(host.raw_data());
+    const bool intact = std::all_of(bytes, bytes + kGuard * size, [](unsigned char b) { return b == 0xFF; }) &&
+                        std::all_of(bytes + (kGuard + n) * size, bytes + (2 * kGuard + n) * size,
+                                    [](unsigned char b) { return b == 0xFF; });
+    if (!intact) throw std::runtime_error(std::string(op) + ": the kernel wrote outside its tensors");
+    return to_numpy(host.view(kGuard, p.view.shape()));
+  };
+  k.def(
+      "embedding_forward_on",
+      [=](const py::array& table, const py::array& tokens, int64_t first, const std::string& device) {
+        const Device d = parse_device(device).first;
+        const Placed t = place(table, d), ids = place(tokens, d);
+        Placed out = fresh({ids.view.numel(), t.view.dim(1)}, d);
+        {
+          py::gil_scoped_release release;
+          embedding_forward(t.view, ids.view, out.view, first);
+        }
+        return back(out, "embedding_forward");
+      },
+      py::arg("table"), py::arg("tokens"), py::arg("first"), py::arg("device"));
+  k.def(
+      "embedding_backward_on",
+      [=](const py::array& dout, const py::array& tokens, const py::array& dtable, int64_t first,
+          const std::string& device) {
+        const Device d = parse_device(device).first;
+        const Placed dy = place(dout, d), ids = place(tokens, d);
+        Placed dt = place(dtable, d);
+        {
+          py::gil_scoped_release release;
+          embedding_backward(dy.view, ids.view, dt.view, first);
+        }
+        return back(dt, "embedding_backward");
+      },
+      py::arg("dout"), py::arg("tokens"), py::arg("dtable"), py::arg("first"), py::arg("device"));
+  k.def(
+      "add_to_on",
+      [=](const py::array& x, const py::array& y, const std::string& device) {
+        const Device d = parse_device(device).first;
+        Placed xs = place(x, d);
+        const Placed ys = place(y, d);
+        {
+          py::gil_scoped_release release;
+          add_to(xs.view, ys.view);
+        }
+        return back(xs, "add_to");
+      },
+      py::arg("x"), py::arg("y"), py::arg("device"));
+  // (out, xhat, rstd)
+  k.def(
+      "layernorm_forward_on",
+      [=](const py::array& x, const py::array& scale, float eps, const std::string& device) {
+        const Device d = parse_device(device).first;
+        const Placed xs = place(x, d), g = place(scale, d);
+        Placed out = fresh(xs.view.shape(), d), xhat = fresh(xs.view.shape(), d), rstd = fresh({xs.view.dim(0)}, d);
+        {
+          py::gil_scoped_release release;
+          layernorm_forward(xs.view, g.view, eps, out.view, xhat.view, rstd.view);
+        }
+        return py::make_tuple(back(out, "layernorm_forward"), back(xhat, "layernorm_forward"),
+                              back(rstd, "layernorm_forward"));
+      },
+      py::arg("x"), py::arg("scale"), py::arg("eps"), py::arg("device"));
+  // (dx, dscale), both accumulated into the arrays given
+  k.def(
+      "layernorm_backward_on",
+      [=](const py::array& dout, const py::array& xhat, const py::array& rstd, const py::array& scale,
+          const py::array& dx, const py::array& dscale, const std::string& device) {
+        const Device d = parse_device(device).first;
+        const Placed dy = place(dout, d), xh = place(xhat, d), rs = place(rstd, d), g = place(scale, d);
+        Placed ddx = place(dx, d), dg = place(dscale, d);
+        {
+          py::gil_scoped_release release;
+          layernorm_backward(dy.view, xh.view, rs.view, g.view, ddx.view, dg.view);
+        }
+        return py::make_tuple(back(ddx, "layernorm_backward"), back(dg, "layernorm_backward"));
+      },
+      py::arg("dout"), py::arg("xhat"), py::arg("rstd"), py::arg("scale"), py::arg("dx"), py::arg("dscale"),
+      py::arg("device"));
+  // x rotated in place at `positions`, with the model's tables (make_rope_tables, built on the
+  // host for max(positions) + 1 positions) placed on `device`
+  k.def(
+      "rope_apply_on",
+      [=](const py::array& x, const IntArray& positions, int64_t heads, double base, bool inverse,
+          const std::string& device) {
+        const Device d = parse_device(device).first;
+        int32_t max_pos = 0;
+        for (py::ssize_t i = 0; i < positions.size(); ++i) max_pos = std::max(max_pos, positions.data()[i]);
+        if (heads < 1 || x.ndim() != 2 || x.shape(1) % heads)
+          throw std::invalid_argument("rope_apply_on: x must be [rows, heads * dh]");
+        Tensor cos_table, sin_table;
+        make_rope_tables(max_pos + 1, x.shape(1) / heads, base, cos_table, sin_table);
+        const Placed c = place_bytes(cos_table.host_data<float>(), cos_table.shape(), F, d);
+        const Placed s = place_bytes(sin_table.host_data<float>(), sin_table.shape(), F, d);
+        Placed xs = place(x, d);
+        const Placed pos = place(positions, d);
+        {
+          py::gil_scoped_release release;
+          rope_apply(xs.view, pos.view, c.view, s.view, heads, inverse);
+        }
+        return back(xs, "rope_apply");
+      },
+      py::arg("x"), py::arg("positions"), py::arg("heads"), py::arg("base"), py::arg("inverse"), py::arg("device"));
+  k.def(
+      "swiglu_forward_on",
+      [=](const py::array& gate, const py::array& up, const std::string& device) {
+        const Device d = parse_device(device).first;
+        const Placed g = place(gate, d), u = place(up, d);
+        Placed out = fresh(g.view.shape(), d);
+        {
+          py::gil_scoped_release release;
+          swiglu_forward(g.view, u.view, out.view);
+        }
+        return back(out, "swiglu_forward");
+      },
+      py::arg("gate"), py::arg("up"), py::arg("device"));
+  // (dgate, dup)
+  k.def(
+      "swiglu_backward_on",
+      [=](const py::array& gate, const py::array& up, const py::array& dout, const std::string& device) {
+        const Device d = parse_device(device).first;
+        const Placed g = place(gate, d), u = place(up, d), dy = place(dout, d);
+        Placed dg = fresh(g.view.shape(), d), du = fresh(g.view.shape(), d);
+        {
+          py::gil_scoped_release release;
+          swiglu_backward(g.view, u.view, dy.view, dg.view, du.view);
+        }
+        return py::make_tuple(back(dg, "swiglu_backward"), back(du, "swiglu_backward"));
+      },
+      py::arg("gate"), py::arg("up"), py::arg("dout"), py::arg("device"));
+  // (k_cache, v_cache) after writing k, v into the caches given
+  k.def(
+      "kv_cache_write_on",
+      [=](const py::array& kk, const py::array& v, const py::array& slots, const py::array& positions,
+          const py::array& k_cache, const py::array& v_cache, int64_t capacity, const std::string& device) {
+        const Device d = parse_device(device).first;
+        const Placed ks = place(kk, d), vs = place(v, d), sl = place(slots, d), pos = place(positions, d);
+        Placed kc = place(k_cache, d), vc = place(v_cache, d);
+        {
+          py::gil_scoped_release release;
+          kv_cache_write(ks.view, vs.view, sl.view, pos.view, kc.view, vc.view, capacity);
+        }
+        return py::make_tuple(back(kc, "kv_cache_write"), back(vc, "kv_cache_write"));
+      },
+      py::arg("k"), py::arg("v"), py::arg("slots"), py::arg("positions"), py::arg("k_cache"), py::arg("v_cache"),
+      py::arg("capacity"), py::arg("device"));
+  // ---- end of the element-wise and row-wise ops on any device ----
 }
 
 // Threads of the CPU kernels, and the machine measurements behind the roofline numbers.

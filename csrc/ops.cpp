@@ -140,7 +140,7 @@ void embedding_forward(const Tensor& table, const Tensor& tokens, Tensor& out, i
   expect("embedding_forward", {"table", table}, DType::F32, {-1, -1});
   expect("embedding_forward", {"tokens", tokens}, DType::I32, {-1});
   expect("embedding_forward", {"out", out}, DType::F32, {tokens.numel(), table.dim(1)});
-  PALMCORE_DISPATCH_CPU_ONLY(embedding_forward, out.device(), table, tokens, out, first);
+  PALMCORE_DISPATCH(embedding_forward, out.device(), table, tokens, out, first);
 }
 
 void embedding_backward(const Tensor& dout, const Tensor& tokens, Tensor& dtable, int64_t first) {
@@ -148,12 +148,12 @@ void embedding_backward(const Tensor& dout, const Tensor& tokens, Tensor& dtable
   expect("embedding_backward", {"dtable", dtable}, DType::F32, {-1, -1});
   expect("embedding_backward", {"tokens", tokens}, DType::I32, {-1});
   expect("embedding_backward", {"dout", dout}, DType::F32, {tokens.numel(), dtable.dim(1)});
-  PALMCORE_DISPATCH_CPU_ONLY(embedding_backward, dtable.device(), dout, tokens, dtable, first);
+  PALMCORE_DISPATCH(embedding_backward, dtable.device(), dout, tokens, dtable, first);
 }
 
 void add_to(Tensor& x, const Tensor& y) {
   alike("add_to", {{"x", x}, {"y", y}});
-  PALMCORE_DISPATCH_CPU_ONLY(add_to, x.device(), x, y);
+  PALMCORE_DISPATCH(add_to, x.device(), x, y);
 }
 
 void layernorm_forward(const Tensor& x, const Tensor& scale, float eps, Tensor& out, Tensor& xhat,
@@ -163,7 +163,7 @@ void layernorm_forward(const Tensor& x, const Tensor& scale, float eps, Tensor& 
   expect("layernorm_forward", {"x", x}, DType::F32, {-1, -1});
   expect("layernorm_forward", {"scale", scale}, DType::F32, {x.dim(1)});
   expect("layernorm_forward", {"rstd", rstd}, DType::F32, {x.dim(0)});
-  PALMCORE_DISPATCH_CPU_ONLY(layernorm_forward, x.device(), x, scale, eps, out, xhat, rstd);
+  PALMCORE_DISPATCH(layernorm_forward, x.device(), x, scale, eps, out, xhat, rstd);
 }
 
 void layernorm_backward(const Tensor& dout, const Tensor& xhat, const Tensor& rstd,
@@ -174,7 +174,7 @@ void layernorm_backward(const Tensor& dout, const Tensor& xhat, const Tensor& rs
   expect("layernorm_backward", {"dout", dout}, DType::F32, {-1, -1});
   expect("layernorm_backward", {"scale", scale}, DType::F32, {dout.dim(1)});
   expect("layernorm_backward", {"rstd", rstd}, DType::F32, {dout.dim(0)});
-  PALMCORE_DISPATCH_CPU_ONLY(layernorm_backward, dx.device(), dout, xhat, rstd, scale, dx, dscale);
+  PALMCORE_DISPATCH(layernorm_backward, dx.device(), dout, xhat, rstd, scale, dx, dscale);
 }
 
 void rope_apply(Tensor& x, const Tensor& positions, const Tensor& cos_table,
@@ -187,7 +187,7 @@ void rope_apply(Tensor& x, const Tensor& positions, const Tensor& cos_table,
   expect("rope_apply", {"positions", positions}, DType::I32, {x.dim(0)});
   expect("rope_apply", {"cos_table", cos_table}, DType::F32, {-1, x.dim(1) / heads / 2});
   expect("rope_apply", {"sin_table", sin_table}, DType::F32, cos_table.shape());
-  PALMCORE_DISPATCH_CPU_ONLY(rope_apply, x.device(), x, positions, cos_table, sin_table, heads, inverse);
+  PALMCORE_DISPATCH(rope_apply, x.device(), x, positions, cos_table, sin_table, heads, inverse);
 }
 
 AttentionWorkspace AttentionWorkspace::create(const AttentionShape& s, Device device, bool for_backward) {
@@ -246,18 +246,18 @@ void kv_cache_write(const Tensor& k, const Tensor& v, const Tensor& slots, const
   expect("kv_cache_write", {"slots", slots}, DType::I32, {k.dim(0)});
   expect("kv_cache_write", {"positions", positions}, DType::I32, {k.dim(0)});
   if (capacity < 1 || k_cache.dim(0) % capacity) refuse("kv_cache_write", "the cache's rows are not slots x capacity");
-  PALMCORE_DISPATCH_CPU_ONLY(kv_cache_write, k_cache.device(), k, v, slots, positions, k_cache, v_cache, capacity);
+  PALMCORE_DISPATCH(kv_cache_write, k_cache.device(), k, v, slots, positions, k_cache, v_cache, capacity);
 }
 
 void swiglu_forward(const Tensor& gate, const Tensor& up, Tensor& out) {
   alike("swiglu_forward", {{"gate", gate}, {"up", up}, {"out", out}});
-  PALMCORE_DISPATCH_CPU_ONLY(swiglu_forward, out.device(), gate, up, out);
+  PALMCORE_DISPATCH(swiglu_forward, out.device(), gate, up, out);
 }
 
 void swiglu_backward(const Tensor& gate, const Tensor& up, const Tensor& dout, Tensor& dgate,
                      Tensor& dup) {
   alike("swiglu_backward", {{"gate", gate}, {"up", up}, {"dout", dout}, {"dgate", dgate}, {"dup", dup}});
-  PALMCORE_DISPATCH_CPU_ONLY(swiglu_backward, dgate.device(), gate, up, dout, dgate, dup);
+  PALMCORE_DISPATCH(swiglu_backward, dgate.device(), gate, up, dout, dgate, dup);
 }
 
 void cross_entropy_stats(const Tensor& logits, const Tensor& targets, int64_t first, Tensor& lse,

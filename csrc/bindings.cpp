@@ -621,6 +621,114 @@ static void bind_kernels(py::module_& m) {
       py::arg("k"), py::arg("v"), py::arg("slots"), py::arg("positions"), py::arg("k_cache"), py::arg("v_cache"),
       py::arg("capacity"), py::arg("device"));
   // ---- end of the element-wise and row-wise ops on any device ----
+  // ---- Loss and optimizer ops on any device (tests/test_backend_ops_loss_optim.py): the
+  // arrays go to `device`, the op runs there, the results come back as new arrays (the inputs
+  // are not changed). float64 arrays (the sums) travel through `f64_on`.
+  {
+    auto f64_on = [](const py::array_t<double, py::array::c_style>& a, Device d) {
+      Tensor t = Tensor::zeros(shape_of(a), DType::F64, d);
+      copy(Tensor::borrow(const_cast<double*>(a.data()), shape_of(a), DType::F64), t);
+      return t;
+    };
+    auto back = [](const Tensor& t) { return to_numpy(t.to(Device::CPU)); };
+    using F64Array = py::array_t<double, py::array::c_style>;
+    k.def(
+        "cross_entropy_stats_on",
+        [=](const FloatArray& logits, const IntArray& targets, int64_t first, const std::string& device) {
+          const Device d = parse_device(device).first;
+          const Tensor z = on_device(logits, d), y = on_device(targets, d);
+          Tensor lse = Tensor::zeros({z.dim(0)}, F, d), picked = Tensor::zeros({z.dim(0)}, F, d);
+          cross_entropy_stats(z, y, first, lse, picked);
+          return py::make_tuple(back(lse), back(picked));
+        },
+        py::arg("logits"), py::arg("targets"), py::arg("first"), py::arg("device") = "cpu");
+    k.def(
+        "cross_entropy_backward_on",
+        [=](const FloatArray& logits, const IntArray& targets, int64_t first, const FloatArray& lse, float z_loss,
+            float grad_scale, const std::string& device) {
+          const Device d = parse_device(device).first;
+          Tensor z = on_device(logits, d);
+          cross_entropy_backward(z, on_device(targets, d), first, on_device(lse, d), z_loss, grad_scale);
+          return back(z);
+        },
+        py::arg("logits"), py::arg("targets"), py::arg("first"), py::arg("lse"), py::arg("z_loss"),
+        py::arg("grad_scale"), py::arg("device") = "cpu");
+    k.def(
+        "lse_combine_on",
+        [=](const FloatArray& lse, const FloatArray& top, bool to_back, const std::string& device) {
+          const Device d = parse_device(device).first;
+          Tensor l = on_device(lse, d);
+          lse_combine(l, on_device(top, d), to_back);
+          return back(l);
+        },
+        py::arg("lse"), py::arg("top"), py::arg("back"), py::arg("device") = "cpu");
+    k.def(
+        "cross_entropy_sums_on",
+        [=](const FloatArray& lse, const FloatArray& picked, const IntArray& targets, double z_loss, const F64Array& sums,
+            const std::string& device) {
+          const Device d = parse_device(device).first;
+          Tensor s = f64_on(sums, d);
+          cross_entropy_sums(on_device(lse, d), on_device(picked, d), on_device(targets, d), z_loss, s);
+          return back(s);
+        },
+        py::arg("lse"), py::arg("picked"), py::arg("targets"), py::arg("z_loss"), py::arg("sums"),
+        py::arg("device") = "cpu");
+    k.def(
+        "sum_squares_on",
+        [=](const FloatArray& x, const F64Array& sums, int64_t index, const std::string& device) {
+          const Device d = parse_device(device).first;
+          Tensor s = f64_on(sums, d);
+          sum_squares(on_device(x, d), s, index);
+          return back(s);
+        },
+        py::arg("x"), py::arg("sums"), py::arg("index"), py::arg("device") = "cpu");
+    // Adafactor settings as keywords (the defaults of palmcore/ops.h)
+    auto adafactor_settings = [](double beta1, double decay, double clip, double eps, double min_scale) {
+      return AdafactorSettings{beta1, decay, clip, eps, min_scale};
+    };
+    k.def(
+        "adafactor_second_moment_on",
+        [=](const FloatArray& x, const FloatArray& g, const FloatArray& v, int64_t step, double grad_scale,
+            const F64Array& sums, int64_t index, const std::string& device, double beta1, double decay, double clip,
+            double eps, double min_scale) {
+          const Device d = parse_device(device).first;
+          Tensor vv = on_device(v, d), s = f64_on(sums, d);
+          adafactor_second_moment(on_device(x, d), on_device(g, d), vv, step, grad_scale,
+                                  adafactor_settings(beta1, decay, clip, eps, min_scale), s, index);
+          return py::make_tuple(back(vv), back(s));
+        },
+        py::arg("x"), py::arg("g"), py::arg("v"), py::arg("step"), py::arg("grad_scale"), py::arg("sums"),
+        py::arg("index"), py::arg("device") = "cpu", py::arg("beta1") = 0.9, py::arg("decay") = 0.8,
+        py::arg("clip") = 1.0, py::arg("eps") = 1e-30, py::arg("min_scale") = 1e-3);
+    k.def(
+        "adafactor_apply_on",
+        [=](const FloatArray& x, const FloatArray& g, const FloatArray& m, const FloatArray& v, double lr,
+            double grad_scale, double rms_u, double rms_x, const std::string& device, double beta1, double decay,
+            double clip, double eps, double min_scale) {
+          const Device d = parse_device(device).first;
+          Tensor xx = on_device(x, d), mm = on_device(m, d);
+          adafactor_apply(xx, on_device(g, d), mm, on_device(v, d), lr, grad_scale, rms_u, rms_x,
+                          adafactor_settings(beta1, decay, clip, eps, min_scale));
+          return py::make_tuple(back(xx), back(mm));
+        },
+        py::arg("x"), py::arg("g"), py::arg("m"), py::arg("v"), py::arg("lr"), py::arg("grad_scale"),
+        py::arg("rms_u"), py::arg("rms_x"), py::arg("device") = "cpu", py::arg("beta1") = 0.9,
+        py::arg("decay") = 0.8, py::arg("clip") = 1.0, py::arg("eps") = 1e-30, py::arg("min_scale") = 1e-3);
+    k.def(
+        "adamw_update_on",
+        [=](const FloatArray& x, const FloatArray& g, const FloatArray& m, const FloatArray& v, int64_t step, double lr,
+            double grad_scale, const std::string& device, double beta1, double beta2, double eps, double weight_decay) {
+          const Device d = parse_device(device).first;
+          Tensor xx = on_device(x, d), mm = on_device(m, d), vv = on_device(v, d);
+          adamw_update(xx, on_device(g, d), mm, vv, step, lr, grad_scale,
+                       AdamWSettings{beta1, beta2, eps, weight_decay});
+          return py::make_tuple(back(xx), back(mm), back(vv));
+        },
+        py::arg("x"), py::arg("g"), py::arg("m"), py::arg("v"), py::arg("step"), py::arg("lr"),
+        py::arg("grad_scale"), py::arg("device") = "cpu", py::arg("beta1") = 0.9, py::arg("beta2") = 0.95,
+        py::arg("eps") = 1e-8, py::arg("weight_decay") = 0.0);
+  }
+  // ---- end of the loss and optimizer ops on any device
 }
 
 // Threads of the CPU kernels, and the machine measurements behind the roofline numbers.

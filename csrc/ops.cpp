@@ -267,7 +267,7 @@ void cross_entropy_stats(const Tensor& logits, const Tensor& targets, int64_t fi
   expect("cross_entropy_stats", {"targets", targets}, DType::I32, {logits.dim(0)});
   expect("cross_entropy_stats", {"lse", lse}, DType::F32, {logits.dim(0)});
   expect("cross_entropy_stats", {"picked", picked}, DType::F32, {logits.dim(0)});
-  PALMCORE_DISPATCH_CPU_ONLY(cross_entropy_stats, logits.device(), logits, targets, first, lse, picked);
+  PALMCORE_DISPATCH(cross_entropy_stats, logits.device(), logits, targets, first, lse, picked);
 }
 
 void cross_entropy_backward(Tensor& logits, const Tensor& targets, int64_t first, const Tensor& lse,
@@ -276,12 +276,12 @@ void cross_entropy_backward(Tensor& logits, const Tensor& targets, int64_t first
   expect("cross_entropy_backward", {"logits", logits}, DType::F32, {-1, -1});
   expect("cross_entropy_backward", {"targets", targets}, DType::I32, {logits.dim(0)});
   expect("cross_entropy_backward", {"lse", lse}, DType::F32, {logits.dim(0)});
-  PALMCORE_DISPATCH_CPU_ONLY(cross_entropy_backward, logits.device(), logits, targets, first, lse, z_loss, grad_scale);
+  PALMCORE_DISPATCH(cross_entropy_backward, logits.device(), logits, targets, first, lse, z_loss, grad_scale);
 }
 
 void lse_combine(Tensor& lse, const Tensor& top, bool back) {
   alike("lse_combine", {{"lse", lse}, {"top", top}});
-  PALMCORE_DISPATCH_CPU_ONLY(lse_combine, lse.device(), lse, top, back);
+  PALMCORE_DISPATCH(lse_combine, lse.device(), lse, top, back);
 }
 
 void cross_entropy_sums(const Tensor& lse, const Tensor& picked, const Tensor& targets, double z_loss,
@@ -290,14 +290,14 @@ void cross_entropy_sums(const Tensor& lse, const Tensor& picked, const Tensor& t
   alike("cross_entropy_sums", {{"lse", lse}, {"picked", picked}});
   expect("cross_entropy_sums", {"targets", targets}, DType::I32, lse.shape());
   sums_slot("cross_entropy_sums", sums, 0, 2);
-  PALMCORE_DISPATCH_CPU_ONLY(cross_entropy_sums, sums.device(), lse, picked, targets, z_loss, sums);
+  PALMCORE_DISPATCH(cross_entropy_sums, sums.device(), lse, picked, targets, z_loss, sums);
 }
 
 void sum_squares(const Tensor& x, Tensor& sums, int64_t index) {
   one_device("sum_squares", {{"x", x}, {"sums", sums}});
   expect("sum_squares", {"x", x}, DType::F32, x.shape());
   sums_slot("sum_squares", sums, index, 1);
-  PALMCORE_DISPATCH_CPU_ONLY(sum_squares, x.device(), x, sums, index);
+  PALMCORE_DISPATCH(sum_squares, x.device(), x, sums, index);
 }
 
 void adafactor_second_moment(const Tensor& x, const Tensor& g, Tensor& v, int64_t step, double grad_scale,
@@ -305,19 +305,19 @@ void adafactor_second_moment(const Tensor& x, const Tensor& g, Tensor& v, int64_
   alike("adafactor_second_moment", {{"x", x}, {"g", g}, {"v", v}});
   one_device("adafactor_second_moment", {{"x", x}, {"sums", sums}});
   sums_slot("adafactor_second_moment", sums, index, 2);
-  PALMCORE_DISPATCH_CPU_ONLY(adafactor_second_moment, x.device(), x, g, v, step, grad_scale, settings, sums, index);
+  PALMCORE_DISPATCH(adafactor_second_moment, x.device(), x, g, v, step, grad_scale, settings, sums, index);
 }
 
 void adafactor_apply(Tensor& x, const Tensor& g, Tensor& m, const Tensor& v, double lr, double grad_scale,
                      double rms_u, double rms_x, const AdafactorSettings& settings) {
   alike("adafactor_apply", {{"x", x}, {"g", g}, {"m", m}, {"v", v}});
-  PALMCORE_DISPATCH_CPU_ONLY(adafactor_apply, x.device(), x, g, m, v, lr, grad_scale, rms_u, rms_x, settings);
+  PALMCORE_DISPATCH(adafactor_apply, x.device(), x, g, m, v, lr, grad_scale, rms_u, rms_x, settings);
 }
 
 void adamw_update(Tensor& x, const Tensor& g, Tensor& m, Tensor& v, int64_t step, double lr,
                   double grad_scale, const AdamWSettings& settings) {
   alike("adamw_update", {{"x", x}, {"g", g}, {"m", m}, {"v", v}});
-  PALMCORE_DISPATCH_CPU_ONLY(adamw_update, x.device(), x, g, m, v, step, lr, grad_scale, settings);
+  PALMCORE_DISPATCH(adamw_update, x.device(), x, g, m, v, step, lr, grad_scale, settings);
 }
 
 }  // namespace palmcore

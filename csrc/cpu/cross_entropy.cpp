@@ -5,6 +5,7 @@
 
 #include "cpu/cpu_ops.h"
 #include "cpu/vector_math.h"
+#include "palmcore/math/training.h"
 
 namespace palmcore::cpu {
 
@@ -38,7 +39,7 @@ void cross_entropy_backward(Tensor& logits, const Tensor& targets, int64_t first
       std::fill(z, z + vocab, 0.0f);
       continue;
     }
-    const float coef = static_cast<float>(grad_scale * (1.0 + 2.0 * z_loss * lses[r]));
+    const float coef = cross_entropy_coef(lses[r], z_loss, grad_scale);
     for (int64_t c = 0; c < vocab; ++c) z[c] = coef * exp_approx(z[c] - lses[r]);
     const int64_t column = static_cast<int64_t>(y[r]) - first;
     if (column >= 0 && column < vocab) z[column] -= grad_scale;
@@ -59,9 +60,9 @@ void cross_entropy_sums(const Tensor& lse, const Tensor& picked, const Tensor& t
   double* out = sums.data<double>();
   for (int64_t r = 0; r < lse.numel(); ++r) {
     if (y[r] < 0) continue;
-    const double row_lse = l[r], ce = row_lse - z_y[r];
-    out[0] += ce;
-    out[1] += ce + z_loss * row_lse * row_lse;
+    const CrossEntropyTerms t = cross_entropy_terms(l[r], z_y[r], z_loss);
+    out[0] += t.ce;
+    out[1] += t.with_z;
   }
 }
 

@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "cpu/cpu_ops.h"
+#include "palmcore/math/training.h"
 
 namespace palmcore::cpu {
 namespace {
@@ -55,9 +56,7 @@ void adafactor_second_moment(const Tensor& x, const Tensor& g, Tensor& v, int64_
   const float beta2 = static_cast<float>(1.0 - std::pow(static_cast<double>(step), -s.decay));
   const float gscale = static_cast<float>(grad_scale), eps = static_cast<float>(s.eps);
   const auto [u2, x2] = chunked_sums(x.numel(), [&](int64_t i) {
-    const float gi = gs[i] * gscale;
-    vs[i] = beta2 * vs[i] + (1.0f - beta2) * (gi * gi + eps);
-    const float u = gi / std::sqrt(vs[i]);
+    const float u = adafactor_second_moment_element(gs[i], vs[i], beta2, gscale, eps);
     return std::pair<double, double>{double(u) * u, double(xs[i]) * xs[i]};
   });
   sums.data<double>()[index] = u2;
@@ -77,11 +76,8 @@ void adafactor_apply(Tensor& x, const Tensor& g, Tensor& m, const Tensor& v, dou
   const float step_size = static_cast<float>(lr * std::max(s.min_scale, rms_x));
   const float decay = static_cast<float>(lr * lr), beta1 = static_cast<float>(s.beta1);
 #pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < n; ++i) {
-    const float u = gs[i] * gscale / std::sqrt(vs[i]) / clip_div;
-    ms[i] = beta1 * ms[i] + (1.0f - beta1) * u;
-    xs[i] = xs[i] - step_size * ms[i] - decay * xs[i];
-  }
+  for (int64_t i = 0; i < n; ++i)
+    adafactor_apply_element(xs[i], gs[i], ms[i], vs[i], gscale, clip_div, step_size, decay, beta1);
 }
 
 void adamw_update(Tensor& x, const Tensor& g, Tensor& m, Tensor& v, int64_t step, double lr,
@@ -97,12 +93,8 @@ void adamw_update(Tensor& x, const Tensor& g, Tensor& m, Tensor& v, int64_t step
   const float rate = static_cast<float>(lr), decay = static_cast<float>(lr * s.weight_decay);
   const float gscale = static_cast<float>(grad_scale), eps = static_cast<float>(s.eps);
 #pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < n; ++i) {
-    const float gi = gs[i] * gscale;
-    ms[i] = b1 * ms[i] + (1.0f - b1) * gi;
-    vs[i] = b2 * vs[i] + (1.0f - b2) * gi * gi;
-    xs[i] = xs[i] - rate * (ms[i] * m_hat) / (std::sqrt(vs[i] * v_hat) + eps) - decay * xs[i];
-  }
+  for (int64_t i = 0; i < n; ++i)
+    adamw_element(xs[i], gs[i], ms[i], vs[i], b1, b2, m_hat, v_hat, rate, decay, gscale, eps);
 }
 
 }  // namespace palmcore::cpu

@@ -729,6 +729,87 @@ static void bind_kernels(py::module_& m) {
         py::arg("eps") = 1e-8, py::arg("weight_decay") = 0.0);
   }
   // ---- end of the loss and optimizer ops on any device
+  // ---- attention on any device (tests/test_backend_ops_attention.py) ----
+  // The three attention ops with the whole AttentionShape (a shard's first_head / group, the
+  // bf16 flag): the arrays go to `device`, the op runs there, the results come back as fresh
+  // float32 arrays. heads = this shard's query heads, kv_heads = all key/value heads.
+  auto attention_shape = [](int64_t batch, int64_t seq_rows, int64_t heads, int64_t kv_heads, int64_t width,
+                            int64_t first_head, int64_t group, bool bf16) {
+    if (batch <= 0 || heads <= 0 || kv_heads <= 0 || seq_rows % batch != 0 || width % heads != 0)
+      throw std::invalid_argument("attention: batch, heads and kv_heads must be positive and divide the arrays");
+    AttentionShape s{batch, seq_rows / batch, heads, kv_heads, width / heads};
+    s.first_head = first_head;
+    s.group = group;
+    s.bf16 = bf16;
+    return s;
+  };
+  k.def(
+      "attention_forward_on",
+      [=](const FloatArray& q, const FloatArray& kk, const FloatArray& v, int64_t batch, int64_t heads,
+          int64_t kv_heads, int64_t first_head, int64_t group, bool bf16, const std::string& device) {
+        const Device d = parse_device(device).first;
+        const AttentionShape s = attention_shape(batch, q.shape(0), heads, kv_heads, q.shape(1), first_head, group, bf16);
+        const Tensor Q = on_device(q, d), Kt = on_device(kk, d), V = on_device(v, d);
+        Tensor out = Tensor::zeros(Q.shape(), F, d), lse = Tensor::zeros({batch * heads * s.seq}, F, d);
+        AttentionWorkspace ws = AttentionWorkspace::create(s, d, false);
+        Tensor out_host, lse_host;
+        {
+          py::gil_scoped_release release;
+          attention_forward(Q, Kt, V, out, lse, s, ws);
+          out_host = out.to(Device::CPU);
+          lse_host = lse.to(Device::CPU);
+        }
+        return py::make_tuple(to_numpy(out_host), to_numpy(lse_host));
+      },
+      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("batch"), py::arg("heads"), py::arg("kv_heads"),
+      py::arg("first_head") = 0, py::arg("group") = 0, py::arg("bf16") = false, py::arg("device") = "cpu");
+  k.def(
+      "attention_backward_on",
+      [=](const FloatArray& q, const FloatArray& kk, const FloatArray& v, const FloatArray& out, const FloatArray& lse,
+          const FloatArray& dout, int64_t batch, int64_t heads, int64_t kv_heads, int64_t first_head, int64_t group,
+          bool bf16, const std::string& device) {
+        const Device d = parse_device(device).first;
+        const AttentionShape s = attention_shape(batch, q.shape(0), heads, kv_heads, q.shape(1), first_head, group, bf16);
+        const Tensor Q = on_device(q, d), Kt = on_device(kk, d), V = on_device(v, d), O = on_device(out, d),
+                     L = on_device(lse, d), dO = on_device(dout, d);
+        Tensor dq = Tensor::zeros(Q.shape(), F, d), dk = Tensor::zeros(Kt.shape(), F, d),
+               dv = Tensor::zeros(V.shape(), F, d);
+        AttentionWorkspace ws = AttentionWorkspace::create(s, d, true);
+        Tensor dq_host, dk_host, dv_host;
+        {
+          py::gil_scoped_release release;
+          attention_backward(Q, Kt, V, O, L, dO, dq, dk, dv, s, ws);
+          dq_host = dq.to(Device::CPU);
+          dk_host = dk.to(Device::CPU);
+          dv_host = dv.to(Device::CPU);
+        }
+        return py::make_tuple(to_numpy(dq_host), to_numpy(dk_host), to_numpy(dv_host));
+      },
+      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("dout"), py::arg("batch"),
+      py::arg("heads"), py::arg("kv_heads"), py::arg("first_head") = 0, py::arg("group") = 0, py::arg("bf16") = false,
+      py::arg("device") = "cpu");
+  k.def(
+      "attention_cached_on",
+      [=](const FloatArray& q, const IntArray& slots, const IntArray& positions, const FloatArray& k_cache,
+          const FloatArray& v_cache, int64_t n_slots, int64_t heads, int64_t kv_heads, bool bf16,
+          const std::string& device) {
+        const Device d = parse_device(device).first;
+        const AttentionShape s = attention_shape(n_slots, k_cache.shape(0), heads, kv_heads, q.shape(1), 0, 0, bf16);
+        const Tensor Q = on_device(q, d), S = on_device(slots, d), P = on_device(positions, d),
+                     Kc = on_device(k_cache, d), Vc = on_device(v_cache, d);
+        Tensor out = Tensor::zeros(Q.shape(), F, d);
+        AttentionWorkspace ws = AttentionWorkspace::create(s, d, false);
+        Tensor out_host;
+        {
+          py::gil_scoped_release release;
+          attention_cached(Q, S, P, Kc, Vc, out, s, ws);
+          out_host = out.to(Device::CPU);
+        }
+        return to_numpy(out_host);
+      },
+      py::arg("q"), py::arg("slots"), py::arg("positions"), py::arg("k_cache"), py::arg("v_cache"),
+      py::arg("n_slots"), py::arg("heads"), py::arg("kv_heads"), py::arg("bf16") = false, py::arg("device") = "cpu");
+  // ---- end of attention on any device ----
 }
 
 // Threads of the CPU kernels, and the machine measurements behind the roofline numbers.

@@ -208,7 +208,7 @@ void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, Tensor
   attention_inputs("attention_forward", q, k, v, shape);
   expect("attention_forward", {"out", out}, DType::F32, q.shape());
   expect("attention_forward", {"lse", lse}, DType::F32, {shape.batch * shape.heads * shape.seq});
-  PALMCORE_DISPATCH_CPU_ONLY(attention_forward, q.device(), q, k, v, out, lse, shape, ws);
+  PALMCORE_DISPATCH(attention_forward, q.device(), q, k, v, out, lse, shape, ws);
 }
 
 void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
@@ -220,7 +220,7 @@ void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const
   alike("attention_backward", {{"q", q}, {"out", out}, {"dout", dout}, {"dq", dq}});
   alike("attention_backward", {{"k", k}, {"dk", dk}, {"dv", dv}});
   expect("attention_backward", {"lse", lse}, DType::F32, {shape.batch * shape.heads * shape.seq});
-  PALMCORE_DISPATCH_CPU_ONLY(attention_backward, q.device(), q, k, v, out, lse, dout, dq, dk, dv, shape, ws);
+  PALMCORE_DISPATCH(attention_backward, q.device(), q, k, v, out, lse, dout, dq, dk, dv, shape, ws);
 }
 
 void attention_cached(const Tensor& q, const Tensor& slots, const Tensor& positions, const Tensor& k_cache,
@@ -233,7 +233,7 @@ void attention_cached(const Tensor& q, const Tensor& slots, const Tensor& positi
   expect("attention_cached", {"positions", positions}, DType::I32, {q.dim(0)});
   expect("attention_cached", {"k_cache", k_cache}, DType::F32, {shape.batch * shape.seq, shape.kv_heads * shape.head_dim});
   expect("attention_cached", {"v_cache", v_cache}, DType::F32, k_cache.shape());
-  PALMCORE_DISPATCH_CPU_ONLY(attention_cached, q.device(), q, slots, positions, k_cache, v_cache, out, shape, ws);
+  PALMCORE_DISPATCH(attention_cached, q.device(), q, slots, positions, k_cache, v_cache, out, shape, ws);
 }
 
 void kv_cache_write(const Tensor& k, const Tensor& v, const Tensor& slots, const Tensor& positions,

@@ -1,0 +1,198 @@
+"""The attention ops on every available backend (the `device` fixture: cpu, and cuda where a GPU
+is), through _core.kernels.attention_*_on (array -> device -> op -> array), against the CPU
+kernel and against palmcore.reference (float64). MQA, GQA and MHA; T = 1, 5 and 70 (70 crosses
+the CPU's 64-query blocks); head_dim 2, 8 and 12; float32 and the bf16 flag (p and ds' rounded
+inside); model shards (first_head / group); the cached attention over ragged rows.
+
+Error measure: helpers.scaled_err(a, b, floor) = max|a - b| / max(max|b|, floor), floors:
+  out      max|v| (out is a convex combination of the rows of v)
+  lse      max|s| over the visible scores (lse lies between max s and max s + log T)
+  dq/dk/dv the largest of the three gradients (dq = dk = 0 exactly for T = 1)
+Tolerances and why:
+  device vs CPU kernel, fp32: 1e-5 for everything (both float32 from the same inputs, sums in
+    other orders; the CPU kernel itself is within 4e-7 of float64 on these cases).
+  device vs CPU kernel, bf16: 1e-2 for out and gradients. p (and ds') are rounded to bf16 from
+    float32 values that differ in the last bits between backends, so an element may land on the
+    neighbouring bf16 value: one bf16 ulp is at most 2^-7 of the value, and since Σ_j p_j = 1
+    such flips move out by at most 2^-7 · max|v| = 7.8e-3 in all. lse is not rounded: 1e-5.
+    A flag ignored altogether would still pass 1e-2, so a bf16 result must also be much closer
+    to the CPU's bf16 result than to the CPU's fp32 result (Frobenius norms, ratio <= 1/4).
+  vs the reference, fp32: 1e-4 (test_kernels.py's LOOSE).
+  vs the reference, bf16: 2e-2. The reference also rounds out, dq, dk and dv (half a bf16 ulp,
+    2^-9 of each value) and rounds p from float64, so flips as above come on top (the CPU
+    kernel's worst case here: 8e-3, for dq).
+The CPU kernel compared with itself through the new binding is bit-identical; a CUDA run twice
+must be bit-identical too (no atomics, fixed reduction orders).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from palmcore import _core
+from palmcore import reference as ref
+
+from helpers import max_abs, scaled_err
+
+K = _core.kernels
+
+GROUPINGS = {"MQA": (2, 4, 1), "GQA": (1, 6, 2), "MHA": (2, 3, 3)}  # (B, H, Hkv)
+VS_CPU = {"fp32": (1e-5, 1e-5), "bf16": (1e-2, 1e-2)}  # (out, gradients); lse always 1e-5
+VS_REF = {"fp32": 1e-4, "bf16": 2e-2}
+LSE_TOL = 1e-5
+NEAR_FAR = 0.25
+
+
+def f32(rng, *shape):
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def inputs(B, T, H, Hkv, dh, seed):
+    rng = np.random.default_rng(seed)
+    return (f32(rng, B * T, H * dh), f32(rng, B * T, Hkv * dh), f32(rng, B * T, Hkv * dh), f32(rng, B * T, H * dh))
+
+
+def forward(device, q, k, v, B, H, Hkv, bf16, first_head=0, group=0):
+    return K.attention_forward_on(q, k, v, B, H, Hkv, first_head, group, bf16, device)
+
+
+def backward(device, q, k, v, out, lse, dout, B, H, Hkv, bf16, first_head=0, group=0):
+    return K.attention_backward_on(q, k, v, out, lse, dout, B, H, Hkv, first_head, group, bf16, device)
+
+
+def fro(a, b):
+    return float(np.linalg.norm(np.asarray(a, np.float64) - np.asarray(b, np.float64)))
+
+
+def reference(q, k, v, dout, B, T, H, Hkv, dh, bf16):
+    """out, lse, (dq, dk, dv) in float64 as [B·T, ·] / [B·H·T], and the scores' largest magnitude."""
+    as4 = lambda a, heads: a.astype(np.float64).reshape(B, T, heads, dh)  # noqa: E731
+    rnd = ref.round_bf16 if bf16 else (lambda x: x)
+    out, cache = ref.attention_forward(as4(q, H), as4(k, Hkv), as4(v, Hkv), rnd)
+    s = np.einsum("bikgd,btkd->bkgit", cache[0], as4(k, Hkv)) / np.sqrt(dh)
+    s = np.where(np.tril(np.ones((T, T), bool)), s, -np.inf)
+    lse = ref.logsumexp(s).reshape(-1)                       # [b, kv·g = head, i]
+    grads = ref.attention_backward(as4(dout, H), cache)
+    return out.reshape(B * T, -1), lse, [g.reshape(B * T, -1) for g in grads], max_abs(s[np.isfinite(s)])
+
+
+@pytest.mark.parametrize("grouping", GROUPINGS)
+@pytest.mark.parametrize("T", [1, 5, 70])
+@pytest.mark.parametrize("dh", [2, 8, 12])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_attention_matches_cpu_and_reference(device, grouping, T, dh, precision):
+    B, H, Hkv = GROUPINGS[grouping]
+    bf16 = precision == "bf16"
+    q, k, v, dout = inputs(B, T, H, Hkv, dh, seed=T * 1000 + dh * 10 + H)
+    out, lse = forward(device, q, k, v, B, H, Hkv, bf16)
+    cpu_out, cpu_lse = forward("cpu", q, k, v, B, H, Hkv, bf16)
+    # the backward pass of both backends from the same (CPU) out and lse: it is checked alone
+    dq, dk, dv = backward(device, q, k, v, cpu_out, cpu_lse, dout, B, H, Hkv, bf16)
+    cpu_grads = backward("cpu", q, k, v, cpu_out, cpu_lse, dout, B, H, Hkv, bf16)
+    want_out, want_lse, want_grads, s_max = reference(q, k, v, dout, B, T, H, Hkv, dh, bf16)
+    floor_v, floor_g = max_abs(v), max_abs(*want_grads)
+
+    out_tol, grad_tol = VS_CPU[precision]
+    assert scaled_err(out, cpu_out, floor=floor_v) <= out_tol
+    assert scaled_err(lse, cpu_lse, floor=s_max) <= LSE_TOL
+    for got, cpu in zip((dq, dk, dv), cpu_grads):
+        assert scaled_err(got, cpu, floor=floor_g) <= grad_tol
+
+    tol = VS_REF[precision]
+    assert scaled_err(out, want_out, floor=floor_v) <= tol
+    assert scaled_err(lse, want_lse, floor=s_max) <= VS_REF["fp32"]  # lse is never rounded
+    for got, want in zip((dq, dk, dv), want_grads):
+        assert scaled_err(got, want, floor=floor_g) <= tol
+
+    if bf16 and T > 1:  # the rounding happened, and at the CPU's points
+        fp32_out, _ = forward("cpu", q, k, v, B, H, Hkv, False)
+        fp32_grads = backward("cpu", q, k, v, cpu_out, cpu_lse, dout, B, H, Hkv, False)
+        assert fro(out, cpu_out) <= NEAR_FAR * fro(fp32_out, cpu_out)
+        for got, cpu, fp32 in zip((dq, dk, dv), cpu_grads, fp32_grads):
+            assert fro(got, cpu) <= NEAR_FAR * fro(fp32, cpu)
+
+
+@pytest.mark.parametrize("grouping", GROUPINGS)
+def test_cpu_binding_is_the_cpu_kernel(grouping):
+    """The new binding on "cpu" gives the very bits of the existing CPU-only binding."""
+    B, H, Hkv = GROUPINGS[grouping]
+    q, k, v, dout = inputs(B, 70, H, Hkv, 8, seed=1)
+    out, lse = forward("cpu", q, k, v, B, H, Hkv, False)
+    old_out, old_lse = K.attention_forward(q, k, v, B, H, Hkv)
+    np.testing.assert_array_equal(out, old_out)
+    np.testing.assert_array_equal(lse, old_lse)
+    for got, old in zip(backward("cpu", q, k, v, out, lse, dout, B, H, Hkv, False),
+                        K.attention_backward(q, k, v, out, lse, dout, B, H, Hkv)):
+        np.testing.assert_array_equal(got, old)
+
+
+# (H, Hkv, first_head, local heads): a shard straddling two kv heads, an MQA shard, one head
+SHARDS = [(6, 2, 2, 3), (4, 1, 1, 2), (6, 3, 5, 1)]
+
+
+@pytest.mark.parametrize("H,Hkv,first,Hs", SHARDS)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_shard_equals_its_heads_of_the_whole(device, H, Hkv, first, Hs, precision):
+    """A model shard (query heads [first, first + Hs), group = H / Hkv) gives exactly the whole
+    attention's values for its heads, and the key/value gradients of the whole attention
+    whose other heads get dout = 0 (they then add exact zeros)."""
+    B, T, dh, bf16 = 2, 70, 8, precision == "bf16"
+    q, k, v, dout = inputs(B, T, H, Hkv, dh, seed=H * 10 + first)
+    cols = slice(first * dh, (first + Hs) * dh)
+    masked = np.zeros_like(dout)
+    masked[:, cols] = dout[:, cols]
+    out, lse = forward(device, q, k, v, B, H, Hkv, bf16)
+    dq, dk, dv = backward(device, q, k, v, out, lse, masked, B, H, Hkv, bf16)
+    q_s, out_s, dout_s = (np.ascontiguousarray(a[:, cols]) for a in (q, out, dout))
+    lse_s = np.ascontiguousarray(lse.reshape(B, H, T)[:, first:first + Hs]).reshape(-1)
+    group = H // Hkv
+    got_out, got_lse = forward(device, q_s, k, v, B, Hs, Hkv, bf16, first, group)
+    np.testing.assert_array_equal(got_out, out_s)
+    np.testing.assert_array_equal(got_lse, lse_s)
+    got_dq, got_dk, got_dv = backward(device, q_s, k, v, out_s, lse_s, dout_s, B, Hs, Hkv, bf16, first, group)
+    np.testing.assert_array_equal(got_dq, dq[:, cols])
+    np.testing.assert_array_equal(got_dk, dk)
+    np.testing.assert_array_equal(got_dv, dv)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_reruns_are_bit_identical(device, precision):
+    """T = 300 crosses the CUDA kernel's 128-row chunks and the CPU's 64-row blocks."""
+    B, T, H, Hkv, dh, bf16 = 2, 300, 4, 2, 16, precision == "bf16"
+    q, k, v, dout = inputs(B, T, H, Hkv, dh, seed=7)
+    first = forward(device, q, k, v, B, H, Hkv, bf16)
+    again = forward(device, q, k, v, B, H, Hkv, bf16)
+    for a, b in zip(first, again):
+        np.testing.assert_array_equal(a, b)
+    grads = backward(device, q, k, v, *first, dout, B, H, Hkv, bf16)
+    grads_again = backward(device, q, k, v, *first, dout, B, H, Hkv, bf16)
+    for a, b in zip(grads, grads_again):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("slots,capacity,H,Hkv,dh", [(3, 70, 4, 1, 2), (2, 9, 6, 2, 8), (2, 70, 3, 3, 12)])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_attention_cached(device, slots, capacity, H, Hkv, dh, precision):
+    """Ragged rows (as test_kernels.py): a prefill run past 64 rows where the capacity allows,
+    decode rows of random slots, a run from mid-sequence. Cache entries past a row's position
+    are random too: reading them would show."""
+    bf16 = precision == "bf16"
+    rng = np.random.default_rng(capacity * H + slots + dh)
+    k_cache = f32(rng, slots * capacity, Hkv * dh)
+    v_cache = f32(rng, slots * capacity, Hkv * dh)
+    rows = [(0, p) for p in range(min(capacity, 67))]
+    rows += [(int(rng.integers(slots)), int(rng.integers(capacity))) for _ in range(7)]
+    rows += [(slots - 1, p) for p in range(capacity // 2, capacity)]
+    slot = np.array([r[0] for r in rows], dtype=np.int32)
+    pos = np.array([r[1] for r in rows], dtype=np.int32)
+    q = f32(rng, len(rows), H * dh)
+    out = K.attention_cached_on(q, slot, pos, k_cache, v_cache, slots, H, Hkv, bf16, device)
+    cpu = K.attention_cached_on(q, slot, pos, k_cache, v_cache, slots, H, Hkv, bf16, "cpu")
+    assert scaled_err(out, cpu, floor=max_abs(v_cache)) <= VS_CPU[precision][0]
+    if not bf16:  # the reference's cached attention has no bf16 rounding
+        as4 = lambda a: a.astype(np.float64).reshape(slots, capacity, Hkv, dh)  # noqa: E731
+        want = ref.attention_cached(q.astype(np.float64).reshape(-1, H, dh), slot, pos, as4(k_cache), as4(v_cache))
+        assert scaled_err(out, want.reshape(len(rows), -1), floor=max_abs(v_cache)) <= VS_REF["fp32"]
+    if device == "cpu" and not bf16:  # the new binding is the existing CPU one
+        np.testing.assert_array_equal(out, K.attention_cached(q, slot, pos, k_cache, v_cache, slots, H, Hkv))

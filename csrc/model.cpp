@@ -477,8 +477,10 @@ void Model::forward(const Tensor& tokens, Tensor& logits) {
   load_batch(tokens, nullptr);
   run_forward(act_, nullptr);
   const float scale = 1.0f / std::sqrt(static_cast<float>(config_.d_model));
-  if (!sharded()) {
-    matmul(act_.final_h, false, gemm_weights_.embed, true, logits, scale);
+  if (!sharded()) {  // into the caller's tensor, through a device one when it lives elsewhere
+    Tensor out = logits.device() == device_ ? logits : Tensor::zeros(logits.shape(), DType::F32, device_);
+    matmul(act_.final_h, false, gemm_weights_.embed, true, out, scale);
+    if (out.raw_data() != logits.raw_data()) copy(out, logits);
     return;
   }
   const int64_t rows = act_.batch * act_.seq, Vl = local_vocab(), M = shard_.size;

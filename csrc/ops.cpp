@@ -1,6 +1,4 @@
-// One dispatch per op: the device of the op's first tensor picks the backend's kernel.
-// PALMCORE_DISPATCH for the ops both backends have, PALMCORE_DISPATCH_CPU_ONLY for those whose
-// CUDA kernel is not written yet (they say so on a CUDA tensor rather than run anything).
+// One dispatch per op: the device of the op's tensors picks the backend's kernel.
 #include "palmcore/ops.h"
 
 #include <algorithm>
@@ -82,16 +80,6 @@ void attention_inputs(const char* op, const Tensor& q, const Tensor& k, const Te
       return cpu::op(__VA_ARGS__);                                       \
     case Device::CUDA:                                                   \
       PALMCORE_CUDA_KERNEL(op, __VA_ARGS__);                             \
-  }                                                                      \
-  throw std::logic_error(#op ": unknown device")
-
-#define PALMCORE_DISPATCH_CPU_ONLY(op, device, ...)                      \
-  switch (device) {                                                      \
-    case Device::CPU:                                                    \
-      apply_num_threads();                                               \
-      return cpu::op(__VA_ARGS__);                                       \
-    case Device::CUDA:                                                   \
-      throw std::runtime_error("no CUDA kernel yet for " #op);           \
   }                                                                      \
   throw std::logic_error(#op ": unknown device")
 

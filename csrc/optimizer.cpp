@@ -133,8 +133,9 @@ double Optimizer::step(double lr, double max_grad_norm, double grad_scale) {
 void Optimizer::gather_moment(int which, float* flat) const {
   const Tensor& moment = which == 1 ? m_ : v_;
   const int64_t n = model_.flat_params().numel();
-  if (data_comm_->size() == 1) {
-    std::memcpy(flat, moment.host_data<float>(), n * sizeof(float));
+  if (data_comm_->size() == 1) {  // from wherever the moments live
+    Tensor host = Tensor::borrow(flat, {n}, DType::F32);
+    copy(moment.view(0, {n}), host);
     return;
   }
   std::vector<float> all(data_comm_->size() * share_);
@@ -144,7 +145,8 @@ void Optimizer::gather_moment(int which, float* flat) const {
 
 void Optimizer::scatter_moment(int which, const float* flat) {
   Tensor& moment = which == 1 ? m_ : v_;
-  std::memcpy(moment.host_data<float>(), flat + begin_, (end_ - begin_) * sizeof(float));
+  Tensor dst = moment.view(0, {end_ - begin_});
+  copy(Tensor::borrow(const_cast<float*>(flat + begin_), {end_ - begin_}, DType::F32), dst);
 }
 
 }  // namespace palmcore

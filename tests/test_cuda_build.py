@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import palmcore
@@ -78,16 +79,13 @@ def test_device_argument_is_checked():
 
 
 @pytest.mark.skipif(not palmcore.cuda_available(), reason="no CUDA device")
-def test_a_model_on_cuda_is_plumbing_only_this_issue():
-    """With a GPU: the device is taken; a model either builds or stops at the first op without
-    a CUDA kernel, naming it (never a wrong answer)."""
+def test_a_model_on_cuda_runs():
+    """With a GPU: the model lives there and its forward gives finite logits
+    (tests/test_cuda_model.py compares it with the CPU)."""
     cfg = palmcore.PaLMConfig.preset("seed")
-    try:
-        model = palmcore.PaLM(cfg, seed=0, device="cuda")
-    except RuntimeError as e:
-        assert "no CUDA kernel yet for" in str(e) or "read on the host" in str(e), e
-        return
+    model = palmcore.PaLM(cfg, seed=0, device="cuda")
     assert model.device == "cuda:0"
+    assert np.isfinite(model.forward([[1, 2, 3]])).all()
 
 
 def test_palmcore_info_tells_the_truth():
@@ -137,14 +135,17 @@ def test_import_works_with_cuda_libraries_hidden(tmp_path):
         assert out.stdout.strip().endswith("CLEAN"), out.stdout
 
 
-def test_train_on_cuda_is_a_clear_error_until_its_kernels_exist(corpus, tmp_path, capsys):
-    """Without a GPU: the device cannot be used; with one: the ops not written yet say so."""
+def test_train_on_cuda(corpus, tmp_path, capsys):
+    """Without a GPU: a clear error naming why the device cannot be used; with one: it trains."""
     from palmcore.cli import main
 
+    args = ["train", "--corpus", corpus, "--vocab-size", "300", "--set", "d_model=32", "--set", "n_layers=1",
+            "--set", "n_heads=2", "--batch-size", "2", "--seq-len", "16", "--steps", "2", "--device", "cuda",
+            "--out", str(tmp_path)]
+    if palmcore.cuda_available():
+        assert main(args) == 0
+        return
     with pytest.raises(SystemExit) as exit_info:
-        main(["train", "--corpus", corpus, "--vocab-size", "300", "--set", "d_model=32", "--set", "n_layers=1",
-              "--set", "n_heads=2", "--batch-size", "2", "--seq-len", "16", "--steps", "1", "--device", "cuda",
-              "--out", str(tmp_path)])
+        main(args)
     assert exit_info.value.code == 2
-    assert re.search(r"palmcore train: error: (device 'cuda' cannot be used|no CUDA kernel yet for)",
-                     capsys.readouterr().err)
+    assert re.search(r"palmcore train: error: device 'cuda' cannot be used", capsys.readouterr().err)

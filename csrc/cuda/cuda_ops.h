@@ -1,8 +1,7 @@
 // The CUDA backend's kernels: the signatures of palmcore/op_signatures.inc (which give the
 // math), one op family per file as in cpu/. Every op is enqueued on the current device's
-// stream (cuda/context.h); only a copy to the host waits for it. The ops without a kernel yet
-// are declared here but not defined: ops.cpp dispatches them with PALMCORE_DISPATCH_CPU_ONLY,
-// which says "no CUDA kernel yet".
+// stream (cuda/context.h); only a copy to the host waits for it. Every op has a kernel: the
+// plain, obviously correct ones of issue 11, which the fast ones will sit beside.
 //
 // This header names no CUDA type, so host-compiled files (tensor.cpp, ops.cpp) include it.
 #pragma once

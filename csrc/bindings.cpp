@@ -1093,6 +1093,7 @@ static std::unique_ptr<LockedOptimizer> make_optimizer(LockedModel& model, const
 }
 
 static void bind_optimizer(py::module_& m) {
+  py::register_exception<NonFiniteStep>(m, "NonFiniteStep", PyExc_RuntimeError);
   py::class_<LockedOptimizer>(m, "Optimizer")
       .def(py::init(&make_optimizer), py::arg("model"), py::arg("kind"), py::arg("settings"),
            py::arg("data_comm") = nullptr,

@@ -124,6 +124,8 @@ Model::Model(const ModelConfig& config, uint64_t seed, Device device, ModelShard
   require(shard_.comm->size() == M && shard_.comm->rank() == shard_.rank,
           "the model axis communicator (" + shard_.comm->name() + ") does not match shard " +
               std::to_string(shard_.rank) + " of " + std::to_string(M));
+  require(M == 1 || device_ == Device::CPU,
+          "a model on CUDA cannot be sharded yet (its collectives need NCCL, not built): use a mesh on the CPU");
   for (const auto& [name, extent] : {std::pair<const char*, int64_t>{"n_heads", config_.n_heads},
                                      {"ffn_dim", config_.ffn_dim}, {"vocab_size", config_.vocab_size}})
     require(extent % M == 0, "the model axis (" + std::to_string(M) + ") must divide " + name + " (" +
@@ -234,6 +236,8 @@ void Model::set_precision(Precision precision) {
   gemm_params_ = precision == Precision::BF16 ? Tensor::zeros(params_.shape(), DType::F32, device_) : params_;
   gemm_weights_ = views_of(gemm_params_);
   precision_ = precision;
+  act_ = Activations{};  // sized again for this precision (bf16 keeps a rounded copy of dx)
+  infer_ = Activations{};
   params_changed();
 }
 
@@ -276,9 +280,8 @@ AttentionShape Model::attention_shape(int64_t batch, int64_t seq) const {
           shard_.rank * local_heads(), config_.n_heads / config_.n_kv_heads, bf16()};
 }
 
-// Size every activation and scratch buffer for batch shape [B, T], once per shape (and the
-// per-thread attention tiles once per thread count). Built aside and swapped in whole, so a
-// failed allocation leaves the model as it was.
+// Size every activation and scratch buffer for batch shape [B, T], once per shape. Built aside
+// and swapped in whole, so a failed allocation leaves the model as it was.
 void Model::prepare(int64_t batch, int64_t seq) {
   if (batch == act_.batch && seq == act_.seq) return;
   Activations a;
@@ -328,7 +331,7 @@ void Model::prepare(int64_t batch, int64_t seq) {
 
 // Inference buffers for `rows` rows against `cache`: one layer's activations, no backward
 // scratch, attention tiles as long as the cache. Rebuilt (aside, then swapped in) when the
-// row count, the cache's shape or the thread count changes.
+// row count or the cache's shape changes.
 void Model::prepare_inference(int64_t rows, const KVCache& cache) {
   const int64_t logit_rows = std::min(rows, cache.slots);
   Activations& cur = infer_;

@@ -180,6 +180,7 @@ void rope_apply(Tensor& x, const Tensor& positions, const Tensor& cos_table,
 
 AttentionWorkspace AttentionWorkspace::create(const AttentionShape& s, Device device, bool for_backward) {
   AttentionWorkspace ws;
+  if (device != Device::CPU) return ws;  // the CUDA kernels need no scratch
   const int64_t workers = device == Device::CPU ? get_num_threads() : 1;
   const int64_t tile_rows = std::max(kAttentionQueryBlock, s.heads / s.kv_heads);
   ws.tiles = Tensor::zeros({workers, 2, tile_rows, s.seq}, DType::F32, device);

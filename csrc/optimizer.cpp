@@ -16,6 +16,8 @@ Optimizer::Optimizer(Model& model, OptimizerKind kind, const AdafactorSettings& 
       kind_(kind), adafactor_(adafactor), adamw_(adamw) {
   const Tensor& params = model.flat_params();
   const int64_t n = params.numel(), ranks = data_comm_->size();
+  if (ranks > 1 && params.device() != Device::CPU)
+    throw std::invalid_argument("an optimizer over a data axis needs the model on the CPU for now (NCCL is not built)");
   share_ = (n + ranks - 1) / ranks;
   begin_ = std::min(n, data_comm_->rank() * share_);
   end_ = std::min(n, begin_ + share_);
@@ -92,7 +94,7 @@ double Optimizer::step(double lr, double max_grad_norm, double grad_scale) {
   }
   const double norm = grad_scale * std::sqrt(squares);
   if (!std::isfinite(norm))
-    throw std::runtime_error("the gradient norm is not finite (" + std::to_string(norm) +
+    throw NonFiniteStep("the gradient norm is not finite (" + std::to_string(norm) +
                              "); no update was made");
   const double scale = grad_scale * (max_grad_norm > 0 && norm > max_grad_norm ? max_grad_norm / norm : 1.0);
   ++steps_;
@@ -126,7 +128,7 @@ double Optimizer::step(double lr, double max_grad_norm, double grad_scale) {
   // caller rolls back to a checkpoint instead of saving infinite weights.
   sum_squares(params, sums_, 0);
   if (!std::isfinite(read_sums(1)[0]))
-    throw std::runtime_error("the update made a parameter non-finite (NaN or Inf): the learning rate is too large");
+    throw NonFiniteStep("the update made a parameter non-finite (NaN or Inf): the learning rate is too large");
   return norm;
 }
 

@@ -181,3 +181,14 @@ def test_a_bf16_training_run_follows_fp32(corpus, tmp_path):
     ck = checkpoint.load(str(tmp_path / "bf16" / "checkpoints"))
     assert all(w.dtype == np.float32 for w in ck.model.state_dict().values())
     assert main(common + ["--steps", "12", "--precision", "bf16", "--out", str(tmp_path / "bf16"), "--resume"]) == 0
+
+
+def test_switching_precision_after_a_step():
+    """set_precision resizes what the step keeps (bf16 keeps a rounded copy of dx): a model
+    switched after an fp32 step computes what a bf16 model does."""
+    fp32, bf16, _ = models(DEEP, seed=11)
+    tokens = random_tokens(DEEP, 2, 17, seed=6)
+    run(fp32, tokens)
+    fp32.core.set_precision("bf16")
+    (l1, o1, g1), (l2, o2, g2) = run(fp32, tokens), run(bf16, tokens)
+    assert np.array_equal(l1, l2) and o1 == o2 and all(np.array_equal(g1[n], g2[n]) for n in g1)

@@ -116,6 +116,18 @@ def test_an_overflowing_update_rolls_back_instead_of_saving_infinite_weights(cor
     palmcore.load(str(tmp_path))
 
 
+def test_other_runtime_errors_are_not_spikes(corpus, tmp_path, monkeypatch):
+    """Only a non-finite step rolls back; any other failure of the step (a device error, say)
+    ends the run with that error instead of five rollbacks and advice about the learning rate."""
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("cublasLtMatmul: an execution failure (simulated)")
+
+    monkeypatch.setattr(palmcore.Adafactor, "step", broken)
+    with pytest.raises(RuntimeError, match=r"simulated") as info:
+        run(settings(corpus, tmp_path), log=quiet)
+    assert not isinstance(info.value, TrainingDiverged)
+
+
 def test_the_cli_names_divergence_and_exits(corpus, tmp_path, capsys):
     from palmcore.cli import main
 

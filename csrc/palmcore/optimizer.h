@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <stdexcept>
 
 #include "palmcore/communicator.h"
 #include "palmcore/model.h"
@@ -17,6 +18,12 @@
 namespace palmcore {
 
 enum class OptimizerKind { Adafactor, AdamW };
+
+// A step that cannot count: a non-finite gradient norm (nothing was changed), or an update that
+// left a parameter non-finite (the caller rolls back to a checkpoint). Python: _core.NonFiniteStep.
+struct NonFiniteStep : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
 
 class Optimizer {
  public:
@@ -29,7 +36,8 @@ class Optimizer {
   // micro-batches, then scaled by min(1, max_grad_norm / ‖g‖) (no clipping when
   // max_grad_norm <= 0). Norms and Adafactor's RMS terms cover whole tensors, wherever their
   // pieces are (data shares, model slices).
-  // Returns ‖g‖ before clipping; throws, changing no parameter or moment, if it is not finite.
+  // Returns ‖g‖ before clipping. Throws NonFiniteStep, changing no parameter or moment, if it is
+  // not finite; and NonFiniteStep after the update if that left a parameter non-finite.
   double step(double lr, double max_grad_norm, double grad_scale = 1.0);
 
   OptimizerKind kind() const { return kind_; }

@@ -34,7 +34,8 @@ class _Optimizer:
         """One update from the model's accumulated gradients times ``grad_scale`` (``1/n`` after
         ``n`` micro-batches), clipped to global norm at most ``max_grad_norm`` (None: no
         clipping). Returns the norm before clipping. An update that leaves a parameter non-finite
-        raises RuntimeError after it (roll back to a checkpoint). A non-finite norm raises RuntimeError and
+        raises palmcore._core.NonFiniteStep (a RuntimeError) after it: roll back to a
+        checkpoint. A non-finite norm raises NonFiniteStep and
         changes nothing. On a mesh, the gradients are first summed over the data axis."""
         lr = checks.real("lr", lr, low=0.0)
         clip = 0.0 if max_grad_norm is None else checks.real("max_grad_norm", max_grad_norm, low=0.0, low_open=True)

@@ -201,7 +201,7 @@ class _Run:
                 if not spike:
                     try:
                         grad_norm = opt.step(lr, s.max_grad_norm, grad_scale=1.0 / s.accumulate)
-                    except RuntimeError as e:  # a non-finite gradient norm, or update
+                    except _core.NonFiniteStep as e:  # a non-finite gradient norm, or update
                         spike = str(e)
                 if _any_rank(self.mesh, bool(spike)):  # every rank rolls back together
                     spike = spike or "a spike on another rank"

@@ -57,6 +57,17 @@ __device__ float dot(const float* a, const float* b, int64_t n) {
 // s = scale · q·k, the product rounded to float before anything uses it (__fmul_rn is never
 // contracted into a following subtraction), as the CPU's GEMM stores its scores: every pass and
 // both backward kernels see the same bits for one score.
+// acc[d] += Σ_jj w[jj] · M[(c0 + jj) · ld + d] for this thread's columns d (d = tid, tid +
+// kThreads, ...), jj in order: a chunk of weighted rows (p · V forward, ds' · K backward).
+__device__ void accumulate_rows(float* acc, const float* w, const float* M, int64_t ld, int64_t c0, int64_t chunk,
+                                int64_t dh, int tid) {
+  for (int64_t d = tid; d < dh; d += kThreads) {
+    float a = acc[d];
+    for (int64_t jj = 0; jj < chunk; ++jj) a = fmaf(w[jj], M[(c0 + jj) * ld + d], a);
+    acc[d] = a;
+  }
+}
+
 __device__ float score(float scale, const float* q, const float* k, int64_t dh) { return __fmul_rn(scale, dot(q, k, dh)); }
 
 // The block's max of x (one value per thread), the CPU's comparison (m > x ? m : x), by a fixed
@@ -130,12 +141,7 @@ __device__ void attend_row(const float* q, const float* K, const float* V, int64
       p[tid] = pj;
     }
     __syncthreads();
-    const int64_t chunk = n - c0 < kThreads ? n - c0 : kThreads;
-    for (int64_t d = tid; d < dh; d += kThreads) {
-      float a = acc[d];
-      for (int64_t jj = 0; jj < chunk; ++jj) a = fmaf(p[jj], V[(c0 + jj) * ld + d], a);
-      acc[d] = a;
-    }
+    accumulate_rows(acc, p, V, ld, c0, n - c0 < kThreads ? n - c0 : kThreads, dh, tid);
     __syncthreads();
   }
   for (int64_t d = tid; d < dh; d += kThreads) out[d] = acc[d];
@@ -210,12 +216,7 @@ __global__ void backward_dq_kernel(const float* q, const float* k, const float* 
       ds[tid] = dsj;
     }
     __syncthreads();
-    const int64_t chunk = n - c0 < kThreads ? n - c0 : kThreads;
-    for (int64_t d = tid; d < dh; d += kThreads) {
-      float a = acc[d];
-      for (int64_t jj = 0; jj < chunk; ++jj) a = fmaf(ds[jj], K[(c0 + jj) * L.kv_stride + d], a);
-      acc[d] = a;
-    }
+    accumulate_rows(acc, ds, K, L.kv_stride, c0, n - c0 < kThreads ? n - c0 : kThreads, dh, tid);
     __syncthreads();
   }
   for (int64_t d = tid; d < dh; d += kThreads) dq[L.q_at(b, i, h) + d] = acc[d];

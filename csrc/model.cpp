@@ -29,21 +29,14 @@ int64_t logits_chunk_rows(int64_t vocab, int64_t rows) {
 }
 
 // Parameters one rank of `shards` holds (PALM_SPEC "Sharded layout"), counted from the config
-// in time independent of n_layers; throws std::invalid_argument if the count overflows 64 bits.
+// in time independent of n_layers. ModelConfig::validate() has bounded the whole count below
+// 2^48, so no product here overflows.
 int64_t local_param_count(const ModelConfig& c, int64_t shards) {
   const int64_t D = c.d_model, q = c.n_heads * c.head_dim / shards, kv = c.n_kv_heads * c.head_dim;
   const int64_t F = c.ffn_dim / shards;
-  // A layer's parameters are D times these widths: norm, wq, wo, wk, wv, w_gate, w_up, w_down.
-  const int64_t widths[] = {1, q, q, kv, kv, F, F, F};
-  int64_t width = 0, layer = 0, embed = 0, total = 0;
-  bool overflow = false;
-  for (int64_t w : widths) overflow = overflow || __builtin_add_overflow(width, w, &width);
-  overflow = overflow || __builtin_mul_overflow(D, width, &layer) ||
-             __builtin_mul_overflow(layer, c.n_layers, &total) ||
-             __builtin_mul_overflow(c.vocab_size / shards, D, &embed) || __builtin_add_overflow(total, embed, &total) ||
-             __builtin_add_overflow(total, D, &total);  // the final norm
-  require(!overflow, "the model's parameter count overflows 64 bits");
-  return total;
+  // A layer: norm (D), wq and wo (D·q each), wk and wv (D·kv each), w_gate, w_up, w_down (D·F each).
+  const int64_t layer = D * (1 + 2 * q + 2 * kv + 3 * F);
+  return c.n_layers * layer + c.vocab_size / shards * D + D;  // + the embedding, the final norm
 }
 
 }  // namespace
@@ -132,9 +125,7 @@ Model::Model(const ModelConfig& config, uint64_t seed, Device device, ModelShard
                                  std::to_string(extent) + ")");
   // Refused before building anything as large as n_layers (info_ below, then the buffers).
   const int64_t local_params = local_param_count(config_, M);
-  uint64_t param_bytes = 0;  // parameters and gradients, float32
-  require(!__builtin_mul_overflow(static_cast<uint64_t>(local_params), 2 * sizeof(float), &param_bytes),
-          "the model's parameter bytes overflow 64 bits");
+  const uint64_t param_bytes = static_cast<uint64_t>(local_params) * 2 * sizeof(float);  // params, grads
   require_memory("the model", param_bytes,
                  "its parameters and gradients (" + std::to_string(local_params) + " parameters" +
                      (M > 1 ? " on this rank of " + std::to_string(M) : "") + ", float32)");

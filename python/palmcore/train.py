@@ -37,7 +37,7 @@ from palmcore.distributed import Mesh, launched_by_mpi
 from palmcore.model import PaLM
 from palmcore.optim import Adafactor, AdamW
 from palmcore.plan import MeshShape
-from palmcore.plot import write_loss_png
+from palmcore.plot import read_metrics, write_loss_png
 from palmcore.runlock import RunLock
 from palmcore.tokenizer import Tokenizer
 
@@ -361,14 +361,8 @@ class _Metrics:
 
     def __init__(self, path: str | None):
         self.path = path
-        self.highest = 0
-        if path and os.path.exists(path):
-            with open(path) as f:
-                for line in f:
-                    try:
-                        self.highest = max(self.highest, int(json.loads(line).get("step", 0)))
-                    except (ValueError, TypeError, AttributeError):
-                        pass  # a line cut short by a crash
+        steps = [row["step"] for row in read_metrics(path) if isinstance(row.get("step"), int)] if path else []
+        self.highest = max(steps, default=0)
         if path:
             self._repair_cut_line()
 

@@ -2,6 +2,8 @@
 #include "palmcore/ops.h"
 
 #include <algorithm>
+#include <atomic>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
@@ -178,9 +180,28 @@ void rope_apply(Tensor& x, const Tensor& positions, const Tensor& cos_table,
   PALMCORE_DISPATCH(rope_apply, x.device(), x, positions, cos_table, sin_table, heads, inverse);
 }
 
+namespace {
+KernelChoice initial_kernel_choice() {
+  const char* env = std::getenv("PALMCORE_KERNELS");
+  if (!env || std::string(env).empty() || std::string(env) == "fast") return KernelChoice::Fast;
+  if (std::string(env) == "plain") return KernelChoice::Plain;
+  throw std::invalid_argument(std::string("PALMCORE_KERNELS must be 'fast' or 'plain', got '") + env + "'");
+}
+std::atomic<KernelChoice>& kernel_choice_setting() {
+  static std::atomic<KernelChoice> choice{initial_kernel_choice()};
+  return choice;
+}
+}  // namespace
+
+void set_kernel_choice(KernelChoice choice) { kernel_choice_setting() = choice; }
+KernelChoice kernel_choice() { return kernel_choice_setting(); }
+
 AttentionWorkspace AttentionWorkspace::create(const AttentionShape& s, Device device, bool for_backward) {
   AttentionWorkspace ws;
-  if (device != Device::CPU) return ws;  // the CUDA kernels need no scratch
+  if (device != Device::CPU) {  // the plain CUDA kernels need no scratch; flash's backward a row each
+    if (for_backward) ws.row_dot = Tensor::zeros({s.batch * s.heads * s.seq}, DType::F32, device);
+    return ws;
+  }
   const int64_t workers = device == Device::CPU ? get_num_threads() : 1;
   const int64_t tile_rows = std::max(kAttentionQueryBlock, s.heads / s.kv_heads);
   ws.tiles = Tensor::zeros({workers, 2, tile_rows, s.seq}, DType::F32, device);

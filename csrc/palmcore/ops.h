@@ -29,8 +29,17 @@ struct AttentionWorkspace {
   Tensor tiles;
   // [B·H, T, dh]: key/value gradients per query head (only when made for the backward pass)
   Tensor dkeys_part, dvalues_part;
+  // [B·H·T] float32: CUDA's flash backward keeps D_i = dout_i · out_i here (backward, CUDA only)
+  Tensor row_dot;
   static AttentionWorkspace create(const AttentionShape& shape, Device device, bool for_backward);
 };
+
+// Which kernel runs where a backend has a fast one and a plain, obviously correct one beside it
+// (CUDA attention): Fast by default, Plain to tell a wrong algorithm from a wrong optimisation.
+// Process-wide; the environment variable PALMCORE_KERNELS=plain sets it at start-up.
+enum class KernelChoice { Fast, Plain };
+void set_kernel_choice(KernelChoice choice);
+KernelChoice kernel_choice();
 
 // Optimizer settings (the update rules are in op_signatures.inc).
 struct AdafactorSettings {

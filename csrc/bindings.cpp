@@ -11,6 +11,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 
 #include "cuda/shared_math_check.h"
@@ -632,6 +633,18 @@ static void bind_kernels(py::module_& m) {
     };
     auto back = [](const Tensor& t) { return to_numpy(t.to(Device::CPU)); };
     using F64Array = py::array_t<double, py::array::c_style>;
+    // The optimizers' rounded copy of x (`rounded`: "float32" or "bfloat16"; "" for none), NaN-filled
+    // so that a missed element shows.
+    auto rounded_copy = [](const std::string& rounded, const Tensor& x) -> std::optional<Tensor> {
+      if (rounded.empty()) return std::nullopt;
+      if (rounded != "float32" && rounded != "bfloat16")
+        throw std::invalid_argument("rounded must be '', 'float32' or 'bfloat16'");
+      Tensor nan = Tensor::zeros(x.shape(), DType::F32);
+      std::fill(nan.host_data<float>(), nan.host_data<float>() + nan.numel(), std::nanf(""));
+      Tensor copy = Tensor::zeros(x.shape(), rounded == "bfloat16" ? DType::BF16 : DType::F32, x.device());
+      palmcore::copy(nan, copy);  // (a NaN stays a NaN in bf16)
+      return copy;
+    };
     k.def(
         "cross_entropy_stats_on",
         [=](const FloatArray& logits, const IntArray& targets, int64_t first, const std::string& device) {
@@ -704,29 +717,35 @@ static void bind_kernels(py::module_& m) {
         "adafactor_apply_on",
         [=](const FloatArray& x, const FloatArray& g, const FloatArray& m, const FloatArray& v, double lr,
             double grad_scale, double rms_u, double rms_x, const std::string& device, double beta1, double decay,
-            double clip, double eps, double min_scale) {
+            double clip, double eps, double min_scale, const std::string& rounded) {
           const Device d = parse_device(device).first;
           Tensor xx = on_device(x, d), mm = on_device(m, d);
+          std::optional<Tensor> copy = rounded_copy(rounded, xx);
           adafactor_apply(xx, on_device(g, d), mm, on_device(v, d), lr, grad_scale, rms_u, rms_x,
-                          adafactor_settings(beta1, decay, clip, eps, min_scale));
-          return py::make_tuple(back(xx), back(mm));
+                          adafactor_settings(beta1, decay, clip, eps, min_scale), copy ? &*copy : nullptr);
+          py::tuple out = py::make_tuple(back(xx), back(mm));
+          return copy ? py::tuple(out + py::make_tuple(back(*copy))) : out;
         },
         py::arg("x"), py::arg("g"), py::arg("m"), py::arg("v"), py::arg("lr"), py::arg("grad_scale"),
         py::arg("rms_u"), py::arg("rms_x"), py::arg("device") = "cpu", py::arg("beta1") = 0.9,
-        py::arg("decay") = 0.8, py::arg("clip") = 1.0, py::arg("eps") = 1e-30, py::arg("min_scale") = 1e-3);
+        py::arg("decay") = 0.8, py::arg("clip") = 1.0, py::arg("eps") = 1e-30, py::arg("min_scale") = 1e-3,
+        py::arg("rounded") = "");
     k.def(
         "adamw_update_on",
         [=](const FloatArray& x, const FloatArray& g, const FloatArray& m, const FloatArray& v, int64_t step, double lr,
-            double grad_scale, const std::string& device, double beta1, double beta2, double eps, double weight_decay) {
+            double grad_scale, const std::string& device, double beta1, double beta2, double eps, double weight_decay,
+            const std::string& rounded) {
           const Device d = parse_device(device).first;
           Tensor xx = on_device(x, d), mm = on_device(m, d), vv = on_device(v, d);
+          std::optional<Tensor> copy = rounded_copy(rounded, xx);
           adamw_update(xx, on_device(g, d), mm, vv, step, lr, grad_scale,
-                       AdamWSettings{beta1, beta2, eps, weight_decay});
-          return py::make_tuple(back(xx), back(mm), back(vv));
+                       AdamWSettings{beta1, beta2, eps, weight_decay}, copy ? &*copy : nullptr);
+          py::tuple out = py::make_tuple(back(xx), back(mm), back(vv));
+          return copy ? py::tuple(out + py::make_tuple(back(*copy))) : out;
         },
         py::arg("x"), py::arg("g"), py::arg("m"), py::arg("v"), py::arg("step"), py::arg("lr"),
         py::arg("grad_scale"), py::arg("device") = "cpu", py::arg("beta1") = 0.9, py::arg("beta2") = 0.95,
-        py::arg("eps") = 1e-8, py::arg("weight_decay") = 0.0);
+        py::arg("eps") = 1e-8, py::arg("weight_decay") = 0.0, py::arg("rounded") = "");
   }
   // ---- end of the loss and optimizer ops on any device
   // ---- attention on any device (tests/test_backend_ops_attention.py) ----
@@ -743,51 +762,69 @@ static void bind_kernels(py::module_& m) {
     s.bf16 = bf16;
     return s;
   };
+  // storage "bfloat16": q, k, v, out (and dout, dq, dk, dv) are bfloat16 tensors on the device
+  // (the arrays given are converted, rounding; results come back widened to float32 arrays).
+  auto storage_dtype = [](const std::string& storage) {
+    if (storage != "float32" && storage != "bfloat16")
+      throw std::invalid_argument("storage must be 'float32' or 'bfloat16', got '" + storage + "'");
+    return storage == "bfloat16" ? DType::BF16 : DType::F32;
+  };
+  auto stored = [](const Tensor& t, DType dtype) {
+    if (dtype == t.dtype()) return t;
+    Tensor out = Tensor::zeros(t.shape(), dtype, t.device());
+    copy(t, out);
+    return out;
+  };
+  auto to_host_f32 = [=](const Tensor& t) { return stored(t, F).to(Device::CPU); };
   k.def(
       "attention_forward_on",
       [=](const FloatArray& q, const FloatArray& kk, const FloatArray& v, int64_t batch, int64_t heads,
-          int64_t kv_heads, int64_t first_head, int64_t group, bool bf16, const std::string& device) {
+          int64_t kv_heads, int64_t first_head, int64_t group, bool bf16, const std::string& device,
+          const std::string& storage) {
         const Device d = parse_device(device).first;
+        const DType st = storage_dtype(storage);
         const AttentionShape s = attention_shape(batch, q.shape(0), heads, kv_heads, q.shape(1), first_head, group, bf16);
-        const Tensor Q = on_device(q, d), Kt = on_device(kk, d), V = on_device(v, d);
-        Tensor out = Tensor::zeros(Q.shape(), F, d), lse = Tensor::zeros({batch * heads * s.seq}, F, d);
+        const Tensor Q = stored(on_device(q, d), st), Kt = stored(on_device(kk, d), st), V = stored(on_device(v, d), st);
+        Tensor out = Tensor::zeros(Q.shape(), st, d), lse = Tensor::zeros({batch * heads * s.seq}, F, d);
         AttentionWorkspace ws = AttentionWorkspace::create(s, d, false);
         Tensor out_host, lse_host;
         {
           py::gil_scoped_release release;
           attention_forward(Q, Kt, V, out, lse, s, ws);
-          out_host = out.to(Device::CPU);
+          out_host = to_host_f32(out);
           lse_host = lse.to(Device::CPU);
         }
         return py::make_tuple(to_numpy(out_host), to_numpy(lse_host));
       },
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("batch"), py::arg("heads"), py::arg("kv_heads"),
-      py::arg("first_head") = 0, py::arg("group") = 0, py::arg("bf16") = false, py::arg("device") = "cpu");
+      py::arg("first_head") = 0, py::arg("group") = 0, py::arg("bf16") = false, py::arg("device") = "cpu",
+      py::arg("storage") = "float32");
   k.def(
       "attention_backward_on",
       [=](const FloatArray& q, const FloatArray& kk, const FloatArray& v, const FloatArray& out, const FloatArray& lse,
           const FloatArray& dout, int64_t batch, int64_t heads, int64_t kv_heads, int64_t first_head, int64_t group,
-          bool bf16, const std::string& device) {
+          bool bf16, const std::string& device, const std::string& storage) {
         const Device d = parse_device(device).first;
+        const DType st = storage_dtype(storage);
         const AttentionShape s = attention_shape(batch, q.shape(0), heads, kv_heads, q.shape(1), first_head, group, bf16);
-        const Tensor Q = on_device(q, d), Kt = on_device(kk, d), V = on_device(v, d), O = on_device(out, d),
-                     L = on_device(lse, d), dO = on_device(dout, d);
-        Tensor dq = Tensor::zeros(Q.shape(), F, d), dk = Tensor::zeros(Kt.shape(), F, d),
-               dv = Tensor::zeros(V.shape(), F, d);
+        const Tensor Q = stored(on_device(q, d), st), Kt = stored(on_device(kk, d), st), V = stored(on_device(v, d), st),
+                     O = stored(on_device(out, d), st), L = on_device(lse, d), dO = stored(on_device(dout, d), st);
+        Tensor dq = Tensor::zeros(Q.shape(), st, d), dk = Tensor::zeros(Kt.shape(), st, d),
+               dv = Tensor::zeros(V.shape(), st, d);
         AttentionWorkspace ws = AttentionWorkspace::create(s, d, true);
         Tensor dq_host, dk_host, dv_host;
         {
           py::gil_scoped_release release;
           attention_backward(Q, Kt, V, O, L, dO, dq, dk, dv, s, ws);
-          dq_host = dq.to(Device::CPU);
-          dk_host = dk.to(Device::CPU);
-          dv_host = dv.to(Device::CPU);
+          dq_host = to_host_f32(dq);
+          dk_host = to_host_f32(dk);
+          dv_host = to_host_f32(dv);
         }
         return py::make_tuple(to_numpy(dq_host), to_numpy(dk_host), to_numpy(dv_host));
       },
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("dout"), py::arg("batch"),
       py::arg("heads"), py::arg("kv_heads"), py::arg("first_head") = 0, py::arg("group") = 0, py::arg("bf16") = false,
-      py::arg("device") = "cpu");
+      py::arg("device") = "cpu", py::arg("storage") = "float32");
   k.def(
       "attention_cached_on",
       [=](const FloatArray& q, const IntArray& slots, const IntArray& positions, const FloatArray& k_cache,
@@ -815,6 +852,16 @@ static void bind_kernels(py::module_& m) {
 // Threads of the CPU kernels, and the machine measurements behind the roofline numbers.
 static void bind_runtime_info(py::module_& m) {
   m.def("set_num_threads", &set_num_threads, py::arg("n"));
+  // "fast" or "plain": which CUDA kernels run where both exist (palmcore/ops.h KernelChoice)
+  m.def(
+      "set_kernels",
+      [](const std::string& choice) {
+        if (choice != "fast" && choice != "plain")
+          throw std::invalid_argument("kernels must be 'fast' or 'plain', got '" + choice + "'");
+        set_kernel_choice(choice == "plain" ? KernelChoice::Plain : KernelChoice::Fast);
+      },
+      py::arg("choice"));
+  m.def("kernel_choice", [] { return kernel_choice() == KernelChoice::Plain ? "plain" : "fast"; });
   m.def("get_num_threads", &get_num_threads);
   m.def("measure_sgemm_gflops", &measure_matmul_gflops, py::arg("m"), py::arg("n"), py::arg("k"),
         py::arg("repeats") = 5, py::call_guard<py::gil_scoped_release>());
@@ -943,16 +990,27 @@ static void bind_model(py::module_& m) {
                self.model.param_changed(name);
              });
            })
-      .def("set_precision",
-           [](LockedModel& self, const std::string& precision) {
-             if (precision != "fp32" && precision != "bf16")
-               throw std::invalid_argument("precision must be 'fp32' or 'bf16', got '" + precision + "'");
-             run_locked(self, [&] {
-               self.model.set_precision(precision == "bf16" ? Precision::BF16 : Precision::FP32);
-             });
-           })
+      // storage: "bfloat16" or "float32", the bf16 mode's storage (palmcore/model.h); None: the
+      // device's own (bfloat16 on CUDA, float32 on the CPU)
+      .def(
+          "set_precision",
+          [](LockedModel& self, const std::string& precision, const std::optional<std::string>& storage) {
+            if (precision != "fp32" && precision != "bf16")
+              throw std::invalid_argument("precision must be 'fp32' or 'bf16', got '" + precision + "'");
+            if (storage && *storage != "float32" && *storage != "bfloat16")
+              throw std::invalid_argument("storage must be 'float32' or 'bfloat16', got '" + *storage + "'");
+            const Precision p = precision == "bf16" ? Precision::BF16 : Precision::FP32;
+            run_locked(self, [&] {
+              if (storage)
+                self.model.set_precision(p, *storage == "bfloat16" ? DType::BF16 : DType::F32);
+              else
+                self.model.set_precision(p);
+            });
+          },
+          py::arg("precision"), py::arg("storage") = py::none())
       .def("precision",
            [](LockedModel& self) { return self.model.precision() == Precision::BF16 ? "bf16" : "fp32"; })
+      .def("activation_dtype", [](LockedModel& self) { return std::string(dtype_name(self.model.activation_dtype())); })
       .def("forward",
            [](LockedModel& self, const IntArray& tokens) {
              Tensor t = borrow_tokens(tokens, "tokens");
@@ -1042,7 +1100,7 @@ static void bind_cache_and_generator(py::module_& m) {
       .def_property_readonly("nbytes",
                              [](const LockedCache& self) {
                                int64_t bytes = 0;
-                               for (const Tensor& t : self.cache.keys) bytes += 2 * t.numel() * 4;  // keys and values
+                               for (const Tensor& t : self.cache.keys) bytes += 2 * t.nbytes();  // keys and values
                                return bytes;
                              })
       .def("feed", [](LockedCache& self, const IntArray& tokens, const IntArray& slots) {

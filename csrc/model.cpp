@@ -222,11 +222,15 @@ Tensor Model::grad(const std::string& name) const {
   return grads_.view(p.offset, p.shape);
 }
 
-void Model::set_precision(Precision precision) {
-  if (precision == precision_) return;
-  gemm_params_ = precision == Precision::BF16 ? Tensor::zeros(params_.shape(), DType::F32, device_) : params_;
+void Model::set_precision(Precision precision, DType storage) {
+  require(storage == DType::F32 || storage == DType::BF16, "the bf16 mode stores float32 or bfloat16");
+  require(storage == DType::F32 || !sharded(),
+          "bfloat16 storage on a sharded model is not supported (its collectives move float32)");
+  if (precision == precision_ && storage == storage_) return;
+  gemm_params_ = precision == Precision::BF16 ? Tensor::zeros(params_.shape(), storage, device_) : params_;
   gemm_weights_ = views_of(gemm_params_);
   precision_ = precision;
+  storage_ = storage;
   act_ = Activations{};  // sized again for this precision (bf16 keeps a rounded copy of dx)
   infer_ = Activations{};
   params_changed();
@@ -279,6 +283,8 @@ void Model::prepare(int64_t batch, int64_t seq) {
   const int64_t rows = batch * seq, D = config_.d_model, F = local_ffn();
   const int64_t qw = local_heads() * config_.head_dim, kvw = config_.n_kv_heads * config_.head_dim;
   auto f32 = [&](std::vector<int64_t> shape) { return Tensor::zeros(std::move(shape), DType::F32, device_); };
+  // the activations the bf16 mode rounds (run_forward's list)
+  auto rounded = [&](std::vector<int64_t> shape) { return Tensor::zeros(std::move(shape), activation_dtype(), device_); };
   a.batch = batch;
   a.seq = seq;
   a.tokens = Tensor::zeros({rows}, DType::I32, device_);
@@ -292,27 +298,28 @@ void Model::prepare(int64_t batch, int64_t seq) {
   a.loss_sums = Tensor::zeros({2}, DType::F64, device_);
   a.x = f32({rows, D});
   for (int64_t i = 0; i < config_.n_layers; ++i)
-    a.layers.push_back({f32({rows, D}), f32({rows}), f32({rows, D}), f32({rows, qw}),
-                        f32({rows, kvw}), f32({rows, kvw}), f32({rows, qw}),
-                        f32({batch * local_heads() * seq}), f32({rows, F}), f32({rows, F})});
+    a.layers.push_back({f32({rows, D}), f32({rows}), rounded({rows, D}), rounded({rows, qw}), rounded({rows, kvw}),
+                        rounded({rows, kvw}), rounded({rows, qw}), f32({batch * local_heads() * seq}),
+                        rounded({rows, F}), rounded({rows, F})});
   a.final_xhat = f32({rows, D});
   a.final_rstd = f32({rows});
-  a.final_h = f32({rows, D});
+  a.final_h = rounded({rows, D});
   if (sharded()) a.branches = f32({rows, D});
   a.dx = f32({rows, D});
-  if (bf16()) a.dx_bf16 = f32({rows, D});
+  if (bf16()) a.dx_bf16 = rounded({rows, D});
   a.dh = f32({rows, D});
   a.dfinal_h = f32({rows, D});
-  a.dattn = f32({rows, qw});
-  a.dq = f32({rows, qw});
-  a.dk = f32({rows, kvw});
-  a.dv = f32({rows, kvw});
-  a.swiglu = f32({rows, F});
-  a.dswiglu = f32({rows, F});
-  a.dgate = f32({rows, F});
-  a.dup = f32({rows, F});
+  a.dattn = rounded({rows, qw});
+  a.dq = rounded({rows, qw});
+  a.dk = rounded({rows, kvw});
+  a.dv = rounded({rows, kvw});
+  a.swiglu = rounded({rows, F});
+  a.dswiglu = rounded({rows, F});
+  a.dgate = rounded({rows, F});
+  a.dup = rounded({rows, F});
   const int64_t chunk = logits_chunk_rows(local_vocab(), rows);
   a.logits_chunk = f32({chunk, local_vocab()});
+  if (activation_dtype() == DType::BF16) a.dz_bf16 = rounded({chunk, local_vocab()});
   a.row_lse = f32({chunk});
   a.row_picked = f32({chunk});
   a.row_shift = f32({chunk});
@@ -333,6 +340,7 @@ void Model::prepare_inference(int64_t rows, const KVCache& cache) {
   const int64_t D = config_.d_model, F = config_.ffn_dim;
   const int64_t qw = config_.n_heads * config_.head_dim, kvw = config_.n_kv_heads * config_.head_dim;
   auto f32 = [&](std::vector<int64_t> shape) { return Tensor::zeros(std::move(shape), DType::F32, device_); };
+  auto rounded = [&](std::vector<int64_t> shape) { return Tensor::zeros(std::move(shape), activation_dtype(), device_); };
   a.batch = rows;
   a.seq = 1;
   a.cache_capacity = cache.capacity;
@@ -343,18 +351,18 @@ void Model::prepare_inference(int64_t rows, const KVCache& cache) {
   a.positions_host = host_twin(a.positions);
   a.slots_host = host_twin(a.slots);
   a.x = f32({rows, D});
-  a.layers.push_back({f32({rows, D}), f32({rows}), f32({rows, D}), f32({rows, qw}), f32({rows, kvw}),
-                      f32({rows, kvw}), f32({rows, qw}), f32({rows * config_.n_heads}), f32({rows, F}),
-                      f32({rows, F})});
-  a.swiglu = f32({rows, F});
+  a.layers.push_back({f32({rows, D}), f32({rows}), rounded({rows, D}), rounded({rows, qw}), rounded({rows, kvw}),
+                      rounded({rows, kvw}), rounded({rows, qw}), f32({rows * config_.n_heads}), rounded({rows, F}),
+                      rounded({rows, F})});
+  a.swiglu = rounded({rows, F});
   a.final_xhat = f32({rows, D});
   a.final_rstd = f32({rows});
-  a.final_h = f32({rows, D});
+  a.final_h = rounded({rows, D});
   a.attention = AttentionWorkspace::create(
       {cache.slots, cache.capacity, config_.n_heads, config_.n_kv_heads, config_.head_dim}, device_, false);
   a.logit_rows = Tensor::zeros({logit_rows}, DType::I32, device_);
   a.logit_rows_host = host_twin(a.logit_rows);
-  a.logit_h = f32({logit_rows, D});
+  a.logit_h = rounded({logit_rows, D});
   a.logits = f32({logit_rows, config_.vocab_size});
   infer_ = std::move(a);
 }
@@ -525,9 +533,14 @@ LossStats Model::forward_backward(const Tensor& tokens, const Tensor& targets, i
     }
     cross_entropy_sums(lse, picked, y_chunk, config_.z_loss, act_.loss_sums);
     cross_entropy_backward(z, y_chunk, vocab_first(), lse, static_cast<float>(config_.z_loss), grad_scale);
-    bf16_point(z);
-    matmul(z, false, gemm_weights_.embed, false, dh, logit_scale);                // dh = dz @ E / √D
-    matmul(z, true, h, false, weight_grads_.embed, logit_scale, 1.0f);            // dE += dzᵀ h / √D
+    Tensor dz = z;  // the GEMMs' dz = R(dz): rounded in place, or into bfloat16 storage
+    if (act_.dz_bf16.defined()) {
+      dz = act_.dz_bf16.rows(0, n);
+      copy(z, dz);
+    }
+    bf16_point(dz);
+    matmul(dz, false, gemm_weights_.embed, false, dh, logit_scale);                // dh = dz @ E / √D
+    matmul(dz, true, h, false, weight_grads_.embed, logit_scale, 1.0f);            // dE += dzᵀ h / √D
   }
   const Tensor sums = act_.loss_sums.to(Device::CPU);  // the one read-back of the loss
   stats.ce = sums.host_data<double>()[0] / stats.tokens;
@@ -603,7 +616,7 @@ KVCache Model::make_cache(int64_t slots, int64_t capacity) const {
                              config_.head_dim * 2 * config_.n_layers;
   require(floats < 0x1p40L, "a cache of " + std::to_string(slots) + " slots x " + std::to_string(capacity) +
                                 " positions is too large");
-  require_memory("the key/value cache", static_cast<uint64_t>(floats) * sizeof(float),
+  require_memory("the key/value cache", static_cast<uint64_t>(floats) * dtype_size(activation_dtype()),
                  "the keys and values of " + std::to_string(slots) + " slots x " + std::to_string(capacity) +
                      " positions");
   KVCache cache;
@@ -612,8 +625,8 @@ KVCache Model::make_cache(int64_t slots, int64_t capacity) const {
   cache.lengths.assign(slots, 0);
   const int64_t kvw = config_.n_kv_heads * config_.head_dim;
   for (int64_t i = 0; i < config_.n_layers; ++i) {
-    cache.keys.push_back(Tensor::zeros({slots * capacity, kvw}, DType::F32, device_));
-    cache.values.push_back(Tensor::zeros({slots * capacity, kvw}, DType::F32, device_));
+    cache.keys.push_back(Tensor::zeros({slots * capacity, kvw}, activation_dtype(), device_));
+    cache.values.push_back(Tensor::zeros({slots * capacity, kvw}, activation_dtype(), device_));
   }
   return cache;
 }
@@ -627,6 +640,9 @@ Tensor Model::forward_cached(KVCache& cache, const Tensor& tokens, const Tensor&
   require(static_cast<int64_t>(cache.keys.size()) == config_.n_layers && cache.capacity <= config_.max_seq_len &&
               cache.keys[0].dim(1) == config_.n_kv_heads * config_.head_dim,
           "the cache was made for a model of another shape");
+  require(cache.keys[0].dtype() == activation_dtype(),
+          "the cache was made for another precision (its keys are " + std::string(dtype_name(cache.keys[0].dtype())) +
+              ", this model's activations " + dtype_name(activation_dtype()) + "): make a new cache");
   const int64_t rows = tokens.dim(0);
   prepare_inference(rows, cache);
   Activations& a = infer_;

@@ -58,6 +58,38 @@ void alike(const char* op, std::initializer_list<Arg> args) {
   for (const Arg& a : args) expect(op, a, DType::F32, args.begin()->t.shape());
 }
 
+// `a` is float32 or bfloat16 (the bf16 mode's storage of an activation), shaped `shape`.
+void expect_float(const char* op, const Arg& a, std::vector<int64_t> shape) {
+  expect(op, a, a.t.dtype() == DType::BF16 ? DType::BF16 : DType::F32, std::move(shape));
+}
+
+// Every tensor of `args` of the first one's dtype (float32 or bfloat16) and shape.
+void alike_float(const char* op, std::initializer_list<Arg> args) {
+  one_device(op, args);
+  expect_float(op, *args.begin(), args.begin()->t.shape());
+  for (const Arg& a : args) expect(op, a, args.begin()->t.dtype(), args.begin()->t.shape());
+}
+
+// The CPU kernels compute in float32 storage. A CPU op given bf16 tensors runs on float32
+// twins: each bf16 tensor widened (exact), the op, then each output twin rounded back into its
+// bf16 tensor. A bf16 store is the rounding of the float32 result (PALM_SPEC "Precision"), so
+// this gives the bits of the CPU's float32-storage bf16 mode: the oracle of bf16 storage on a
+// GPU, whose kernels load and store bf16 themselves.
+bool cpu_twins_needed(std::initializer_list<const Tensor*> tensors) {
+  bool bf16 = false;
+  for (const Tensor* t : tensors) bf16 |= t->dtype() == DType::BF16;
+  return bf16 && (*tensors.begin())->device() == Device::CPU;
+}
+Tensor widened(const Tensor& t) {
+  if (t.dtype() != DType::BF16) return t;
+  Tensor wide = Tensor::zeros(t.shape(), DType::F32, t.device());
+  copy(t, wide);
+  return wide;
+}
+void store_into(const Tensor& wide, Tensor& t) {
+  if (wide.raw_data() != t.raw_data()) copy(wide, t);
+}
+
 void sums_slot(const char* op, const Tensor& sums, int64_t index, int64_t count) {
   if (sums.dtype() != DType::F64 || index < 0 || index + count > sums.numel())
     refuse(op, "sums must be float64 with room for " + std::to_string(count) + " at index " + std::to_string(index));
@@ -66,9 +98,9 @@ void sums_slot(const char* op, const Tensor& sums, int64_t index, int64_t count)
 // q [B·T, H·dh], k, v [B·T, Hkv·dh] for an attention shape.
 void attention_inputs(const char* op, const Tensor& q, const Tensor& k, const Tensor& v, const AttentionShape& s) {
   const int64_t rows = s.batch * s.seq;
-  expect(op, {"q", q}, DType::F32, {rows, s.heads * s.head_dim});
-  expect(op, {"k", k}, DType::F32, {rows, s.kv_heads * s.head_dim});
-  expect(op, {"v", v}, DType::F32, {rows, s.kv_heads * s.head_dim});
+  expect_float(op, {"q", q}, {rows, s.heads * s.head_dim});
+  expect(op, {"k", k}, q.dtype(), {rows, s.kv_heads * s.head_dim});
+  expect(op, {"v", v}, q.dtype(), {rows, s.kv_heads * s.head_dim});
 }
 
 }  // namespace
@@ -103,7 +135,8 @@ void copy(const Tensor& src, Tensor& dst) {
 void fill_zero(Tensor& x) { PALMCORE_DISPATCH(fill_zero, x.device(), x); }
 
 void round_bf16(Tensor& x) {
-  expect("round_bf16", {"x", x}, DType::F32, x.shape());
+  expect_float("round_bf16", {"x", x}, x.shape());
+  if (x.dtype() == DType::BF16) return;  // every bf16 value is its own rounding
   PALMCORE_DISPATCH(round_bf16, x.device(), x);
 }
 
@@ -113,23 +146,35 @@ void matmul(const Tensor& a, bool transpose_a, const Tensor& b, bool transpose_b
     throw std::invalid_argument(std::string("matmul: operands on ") + device_name(a.device()) + ", " +
                                 device_name(b.device()) + " and " + device_name(c.device()) + " (one device, please)");
   const bool inputs_ok = a.dtype() == b.dtype() && (a.dtype() == DType::F32 || a.dtype() == DType::BF16);
-  if (!inputs_ok || c.dtype() != DType::F32)
+  const bool output_ok = c.dtype() == DType::F32 || (c.dtype() == DType::BF16 && a.dtype() == DType::BF16);
+  if (!inputs_ok || !output_ok)
     throw std::invalid_argument(std::string("matmul: A, B, C of ") + dtype_name(a.dtype()) + ", " +
                                 dtype_name(b.dtype()) + ", " + dtype_name(c.dtype()) +
-                                "; A and B must both be float32 or both bfloat16, C float32");
+                                "; A and B must both be float32 or both bfloat16, C float32 (or bfloat16 with "
+                                "bfloat16 A and B)");
   const int64_t m = transpose_a ? a.dim(1) : a.dim(0), k = transpose_a ? a.dim(0) : a.dim(1);
   const int64_t kb = transpose_b ? b.dim(1) : b.dim(0), n = transpose_b ? b.dim(0) : b.dim(1);
   if (a.ndim() != 2 || b.ndim() != 2 || c.ndim() != 2 || k != kb || c.dim(0) != m || c.dim(1) != n)
     throw std::invalid_argument("matmul: shapes " + a.shape_string() + " x " + b.shape_string() + " -> " +
                                 c.shape_string() + " do not agree");
+  if (cpu_twins_needed({&c, &a, &b})) {
+    Tensor wide_c = widened(c);
+    matmul(widened(a), transpose_a, widened(b), transpose_b, wide_c, alpha, beta);
+    return store_into(wide_c, c);
+  }
   PALMCORE_DISPATCH(matmul, c.device(), a, transpose_a, b, transpose_b, c, alpha, beta);
 }
 
 void embedding_forward(const Tensor& table, const Tensor& tokens, Tensor& out, int64_t first) {
   one_device("embedding_forward", {{"table", table}, {"tokens", tokens}, {"out", out}});
-  expect("embedding_forward", {"table", table}, DType::F32, {-1, -1});
+  expect_float("embedding_forward", {"table", table}, {-1, -1});
   expect("embedding_forward", {"tokens", tokens}, DType::I32, {-1});
-  expect("embedding_forward", {"out", out}, DType::F32, {tokens.numel(), table.dim(1)});
+  expect_float("embedding_forward", {"out", out}, {tokens.numel(), table.dim(1)});
+  if (cpu_twins_needed({&out, &table})) {
+    Tensor wide_out = widened(out);
+    embedding_forward(widened(table), tokens, wide_out, first);
+    return store_into(wide_out, out);
+  }
   PALMCORE_DISPATCH(embedding_forward, out.device(), table, tokens, out, first);
 }
 
@@ -148,9 +193,15 @@ void add_to(Tensor& x, const Tensor& y) {
 
 void layernorm_forward(const Tensor& x, const Tensor& scale, float eps, Tensor& out, Tensor& xhat,
                        Tensor& rstd) {
-  alike("layernorm_forward", {{"x", x}, {"out", out}, {"xhat", xhat}});
-  one_device("layernorm_forward", {{"x", x}, {"scale", scale}, {"rstd", rstd}});
+  alike("layernorm_forward", {{"x", x}, {"xhat", xhat}});
+  one_device("layernorm_forward", {{"x", x}, {"out", out}, {"scale", scale}, {"rstd", rstd}});
   expect("layernorm_forward", {"x", x}, DType::F32, {-1, -1});
+  expect_float("layernorm_forward", {"out", out}, x.shape());
+  if (cpu_twins_needed({&out})) {
+    Tensor wide_out = widened(out);
+    layernorm_forward(x, scale, eps, wide_out, xhat, rstd);
+    return store_into(wide_out, out);
+  }
   expect("layernorm_forward", {"scale", scale}, DType::F32, {x.dim(1)});
   expect("layernorm_forward", {"rstd", rstd}, DType::F32, {x.dim(0)});
   PALMCORE_DISPATCH(layernorm_forward, x.device(), x, scale, eps, out, xhat, rstd);
@@ -170,13 +221,18 @@ void layernorm_backward(const Tensor& dout, const Tensor& xhat, const Tensor& rs
 void rope_apply(Tensor& x, const Tensor& positions, const Tensor& cos_table,
                 const Tensor& sin_table, int64_t heads, bool inverse) {
   one_device("rope_apply", {{"x", x}, {"positions", positions}, {"cos_table", cos_table}, {"sin_table", sin_table}});
-  expect("rope_apply", {"x", x}, DType::F32, {-1, -1});
+  expect_float("rope_apply", {"x", x}, {-1, -1});
   if (heads < 1 || x.dim(1) % heads || (x.dim(1) / heads) % 2)
     refuse("rope_apply", "x's width " + std::to_string(x.dim(1)) + " is not " + std::to_string(heads) +
                              " heads of an even width");
   expect("rope_apply", {"positions", positions}, DType::I32, {x.dim(0)});
   expect("rope_apply", {"cos_table", cos_table}, DType::F32, {-1, x.dim(1) / heads / 2});
   expect("rope_apply", {"sin_table", sin_table}, DType::F32, cos_table.shape());
+  if (cpu_twins_needed({&x})) {
+    Tensor wide = widened(x);
+    rope_apply(wide, positions, cos_table, sin_table, heads, inverse);
+    return store_into(wide, x);
+  }
   PALMCORE_DISPATCH(rope_apply, x.device(), x, positions, cos_table, sin_table, heads, inverse);
 }
 
@@ -216,8 +272,13 @@ void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, Tensor
                        const AttentionShape& shape, AttentionWorkspace& ws) {
   one_device("attention_forward", {{"q", q}, {"k", k}, {"v", v}, {"out", out}, {"lse", lse}});
   attention_inputs("attention_forward", q, k, v, shape);
-  expect("attention_forward", {"out", out}, DType::F32, q.shape());
+  expect("attention_forward", {"out", out}, q.dtype(), q.shape());
   expect("attention_forward", {"lse", lse}, DType::F32, {shape.batch * shape.heads * shape.seq});
+  if (cpu_twins_needed({&q})) {
+    Tensor wide_out = widened(out);
+    attention_forward(widened(q), widened(k), widened(v), wide_out, lse, shape, ws);
+    return store_into(wide_out, out);
+  }
   PALMCORE_DISPATCH(attention_forward, q.device(), q, k, v, out, lse, shape, ws);
 }
 
@@ -227,9 +288,17 @@ void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const
   one_device("attention_backward", {{"q", q}, {"k", k}, {"v", v}, {"out", out}, {"lse", lse}, {"dout", dout},
                                     {"dq", dq}, {"dk", dk}, {"dv", dv}});
   attention_inputs("attention_backward", q, k, v, shape);
-  alike("attention_backward", {{"q", q}, {"out", out}, {"dout", dout}, {"dq", dq}});
-  alike("attention_backward", {{"k", k}, {"dk", dk}, {"dv", dv}});
+  alike_float("attention_backward", {{"q", q}, {"out", out}, {"dout", dout}, {"dq", dq}});
+  alike_float("attention_backward", {{"k", k}, {"dk", dk}, {"dv", dv}});
   expect("attention_backward", {"lse", lse}, DType::F32, {shape.batch * shape.heads * shape.seq});
+  if (cpu_twins_needed({&q})) {
+    Tensor wide_dq = widened(dq), wide_dk = widened(dk), wide_dv = widened(dv);
+    attention_backward(widened(q), widened(k), widened(v), widened(out), lse, widened(dout), wide_dq, wide_dk,
+                       wide_dv, shape, ws);
+    store_into(wide_dq, dq);
+    store_into(wide_dk, dk);
+    return store_into(wide_dv, dv);
+  }
   PALMCORE_DISPATCH(attention_backward, q.device(), q, k, v, out, lse, dout, dq, dk, dv, shape, ws);
 }
 
@@ -237,12 +306,17 @@ void attention_cached(const Tensor& q, const Tensor& slots, const Tensor& positi
                       const Tensor& v_cache, Tensor& out, const AttentionShape& shape, AttentionWorkspace& ws) {
   one_device("attention_cached", {{"q", q}, {"slots", slots}, {"positions", positions}, {"k_cache", k_cache},
                                   {"v_cache", v_cache}, {"out", out}});
-  expect("attention_cached", {"q", q}, DType::F32, {-1, shape.heads * shape.head_dim});
-  expect("attention_cached", {"out", out}, DType::F32, q.shape());
+  expect_float("attention_cached", {"q", q}, {-1, shape.heads * shape.head_dim});
+  expect("attention_cached", {"out", out}, q.dtype(), q.shape());
   expect("attention_cached", {"slots", slots}, DType::I32, {q.dim(0)});
   expect("attention_cached", {"positions", positions}, DType::I32, {q.dim(0)});
-  expect("attention_cached", {"k_cache", k_cache}, DType::F32, {shape.batch * shape.seq, shape.kv_heads * shape.head_dim});
-  expect("attention_cached", {"v_cache", v_cache}, DType::F32, k_cache.shape());
+  expect("attention_cached", {"k_cache", k_cache}, q.dtype(), {shape.batch * shape.seq, shape.kv_heads * shape.head_dim});
+  expect("attention_cached", {"v_cache", v_cache}, q.dtype(), k_cache.shape());
+  if (cpu_twins_needed({&q})) {
+    Tensor wide_out = widened(out);
+    attention_cached(widened(q), slots, positions, widened(k_cache), widened(v_cache), wide_out, shape, ws);
+    return store_into(wide_out, out);
+  }
   PALMCORE_DISPATCH(attention_cached, q.device(), q, slots, positions, k_cache, v_cache, out, shape, ws);
 }
 
@@ -250,23 +324,40 @@ void kv_cache_write(const Tensor& k, const Tensor& v, const Tensor& slots, const
                     Tensor& k_cache, Tensor& v_cache, int64_t capacity) {
   one_device("kv_cache_write", {{"k", k}, {"v", v}, {"slots", slots}, {"positions", positions}, {"k_cache", k_cache},
                                 {"v_cache", v_cache}});
-  alike("kv_cache_write", {{"k", k}, {"v", v}});
-  alike("kv_cache_write", {{"k_cache", k_cache}, {"v_cache", v_cache}});
-  expect("kv_cache_write", {"k", k}, DType::F32, {-1, k_cache.dim(1)});
+  alike_float("kv_cache_write", {{"k", k}, {"v", v}});
+  alike_float("kv_cache_write", {{"k_cache", k_cache}, {"v_cache", v_cache}});
+  expect("kv_cache_write", {"k", k}, k_cache.dtype(), {-1, k_cache.dim(1)});
   expect("kv_cache_write", {"slots", slots}, DType::I32, {k.dim(0)});
   expect("kv_cache_write", {"positions", positions}, DType::I32, {k.dim(0)});
   if (capacity < 1 || k_cache.dim(0) % capacity) refuse("kv_cache_write", "the cache's rows are not slots x capacity");
+  if (cpu_twins_needed({&k_cache})) {
+    Tensor wide_k_cache = widened(k_cache), wide_v_cache = widened(v_cache);
+    kv_cache_write(widened(k), widened(v), slots, positions, wide_k_cache, wide_v_cache, capacity);
+    store_into(wide_k_cache, k_cache);
+    return store_into(wide_v_cache, v_cache);
+  }
   PALMCORE_DISPATCH(kv_cache_write, k_cache.device(), k, v, slots, positions, k_cache, v_cache, capacity);
 }
 
 void swiglu_forward(const Tensor& gate, const Tensor& up, Tensor& out) {
-  alike("swiglu_forward", {{"gate", gate}, {"up", up}, {"out", out}});
+  alike_float("swiglu_forward", {{"gate", gate}, {"up", up}, {"out", out}});
+  if (cpu_twins_needed({&out})) {
+    Tensor wide_out = widened(out);
+    swiglu_forward(widened(gate), widened(up), wide_out);
+    return store_into(wide_out, out);
+  }
   PALMCORE_DISPATCH(swiglu_forward, out.device(), gate, up, out);
 }
 
 void swiglu_backward(const Tensor& gate, const Tensor& up, const Tensor& dout, Tensor& dgate,
                      Tensor& dup) {
-  alike("swiglu_backward", {{"gate", gate}, {"up", up}, {"dout", dout}, {"dgate", dgate}, {"dup", dup}});
+  alike_float("swiglu_backward", {{"gate", gate}, {"up", up}, {"dout", dout}, {"dgate", dgate}, {"dup", dup}});
+  if (cpu_twins_needed({&dgate})) {
+    Tensor wide_dgate = widened(dgate), wide_dup = widened(dup);
+    swiglu_backward(widened(gate), widened(up), widened(dout), wide_dgate, wide_dup);
+    store_into(wide_dgate, dgate);
+    return store_into(wide_dup, dup);
+  }
   PALMCORE_DISPATCH(swiglu_backward, dgate.device(), gate, up, dout, dgate, dup);
 }
 
@@ -319,15 +410,23 @@ void adafactor_second_moment(const Tensor& x, const Tensor& g, Tensor& v, int64_
 }
 
 void adafactor_apply(Tensor& x, const Tensor& g, Tensor& m, const Tensor& v, double lr, double grad_scale,
-                     double rms_u, double rms_x, const AdafactorSettings& settings) {
+                     double rms_u, double rms_x, const AdafactorSettings& settings, Tensor* rounded) {
   alike("adafactor_apply", {{"x", x}, {"g", g}, {"m", m}, {"v", v}});
-  PALMCORE_DISPATCH(adafactor_apply, x.device(), x, g, m, v, lr, grad_scale, rms_u, rms_x, settings);
+  if (rounded) {
+    one_device("adafactor_apply", {{"x", x}, {"rounded", *rounded}});
+    expect_float("adafactor_apply", {"rounded", *rounded}, x.shape());
+  }
+  PALMCORE_DISPATCH(adafactor_apply, x.device(), x, g, m, v, lr, grad_scale, rms_u, rms_x, settings, rounded);
 }
 
 void adamw_update(Tensor& x, const Tensor& g, Tensor& m, Tensor& v, int64_t step, double lr,
-                  double grad_scale, const AdamWSettings& settings) {
+                  double grad_scale, const AdamWSettings& settings, Tensor* rounded) {
   alike("adamw_update", {{"x", x}, {"g", g}, {"m", m}, {"v", v}});
-  PALMCORE_DISPATCH(adamw_update, x.device(), x, g, m, v, step, lr, grad_scale, settings);
+  if (rounded) {
+    one_device("adamw_update", {{"x", x}, {"rounded", *rounded}});
+    expect_float("adamw_update", {"rounded", *rounded}, x.shape());
+  }
+  PALMCORE_DISPATCH(adamw_update, x.device(), x, g, m, v, step, lr, grad_scale, settings, rounded);
 }
 
 }  // namespace palmcore

@@ -52,15 +52,19 @@ double Optimizer::step(double lr, double max_grad_norm, double grad_scale) {
     g_share = grad_share_.view(0, {end_ - begin_});
   }
   const std::vector<ParamInfo>& info = model_.params_info();
-  // Every tensor's piece in this share: x, g, m, v (empty where the tensor lies elsewhere).
+  // The bf16 mode's GEMM copy of the parameters, written by the update in the same pass; on a
+  // data axis, refreshed after the all-gather instead (other ranks update the other shares).
+  Tensor* const rounded = data_parallel ? nullptr : model_.rounded_params();
+  // Every tensor's piece in this share: x, g, m, v, and x's place in the rounded copy (empty
+  // where the tensor lies elsewhere).
   struct Piece {
-    Tensor x, g, m, v;
+    Tensor x, g, m, v, rounded;
   };
   std::vector<Piece> pieces;
   for (const ParamInfo& p : info) {
     const auto [a, b] = mine(p.offset, p.numel());
     pieces.push_back({params.view(a, {b - a}), g_share.view(a - begin_, {b - a}), m_.view(a - begin_, {b - a}),
-                      v_.view(a - begin_, {b - a})});
+                      v_.view(a - begin_, {b - a}), rounded ? rounded->view(a, {b - a}) : Tensor()});
   }
   // Whole-tensor sums: over the data axis (shares), then the split tensors over the model axis.
   auto sum_over_mesh = [&](std::vector<double>& per_tensor, int per) {
@@ -100,7 +104,7 @@ double Optimizer::step(double lr, double max_grad_norm, double grad_scale) {
   ++steps_;
   if (kind_ == OptimizerKind::AdamW) {
     for (Piece& p : pieces)
-      if (p.x.numel()) adamw_update(p.x, p.g, p.m, p.v, steps_, lr, scale, adamw_);
+      if (p.x.numel()) adamw_update(p.x, p.g, p.m, p.v, steps_, lr, scale, adamw_, rounded ? &p.rounded : nullptr);
   } else {
     // Adafactor: pass 1 on every piece, (Σu², Σx²) of whole tensors, then pass 2.
     fill_zero(sums_);
@@ -114,7 +118,7 @@ double Optimizer::step(double lr, double max_grad_norm, double grad_scale) {
       if (!pieces[i].x.numel()) continue;
       const double count = static_cast<double>(info[i].full_numel());
       adafactor_apply(pieces[i].x, pieces[i].g, pieces[i].m, pieces[i].v, lr, scale, std::sqrt(sums[2 * i] / count),
-                      std::sqrt(sums[2 * i + 1] / count), adafactor_);
+                      std::sqrt(sums[2 * i + 1] / count), adafactor_, rounded ? &pieces[i].rounded : nullptr);
     }
   }
   // The data axis's collectives work on host memory (MPI); NCCL's come with the CUDA backend.
@@ -123,7 +127,7 @@ double Optimizer::step(double lr, double max_grad_norm, double grad_scale) {
     data_comm_->all_gather(grad_share_.host_data<float>(), padded_.host_data<float>(), share_);
     std::memcpy(params.host_data<float>(), padded_.host_data<float>(), n * sizeof(float));
   }
-  model_.params_changed();
+  if (!rounded) model_.params_changed();  // fp32: nothing; a data axis: the copy from the gathered weights
   // An update that overflowed (a learning rate far too large) must not pass for a step: the
   // caller rolls back to a checkpoint instead of saving infinite weights.
   sum_squares(params, sums_, 0);

@@ -196,3 +196,77 @@ def test_attention_cached(device, slots, capacity, H, Hkv, dh, precision):
         assert scaled_err(out, want.reshape(len(rows), -1), floor=max_abs(v_cache)) <= VS_REF["fp32"]
     if device == "cpu" and not bf16:  # the new binding is the existing CPU one
         np.testing.assert_array_equal(out, K.attention_cached(q, slot, pos, k_cache, v_cache, slots, H, Hkv))
+
+
+# ---- bfloat16 storage (the CUDA bf16 mode's tensors) and the flash kernels ----
+# head_dim 64 and 128 are the flash kernels' (cuda/flash_attention.cu); T = 67 and 130 cross
+# their 64-row tiles unevenly.
+STORAGE_CASES = [(grouping, T, dh) for grouping in GROUPINGS for T, dh in [(1, 64), (67, 64), (130, 128)]]
+
+
+def rounded_inputs(B, T, H, Hkv, dh, seed):
+    return [ref.round_bf16(a).astype(np.float32) for a in inputs(B, T, H, Hkv, dh, seed)]
+
+
+@pytest.mark.parametrize("grouping,T,dh", STORAGE_CASES)
+def test_bfloat16_storage_on_the_cpu_is_the_rounding_of_float32_storage(grouping, T, dh):
+    """The CPU runs bf16 tensors on float32 twins and rounds the outputs: bit for bit the
+    float32-storage results rounded (this is the oracle the GPU's bf16 storage is held to)."""
+    B, H, Hkv = GROUPINGS[grouping]
+    q, k, v, dout = rounded_inputs(B, T, H, Hkv, dh, seed=T + dh)
+    out, lse = K.attention_forward_on(q, k, v, B, H, Hkv, 0, 0, True, "cpu", "bfloat16")
+    wide_out, wide_lse = forward("cpu", q, k, v, B, H, Hkv, True)
+    np.testing.assert_array_equal(out, ref.round_bf16(wide_out).astype(np.float32))
+    np.testing.assert_array_equal(lse, wide_lse)
+    grads = K.attention_backward_on(q, k, v, out, lse, dout, B, H, Hkv, 0, 0, True, "cpu", "bfloat16")
+    wide_grads = backward("cpu", q, k, v, out, lse, dout, B, H, Hkv, True)
+    for got, wide in zip(grads, wide_grads):
+        np.testing.assert_array_equal(got, ref.round_bf16(wide).astype(np.float32))
+
+
+@pytest.fixture(params=["fast", "plain"])
+def cuda_kernels(request):
+    """A usable GPU (else skipped: "no CUDA device"), with the fast (flash) or the plain
+    attention kernels chosen for the test; the choice is restored after it."""
+    import palmcore  # noqa: PLC0415
+
+    if not palmcore.cuda_available():
+        pytest.skip("no CUDA device")
+    before = palmcore.get_kernels()
+    palmcore.set_kernels(request.param)
+    yield request.param
+    palmcore.set_kernels(before)
+
+
+@pytest.mark.parametrize("grouping,T,dh", STORAGE_CASES)
+def test_bfloat16_storage_on_cuda_matches_the_cpu_oracle(cuda_kernels, grouping, T, dh):
+    """bf16 tensors on the GPU (flash where it applies, or the plain kernels) against the CPU's
+    bf16 mode. Tolerances (scaled_err, floors as above): out and gradients 2e-2 (p and ds'
+    rounded from float32 values that differ in the last bits, and flash normalises after p·V
+    where the CPU normalises p first; plus the bf16 store of each result, 2^-9 of it); lse 1e-4
+    of the largest score (flash computes exp2 of prescaled scores). Results must also be much
+    closer to the CPU's bf16 results than to its fp32 ones (ratio <= 1/4), and reruns identical."""
+    B, H, Hkv = GROUPINGS[grouping]
+    q, k, v, dout = rounded_inputs(B, T, H, Hkv, dh, seed=T * 7 + dh)
+    run_forward = lambda: K.attention_forward_on(q, k, v, B, H, Hkv, 0, 0, True, "cuda", "bfloat16")  # noqa: E731
+    out, lse = run_forward()
+    cpu_out, cpu_lse = K.attention_forward_on(q, k, v, B, H, Hkv, 0, 0, True, "cpu", "bfloat16")
+    args = (q, k, v, cpu_out, cpu_lse, dout, B, H, Hkv, 0, 0, True)
+    grads = K.attention_backward_on(*args, "cuda", "bfloat16")
+    cpu_grads = K.attention_backward_on(*args, "cpu", "bfloat16")
+    _, _, want_grads, s_max = reference(q, k, v, dout, B, T, H, Hkv, dh, True)
+    floor_g = max_abs(*want_grads)
+    assert scaled_err(out, cpu_out, floor=max_abs(v)) <= 2e-2
+    assert scaled_err(lse, cpu_lse, floor=s_max) <= 1e-4
+    for got, cpu in zip(grads, cpu_grads):
+        assert scaled_err(got, cpu, floor=floor_g) <= 2e-2
+    if T > 1:
+        fp32_out, _ = forward("cpu", q, k, v, B, H, Hkv, False)
+        fp32_grads = backward("cpu", q, k, v, cpu_out, cpu_lse, dout, B, H, Hkv, False)
+        assert fro(out, cpu_out) <= NEAR_FAR * fro(fp32_out, cpu_out)
+        for got, cpu, fp32 in zip(grads, cpu_grads, fp32_grads):
+            assert fro(got, cpu) <= NEAR_FAR * fro(fp32, cpu)
+    for a, b in zip((out, lse), run_forward()):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(grads, K.attention_backward_on(*args, "cuda", "bfloat16")):
+        np.testing.assert_array_equal(a, b)

@@ -232,3 +232,28 @@ def test_adamw(device, n, weight_decay):
     m_hat, v_hat = 1.0 / (1.0 - 0.9**step), 1.0 / (1.0 - 0.95**step)
     step_scale = lr * (0.9 * np.abs(M) + 0.1 * np.abs(G * gs)) * m_hat / (np.sqrt(want_v * v_hat) + 1e-8)
     assert_near(x1, want_x, np.abs(X) + 8.0 * step_scale, 2.0**-22)
+
+
+@pytest.mark.parametrize("storage", ["float32", "bfloat16"])
+@pytest.mark.parametrize("optimizer", ["adafactor", "adamw"])
+def test_the_update_writes_the_rounded_copy_in_the_same_pass(device, storage, optimizer):
+    """With the bf16 mode's GEMM copy given, the update also writes R(x_new) into it (float32
+    holding the bf16 value, or bf16 bits), every element, and x, m, v are what they are without it."""
+    from test_backend_ops import from_bf16_bits, to_bf16_bits
+
+    n = 1037
+    x, g, m, v = optimizer_inputs(n, 5)
+    if optimizer == "adamw":
+        plain = K.adamw_update_on(x, g, m, v, 3, 0.01, 0.75, device)
+        *state, copy = K.adamw_update_on(x, g, m, v, 3, 0.01, 0.75, device, rounded=storage)
+    else:
+        plain = K.adafactor_apply_on(x, g, m, np.abs(v) + 0.1, 0.01, 0.75, 0.9, 0.5, device)
+        *state, copy = K.adafactor_apply_on(x, g, m, np.abs(v) + 0.1, 0.01, 0.75, 0.9, 0.5, device, rounded=storage)
+    for a, b in zip(state, plain):
+        same_bits(a, b)
+    x1 = plain[0]
+    assert not np.array_equal(x1, x)
+    if storage == "bfloat16":
+        np.testing.assert_array_equal(copy, to_bf16_bits(x1))
+    else:
+        same_bits(copy, from_bf16_bits(to_bf16_bits(x1)))

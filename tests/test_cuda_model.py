@@ -26,12 +26,12 @@ CFG = palmcore.PaLMConfig(vocab_size=97, d_model=48, n_layers=2, n_heads=4, n_kv
                           ffn_dim=100, max_seq_len=128, z_loss=1e-2)
 
 
-def pair(precision):
+def pair(precision, cfg=CFG):
     """The same random weights on the CPU and on the GPU."""
-    params = {n: w.astype(np.float32) for n, w in random_params(CFG, 3).items()}
+    params = {n: w.astype(np.float32) for n, w in random_params(cfg, 3).items()}
     models = []
     for device in ("cpu", "cuda"):
-        m = palmcore.PaLM(CFG, device=device, precision=precision)
+        m = palmcore.PaLM(cfg, device=device, precision=precision)
         m.load_state_dict(params)
         models.append(m)
     return models
@@ -67,6 +67,42 @@ def test_bf16_matches_the_cpu_oracle():
     assert fro(lg, lc) <= fro(lg, l32) / 20
     for name in gc:
         assert fro(gg[name], gc[name]) <= fro(gg[name], g32[name]) / 2, name
+
+
+# head_dim 64: the flash attention kernels' (bf16 storage on the GPU)
+FLASH_CFG = palmcore.PaLMConfig(vocab_size=131, d_model=96, n_layers=2, n_heads=4, n_kv_heads=1, head_dim=64,
+                                ffn_dim=200, max_seq_len=160, z_loss=1e-2)
+
+
+@pytest.mark.parametrize("kernels", ["fast", "plain"])
+def test_bf16_storage_with_flash_or_plain_attention_matches_the_cpu_oracle(kernels):
+    """The GPU's bf16 mode keeps its activations, weight copy and cache in bfloat16 (the CPU's
+    default keeps them in float32); with the flash kernels (fast) or the plain ones, its logits
+    and gradients follow the CPU's bf16 oracle (the near/far criterion above), two AdamW steps
+    (which write the bf16 weight copy in their pass) keep it so, and a rerun gives the same bits."""
+    before = palmcore.get_kernels()
+    palmcore.set_kernels(kernels)
+    try:
+        runs = []
+        for _ in range(2):
+            cpu16, gpu16 = pair("bf16", FLASH_CFG)
+            assert (cpu16.core.activation_dtype(), gpu16.core.activation_dtype()) == ("float32", "bfloat16")
+            cpu32, _ = pair("fp32", FLASH_CFG)
+            opts = [palmcore.AdamW(m) for m in (cpu16, gpu16, cpu32)]
+            for k in range(2):
+                tokens = random_tokens(FLASH_CFG, 2, 131, seed=k)
+                (lc, _, gc), (lg, og, gg), (l32, _, g32) = (step(m, tokens) for m in (cpu16, gpu16, cpu32))
+                assert fro(lg, lc) <= fro(lg, l32) / 20
+                for name in gc:
+                    assert fro(gg[name], gc[name]) <= fro(gg[name], g32[name]) / 2, name
+                for opt in opts:
+                    opt.step(1e-3)
+            runs.append((lg, og, gg, gpu16.state_dict()))
+        (l1, o1, g1, w1), (l2, o2, g2, w2) = runs
+        assert np.array_equal(l1, l2) and o1 == o2
+        assert all(np.array_equal(g1[n], g2[n]) and np.array_equal(w1[n], w2[n]) for n in g1)
+    finally:
+        palmcore.set_kernels(before)
 
 
 def test_three_optimizer_steps_and_bit_identical_reruns():

@@ -192,3 +192,40 @@ def test_switching_precision_after_a_step():
     fp32.core.set_precision("bf16")
     (l1, o1, g1), (l2, o2, g2) = run(fp32, tokens), run(bf16, tokens)
     assert np.array_equal(l1, l2) and o1 == o2 and all(np.array_equal(g1[n], g2[n]) for n in g1)
+
+
+@pytest.mark.parametrize("cfg", [DEEP, ONE_LAYER["mha"]], ids=["deep-gqa", "mha"])
+def test_bfloat16_storage_gives_the_float32_storage_bits(threads, cfg):
+    """The bf16 mode with its activations, weight copy and cache stored as bfloat16 (the CUDA
+    kernels' form; on the CPU each op runs on float32 twins and rounds its outputs back) gives
+    exactly the bits of the CPU's float32 storage: logits, loss, every gradient, two optimizer
+    steps and cached decoding. This is the model's CUDA bf16 path run on the CPU."""
+    _, wide, _ = models(cfg, seed=13)
+    _, narrow, _ = models(cfg, seed=13)
+    narrow.core.set_precision("bf16", storage="bfloat16")
+    assert (wide.core.activation_dtype(), narrow.core.activation_dtype()) == ("float32", "bfloat16")
+    tokens = random_tokens(cfg, 3, 21, seed=8)
+    opts = [palmcore.AdamW(m) for m in (wide, narrow)]
+    for _ in range(2):
+        (l1, o1, g1), (l2, o2, g2) = run(wide, tokens), run(narrow, tokens)
+        assert np.array_equal(l1, l2) and o1 == o2
+        assert all(np.array_equal(g1[n], g2[n]) for n in g1)
+        for opt in opts:
+            opt.step(1e-2)
+    caches = [m.kv_cache(2) for m in (wide, narrow)]
+    assert caches[1].nbytes * 2 == caches[0].nbytes
+    feeds = [(tokens[0, :6], [0] * 6), (np.concatenate([tokens[1, :4], tokens[0, 6:7]]), [1, 1, 1, 1, 0])]
+    feeds += [(tokens[:2, t], [0, 1]) for t in range(7, 10)]  # ragged prefill, then decode steps
+    for ids, slots in feeds:
+        a, b = (c.feed(ids, slots) for c in caches)
+        assert np.array_equal(a, b)
+
+
+def test_a_cache_of_another_precision_is_refused():
+    _, bf16, _ = models(DEEP, seed=1)
+    cache = bf16.kv_cache(1)
+    bf16.core.set_precision("bf16", storage="bfloat16")
+    with pytest.raises(ValueError, match="the cache was made for another precision"):
+        cache.feed([1, 2], [0, 0])
+    with pytest.raises(ValueError, match="storage must be 'float32' or 'bfloat16'"):
+        bf16.core.set_precision("bf16", storage="float16")

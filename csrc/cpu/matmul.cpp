@@ -39,17 +39,6 @@ void gemm(bool transpose_a, bool transpose_b, int64_t m, int64_t n, int64_t k, f
 
 void matmul(const Tensor& a, bool transpose_a, const Tensor& b, bool transpose_b, Tensor& c,
             float alpha, float beta) {
-  // bfloat16 A and B (the bf16 mode's GEMM inputs): widened exactly to float32, then the
-  // float32 product, which accumulates in float32 as the GPU's does.
-  if (a.dtype() == DType::BF16 || b.dtype() == DType::BF16) {
-    auto widened = [](const Tensor& x) {
-      if (x.dtype() != DType::BF16) return x;
-      Tensor f = Tensor::zeros(x.shape(), DType::F32, Device::CPU);
-      cpu::copy(x, f);
-      return f;
-    };
-    return cpu::matmul(widened(a), transpose_a, widened(b), transpose_b, c, alpha, beta);
-  }
   const int64_t m = transpose_a ? a.dim(1) : a.dim(0);
   const int64_t k = transpose_a ? a.dim(0) : a.dim(1);
   const int64_t kb = transpose_b ? b.dim(1) : b.dim(0);

@@ -38,6 +38,27 @@ std::pair<double, double> chunked_sums(int64_t n, Term term) {
   return {a, b};
 }
 
+// update(i) for every element i of x (in parallel), followed where `rounded` is given by
+// rounded[i] = R(x[i]) in the same pass (float32 or bfloat16 storage).
+template <typename Update>
+void for_each_updated(Tensor& x, Tensor* rounded, Update update) {
+  const int64_t n = x.numel();
+  const float* xs = x.data<float>();
+  auto run = [&](auto* copy) {
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; ++i) {
+      update(i);
+      if (copy) store_rounded(copy[i], xs[i]);
+    }
+  };
+  if (!rounded)
+    run(static_cast<float*>(nullptr));
+  else if (rounded->dtype() == DType::BF16)
+    run(rounded->data<bf16>());
+  else
+    run(rounded->data<float>());
+}
+
 }  // namespace
 
 void sum_squares(const Tensor& x, Tensor& sums, int64_t index) {
@@ -65,7 +86,7 @@ void adafactor_second_moment(const Tensor& x, const Tensor& g, Tensor& v, int64_
 
 // Pass 2: clipped update, momentum, parameter.
 void adafactor_apply(Tensor& x, const Tensor& g, Tensor& m, const Tensor& v, double lr, double grad_scale,
-                     double rms_u, double rms_x, const AdafactorSettings& s) {
+                     double rms_u, double rms_x, const AdafactorSettings& s, Tensor* rounded) {
   const int64_t n = x.numel();
   float* xs = x.data<float>();
   float* ms = m.data<float>();
@@ -75,13 +96,13 @@ void adafactor_apply(Tensor& x, const Tensor& g, Tensor& m, const Tensor& v, dou
   const float clip_div = static_cast<float>(std::max(1.0, rms_u / s.clip));
   const float step_size = static_cast<float>(lr * std::max(s.min_scale, rms_x));
   const float decay = static_cast<float>(lr * lr), beta1 = static_cast<float>(s.beta1);
-#pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < n; ++i)
+  for_each_updated(x, rounded, [&](int64_t i) {
     adafactor_apply_element(xs[i], gs[i], ms[i], vs[i], gscale, clip_div, step_size, decay, beta1);
+  });
 }
 
 void adamw_update(Tensor& x, const Tensor& g, Tensor& m, Tensor& v, int64_t step, double lr,
-                  double grad_scale, const AdamWSettings& s) {
+                  double grad_scale, const AdamWSettings& s, Tensor* rounded) {
   const int64_t n = x.numel();
   float* xs = x.data<float>();
   float* ms = m.data<float>();
@@ -92,9 +113,9 @@ void adamw_update(Tensor& x, const Tensor& g, Tensor& m, Tensor& v, int64_t step
   const float v_hat = static_cast<float>(1.0 / (1.0 - std::pow(s.beta2, double(step))));
   const float rate = static_cast<float>(lr), decay = static_cast<float>(lr * s.weight_decay);
   const float gscale = static_cast<float>(grad_scale), eps = static_cast<float>(s.eps);
-#pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < n; ++i)
+  for_each_updated(x, rounded, [&](int64_t i) {
     adamw_element(xs[i], gs[i], ms[i], vs[i], b1, b2, m_hat, v_hat, rate, decay, gscale, eps);
+  });
 }
 
 }  // namespace palmcore::cpu

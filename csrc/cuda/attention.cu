@@ -1,7 +1,8 @@
 // The PLAIN reference attention on CUDA (the math is in palmcore/op_signatures.inc): obviously
-// correct, deterministic, SIMT only (no tensor cores, no float atomics). A fast flash kernel
-// comes later beside it; this one is the yardstick that tells a wrong algorithm from a wrong
-// optimization, so every choice below is the simplest that is still deterministic.
+// correct, deterministic, SIMT only (no tensor cores, no float atomics). The fast flash kernels
+// (cuda/flash_attention.cu) sit beside it; this one is the yardstick that tells a wrong algorithm
+// from a wrong optimization (PALMCORE_KERNELS=plain), so every choice below is the simplest
+// that is still deterministic.
 //
 // Layouts (as on the CPU, cpu/attention.cpp): q, out, dout, dq [B·T, H·dh]; k, v, dk, dv
 // [B·T, Hkv·dh]; lse [B·H·T]; query head h of this shard reads key/value head
@@ -21,7 +22,10 @@
 // (math/bf16.h); the softmax is the CPU's: subtract the row max, exp, sum (in double), multiply
 // by 1/sum, round p to bf16 when shape.bf16; lse = max + log(sum).
 //
-// The AttentionWorkspace (the CPU's per-thread tiles) is not used.
+// Storage: float32, or bf16 (load_float / store_float: loads widen, stores round to nearest).
+// The AttentionWorkspace (the CPU's per-thread tiles) is not used. Where kernel_choice() is
+// Fast and the flash kernels (cuda/flash_attention.cu, tensor cores, bf16) take the shape,
+// attention_forward and attention_backward run those instead.
 #include <cfloat>
 #include <climits>
 #include <cmath>
@@ -29,6 +33,7 @@
 #include <string>
 
 #include "cuda/context.h"
+#include "cuda/flash_attention.h"
 #include "palmcore/math/bf16.h"
 #include "palmcore/math/exp.h"
 
@@ -47,10 +52,12 @@ struct Layout {
   __host__ __device__ int64_t kv_at(int64_t b, int64_t t, int64_t g) const { return (b * T + t) * kv_stride + g * dh; }
 };
 
-// Σ_d a_d b_d, d = 0..n-1 in order, one fmaf per term: the same bits wherever it runs.
-__device__ float dot(const float* a, const float* b, int64_t n) {
+// Σ_d a_d b_d, d = 0..n-1 in order, one fmaf per term: the same bits wherever it runs. A, B:
+// float or bf16 storage (widened exactly).
+template <class A, class B>
+__device__ float dot(const A* a, const B* b, int64_t n) {
   float s = 0.0f;
-  for (int64_t d = 0; d < n; ++d) s = fmaf(a[d], b[d], s);
+  for (int64_t d = 0; d < n; ++d) s = fmaf(load_float(a[d]), load_float(b[d]), s);
   return s;
 }
 
@@ -59,16 +66,18 @@ __device__ float dot(const float* a, const float* b, int64_t n) {
 // both backward kernels see the same bits for one score.
 // acc[d] += Σ_jj w[jj] · M[(c0 + jj) · ld + d] for this thread's columns d (d = tid, tid +
 // kThreads, ...), jj in order: a chunk of weighted rows (p · V forward, ds' · K backward).
-__device__ void accumulate_rows(float* acc, const float* w, const float* M, int64_t ld, int64_t c0, int64_t chunk,
+template <class T>
+__device__ void accumulate_rows(float* acc, const float* w, const T* M, int64_t ld, int64_t c0, int64_t chunk,
                                 int64_t dh, int tid) {
   for (int64_t d = tid; d < dh; d += kThreads) {
     float a = acc[d];
-    for (int64_t jj = 0; jj < chunk; ++jj) a = fmaf(w[jj], M[(c0 + jj) * ld + d], a);
+    for (int64_t jj = 0; jj < chunk; ++jj) a = fmaf(w[jj], load_float(M[(c0 + jj) * ld + d]), a);
     acc[d] = a;
   }
 }
 
-__device__ float score(float scale, const float* q, const float* k, int64_t dh) { return __fmul_rn(scale, dot(q, k, dh)); }
+template <class A, class B>
+__device__ float score(float scale, const A* q, const B* k, int64_t dh) { return __fmul_rn(scale, dot(q, k, dh)); }
 
 // The block's max of x (one value per thread), the CPU's comparison (m > x ? m : x), by a fixed
 // tree; every thread gets the result. red: kThreads floats of shared memory.
@@ -106,8 +115,9 @@ __device__ double block_sum(double x, double* red) {
 //   lse = m + log(l)  (written by thread 0 when lse is given)
 // The one forward routine of the training attention and the cached attention, as attend_block
 // is on the CPU. Shared memory: see forward_shared_bytes.
-__device__ void attend_row(const float* q, const float* K, const float* V, int64_t ld, int64_t dh, int64_t n,
-                           float scale, bool bf16, float* out, float* lse) {
+template <class T>
+__device__ void attend_row(const T* q, const T* K, const T* V, int64_t ld, int64_t dh, int64_t n, float scale,
+                           bool bf16, T* out, float* lse) {
   extern __shared__ double shared[];
   double* red_d = shared;                                  // [kThreads]
   float* red_f = reinterpret_cast<float*>(red_d + kThreads);  // [kThreads]
@@ -116,7 +126,7 @@ __device__ void attend_row(const float* q, const float* K, const float* V, int64
   float* acc = sq + dh;                                    // [dh]
   const int tid = threadIdx.x;
   for (int64_t d = tid; d < dh; d += kThreads) {
-    sq[d] = q[d];
+    sq[d] = load_float(q[d]);
     acc[d] = 0.0f;
   }
   __syncthreads();
@@ -144,7 +154,7 @@ __device__ void attend_row(const float* q, const float* K, const float* V, int64
     accumulate_rows(acc, p, V, ld, c0, n - c0 < kThreads ? n - c0 : kThreads, dh, tid);
     __syncthreads();
   }
-  for (int64_t d = tid; d < dh; d += kThreads) out[d] = acc[d];
+  for (int64_t d = tid; d < dh; d += kThreads) store_float(out[d], acc[d]);
   if (lse && tid == 0) *lse = m + logf(l);
 }
 
@@ -152,8 +162,9 @@ size_t forward_shared_bytes(int64_t dh) { return kThreads * sizeof(double) + (2 
 
 // Forward: block (b, h, i) = blockIdx.x in that order (i fastest).
 //   out_i = Σ_{j ≤ i} softmax_j(q_i · k_j / sqrt(dh)) v_j,   lse_(b,h,i) = log Σ_{j ≤ i} exp(q_i · k_j / sqrt(dh))
-__global__ void forward_kernel(const float* q, const float* k, const float* v, float* out, float* lse, Layout L,
-                               float scale, bool bf16) {
+template <class T>
+__global__ void forward_kernel(const T* q, const T* k, const T* v, T* out, float* lse, Layout L, float scale,
+                               bool bf16) {
   const int64_t row = blockIdx.x;  // (b · H + h) · T + i: also lse's index
   const int64_t i = row % L.T, h = (row / L.T) % L.H, b = row / (L.T * L.H);
   const int64_t g = L.kv_of(h);
@@ -166,13 +177,14 @@ __global__ void forward_kernel(const float* q, const float* k, const float* v, f
 //   out_r = Σ_{j ≤ p} softmax_j(q_r · K[b, j] / sqrt(dh)) V[b, j]
 // A slot or position outside the cache (ops.cpp does not check them: they live on the device)
 // gives a NaN row instead of a read out of bounds.
-__global__ void cached_kernel(const float* q, const int32_t* slots, const int32_t* positions, const float* k_cache,
-                              const float* v_cache, float* out, Layout L, float scale, bool bf16) {
+template <class T>
+__global__ void cached_kernel(const T* q, const int32_t* slots, const int32_t* positions, const T* k_cache,
+                              const T* v_cache, T* out, Layout L, float scale, bool bf16) {
   const int64_t r = blockIdx.x / L.H, h = blockIdx.x % L.H;
   const int64_t slot = slots[r], pos = positions[r], g = L.kv_of(h);  // L.B = slots, L.T = capacity
-  float* o = out + r * L.q_stride + h * L.dh;
+  T* o = out + r * L.q_stride + h * L.dh;
   if (slot < 0 || slot >= L.B || pos < 0 || pos >= L.T) {
-    for (int64_t d = threadIdx.x; d < L.dh; d += kThreads) o[d] = NAN;
+    for (int64_t d = threadIdx.x; d < L.dh; d += kThreads) store_float(o[d], NAN);
     return;
   }
   attend_row(q + r * L.q_stride + h * L.dh, k_cache + L.kv_at(slot, 0, g), v_cache + L.kv_at(slot, 0, g), L.kv_stride,
@@ -184,8 +196,9 @@ __global__ void cached_kernel(const float* q, const int32_t* slots, const int32_
 //   D_i = dout_i · out_i       (d in order, fmaf)
 //   ds'_ij = p_ij (dout_i · v_j - D_i) · scale   (rounded when bf16)
 //   dq_i = Σ_j ds'_ij k_j      (j in order)
-__global__ void backward_dq_kernel(const float* q, const float* k, const float* v, const float* out, const float* lse,
-                                   const float* dout, float* dq, Layout L, float scale, bool bf16) {
+template <class T>
+__global__ void backward_dq_kernel(const T* q, const T* k, const T* v, const T* out, const float* lse, const T* dout,
+                                   T* dq, Layout L, float scale, bool bf16) {
   extern __shared__ double shared[];
   float* ds = reinterpret_cast<float*>(shared);  // [kThreads]
   float* sq = ds + kThreads;                     // [dh]
@@ -195,12 +208,12 @@ __global__ void backward_dq_kernel(const float* q, const float* k, const float* 
   const int64_t row = blockIdx.x;
   const int64_t i = row % L.T, h = (row / L.T) % L.H, b = row / (L.T * L.H);
   const int64_t g = L.kv_of(h), dh = L.dh, n = i + 1;
-  const float* K = k + L.kv_at(b, 0, g);
-  const float* V = v + L.kv_at(b, 0, g);
+  const T* K = k + L.kv_at(b, 0, g);
+  const T* V = v + L.kv_at(b, 0, g);
   const int tid = threadIdx.x;
   for (int64_t d = tid; d < dh; d += kThreads) {
-    sq[d] = q[L.q_at(b, i, h) + d];
-    sdo[d] = dout[L.q_at(b, i, h) + d];
+    sq[d] = load_float(q[L.q_at(b, i, h) + d]);
+    sdo[d] = load_float(dout[L.q_at(b, i, h) + d]);
     acc[d] = 0.0f;
   }
   if (tid == 0) *sD = dot(dout + L.q_at(b, i, h), out + L.q_at(b, i, h), dh);
@@ -219,7 +232,7 @@ __global__ void backward_dq_kernel(const float* q, const float* k, const float* 
     accumulate_rows(acc, ds, K, L.kv_stride, c0, n - c0 < kThreads ? n - c0 : kThreads, dh, tid);
     __syncthreads();
   }
-  for (int64_t d = tid; d < dh; d += kThreads) dq[L.q_at(b, i, h) + d] = acc[d];
+  for (int64_t d = tid; d < dh; d += kThreads) store_float(dq[L.q_at(b, i, h) + d], acc[d]);
 }
 
 // Backward, the key side: block (b, g, j) = blockIdx.x (j fastest), one key/value row. p_ij and
@@ -228,9 +241,9 @@ __global__ void backward_dq_kernel(const float* q, const float* k, const float* 
 // the inner sums over i in order (chunks of queries), then added up head by head in head order
 // (as the CPU sums its per-head partials). The heads reading g are this shard's
 // [max(0, g·group - first_head), min(H, (g+1)·group - first_head)); none: dk_j = dv_j = 0.
-__global__ void backward_dkdv_kernel(const float* q, const float* k, const float* v, const float* out,
-                                     const float* lse, const float* dout, float* dk, float* dv, Layout L, float scale,
-                                     bool bf16) {
+template <class T>
+__global__ void backward_dkdv_kernel(const T* q, const T* k, const T* v, const T* out, const float* lse,
+                                     const T* dout, T* dk, T* dv, Layout L, float scale, bool bf16) {
   extern __shared__ double shared[];
   float* sp = reinterpret_cast<float*>(shared);  // [kThreads]
   float* sds = sp + kThreads;                    // [kThreads]
@@ -245,8 +258,8 @@ __global__ void backward_dkdv_kernel(const float* q, const float* k, const float
   const int64_t dh = L.dh;
   const int tid = threadIdx.x;
   for (int64_t d = tid; d < dh; d += kThreads) {
-    sk[d] = k[L.kv_at(b, j, g) + d];
-    sv[d] = v[L.kv_at(b, j, g) + d];
+    sk[d] = load_float(k[L.kv_at(b, j, g) + d]);
+    sv[d] = load_float(v[L.kv_at(b, j, g) + d]);
     tot_k[d] = 0.0f;
     tot_v[d] = 0.0f;
   }
@@ -261,8 +274,8 @@ __global__ void backward_dkdv_kernel(const float* q, const float* k, const float
     for (int64_t c0 = j; c0 < L.T; c0 += kThreads) {
       const int64_t i = c0 + tid;
       if (i < L.T) {
-        const float* qi = q + L.q_at(b, i, h);
-        const float* doi = dout + L.q_at(b, i, h);
+        const T* qi = q + L.q_at(b, i, h);
+        const T* doi = dout + L.q_at(b, i, h);
         const float D = dot(doi, out + L.q_at(b, i, h), dh);
         float p = exp_approx(score(scale, qi, sk, dh) - lse[(b * L.H + h) * L.T + i]);
         if (bf16) p = palmcore::round_bf16(p);
@@ -276,8 +289,8 @@ __global__ void backward_dkdv_kernel(const float* q, const float* k, const float
       for (int64_t d = tid; d < dh; d += kThreads) {
         float ak = part_k[d], av = part_v[d];
         for (int64_t ii = 0; ii < chunk; ++ii) {
-          ak = fmaf(sds[ii], q[L.q_at(b, c0 + ii, h) + d], ak);
-          av = fmaf(sp[ii], dout[L.q_at(b, c0 + ii, h) + d], av);
+          ak = fmaf(sds[ii], load_float(q[L.q_at(b, c0 + ii, h) + d]), ak);
+          av = fmaf(sp[ii], load_float(dout[L.q_at(b, c0 + ii, h) + d]), av);
         }
         part_k[d] = ak;
         part_v[d] = av;
@@ -291,8 +304,8 @@ __global__ void backward_dkdv_kernel(const float* q, const float* k, const float
   }
   __syncthreads();
   for (int64_t d = tid; d < dh; d += kThreads) {
-    dk[L.kv_at(b, j, g) + d] = tot_k[d];
-    dv[L.kv_at(b, j, g) + d] = tot_v[d];
+    store_float(dk[L.kv_at(b, j, g) + d], tot_k[d]);
+    store_float(dv[L.kv_at(b, j, g) + d], tot_v[d]);
   }
 }
 
@@ -317,11 +330,15 @@ void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, Tensor
   const Layout L(shape);
   const int64_t rows = L.B * L.H * L.T;
   if (rows == 0 || L.dh == 0) return;
+  if (kernel_choice() == KernelChoice::Fast && flash_attention_supports(shape, q.dtype()))
+    return flash_attention_forward(q, k, v, out, lse, shape);
   const size_t bytes = forward_shared_bytes(L.dh);
   const unsigned grid = grid_of(rows, bytes, "attention_forward");
-  forward_kernel<<<grid, kThreads, bytes, context().stream>>>(q.data<float>(), k.data<float>(), v.data<float>(),
-                                                              out.data<float>(), lse.data<float>(), L, scale_of(L),
-                                                              shape.bf16);
+  with_float_storage(q.dtype(), [&](auto element) {
+    using T = decltype(element);
+    forward_kernel<<<grid, kThreads, bytes, context().stream>>>(q.data<T>(), k.data<T>(), v.data<T>(), out.data<T>(),
+                                                                lse.data<float>(), L, scale_of(L), shape.bf16);
+  });
   check_cuda(cudaGetLastError(), "attention_forward");
 }
 
@@ -335,34 +352,41 @@ void attention_cached(const Tensor& q, const Tensor& slots, const Tensor& positi
   if (blocks == 0 || L.dh == 0) return;
   const size_t bytes = forward_shared_bytes(L.dh);
   const unsigned grid = grid_of(blocks, bytes, "attention_cached");
-  cached_kernel<<<grid, kThreads, bytes, context().stream>>>(q.data<float>(), slots.data<int32_t>(),
-                                                             positions.data<int32_t>(), k_cache.data<float>(),
-                                                             v_cache.data<float>(), out.data<float>(), L, scale_of(L),
-                                                             shape.bf16);
+  with_float_storage(q.dtype(), [&](auto element) {
+    using T = decltype(element);
+    cached_kernel<<<grid, kThreads, bytes, context().stream>>>(q.data<T>(), slots.data<int32_t>(),
+                                                               positions.data<int32_t>(), k_cache.data<T>(),
+                                                               v_cache.data<T>(), out.data<T>(), L, scale_of(L),
+                                                               shape.bf16);
+  });
   check_cuda(cudaGetLastError(), "attention_cached");
 }
 
 void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
                         const Tensor& dout, Tensor& dq, Tensor& dk, Tensor& dv, const AttentionShape& shape,
                         AttentionWorkspace& ws) {
-  (void)ws;
   const Layout L(shape);
   if (L.B * L.T == 0 || L.dh == 0) return;
+  if (kernel_choice() == KernelChoice::Fast && flash_attention_supports(shape, q.dtype()))
+    return flash_attention_backward(q, k, v, out, lse, dout, dq, dk, dv, shape, ws.row_dot);
   const Context& ctx = context();
   const float scale = scale_of(L);
-  if (L.H > 0) {
-    const size_t bytes = kThreads * sizeof(float) + (3 * L.dh + 1) * sizeof(float);
-    const unsigned grid = grid_of(L.B * L.H * L.T, bytes, "attention_backward");
-    backward_dq_kernel<<<grid, kThreads, bytes, ctx.stream>>>(q.data<float>(), k.data<float>(), v.data<float>(),
-                                                              out.data<float>(), lse.data<float>(), dout.data<float>(),
-                                                              dq.data<float>(), L, scale, shape.bf16);
-    check_cuda(cudaGetLastError(), "attention_backward");
-  }
-  const size_t bytes = 2 * kThreads * sizeof(float) + 6 * L.dh * sizeof(float);
-  const unsigned grid = grid_of(L.B * L.Hkv * L.T, bytes, "attention_backward");
-  backward_dkdv_kernel<<<grid, kThreads, bytes, ctx.stream>>>(q.data<float>(), k.data<float>(), v.data<float>(),
-                                                              out.data<float>(), lse.data<float>(), dout.data<float>(),
-                                                              dk.data<float>(), dv.data<float>(), L, scale, shape.bf16);
+  with_float_storage(q.dtype(), [&](auto element) {
+    using T = decltype(element);
+    if (L.H > 0) {
+      const size_t bytes = kThreads * sizeof(float) + (3 * L.dh + 1) * sizeof(float);
+      const unsigned grid = grid_of(L.B * L.H * L.T, bytes, "attention_backward");
+      backward_dq_kernel<<<grid, kThreads, bytes, ctx.stream>>>(q.data<T>(), k.data<T>(), v.data<T>(), out.data<T>(),
+                                                                lse.data<float>(), dout.data<T>(), dq.data<T>(), L,
+                                                                scale, shape.bf16);
+      check_cuda(cudaGetLastError(), "attention_backward");
+    }
+    const size_t bytes = 2 * kThreads * sizeof(float) + 6 * L.dh * sizeof(float);
+    const unsigned grid = grid_of(L.B * L.Hkv * L.T, bytes, "attention_backward");
+    backward_dkdv_kernel<<<grid, kThreads, bytes, ctx.stream>>>(q.data<T>(), k.data<T>(), v.data<T>(), out.data<T>(),
+                                                                lse.data<float>(), dout.data<T>(), dk.data<T>(),
+                                                                dv.data<T>(), L, scale, shape.bf16);
+  });
   check_cuda(cudaGetLastError(), "attention_backward");
 }
 

@@ -26,4 +26,14 @@ Context& context();
 // Throws std::runtime_error "<what>: <CUDA's error string>" unless `status` is success.
 void check_cuda(cudaError_t status, const char* what);
 
+// f(float{}) or f(bf16{}): the element type of a float32 or bfloat16 tensor, for kernels written
+// once over both storages (load_float / store_float of palmcore/math/bf16.h).
+template <class F>
+void with_float_storage(DType dtype, F&& f) {
+  if (dtype == DType::BF16)
+    f(bf16{});
+  else
+    f(float{});
+}
+
 }  // namespace palmcore::cuda

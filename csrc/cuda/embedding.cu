@@ -7,20 +7,23 @@
 #include <algorithm>
 
 #include "cuda/context.h"
+#include "palmcore/math/bf16.h"
 
 namespace palmcore::cuda {
 namespace {
 
 constexpr int kThreads = 256;
 
-// One thread per output element (grid-stride): element i is (row r, column c) of out.
-__global__ void embedding_forward_kernel(const float* table, const int32_t* tokens, float* out, int64_t rows,
+// One thread per output element (grid-stride): element i is (row r, column c) of out. Table
+// and Out: float or bf16 storage (a bf16 table into a float32 x; bf16 rows gathered as bf16).
+template <class Table, class Out>
+__global__ void embedding_forward_kernel(const Table* table, const int32_t* tokens, Out* out, int64_t rows,
                                          int64_t width, int64_t held, int64_t first) {
   const int64_t n = rows * width, stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
     const int64_t r = i / width, c = i % width;
     const int64_t row = tokens[r] - first;
-    out[i] = row >= 0 && row < held ? table[row * width + c] : 0.0f;
+    store_float(out[i], row >= 0 && row < held ? load_float(table[row * width + c]) : 0.0f);
   }
 }
 
@@ -49,8 +52,14 @@ void embedding_forward(const Tensor& table, const Tensor& tokens, Tensor& out, i
   const int64_t n = rows * width;
   if (n == 0) return;
   const int blocks = static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, 4096));
-  embedding_forward_kernel<<<blocks, kThreads, 0, context().stream>>>(
-      table.data<float>(), tokens.data<int32_t>(), out.data<float>(), rows, width, held, first);
+  with_float_storage(table.dtype(), [&](auto table_element) {
+    with_float_storage(out.dtype(), [&](auto out_element) {
+      using Table = decltype(table_element);
+      using Out = decltype(out_element);
+      embedding_forward_kernel<<<blocks, kThreads, 0, context().stream>>>(
+          table.data<Table>(), tokens.data<int32_t>(), out.data<Out>(), rows, width, held, first);
+    });
+  });
   check_cuda(cudaGetLastError(), "embedding_forward");
 }
 

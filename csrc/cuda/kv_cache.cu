@@ -13,8 +13,10 @@ namespace {
 // One block per input row r, its threads over the columns. A row that a later row overwrites
 // (same slot and position) writes nothing, so no two blocks write one place: the result does
 // not depend on the blocks' order.
-__global__ void kv_cache_write_kernel(const float* k, const float* v, const int32_t* slots, const int32_t* positions,
-                                      float* k_cache, float* v_cache, int64_t rows, int64_t width, int64_t capacity) {
+// T: float or bf16 (the cache stores what the model's k and v hold, bit for bit).
+template <class T>
+__global__ void kv_cache_write_kernel(const T* k, const T* v, const int32_t* slots, const int32_t* positions,
+                                      T* k_cache, T* v_cache, int64_t rows, int64_t width, int64_t capacity) {
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     int later = 0;
     for (int64_t s = r + 1 + threadIdx.x; s < rows; s += blockDim.x)
@@ -36,9 +38,12 @@ void kv_cache_write(const Tensor& k, const Tensor& v, const Tensor& slots, const
   if (rows == 0 || width == 0) return;
   constexpr int kThreads = 128;
   const int blocks = static_cast<int>(std::min<int64_t>(rows, 65535));
-  kv_cache_write_kernel<<<blocks, kThreads, 0, context().stream>>>(
-      k.data<float>(), v.data<float>(), slots.data<int32_t>(), positions.data<int32_t>(), k_cache.data<float>(),
-      v_cache.data<float>(), rows, width, capacity);
+  with_float_storage(k_cache.dtype(), [&](auto element) {
+    using T = decltype(element);
+    kv_cache_write_kernel<<<blocks, kThreads, 0, context().stream>>>(
+        k.data<T>(), v.data<T>(), slots.data<int32_t>(), positions.data<int32_t>(), k_cache.data<T>(),
+        v_cache.data<T>(), rows, width, capacity);
+  });
   check_cuda(cudaGetLastError(), "kv_cache_write");
 }
 

@@ -18,6 +18,7 @@
 #include <algorithm>
 
 #include "cuda/context.h"
+#include "palmcore/math/bf16.h"
 
 namespace palmcore::cuda {
 namespace {
@@ -39,8 +40,9 @@ __device__ float block_sum(float v, float* s) {
   return total;
 }
 
-// One block per row (grid-stride over rows).
-__global__ void layernorm_forward_kernel(const float* x, const float* scale, float eps, float* out, float* xhat,
+// One block per row (grid-stride over rows). Out: float or bf16 storage (the bf16 mode's h).
+template <class Out>
+__global__ void layernorm_forward_kernel(const float* x, const float* scale, float eps, Out* out, float* xhat,
                                          float* rstd, int64_t rows, int64_t width) {
   __shared__ float s[kThreads];
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
@@ -58,7 +60,7 @@ __global__ void layernorm_forward_kernel(const float* x, const float* scale, flo
     for (int64_t c = threadIdx.x; c < width; c += kThreads) {
       const float h = (xr[c] - mean) * inv;
       xhat[r * width + c] = h;
-      out[r * width + c] = h * scale[c];
+      store_float(out[r * width + c], h * scale[c]);
     }
   }
 }
@@ -100,9 +102,12 @@ void layernorm_forward(const Tensor& x, const Tensor& scale, float eps, Tensor& 
   const int64_t rows = x.dim(0), width = x.dim(1);
   if (rows == 0) return;
   const int blocks = static_cast<int>(std::min<int64_t>(rows, 65535));
-  layernorm_forward_kernel<<<blocks, kThreads, 0, context().stream>>>(
-      x.data<float>(), scale.data<float>(), eps, out.data<float>(), xhat.data<float>(), rstd.data<float>(), rows,
-      width);
+  with_float_storage(out.dtype(), [&](auto element) {
+    using Out = decltype(element);
+    layernorm_forward_kernel<<<blocks, kThreads, 0, context().stream>>>(
+        x.data<float>(), scale.data<float>(), eps, out.data<Out>(), xhat.data<float>(), rstd.data<float>(), rows,
+        width);
+  });
   check_cuda(cudaGetLastError(), "layernorm_forward");
 }
 

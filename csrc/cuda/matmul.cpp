@@ -1,5 +1,6 @@
 // C = alpha · op(A) @ op(B) + beta · C through cuBLASLt (shapes and dtypes checked in ops.cpp):
-// A and B both float32 or both bfloat16, C float32, always accumulated in float32
+// A and B both float32 or both bfloat16, C float32 (or bfloat16 after bfloat16 inputs: the
+// float32 result rounded to nearest, as the CPU rounds it), always accumulated in float32
 // (CUBLAS_COMPUTE_32F: never TF32, so the float32 mode stays the exact one).
 //
 // cuBLASLt is column-major, and a row-major [r, c] matrix is the column-major [c, r] one with
@@ -59,7 +60,7 @@ uint32_t alignment(const void* p) {
 }
 
 // Everything the heuristic's answer depends on.
-using ShapeKey = std::tuple<int, int64_t, int64_t, int64_t, bool, bool, int, uint32_t, uint32_t, uint32_t>;
+using ShapeKey = std::tuple<int, int64_t, int64_t, int64_t, bool, bool, int, int, uint32_t, uint32_t, uint32_t>;
 
 struct AlgorithmCache {
   std::mutex mutex;
@@ -88,9 +89,11 @@ void matmul(const Tensor& a, bool transpose_a, const Tensor& b, bool transpose_b
   MatmulDesc desc;
   desc.set_transpose(CUBLASLT_MATMUL_DESC_TRANSA, transpose_b);  // the column-major A is our B
   desc.set_transpose(CUBLASLT_MATMUL_DESC_TRANSB, transpose_a);
-  const Layout first(in, b.dim(0), b.dim(1)), second(in, a.dim(0), a.dim(1)), out(CUDA_R_32F, m, n);
+  const cudaDataType_t result = c.dtype() == DType::BF16 ? CUDA_R_16BF : CUDA_R_32F;
+  const Layout first(in, b.dim(0), b.dim(1)), second(in, a.dim(0), a.dim(1)), out(result, m, n);
   const uint32_t align_b = alignment(b.raw_data()), align_a = alignment(a.raw_data()), align_c = alignment(c.raw_data());
-  const ShapeKey key{ctx.device, m, n, k, transpose_a, transpose_b, static_cast<int>(in), align_a, align_b, align_c};
+  const ShapeKey key{ctx.device, m, n, k, transpose_a, transpose_b, static_cast<int>(in), static_cast<int>(result),
+                     align_a, align_b, align_c};
   cublasLtMatmulAlgo_t algo{};
   AlgorithmCache& cache = algorithm_cache();
   bool known = false;

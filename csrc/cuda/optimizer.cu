@@ -69,21 +69,36 @@ __global__ void add_chunks_kernel(const double* partial, int64_t chunks, int wid
 // Pass 2 of Adafactor per element (adafactor_apply_element): u = g·gscale / sqrt(v) / clip_div;
 // m = β1 m + (1 - β1) u;  x = x - step_size · m - decay · x. Layout: one thread per element,
 // grid-stride.
+// With `rounded` (not null; R: float or bf16 storage), also rounded = R(x) in the same pass.
+template <class R>
 __global__ void adafactor_apply_kernel(float* x, const float* g, float* m, const float* v, int64_t n, float gscale,
-                                       float clip_div, float step_size, float decay, float beta1) {
+                                       float clip_div, float step_size, float decay, float beta1, R* rounded) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
     adafactor_apply_element(x[i], g[i], m[i], v[i], gscale, clip_div, step_size, decay, beta1);
+    if (rounded) store_rounded(rounded[i], x[i]);
+  }
 }
 
 // AdamW per element (adamw_element): m = β1 m + (1 - β1) g;  v = β2 v + (1 - β2) g²;
 // x = x - rate · (m · m_hat) / (sqrt(v · v_hat) + eps) - decay · x. Layout: one thread per
 // element, grid-stride.
+// With `rounded` (as adafactor_apply_kernel), also rounded = R(x) in the same pass.
+template <class R>
 __global__ void adamw_kernel(float* x, const float* g, float* m, float* v, int64_t n, float b1, float b2, float m_hat,
-                             float v_hat, float rate, float decay, float gscale, float eps) {
+                             float v_hat, float rate, float decay, float gscale, float eps, R* rounded) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
     adamw_element(x[i], g[i], m[i], v[i], b1, b2, m_hat, v_hat, rate, decay, gscale, eps);
+    if (rounded) store_rounded(rounded[i], x[i]);
+  }
+}
+
+// f(pointer): the rounded copy's elements (float or bf16), or a null float pointer without one.
+template <class F>
+void with_rounded(Tensor* rounded, F&& f) {
+  if (!rounded) return f(static_cast<float*>(nullptr));
+  with_float_storage(rounded->dtype(), [&](auto element) { f(rounded->data<decltype(element)>()); });
 }
 
 }  // namespace
@@ -120,7 +135,7 @@ void adafactor_second_moment(const Tensor& x, const Tensor& g, Tensor& v, int64_
 }
 
 void adafactor_apply(Tensor& x, const Tensor& g, Tensor& m, const Tensor& v, double lr, double grad_scale,
-                     double rms_u, double rms_x, const AdafactorSettings& s) {
+                     double rms_u, double rms_x, const AdafactorSettings& s, Tensor* rounded) {
   const int64_t n = x.numel();
   if (n == 0) return;
   // as cpu/optimizer.cpp
@@ -128,13 +143,16 @@ void adafactor_apply(Tensor& x, const Tensor& g, Tensor& m, const Tensor& v, dou
   const float clip_div = static_cast<float>(std::max(1.0, rms_u / s.clip));
   const float step_size = static_cast<float>(lr * std::max(s.min_scale, rms_x));
   const float decay = static_cast<float>(lr * lr), beta1 = static_cast<float>(s.beta1);
-  adafactor_apply_kernel<<<grid_for(n, kThreads), kThreads, 0, context().stream>>>(
-      x.data<float>(), g.data<float>(), m.data<float>(), v.data<float>(), n, gscale, clip_div, step_size, decay, beta1);
+  with_rounded(rounded, [&](auto* copy) {
+    adafactor_apply_kernel<<<grid_for(n, kThreads), kThreads, 0, context().stream>>>(
+        x.data<float>(), g.data<float>(), m.data<float>(), v.data<float>(), n, gscale, clip_div, step_size, decay,
+        beta1, copy);
+  });
   check_cuda(cudaGetLastError(), "adafactor_apply");
 }
 
 void adamw_update(Tensor& x, const Tensor& g, Tensor& m, Tensor& v, int64_t step, double lr, double grad_scale,
-                  const AdamWSettings& s) {
+                  const AdamWSettings& s, Tensor* rounded) {
   const int64_t n = x.numel();
   if (n == 0) return;
   // as cpu/optimizer.cpp
@@ -143,9 +161,12 @@ void adamw_update(Tensor& x, const Tensor& g, Tensor& m, Tensor& v, int64_t step
   const float v_hat = static_cast<float>(1.0 / (1.0 - std::pow(s.beta2, double(step))));
   const float rate = static_cast<float>(lr), decay = static_cast<float>(lr * s.weight_decay);
   const float gscale = static_cast<float>(grad_scale), eps = static_cast<float>(s.eps);
-  adamw_kernel<<<grid_for(n, kThreads), kThreads, 0, context().stream>>>(x.data<float>(), g.data<float>(),
-                                                                         m.data<float>(), v.data<float>(), n, b1, b2,
-                                                                         m_hat, v_hat, rate, decay, gscale, eps);
+  with_rounded(rounded, [&](auto* copy) {
+    adamw_kernel<<<grid_for(n, kThreads), kThreads, 0, context().stream>>>(x.data<float>(), g.data<float>(),
+                                                                           m.data<float>(), v.data<float>(), n, b1, b2,
+                                                                           m_hat, v_hat, rate, decay, gscale, eps,
+                                                                           copy);
+  });
   check_cuda(cudaGetLastError(), "adamw_update");
 }
 

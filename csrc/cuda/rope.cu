@@ -7,24 +7,27 @@
 #include <algorithm>
 
 #include "cuda/context.h"
+#include "palmcore/math/bf16.h"
 #include "palmcore/math/rope.h"
 
 namespace palmcore::cuda {
 namespace {
 
-// One thread per pair (grid-stride): pair j is (row r, head h, index i).
-__global__ void rope_apply_kernel(float* x, const int32_t* positions, const float* cos_table,
+// One thread per pair (grid-stride): pair j is (row r, head h, index i). T: float or bf16
+// storage (rotated in float32).
+template <class T>
+__global__ void rope_apply_kernel(T* x, const int32_t* positions, const float* cos_table,
                                   const float* sin_table, int64_t rows, int64_t heads, int64_t half, float sign) {
   const int64_t n = rows * heads * half, stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < n; j += stride) {
     const int64_t i = j % half, h = (j / half) % heads, r = j / (half * heads);
     const int64_t t = static_cast<int64_t>(positions[r]) * half + i;
-    float* x1 = x + (r * heads + h) * 2 * half + i;
-    float* x2 = x1 + half;
-    float a = *x1, b = *x2;
+    T* x1 = x + (r * heads + h) * 2 * half + i;
+    T* x2 = x1 + half;
+    float a = load_float(*x1), b = load_float(*x2);
     palmcore::rotate_pair(a, b, cos_table[t], sign * sin_table[t]);  // sign = ±1: exact
-    *x1 = a;
-    *x2 = b;
+    store_float(*x1, a);
+    store_float(*x2, b);
   }
 }
 
@@ -37,9 +40,12 @@ void rope_apply(Tensor& x, const Tensor& positions, const Tensor& cos_table, con
   if (n == 0) return;
   constexpr int kThreads = 256;
   const int blocks = static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, 4096));
-  rope_apply_kernel<<<blocks, kThreads, 0, context().stream>>>(x.data<float>(), positions.data<int32_t>(),
-                                                               cos_table.data<float>(), sin_table.data<float>(),
-                                                               rows, heads, half, inverse ? -1.0f : 1.0f);
+  with_float_storage(x.dtype(), [&](auto element) {
+    using T = decltype(element);
+    rope_apply_kernel<<<blocks, kThreads, 0, context().stream>>>(x.data<T>(), positions.data<int32_t>(),
+                                                                 cos_table.data<float>(), sin_table.data<float>(),
+                                                                 rows, heads, half, inverse ? -1.0f : 1.0f);
+  });
   check_cuda(cudaGetLastError(), "rope_apply");
 }
 

@@ -63,8 +63,10 @@ void make_rope_tables(int64_t positions, int64_t head_dim, double base, Tensor& 
 
 // PALM_SPEC "Precision". FP32 computes in float32. BF16 is mixed precision: every GEMM reads a
 // bf16 copy of the weights and bf16 inputs and accumulates in float32; the activations the
-// spec stores in bf16 are rounded where they are made (model.cpp lists the points). On the CPU
-// the bf16 values are kept in float32, so this is the oracle a GPU's bf16 mode must match.
+// spec stores in bf16 are rounded where they are made (model.cpp lists the points). Those
+// activations and the weight copy are stored as bfloat16 (half the bytes: the CUDA kernels'
+// form) or as float32 holding bf16 values (the CPU's default: its kernels compute in float32).
+// On the CPU both storages give the same bits: the oracle a GPU's bf16 mode must match.
 enum class Precision { FP32, BF16 };
 
 class Model {
@@ -96,11 +98,22 @@ class Model {
   void zero_grad() { fill_zero(grads_); }
 
   Precision precision() const { return precision_; }
-  void set_precision(Precision precision);
+  // `storage`: DType::BF16 or DType::F32, the bf16 mode's storage (above); the one-argument form
+  // picks the device's own (bfloat16 on CUDA, float32 on the CPU). Throws std::invalid_argument
+  // for bfloat16 storage on a sharded model (its collectives move float32).
+  void set_precision(Precision precision, DType storage);
+  void set_precision(Precision precision) {
+    set_precision(precision, device_ == Device::CUDA ? DType::BF16 : DType::F32);
+  }
+  // The dtype of the activations the spec stores in bf16: bfloat16 only with bf16 storage.
+  DType activation_dtype() const { return precision_ == Precision::BF16 ? storage_ : DType::F32; }
   // After anything writes the parameters (an optimizer step), or one of them (a loaded state):
   // refreshes the bf16 copy the GEMMs read.
   void params_changed();
   void param_changed(const std::string& name);
+  // The bf16 mode's GEMM copy of the flat parameters (R(params), float32 or bfloat16 storage),
+  // or null in fp32. An optimizer that writes it in its update pass need not call params_changed().
+  Tensor* rounded_params() { return bf16() ? &gemm_params_ : nullptr; }
 
   // An empty cache of `slots` sequences of up to `capacity` <= max_seq_len positions.
   KVCache make_cache(int64_t slots, int64_t capacity) const;
@@ -137,6 +150,7 @@ class Model {
     Tensor dx, dh, dfinal_h, dattn, dq, dk, dv, swiglu, dswiglu, dgate, dup, branches;
     Tensor dx_bf16;  // bf16 mode: dx rounded, the GEMMs' copy of the residual gradient
     Tensor logits_chunk, row_lse, row_picked, row_shift;
+    Tensor dz_bf16;  // bf16 storage: the logits' gradient rounded into bfloat16 for the GEMMs
     AttentionWorkspace attention;
     // inference: the rows whose logits are wanted, their final hidden states and logits
     Tensor logit_rows, logit_h, logits;
@@ -176,6 +190,7 @@ class Model {
   // What the GEMMs and the embedding lookup read: the parameters themselves (fp32), or their
   // bf16-rounded copy (bf16).
   Precision precision_ = Precision::FP32;
+  DType storage_ = DType::F32;
   Tensor gemm_params_;
   Weights gemm_weights_;
   Tensor rope_cos_, rope_sin_;

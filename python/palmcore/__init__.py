@@ -20,7 +20,8 @@ from palmcore.text import generate, load
 from palmcore.tokenizer import Tokenizer
 
 __all__ = ["load", "generate", "Mesh", "PaLMConfig", "PaLM", "Adafactor", "AdamW", "Tokenizer", "schedules",
-           "set_num_threads", "get_num_threads", "set_memory_limit", "get_memory_limit", "cuda_available"]
+           "set_num_threads", "get_num_threads", "set_memory_limit", "get_memory_limit", "cuda_available",
+           "set_kernels", "get_kernels"]
 __version__ = "0.1.0"
 
 
@@ -32,6 +33,17 @@ def cuda_available() -> bool:
         return not _core.cuda_unavailable_reason()
     except Exception:  # noqa: BLE001  (a question, not an operation: no answer is "no")
         return False
+
+
+def set_kernels(choice: str) -> None:
+    """Which CUDA kernels run where a fast one and a plain, obviously correct one exist
+    (attention): "fast" (the default) or "plain", to tell a wrong algorithm from a wrong
+    optimisation. Process-wide; ``PALMCORE_KERNELS=plain`` sets it at start-up."""
+    _core.set_kernels(choice)
+
+
+def get_kernels() -> str:
+    return _core.kernel_choice()
 
 
 def set_num_threads(n: int) -> None:

@@ -47,4 +47,14 @@ PALMCORE_HD float from_bf16(bf16 b) { return bits_float(static_cast<uint32_t>(b.
 // x rounded to the nearest bf16 value, kept as a float32.
 PALMCORE_HD float round_bf16(float x) { return from_bf16(to_bf16(x)); }
 
+// Kernels written once for float32 and bf16 storage: a load widens (exact), a store rounds to
+// the nearest bf16 (ties to even), so a bf16 tensor holds what the CPU's bf16 mode rounds.
+PALMCORE_HD float load_float(float x) { return x; }
+PALMCORE_HD float load_float(bf16 x) { return from_bf16(x); }
+PALMCORE_HD void store_float(float& dst, float value) { dst = value; }
+PALMCORE_HD void store_float(bf16& dst, float value) { dst = to_bf16(value); }
+// dst = R(value) in either storage (float32 holding the bf16 value, or bf16 itself).
+PALMCORE_HD void store_rounded(float& dst, float value) { dst = round_bf16(value); }
+PALMCORE_HD void store_rounded(bf16& dst, float value) { dst = to_bf16(value); }
+
 }  // namespace palmcore

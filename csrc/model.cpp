@@ -22,10 +22,13 @@ void require(bool ok, const std::string& message) {
   if (!ok) throw std::invalid_argument(message);
 }
 
-// Rows of the logits computed at once in the loss: ~64 MiB of [rows, V] floats (more when V
-// is so large that 64 rows exceed it).
-int64_t logits_chunk_rows(int64_t vocab, int64_t rows) {
-  return std::min(rows, std::max<int64_t>(64, (int64_t{16} << 20) / vocab));
+// Rows of the logits computed at once in the loss: ~64 MiB of [rows, V] floats on the CPU (it
+// stays in cache-friendly pieces), ~1 GiB on a GPU (the classifier's three GEMMs then have
+// thousands of rows: a chunk of 64 rows against a 256k vocabulary would read the whole
+// embedding per 64 rows); at least 64 rows when V is so large that the budget holds fewer.
+int64_t logits_chunk_rows(int64_t vocab, int64_t rows, Device device) {
+  const int64_t budget = device == Device::CPU ? int64_t{16} << 20 : int64_t{256} << 20;  // floats
+  return std::min(rows, std::max<int64_t>(64, budget / vocab));
 }
 
 // Parameters one rank of `shards` holds (PALM_SPEC "Sharded layout"), counted from the config
@@ -317,7 +320,7 @@ void Model::prepare(int64_t batch, int64_t seq) {
   a.dswiglu = rounded({rows, F});
   a.dgate = rounded({rows, F});
   a.dup = rounded({rows, F});
-  const int64_t chunk = logits_chunk_rows(local_vocab(), rows);
+  const int64_t chunk = logits_chunk_rows(local_vocab(), rows, device_);
   a.logits_chunk = f32({chunk, local_vocab()});
   if (activation_dtype() == DType::BF16) a.dz_bf16 = rounded({chunk, local_vocab()});
   a.row_lse = f32({chunk});

@@ -4,6 +4,7 @@
 
 #include <dlfcn.h>
 
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <memory>
@@ -130,6 +131,19 @@ void* allocate(size_t bytes, const std::string& what) {
   check_cuda(status, "cudaMalloc");
   count_device_allocation(ctx.device, bytes);
   return data;
+}
+
+Scratch::Scratch(size_t bytes) {
+  Context& ctx = context();
+  lock_ = std::unique_lock<std::mutex>(ctx.scratch_mutex);
+  if (bytes > ctx.scratch_bytes) {
+    const size_t grown = std::max(bytes, 2 * ctx.scratch_bytes);
+    void* bigger = allocate(grown, "scratch for reduction partials");
+    release(ctx.scratch, ctx.scratch_bytes);  // (waits for the kernels still reading it)
+    ctx.scratch = bigger;
+    ctx.scratch_bytes = grown;
+  }
+  data_ = ctx.scratch;
 }
 
 void release(void* data, size_t bytes) {

@@ -6,6 +6,8 @@
 #include <cublasLt.h>
 #include <cuda_runtime.h>
 
+#include <mutex>
+
 #include "cuda/cuda_ops.h"
 
 namespace palmcore::cuda {
@@ -16,12 +18,33 @@ struct Context {
   cublasLtHandle_t lt = nullptr;
   void* workspace = nullptr;
   size_t workspace_bytes = 0;
+  // The ops' scratch (Scratch below): grown when an op needs more, never shrunk.
+  std::mutex scratch_mutex;
+  void* scratch = nullptr;
+  size_t scratch_bytes = 0;
 };
 
 // The current device's context, with that device made current on the calling thread (the
 // CUDA runtime's current device is per thread; the callers of the ops are any threads).
 // Throws std::runtime_error naming the reason when CUDA cannot be used.
 Context& context();
+
+// Device memory for an op's intermediate values (reduction partials), reused by every op of the
+// current device in stream order instead of an allocation per call (cudaFree waits for the
+// whole device). The lease holds the context's scratch until the op has enqueued its kernels,
+// so the ops of two host threads never interleave on the same bytes; keep it no longer.
+class Scratch {
+ public:
+  explicit Scratch(size_t bytes);
+  template <class T>
+  T* as() const {
+    return static_cast<T*>(data_);
+  }
+
+ private:
+  std::unique_lock<std::mutex> lock_;
+  void* data_ = nullptr;
+};
 
 // Throws std::runtime_error "<what>: <CUDA's error string>" unless `status` is success.
 void check_cuda(cudaError_t status, const char* what);

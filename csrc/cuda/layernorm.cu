@@ -13,9 +13,13 @@
 // (block_sum). The order is fixed (the same bits on every run, any grid), but it is not the
 // CPU's: the row statistics, hence xhat, out, rstd and dx, differ from the CPU in the last
 // bits (within 1e-5 relative in fp32, tests/test_backend_ops_elementwise.py).
-// dscale is one thread per column summing the rows in order with an FMA, as the CPU does
-// (column blocks, rows in order, g++'s fused dg += dout · xhat): it should match bit for bit.
+// dscale: the rows are cut into fixed chunks of kRowsPerChunk; one thread per (chunk, column)
+// sums its chunk's rows in order with an FMA into a partial, then one thread per column adds
+// the partials in chunk order to dscale. Fixed order (the same bits on every run and GPU), and
+// parallel over the rows too (a thread per column alone would leave most of the GPU idle);
+// not the CPU's order, so within the same 1e-5 as the row statistics.
 #include <algorithm>
+#include <stdexcept>
 
 #include "cuda/context.h"
 #include "palmcore/math/bf16.h"
@@ -86,13 +90,26 @@ __global__ void layernorm_backward_dx_kernel(const float* dout, const float* xha
   }
 }
 
-// dscale: one thread per column, the rows in order (the CPU's order).
-__global__ void layernorm_backward_dscale_kernel(const float* dout, const float* xhat, float* dscale, int64_t rows,
-                                                 int64_t width) {
+constexpr int64_t kRowsPerChunk = 256;
+
+// partial[chunk · width + c] = Σ_{rows r of the chunk, in order} dout[r, c] · xhat[r, c]
+// (grid: column blocks × chunks).
+__global__ void layernorm_dscale_partial_kernel(const float* dout, const float* xhat, float* partial, int64_t rows,
+                                                int64_t width) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x, chunk = blockIdx.y;
+  if (c >= width) return;
+  const int64_t end = min(rows, (chunk + 1) * kRowsPerChunk);
+  float acc = 0.0f;
+  for (int64_t r = chunk * kRowsPerChunk; r < end; ++r) acc = fmaf(dout[r * width + c], xhat[r * width + c], acc);
+  partial[chunk * width + c] = acc;
+}
+
+// dscale[c] += Σ_chunks partial[chunk · width + c], chunks in order (one thread per column).
+__global__ void layernorm_dscale_add_kernel(const float* partial, float* dscale, int64_t chunks, int64_t width) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= width) return;
   float acc = dscale[c];
-  for (int64_t r = 0; r < rows; ++r) acc = fmaf(dout[r * width + c], xhat[r * width + c], acc);
+  for (int64_t chunk = 0; chunk < chunks; ++chunk) acc += partial[chunk * width + c];
   dscale[c] = acc;
 }
 
@@ -121,8 +138,15 @@ void layernorm_backward(const Tensor& dout, const Tensor& xhat, const Tensor& rs
                                                                  rstd.data<float>(), scale.data<float>(),
                                                                  dx.data<float>(), rows, width);
   check_cuda(cudaGetLastError(), "layernorm_backward (dx)");
-  layernorm_backward_dscale_kernel<<<static_cast<unsigned>((width + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
-      dout.data<float>(), xhat.data<float>(), dscale.data<float>(), rows, width);
+  const int64_t chunks = (rows + kRowsPerChunk - 1) / kRowsPerChunk;
+  const unsigned column_blocks = static_cast<unsigned>((width + kThreads - 1) / kThreads);
+  if (chunks > 65535) throw std::invalid_argument("layernorm_backward: more rows than the CUDA kernel's grid takes");
+  const Scratch partial(static_cast<size_t>(chunks * width) * sizeof(float));
+  layernorm_dscale_partial_kernel<<<dim3(column_blocks, static_cast<unsigned>(chunks)), kThreads, 0, stream>>>(
+      dout.data<float>(), xhat.data<float>(), partial.as<float>(), rows, width);
+  check_cuda(cudaGetLastError(), "layernorm_backward (dscale partials)");
+  layernorm_dscale_add_kernel<<<column_blocks, kThreads, 0, stream>>>(partial.as<float>(), dscale.data<float>(),
+                                                                      chunks, width);
   check_cuda(cudaGetLastError(), "layernorm_backward (dscale)");
 }
 

@@ -106,14 +106,13 @@ void with_rounded(Tensor* rounded, F&& f) {
 void sum_squares(const Tensor& x, Tensor& sums, int64_t index) {
   const int64_t n = x.numel(), chunks = (n + kChunk - 1) / kChunk;
   const cudaStream_t stream = context().stream;
-  // The chunks' partial sums; freeing it (cudaFree) waits for the kernels that use it.
-  Tensor partial = Tensor::zeros({std::max<int64_t>(chunks, 1)}, DType::F64, Device::CUDA);
+  const Scratch partial(std::max<int64_t>(chunks, 1) * sizeof(double));  // the chunks' partial sums
   if (chunks > 0) {
     sum_squares_chunks_kernel<<<grid_for(chunks, kThreads), kThreads, 0, stream>>>(x.data<float>(), n, chunks,
-                                                                                  partial.data<double>());
+                                                                                  partial.as<double>());
     check_cuda(cudaGetLastError(), "sum_squares");
   }
-  add_chunks_kernel<<<1, 1, 0, stream>>>(partial.data<double>(), chunks, 1, sums.data<double>(), index);
+  add_chunks_kernel<<<1, 1, 0, stream>>>(partial.as<double>(), chunks, 1, sums.data<double>(), index);
   check_cuda(cudaGetLastError(), "sum_squares");
 }
 
@@ -124,13 +123,13 @@ void adafactor_second_moment(const Tensor& x, const Tensor& g, Tensor& v, int64_
   const float beta2 = static_cast<float>(1.0 - std::pow(static_cast<double>(step), -s.decay));
   const float gscale = static_cast<float>(grad_scale), eps = static_cast<float>(s.eps);
   const cudaStream_t stream = context().stream;
-  Tensor partial = Tensor::zeros({std::max<int64_t>(2 * chunks, 2)}, DType::F64, Device::CUDA);
+  const Scratch partial(std::max<int64_t>(2 * chunks, 2) * sizeof(double));
   if (chunks > 0) {
     adafactor_second_moment_chunks_kernel<<<grid_for(chunks, kThreads), kThreads, 0, stream>>>(
-        x.data<float>(), g.data<float>(), v.data<float>(), n, chunks, beta2, gscale, eps, partial.data<double>());
+        x.data<float>(), g.data<float>(), v.data<float>(), n, chunks, beta2, gscale, eps, partial.as<double>());
     check_cuda(cudaGetLastError(), "adafactor_second_moment");
   }
-  add_chunks_kernel<<<1, 1, 0, stream>>>(partial.data<double>(), chunks, 2, sums.data<double>(), index);
+  add_chunks_kernel<<<1, 1, 0, stream>>>(partial.as<double>(), chunks, 2, sums.data<double>(), index);
   check_cuda(cudaGetLastError(), "adafactor_second_moment");
 }
 

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The one script a GPU session runs: install palmcore and what its CUDA tests need from a folder
 # of wheels (the device machine has no package registry), print `palmcore info`, run the CUDA
-# build and backend tests on the cuda device, then a short cuBLASLt GEMM benchmark.
+# build and backend tests on the cuda device, the cuBLASLt GEMM benchmark, a training step of
+# ~350M and ~1.3B configs against PyTorch, and compute-sanitizer on a tiny step; one table at
+# the end, copied with the logs to $OUT when it is set.
 #
 #   bench/gpu/check.sh [--sanitize] [WHEELS_DIR]        (WHEELS_DIR default: build/gpu-wheels)
 #
-# --sanitize runs the tests under compute-sanitizer (memcheck; it must be on PATH or in
-# $CUDA_HOME/bin); slow, so the GEMM benchmark is then skipped.
+# --sanitize runs the GPU tests themselves under compute-sanitizer memcheck instead (slow; it
+# must be on PATH or in $CUDA_HOME/bin), and nothing else.
 #
 # Prepare the wheels HERE (never commit them: build/ is git-ignored), for the device machine's
 # Python version (check it first; 3.11 below):
@@ -57,13 +59,39 @@ cd /tmp  # import the installed palmcore, not the checkout's python/ folder
 sys.exit(0 if palmcore.cuda_available() else 'check.sh: CUDA is not usable here: ' + _core.cuda_unavailable_reason())"
 cd - >/dev/null
 tests=(tests/test_cuda_build.py tests/test_cuda_model.py tests/test_backend*.py tests/test_shared_math.py)
+sanitizer="$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")"
 if (( sanitize )); then
-  sanitizer="$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")"
   "$sanitizer" --tool memcheck --error-exitcode 3 "$python" -m pytest -q -p no:cacheprovider "${tests[@]}"
-else
-  "$python" -m pytest -q -p no:cacheprovider -rs "${tests[@]}"
-  "$python" bench/gpu/gemm.py --device cuda
-  # a training step of the ~350M and ~1.3B configs (T=2048) against PyTorch where it is there;
-  # a config whose ops lack a CUDA kernel prints its error in its row
-  timeout 300 "$python" bench/gpu/train_step.py --configs 350m,1.3b || echo "check.sh: train_step.py ended early"
+  exit
 fi
+# One table at the end (and $OUT/check.txt): the tests' verdict, the GEMM rates, the training
+# step against PyTorch (fast kernels; the plain ones too for 350m), compute-sanitizer's verdicts
+# (memcheck and racecheck) on a tiny training step whose attention runs the flash kernels.
+logs="$(mktemp -d)"
+# "ok" or "FAILED (exit N)" for a command whose output goes to the log file $1
+verdict() { local log="$1"; shift; if "$@" >"$log" 2>&1; then echo ok; else echo "FAILED (exit $?)"; fi; }
+tests_verdict="$(verdict "$logs/tests.txt" "$python" -m pytest -q -p no:cacheprovider -rs "${tests[@]}")"
+tail -30 "$logs/tests.txt"
+tests_verdict="$tests_verdict: $(tail -1 "$logs/tests.txt")"
+"$python" bench/gpu/gemm.py --device cuda | tee "$logs/gemm.txt"
+timeout 200 "$python" bench/gpu/train_step.py --configs 350m,1.3b --plain 350m | tee "$logs/train.txt" ||
+  echo "check.sh: train_step.py ended early" | tee -a "$logs/train.txt"
+tiny=(bench/gpu/train_step.py --configs tiny --seq 130 --tokens 260 --steps 1 --no-torch)
+sanitized=()
+for tool in memcheck racecheck; do
+  if [[ -x "$sanitizer" ]]; then
+    v="$(verdict "$logs/$tool.txt" timeout 90 "$sanitizer" --tool "$tool" --error-exitcode 3 "$python" "${tiny[@]}")"
+  else
+    v="compute-sanitizer not found"
+  fi
+  sanitized+=("compute-sanitizer $tool on a tiny training step (flash attention, T=130): $v")
+  tail -5 "$logs/$tool.txt" 2>/dev/null || true
+done
+{
+  echo "== palmcore GPU check: $(date -u +%FT%TZ), $("$python" -c 'from palmcore import _core; d = _core.cuda_devices(); print(d[0]["name"] if d else "?")' 2>/dev/null)"
+  echo "GPU tests: $tests_verdict"
+  printf '%s\n' "${sanitized[@]}"
+  echo; cat "$logs/gemm.txt"
+  echo; cat "$logs/train.txt"
+} | tee "$logs/check.txt"
+if [[ -n "${OUT:-}" ]]; then cp "$logs"/*.txt "$OUT"/; fi

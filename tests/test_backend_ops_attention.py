@@ -27,9 +27,12 @@ must be bit-identical too (no atomics, fixed reduction orders).
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 
+import palmcore
 from palmcore import _core
 from palmcore import reference as ref
 
@@ -59,6 +62,17 @@ def forward(device, q, k, v, B, H, Hkv, bf16, first_head=0, group=0):
 
 def backward(device, q, k, v, out, lse, dout, B, H, Hkv, bf16, first_head=0, group=0):
     return K.attention_backward_on(q, k, v, out, lse, dout, B, H, Hkv, first_head, group, bf16, device)
+
+
+@contextlib.contextmanager
+def kernel_choice(kernels):
+    """The CUDA kernels ("fast" or "plain") chosen while inside; restored after."""
+    before = palmcore.get_kernels()
+    palmcore.set_kernels(kernels)
+    try:
+        yield
+    finally:
+        palmcore.set_kernels(before)
 
 
 def fro(a, b):
@@ -187,13 +201,20 @@ def test_attention_cached(device, slots, capacity, H, Hkv, dh, precision):
     slot = np.array([r[0] for r in rows], dtype=np.int32)
     pos = np.array([r[1] for r in rows], dtype=np.int32)
     q = f32(rng, len(rows), H * dh)
-    out = K.attention_cached_on(q, slot, pos, k_cache, v_cache, slots, H, Hkv, bf16, device)
     cpu = K.attention_cached_on(q, slot, pos, k_cache, v_cache, slots, H, Hkv, bf16, "cpu")
-    assert scaled_err(out, cpu, floor=max_abs(v_cache)) <= VS_CPU[precision][0]
-    if not bf16:  # the reference's cached attention has no bf16 rounding
-        as4 = lambda a: a.astype(np.float64).reshape(slots, capacity, Hkv, dh)  # noqa: E731
-        want = ref.attention_cached(q.astype(np.float64).reshape(-1, H, dh), slot, pos, as4(k_cache), as4(v_cache))
-        assert scaled_err(out, want.reshape(len(rows), -1), floor=max_abs(v_cache)) <= VS_REF["fp32"]
+    # on a GPU: the flash-decoding kernels (fast; bf16 p rounded before normalising, within the
+    # same 1e-2) and the plain ones
+    for kernels in ("fast", "plain") if device == "cuda" else ("fast",):
+        with kernel_choice(kernels):
+            out = K.attention_cached_on(q, slot, pos, k_cache, v_cache, slots, H, Hkv, bf16, device)
+            again = K.attention_cached_on(q, slot, pos, k_cache, v_cache, slots, H, Hkv, bf16, device)
+        np.testing.assert_array_equal(out, again)
+        assert scaled_err(out, cpu, floor=max_abs(v_cache)) <= VS_CPU[precision][0], kernels
+        if not bf16:  # the reference's cached attention has no bf16 rounding
+            as4 = lambda a: a.astype(np.float64).reshape(slots, capacity, Hkv, dh)  # noqa: E731
+            want = ref.attention_cached(q.astype(np.float64).reshape(-1, H, dh), slot, pos, as4(k_cache),
+                                        as4(v_cache))
+            assert scaled_err(out, want.reshape(len(rows), -1), floor=max_abs(v_cache)) <= VS_REF["fp32"], kernels
     if device == "cpu" and not bf16:  # the new binding is the existing CPU one
         np.testing.assert_array_equal(out, K.attention_cached(q, slot, pos, k_cache, v_cache, slots, H, Hkv))
 
@@ -228,14 +249,10 @@ def test_bfloat16_storage_on_the_cpu_is_the_rounding_of_float32_storage(grouping
 def cuda_kernels(request):
     """A usable GPU (else skipped: "no CUDA device"), with the fast (flash) or the plain
     attention kernels chosen for the test; the choice is restored after it."""
-    import palmcore  # noqa: PLC0415
-
     if not palmcore.cuda_available():
         pytest.skip("no CUDA device")
-    before = palmcore.get_kernels()
-    palmcore.set_kernels(request.param)
-    yield request.param
-    palmcore.set_kernels(before)
+    with kernel_choice(request.param):
+        yield request.param
 
 
 @pytest.mark.parametrize("grouping,T,dh", STORAGE_CASES)
@@ -270,3 +287,22 @@ def test_bfloat16_storage_on_cuda_matches_the_cpu_oracle(cuda_kernels, grouping,
         np.testing.assert_array_equal(a, b)
     for a, b in zip(grads, K.attention_backward_on(*args, "cuda", "bfloat16")):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("H,Hkv,dh", [(16, 1, 128), (8, 2, 64), (4, 4, 96)])
+def test_bf16_decode_on_cuda_matches_the_cpu_oracle(cuda_kernels, H, Hkv, dh):
+    """A bf16-mode decode step of 5 sequences at ragged positions of a 300-position cache (the
+    flash-decoding kernels split it), against the CPU's bf16 cached attention: 1e-2 of max|v|
+    (p rounded to bf16 before normalising instead of after: at most 2 · 2^-9 · max|v| apart),
+    and reruns bit-identical."""
+    rng = np.random.default_rng(H * dh)
+    slots, capacity = 5, 300
+    k_cache, v_cache = (ref.round_bf16(f32(rng, slots * capacity, Hkv * dh)).astype(np.float32) for _ in range(2))
+    slot = np.arange(slots, dtype=np.int32)
+    pos = np.array([0, 63, 64, 201, 299], np.int32)
+    q = ref.round_bf16(f32(rng, slots, H * dh)).astype(np.float32)
+    cpu = K.attention_cached_on(q, slot, pos, k_cache, v_cache, slots, H, Hkv, True, "cpu")
+    out = K.attention_cached_on(q, slot, pos, k_cache, v_cache, slots, H, Hkv, True, "cuda")
+    assert scaled_err(out, cpu, floor=max_abs(v_cache)) <= 1e-2
+    np.testing.assert_array_equal(out, K.attention_cached_on(q, slot, pos, k_cache, v_cache, slots, H, Hkv, True,
+                                                             "cuda"))

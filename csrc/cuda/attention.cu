@@ -25,7 +25,8 @@
 // Storage: float32, or bf16 (load_float / store_float: loads widen, stores round to nearest).
 // The AttentionWorkspace (the CPU's per-thread tiles) is not used. Where kernel_choice() is
 // Fast and the flash kernels (cuda/flash_attention.cu, tensor cores, bf16) take the shape,
-// attention_forward and attention_backward run those instead.
+// attention_forward and attention_backward run those instead, and attention_cached runs the
+// flash-decoding kernels (cuda/decode_attention.cu).
 #include <cfloat>
 #include <climits>
 #include <cmath>
@@ -33,6 +34,7 @@
 #include <string>
 
 #include "cuda/context.h"
+#include "cuda/decode_attention.h"
 #include "cuda/flash_attention.h"
 #include "palmcore/math/bf16.h"
 #include "palmcore/math/exp.h"
@@ -350,6 +352,8 @@ void attention_cached(const Tensor& q, const Tensor& slots, const Tensor& positi
     throw std::invalid_argument("attention_cached: a sharded model's heads are not supported");
   const int64_t blocks = q.dim(0) * L.H;
   if (blocks == 0 || L.dh == 0) return;
+  if (kernel_choice() == KernelChoice::Fast && decode_attention_supports(shape))
+    return decode_attention(q, slots, positions, k_cache, v_cache, out, shape);
   const size_t bytes = forward_shared_bytes(L.dh);
   const unsigned grid = grid_of(blocks, bytes, "attention_cached");
   with_float_storage(q.dtype(), [&](auto element) {

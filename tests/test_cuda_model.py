@@ -171,3 +171,42 @@ def test_a_short_cuda_training_run_follows_the_cpu(corpus, tmp_path, precision):
     for a, b in zip(curves["cpu"], curves["cuda"]):
         assert abs(a - b) <= tol * a, (a, b)
     assert main(common + ["--steps", "10", "--device", "cuda", "--out", str(tmp_path / "cuda"), "--resume"]) == 0
+
+
+# ---- generation on the GPU (issue 12): the fast (flash-decoding) and plain cached attention ----
+
+@pytest.mark.parametrize("kernels", ["fast", "plain"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_gpu_generation_follows_its_full_forwards(kernels, precision):
+    """On the GPU: cached logits (a prefill, then decode steps) equal the full forward's last
+    rows (fp32 1e-5 of the largest logit; bf16 near/far as above against the fp32 ones), greedy
+    tokens are the argmax of the full forwards, a batch of prompts of different lengths gives
+    each prompt's tokens alone, and sampled tokens are the CPU's sampler on the GPU's logits."""
+    before = palmcore.get_kernels()
+    palmcore.set_kernels(kernels)
+    try:
+        _, gpu = pair(precision, FLASH_CFG)
+        _, gpu32 = pair("fp32", FLASH_CFG)
+        tokens = random_tokens(FLASH_CFG, 1, 40, seed=4)[0]
+        cache = gpu.kv_cache(1)
+        cached = np.stack([cache.feed(tokens[:30])[0]] + [cache.feed([t])[0] for t in tokens[30:]])
+        full = gpu.forward(tokens[None])[0, 29:]
+        if precision == "fp32":
+            assert scaled_err(cached, full, floor=np.abs(full).max()) <= 1e-5
+        else:
+            assert fro(cached, full) <= fro(cached, gpu32.forward(tokens[None])[0, 29:]) / 20
+        prompt = list(tokens[:9])
+        got = gpu.generate([prompt], max_new_tokens=12, temperature=0, stop_tokens=())[0]
+        seq = list(prompt)
+        for _ in range(12):
+            seq.append(int(np.argmax(gpu.forward(np.array([seq]))[0, -1])))
+        assert got == seq[len(prompt):]
+        prompts = [list(tokens[:5]), list(tokens[10:27]), list(tokens[3:4])]
+        together = gpu.generate(prompts, max_new_tokens=8, temperature=0, stop_tokens=())
+        assert together == [gpu.generate([p], max_new_tokens=8, temperature=0, stop_tokens=())[0] for p in prompts]
+        sampled = gpu.generate([prompt], max_new_tokens=1, temperature=0.9, top_k=20, top_p=0.9, seed=3)[0]
+        logits = gpu.kv_cache(1).feed(prompt)[0]  # the generator's own prefill, on the GPU
+        settings = dict(temperature=0.9, top_k=20, top_p=0.9, repetition_penalty=1.0, seed=3)
+        assert sampled == [palmcore._core.kernels.sample_token(logits, sorted(set(prompt)), settings, 0, 0)]
+    finally:
+        palmcore.set_kernels(before)

@@ -149,7 +149,7 @@ def generate(args: argparse.Namespace) -> None:
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     repetition_penalty=args.repetition_penalty, seed=args.seed)
     sampling_settings(args.max_new_tokens, stop_tokens=(), **sampling)  # checked before anything is read
-    model, tokenizer = load_cached(args.checkpoint)
+    model, tokenizer = load_cached(args.checkpoint, args.device, args.precision)
 
     def continue_prompt(text: str) -> None:
         pieces = stream_text(model, tokenizer, text, args.max_new_tokens, **sampling)  # checks first
@@ -280,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     p_gen.add_argument("--repetition-penalty", type=float, default=1.0, help="1: off")
     p_gen.add_argument("--seed", type=seed_int, default=0)
     p_gen.add_argument("--threads", type=thread_count, default=0)
+    p_gen.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (see palmcore info)")
+    p_gen.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                       help="bf16: PALM_SPEC mixed precision (bfloat16 activations and cache on a GPU)")
     p_plan = sub.add_parser("plan", help="memory, FLOPs and communication per device on a mesh")
     p_plan.add_argument("--preset", default="palm-540b", choices=PaLMConfig.presets())
     p_plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")

@@ -18,11 +18,12 @@ from palmcore.generation import sampling_settings
 from palmcore.tokenizer import EOD_ID, Tokenizer
 
 
-def load(path: str):
-    """(model, tokenizer) from a run folder, its checkpoints folder or one checkpoint."""
+def load(path: str, device: str = "cpu", precision: str = "fp32"):
+    """(model, tokenizer) from a run folder, its checkpoints folder or one checkpoint; the model
+    on ``device`` ("cpu", "cuda", "cuda:N"), computing in ``precision`` ("fp32" or "bf16")."""
     for candidate in (path, os.path.join(path, "checkpoints")):
         if checkpoint.is_checkpoint(candidate) or checkpoint.latest(candidate):
-            ck = checkpoint.load(candidate, with_optimizer=False)
+            ck = checkpoint.load(candidate, with_optimizer=False, device=device, precision=precision)
             tok_path = os.path.join(ck.path, "tokenizer.model")
             if not os.path.exists(tok_path):
                 raise ValueError(f"checkpoint {ck.path} holds no tokenizer.model")
@@ -39,16 +40,16 @@ def load(path: str):
 _loaded: dict = {}
 
 
-def load_cached(path: str):
-    """load(path), kept while the newest checkpoint under path stays the same."""
+def load_cached(path: str, device: str = "cpu", precision: str = "fp32"):
+    """load(path, device, precision), kept while the newest checkpoint under path stays the same."""
     key = os.path.realpath(path)
     if not os.path.exists(key):
         raise ValueError(f"no palmcore checkpoint at {path}: it does not exist")
     newest = checkpoint.latest(key) or checkpoint.latest(os.path.join(key, "checkpoints")) or key
-    stamp = (newest, os.path.getmtime(newest))
+    stamp = (newest, os.path.getmtime(newest), device, precision)
     if _loaded.get(key, (None,))[0] != stamp:
         _loaded.clear()
-        _loaded[key] = (stamp, load(key))
+        _loaded[key] = (stamp, load(key, device, precision))
     return _loaded[key][1]
 
 
@@ -59,16 +60,17 @@ def prompt_ids(tokenizer: Tokenizer, text: str) -> list[int]:
 
 def generate(checkpoint_path: str, prompt, max_new_tokens: int = 80, temperature: float = 0.8,
              top_k: int = 40, top_p: float = 0.95, repetition_penalty: float = 1.0,
-             stop_tokens=(EOD_ID,), seed: int = 0):
+             stop_tokens=(EOD_ID,), seed: int = 0, device: str = "cpu", precision: str = "fp32"):
     """The continuation of ``prompt`` (a string, or a list of strings) by the checkpoint at
-    ``checkpoint_path`` (a run folder, its checkpoints folder or one checkpoint)."""
+    ``checkpoint_path`` (a run folder, its checkpoints folder or one checkpoint), run on
+    ``device`` in ``precision``."""
     settings = sampling_settings(max_new_tokens, temperature, top_k, top_p, repetition_penalty,
                                  stop_tokens, seed)
     single = isinstance(prompt, str)
     texts = [prompt] if single else list(prompt)
     if not all(isinstance(t, str) for t in texts):
         raise TypeError("prompt must be a string or a list of strings")
-    model, tokenizer = load_cached(checkpoint_path)
+    model, tokenizer = load_cached(checkpoint_path, device, precision)
     outputs = model.generate([prompt_ids(tokenizer, t) for t in texts], **settings)
     stop = set(settings["stop_tokens"])
     decoded = [tokenizer.decode(out[:-1] if out and out[-1] in stop else out) for out in outputs]

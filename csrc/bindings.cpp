@@ -861,6 +861,8 @@ static void bind_runtime_info(py::module_& m) {
         set_kernel_choice(choice == "plain" ? KernelChoice::Plain : KernelChoice::Fast);
       },
       py::arg("choice"));
+  m.def("set_cuda_graphs", &set_cuda_graphs, py::arg("on"));
+  m.def("cuda_graphs", &cuda_graphs);
   m.def("kernel_choice", [] { return kernel_choice() == KernelChoice::Plain ? "plain" : "fast"; });
   m.def("get_num_threads", &get_num_threads);
   m.def("measure_sgemm_gflops", &measure_matmul_gflops, py::arg("m"), py::arg("n"), py::arg("k"),

@@ -367,6 +367,7 @@ void Model::prepare_inference(int64_t rows, const KVCache& cache) {
   a.logit_rows_host = host_twin(a.logit_rows);
   a.logit_h = rounded({logit_rows, D});
   a.logits = f32({logit_rows, config_.vocab_size});
+  decode_recording_.reset();  // its tensors are about to go
   infer_ = std::move(a);
 }
 
@@ -671,14 +672,23 @@ Tensor Model::forward_cached(KVCache& cache, const Tensor& tokens, const Tensor&
                            {&a.positions_host, &a.positions}, {&a.logit_rows_host, &a.logit_rows}})
     upload(*host, *dst);
 
-  run_forward(a, &cache);
-  cache.lengths = std::move(length);
-  // z = LN(x) @ embed^T / sqrt(D), for the wanted rows only (gathered like an embedding lookup)
   Tensor wanted = a.logit_rows.view(0, {n});
   Tensor h = a.logit_h.rows(0, n);
   Tensor logits = a.logits.rows(0, n);
-  embedding_forward(a.final_h, wanted, h);
-  matmul(h, false, gemm_weights_.embed, true, logits, 1.0f / std::sqrt(static_cast<float>(config_.d_model)));
+  // The device work: the same tensors on every decode step of this batch shape and cache, so on
+  // CUDA it is recorded once and replayed as a graph (the ids and positions uploaded above).
+  const std::tuple<int64_t, int64_t, const void*, DType> shape{rows, n, cache.keys[0].raw_data(), activation_dtype()};
+  if (shape != recorded_for_) {
+    decode_recording_.reset();
+    recorded_for_ = shape;
+  }
+  decode_recording_.run(device_, [&] {
+    run_forward(a, &cache);
+    // z = LN(x) @ embed^T / sqrt(D), for the wanted rows only (gathered like an embedding lookup)
+    embedding_forward(a.final_h, wanted, h);
+    matmul(h, false, gemm_weights_.embed, true, logits, 1.0f / std::sqrt(static_cast<float>(config_.d_model)));
+  });
+  cache.lengths = std::move(length);
   return logits;
 }
 

@@ -142,6 +142,7 @@ Scratch::Scratch(size_t bytes) {
     release(ctx.scratch, ctx.scratch_bytes);  // (waits for the kernels still reading it)
     ctx.scratch = bigger;
     ctx.scratch_bytes = grown;
+    ++ctx.scratch_generation;
   }
   data_ = ctx.scratch;
 }

@@ -22,6 +22,7 @@ struct Context {
   std::mutex scratch_mutex;
   void* scratch = nullptr;
   size_t scratch_bytes = 0;
+  int64_t scratch_generation = 0;  // counts the scratch's moves (a recorded graph holds its address)
 };
 
 // The current device's context, with that device made current on the calling thread (the

@@ -5,10 +5,12 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "palmcore/communicator.h"
 #include "palmcore/ops.h"
+#include "palmcore/recording.h"
 #include "palmcore/tensor.h"
 
 namespace palmcore {
@@ -195,6 +197,10 @@ class Model {
   Weights gemm_weights_;
   Tensor rope_cos_, rope_sin_;
   Activations act_, infer_;
+  // forward_cached's device work (the layers and the logits), replayed as a CUDA graph while
+  // its tensors stay the same: the rows, the logits rows and the cache (recorded_for_).
+  Recording decode_recording_;
+  std::tuple<int64_t, int64_t, const void*, DType> recorded_for_{};
 };
 
 }  // namespace palmcore

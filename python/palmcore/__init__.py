@@ -21,7 +21,7 @@ from palmcore.tokenizer import Tokenizer
 
 __all__ = ["load", "generate", "Mesh", "PaLMConfig", "PaLM", "Adafactor", "AdamW", "Tokenizer", "schedules",
            "set_num_threads", "get_num_threads", "set_memory_limit", "get_memory_limit", "cuda_available",
-           "set_kernels", "get_kernels"]
+           "set_kernels", "get_kernels", "set_cuda_graphs"]
 __version__ = "0.1.0"
 
 
@@ -44,6 +44,12 @@ def set_kernels(choice: str) -> None:
 
 def get_kernels() -> str:
     return _core.kernel_choice()
+
+
+def set_cuda_graphs(on: bool) -> None:
+    """Whether a GPU decode step is captured once as a CUDA graph and replayed (the default), or
+    enqueued op by op. Process-wide; ``PALMCORE_CUDA_GRAPHS=0`` turns graphs off at start-up."""
+    _core.set_cuda_graphs(bool(on))
 
 
 def set_num_threads(n: int) -> None:

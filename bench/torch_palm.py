@@ -143,6 +143,34 @@ class TorchPaLM:
         t2 = time.perf_counter()
         return torch.stack(out, 1).numpy(), t1 - t0, t2 - t1
 
+    @torch.no_grad()
+    def decode_step_static(self, token, pos, cache):
+        """One decode step on a static cache, shapes fixed (what torch.compile's CUDA graphs
+        need, as gpt-fast does it): token [B] at position pos (a 0-d tensor); keys and values
+        written at pos of cache (per layer [B, Hkv, capacity, dh] pairs), attention over the
+        whole capacity with the positions past pos masked. Returns the logits [B, V]."""
+        cfg, p = self.cfg, self.params
+        B, H, Hkv, dh = token.shape[0], cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        capacity = cache[0][0].shape[2]
+        cos, sin = self._rope_tables(cfg.max_seq_len)
+        cos, sin = cos[pos][None], sin[pos][None]
+        mask = (torch.arange(capacity, device=self.device) <= pos)[None, None, None, :]
+        x = F.embedding(token[:, None], p["embed"])
+        for i, (kc, vc) in enumerate(cache):
+            pre = f"layers.{i}."
+            h = self._ln(x, p[pre + "norm.scale"])
+            q = self._rope((h @ p[pre + "attn.wq"]).view(B, 1, H, dh).transpose(1, 2), cos, sin)
+            k = self._rope((h @ p[pre + "attn.wk"]).view(B, 1, Hkv, dh).transpose(1, 2), cos, sin)
+            kc.index_copy_(2, pos[None], k)
+            vc.index_copy_(2, pos[None], (h @ p[pre + "attn.wv"]).view(B, 1, Hkv, dh).transpose(1, 2))
+            a = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, scale=1.0 / math.sqrt(dh),
+                                               enable_gqa=H != Hkv)
+            attn = a.transpose(1, 2).reshape(B, 1, H * dh) @ p[pre + "attn.wo"]
+            mlp = (F.silu(h @ p[pre + "mlp.w_gate"]) * (h @ p[pre + "mlp.w_up"])) @ p[pre + "mlp.w_down"]
+            x = x + attn + mlp
+        z = self._ln(x[:, -1], p["final_norm.scale"]) @ p["embed"].t()
+        return z / math.sqrt(cfg.d_model)
+
     # -- public API -----------------------------------------------------------------------
 
     def loss(self, tokens, targets):

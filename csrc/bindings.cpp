@@ -230,6 +230,24 @@ static void bind_kernels(py::module_& m) {
       },
       py::arg("m"), py::arg("n"), py::arg("k"), py::arg("dtype") = "float32", py::arg("device") = "cpu",
       py::arg("repeats") = 10);
+  // Seconds per device-to-device copy of `bytes` (float32) on `device`, the mean of `repeats`
+  // after one warm-up (bench/gpu/decode.py's bandwidth: (read + written bytes) / seconds).
+  k.def(
+      "time_copy",
+      [=](int64_t bytes, const std::string& device, int repeats) {
+        const Device d = parse_device(device).first;
+        const int64_t n = std::max<int64_t>(1, bytes / 4);
+        Tensor src = Tensor::zeros({n}, F, d), dst = Tensor::zeros({n}, F, d);
+        py::gil_scoped_release release;
+        auto wait = [&] { (void)dst.view(0, {1}).to(Device::CPU); };
+        copy(src, dst);
+        wait();
+        const auto start = std::chrono::steady_clock::now();
+        for (int r = 0; r < repeats; ++r) copy(src, dst);
+        wait();
+        return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() / repeats;
+      },
+      py::arg("bytes"), py::arg("device") = "cpu", py::arg("repeats") = 5);
   // src (float32, or uint16 holding bfloat16 bits) copied to `dtype` ("float32" / "bfloat16")
   // on `device`, converting where `route` says: "device" (both ends there), "upload" (on the
   // way from the host), "download" (on the way back).

@@ -2,7 +2,8 @@
 # The one script a GPU session runs: install palmcore and what its CUDA tests need from a folder
 # of wheels (the device machine has no package registry), print `palmcore info`, run the CUDA
 # build and backend tests on the cuda device, the cuBLASLt GEMM benchmark, a training step of
-# ~350M and ~1.3B configs against PyTorch, and compute-sanitizer on a tiny step; one table at
+# ~350M and ~1.3B configs against PyTorch, decoding of the ~1.3B one at batch 1/16/64 against
+# its memory bound and PyTorch, and compute-sanitizer on a tiny step; one table at
 # the end, copied with the logs to $OUT when it is set.
 #
 #   bench/gpu/check.sh [--sanitize] [WHEELS_DIR]        (WHEELS_DIR default: build/gpu-wheels)
@@ -76,6 +77,8 @@ tests_verdict="$tests_verdict: $(tail -1 "$logs/tests.txt")"
 "$python" bench/gpu/gemm.py --device cuda | tee "$logs/gemm.txt"
 timeout 200 "$python" bench/gpu/train_step.py --configs 350m,1.3b --plain 350m | tee "$logs/train.txt" ||
   echo "check.sh: train_step.py ended early" | tee -a "$logs/train.txt"
+timeout 120 "$python" bench/gpu/decode.py | tee "$logs/decode.txt" ||
+  echo "check.sh: decode.py ended early" | tee -a "$logs/decode.txt"
 tiny=(bench/gpu/train_step.py --configs tiny --seq 130 --tokens 260 --steps 1 --no-torch)
 sanitized=()
 for tool in memcheck racecheck; do
@@ -93,5 +96,6 @@ done
   printf '%s\n' "${sanitized[@]}"
   echo; cat "$logs/gemm.txt"
   echo; cat "$logs/train.txt"
+  echo; cat "$logs/decode.txt"
 } | tee "$logs/check.txt"
 if [[ -n "${OUT:-}" ]]; then cp "$logs"/*.txt "$OUT"/; fi

@@ -1,14 +1,10 @@
 // Generation over the key/value cache; see palmcore/generator.h.
 #include "palmcore/generator.h"
 
-#include <omp.h>
-
 #include <algorithm>
-#include <exception>
 #include <stdexcept>
 #include <string>
 
-#include "palmcore/threads.h"
 
 namespace palmcore {
 namespace {
@@ -97,43 +93,56 @@ std::vector<Generator::Token> Generator::step() {
 void Generator::feed_and_sample(const std::vector<int32_t>& tokens, const std::vector<int32_t>& slots,
                                 std::vector<Token>& made) {
   const int64_t rows = static_cast<int64_t>(tokens.size());
-  const Tensor device_logits = model_.forward_cached(
+  const Tensor logits = model_.forward_cached(
       cache_, Tensor::borrow(const_cast<int32_t*>(tokens.data()), {rows}, DType::I32),
       Tensor::borrow(const_cast<int32_t*>(slots.data()), {rows}, DType::I32));
-  const Tensor logits = device_logits.to(Device::CPU);  // the sampler runs on the host
   // forward_cached returns one logits row per slot, at that slot's last row here, in row order.
   // A slot samples when its whole sequence so far is in the cache (a prompt cut by a prefill
   // chunk samples only after its last chunk).
-  std::vector<int64_t> logits_row, row_of;
+  std::vector<int32_t> logits_row, row_of, step_of, seen, offsets{0};
   for (int64_t r = 0, i = 0; r < rows; ++r) {
     if (r + 1 < rows && slots[r + 1] == slots[r]) continue;
-    const int64_t b = slots[r];
+    const int32_t b = slots[r];
     if (cache_.lengths[b] == static_cast<int64_t>(prompts_[b].size() + outputs_[b].size())) {
-      logits_row.push_back(i);
+      logits_row.push_back(static_cast<int32_t>(i));
       row_of.push_back(b);
+      step_of.push_back(static_cast<int32_t>(outputs_[b].size()));
+      seen.insert(seen.end(), seen_[b].begin(), seen_[b].end());
+      offsets.push_back(static_cast<int32_t>(seen.size()));
     }
     ++i;
   }
   const int64_t n = static_cast<int64_t>(row_of.size()), V = model_.config().vocab_size;
-  std::vector<int32_t> chosen(n);
-  scratch_.resize(std::max<size_t>(scratch_.size(), get_num_threads()));
-  std::exception_ptr error;
-#pragma omp parallel for schedule(dynamic)
-  for (int64_t i = 0; i < n; ++i) {
-    try {
-      const int64_t b = row_of[i];
-      chosen[i] = sample_token(logits.host_data<float>() + logits_row[i] * V, V, seen_[b], settings_.sampling, b,
-                               static_cast<int64_t>(outputs_[b].size()), scratch_[omp_get_thread_num()]);
-    } catch (...) {
-#pragma omp critical
-      if (!error) error = std::current_exception();
-    }
+  if (n == 0) return;
+  // The sampler runs where the logits are (a GPU sends back only the n tokens); the rows that
+  // sample, when not all of them, are gathered first (an embedding lookup of logits rows).
+  Tensor wanted = logits;
+  if (n < logits.dim(0)) {
+    wanted = Tensor::zeros({n, V}, DType::F32, model_.device());
+    embedding_forward(logits, staged(logits_row, logit_index_), wanted);
   }
-  if (error) std::rethrow_exception(error);
+  if (!sampled_.defined()) sampled_ = Tensor::zeros({static_cast<int64_t>(prompts_.size())}, DType::I32, model_.device());
+  Tensor sampled = sampled_.view(0, {n});
+  sample_tokens(wanted, staged(row_of, sample_rows_), staged(step_of, sample_steps_), staged(seen, seen_ids_),
+                staged(offsets, seen_offsets_), settings_.sampling, sampled);
+  const Tensor chosen_tensor = sampled.to(Device::CPU);
+  const int32_t* chosen = chosen_tensor.host_data<int32_t>();
+  for (int64_t i = 0; i < n; ++i)
+    if (chosen[i] < 0)
+      throw std::runtime_error("the logits hold NaN (at token " + std::to_string(-1 - int64_t{chosen[i]}) + ")");
   for (int64_t i = 0; i < n; ++i) {
     record(row_of[i], chosen[i]);
     made.push_back({row_of[i], chosen[i]});
   }
+}
+
+Tensor Generator::staged(const std::vector<int32_t>& values, Tensor& buffer) {
+  const int64_t size = static_cast<int64_t>(values.size());
+  if (!buffer.defined() || buffer.numel() < std::max<int64_t>(size, 1))
+    buffer = Tensor::zeros({std::max<int64_t>(2 * size, 16)}, DType::I32, model_.device());
+  Tensor view = buffer.view(0, {size});
+  if (size > 0) copy(Tensor::borrow(const_cast<int32_t*>(values.data()), {size}, DType::I32), view);
+  return view;
 }
 
 void Generator::record(int64_t row, int32_t token) {

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <climits>
 #include <cstdlib>
 #include <stdexcept>
 #include <string>
@@ -392,6 +393,22 @@ void cross_entropy_sums(const Tensor& lse, const Tensor& picked, const Tensor& t
   expect("cross_entropy_sums", {"targets", targets}, DType::I32, lse.shape());
   sums_slot("cross_entropy_sums", sums, 0, 2);
   PALMCORE_DISPATCH(cross_entropy_sums, sums.device(), lse, picked, targets, z_loss, sums);
+}
+
+void sample_tokens(const Tensor& logits, const Tensor& rows, const Tensor& steps, const Tensor& seen,
+                   const Tensor& seen_offsets, const SamplingSettings& settings, Tensor& tokens) {
+  one_device("sample_tokens", {{"logits", logits}, {"rows", rows}, {"steps", steps}, {"seen", seen},
+                               {"seen_offsets", seen_offsets}, {"tokens", tokens}});
+  expect("sample_tokens", {"logits", logits}, DType::F32, {-1, -1});
+  const int64_t n = logits.dim(0);
+  expect("sample_tokens", {"rows", rows}, DType::I32, {n});
+  expect("sample_tokens", {"steps", steps}, DType::I32, {n});
+  expect("sample_tokens", {"seen", seen}, DType::I32, {-1});
+  expect("sample_tokens", {"seen_offsets", seen_offsets}, DType::I32, {n + 1});
+  expect("sample_tokens", {"tokens", tokens}, DType::I32, {n});
+  if (logits.dim(1) < 1 || logits.dim(1) > INT32_MAX) refuse("sample_tokens", "the vocabulary must be 1 to 2^31 - 1 wide");
+  settings.validate();
+  PALMCORE_DISPATCH(sample_tokens, logits.device(), logits, rows, steps, seen, seen_offsets, settings, tokens);
 }
 
 void sum_squares(const Tensor& x, Tensor& sums, int64_t index) {

@@ -39,6 +39,8 @@ class Generator {
   void feed_and_sample(const std::vector<int32_t>& tokens, const std::vector<int32_t>& slots,
                        std::vector<Token>& made);
   void record(int64_t row, int32_t token);
+  // `values` in a view of `buffer` on the model's device (grown, doubling, when too small).
+  Tensor staged(const std::vector<int32_t>& values, Tensor& buffer);
 
   Model& model_;
   GenerationSettings settings_;
@@ -49,7 +51,8 @@ class Generator {
   int64_t unfinished_ = 0;
   bool prefilled_ = false;
   KVCache cache_;
-  std::vector<SamplerScratch> scratch_;  // per thread
+  // sample_tokens' inputs and output on the model's device, reused from step to step
+  Tensor logit_index_, sample_rows_, sample_steps_, seen_ids_, seen_offsets_, sampled_;
 };
 
 }  // namespace palmcore

@@ -79,6 +79,7 @@ class Model {
   Model(const ModelConfig& config, uint64_t seed, Device device = Device::CPU, ModelShard shard = {});
 
   const ModelConfig& config() const { return config_; }
+  Device device() const { return device_; }
   const ModelShard& shard() const { return shard_; }
   Communicator& model_comm() const { return *shard_.comm; }
   const std::vector<ParamInfo>& params_info() const { return info_; }

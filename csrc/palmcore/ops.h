@@ -9,6 +9,7 @@
 
 #include <utility>
 
+#include "palmcore/sampler.h"
 #include "palmcore/tensor.h"
 
 namespace palmcore {

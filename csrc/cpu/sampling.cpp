@@ -1,0 +1,36 @@
+// sample_tokens on the CPU (math in palmcore/op_signatures.inc): sampler.cpp's rule, rows in
+// parallel with a scratch per thread; a row's token depends only on its own logits, row and
+// step, never on the thread that draws it.
+#include <cmath>
+#include <vector>
+
+#include <omp.h>
+
+#include "cpu/cpu_ops.h"
+
+namespace palmcore::cpu {
+
+void sample_tokens(const Tensor& logits, const Tensor& rows, const Tensor& steps, const Tensor& seen,
+                   const Tensor& seen_offsets, const SamplingSettings& settings, Tensor& tokens) {
+  const int64_t n = logits.dim(0), V = logits.dim(1);
+  const float* z = logits.data<float>();
+  const int32_t* offsets = seen_offsets.data<int32_t>();
+  const int32_t* seen_ids = seen.data<int32_t>();
+  int32_t* out = tokens.data<int32_t>();
+  std::vector<SamplerScratch> scratch(omp_get_max_threads());
+#pragma omp parallel for schedule(dynamic)
+  for (int64_t i = 0; i < n; ++i) {
+    const float* row = z + i * V;
+    int64_t nan = 0;
+    while (nan < V && !std::isnan(row[nan])) ++nan;
+    if (nan < V) {  // the caller raises, naming the token
+      out[i] = static_cast<int32_t>(-1 - nan);
+      continue;
+    }
+    const std::vector<int32_t> row_seen(seen_ids + offsets[i], seen_ids + offsets[i + 1]);
+    out[i] = sample_token(row, V, row_seen, settings, rows.data<int32_t>()[i], steps.data<int32_t>()[i],
+                          scratch[omp_get_thread_num()]);
+  }
+}
+
+}  // namespace palmcore::cpu

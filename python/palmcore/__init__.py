@@ -6,6 +6,7 @@
     out = model.forward_backward(tokens, targets)
     new = model.generate([[1, 17, 42]], max_new_tokens=16)
     text = palmcore.generate("runs/default", "def fibonacci(")
+    palmcore.export_hf(model, tokenizer, "hf-model")    # transformers' CohereForCausalLM
 """
 
 import os as _os
@@ -14,12 +15,13 @@ import warnings as _warnings
 from palmcore import _core, checks, schedules
 from palmcore.config import PaLMConfig
 from palmcore.distributed import Mesh
+from palmcore.interchange import export_hf, import_hf
 from palmcore.model import PaLM
 from palmcore.optim import Adafactor, AdamW
 from palmcore.text import generate, load
 from palmcore.tokenizer import Tokenizer
 
-__all__ = ["load", "generate", "Mesh", "PaLMConfig", "PaLM", "Adafactor", "AdamW", "Tokenizer", "schedules",
+__all__ = ["load", "generate", "export_hf", "import_hf", "Mesh", "PaLMConfig", "PaLM", "Adafactor", "AdamW", "Tokenizer", "schedules",
            "set_num_threads", "get_num_threads", "set_memory_limit", "get_memory_limit", "cuda_available",
            "set_kernels", "get_kernels", "set_cuda_graphs"]
 __version__ = "0.1.0"

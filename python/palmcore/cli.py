@@ -4,6 +4,8 @@
     palmcore demo       forward + backward of the `seed` preset on the Python standard library's text
     palmcore train      train a PaLM on text files (default: the `seed` preset on the stdlib)
     palmcore generate   continue a prompt with a trained checkpoint, printing as it goes
+    palmcore export     a checkpoint as a Hugging Face model directory (transformers' CohereForCausalLM)
+    palmcore import     a Hugging Face CohereForCausalLM directory as a palmcore run (generate, fine-tune)
     palmcore plan       memory, FLOPs and communication per device of a sharded training step
     palmcore info       what was compiled in and which GPUs are here; presets, parameter counts, FLOPs per token
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shlex
 import sys
 import time
@@ -177,6 +180,52 @@ def generate(args: argparse.Namespace) -> None:
             print(f"error: {e}", file=sys.stderr)
 
 
+_SIZE_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def _size(text: str) -> int:
+    """Bytes, or a number with K, M, G or T (powers of 1024), e.g. 2G."""
+    value = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = value[-1:] if value[-1:] in _SIZE_UNITS else ""
+    try:
+        size = round(float(value[:len(value) - len(unit)]) * _SIZE_UNITS[unit])
+    except (ValueError, OverflowError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 2G or 500M") from None
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive size")
+    return size
+
+
+def export(args: argparse.Namespace) -> None:
+    from palmcore.interchange import export_checkpoint  # noqa: PLC0415
+
+    out = export_checkpoint(args.checkpoint, args.out, dtype=args.dtype, max_shard_bytes=args.max_shard_size,
+                            overwrite=args.force)
+    files = sorted(os.listdir(out))
+    print(f"exported {args.checkpoint} as a Hugging Face CohereForCausalLM ({args.dtype}) to {out}:")
+    print("  " + ", ".join(files))
+    if "tokenizer.json" not in files:
+        print("  (the checkpoint holds no tokenizer.model: weights only, no tokenizer)")
+    print("load it with transformers (no custom code):\n"
+          f"  AutoModelForCausalLM.from_pretrained({out!r}); AutoTokenizer.from_pretrained({out!r})")
+
+
+def import_run(args: argparse.Namespace) -> None:
+    from palmcore.interchange import finetune_command, import_hf  # noqa: PLC0415
+
+    model, tokenizer = import_hf(args.source, out=args.out, tokenizer=args.tokenizer, optimizer=args.optimizer)
+    cfg = model.config
+    print(f"imported {args.source} ({model.num_params() / 1e6:.1f}M parameters: d_model {cfg.d_model}, "
+          f"n_layers {cfg.n_layers}, n_heads {cfg.n_heads}, n_kv_heads {cfg.n_kv_heads}) into {args.out}")
+    if tokenizer is None:
+        print("  no SentencePiece tokenizer.model came with it (--tokenizer gives one): `palmcore generate` "
+              "needs one; the weights are usable from Python (palmcore.checkpoint.load)")
+    else:
+        print(f"generate:  palmcore generate --checkpoint {shlex.quote(args.out)} --prompt 'def fibonacci('")
+    print(f"fine-tune: {finetune_command(cfg, args.out)}" + (f" --optimizer {args.optimizer}"
+                                                             if args.optimizer != "adafactor" else ""))
+
+
 def plan(args: argparse.Namespace) -> None:
     from palmcore.plan import MeshShape, plan as make_plan  # noqa: PLC0415
 
@@ -283,6 +332,23 @@ def main(argv: list[str] | None = None) -> int:
     p_gen.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (see palmcore info)")
     p_gen.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                        help="bf16: PALM_SPEC mixed precision (bfloat16 activations and cache on a GPU)")
+    p_exp = sub.add_parser("export", help="a checkpoint as a Hugging Face model directory (CohereForCausalLM)")
+    p_exp.add_argument("--checkpoint", default="runs/default",
+                       help="a run folder, its checkpoints folder or one checkpoint (default: runs/default)")
+    p_exp.add_argument("--format", choices=["hf"], default="hf",
+                       help="hf: transformers' CohereForCausalLM layout, safetensors (the only format)")
+    p_exp.add_argument("--out", required=True, help="the directory to write (must not exist, or be empty)")
+    p_exp.add_argument("--dtype", choices=["float32", "bf16"], default="float32",
+                       help="weights' dtype (float32 is exact; bf16 rounds to nearest even)")
+    p_exp.add_argument("--max-shard-size", type=_size, default="4G",
+                       help="split the weights into shards with an index above this size (default 4G)")
+    p_exp.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p_imp = sub.add_parser("import", help="a Hugging Face CohereForCausalLM directory as a palmcore run")
+    p_imp.add_argument("--from", dest="source", required=True, help="the Hugging Face model directory")
+    p_imp.add_argument("--out", required=True, help="the run folder to create (must not exist, or be empty)")
+    p_imp.add_argument("--tokenizer", help="a palmcore SentencePiece .model (default: the directory's tokenizer.model)")
+    p_imp.add_argument("--optimizer", choices=["adafactor", "adamw"], default="adafactor",
+                       help="the optimizer whose fresh state the run starts with (for --resume)")
     p_plan = sub.add_parser("plan", help="memory, FLOPs and communication per device on a mesh")
     p_plan.add_argument("--preset", default="palm-540b", choices=PaLMConfig.presets())
     p_plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -295,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:
         args = parser.parse_args(["train"])
-    commands = {"demo": demo, "train": train, "generate": generate, "plan": plan, "info": info}
+    commands = {"demo": demo, "train": train, "generate": generate, "export": export, "import": import_run,
+                "plan": plan, "info": info}
     try:
         commands[args.command](args)
     except (ValueError, TypeError, RuntimeError) as e:  # a clear message, not a traceback

@@ -3,6 +3,10 @@ other frameworks can read palmcore's weights: an 8-byte little-endian header len
 header {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}, then
 the raw little-endian bytes. Writes are atomic (temporary file, fsync, rename); reads check
 every field and name what is wrong with a file.
+
+NumPy has no bfloat16: ``save_file(..., bf16=True)`` writes float32 tensors as BF16 (rounded to
+nearest even), and ``load_file`` reads BF16 tensors back as float32 (exactly: every bfloat16 is a
+float32). F16 reads and writes as float16.
 """
 
 from __future__ import annotations
@@ -16,12 +20,28 @@ import numpy as np
 
 from palmcore.files import umask
 
-_DTYPES = {"F32": np.float32, "F64": np.float64, "I32": np.int32, "I64": np.int64}
+_DTYPES = {"F32": np.float32, "F64": np.float64, "I32": np.int32, "I64": np.int64, "F16": np.float16}
 _NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
+_BF16 = "BF16"  # stored as the upper 16 bits of a float32; read back as float32
 
 
-def save_file(tensors: dict[str, np.ndarray], path: str, metadata: dict[str, str] | None = None) -> None:
-    """Write ``tensors`` to ``path`` atomically: readers see the old file or the new one."""
+def to_bf16_bits(array: np.ndarray) -> np.ndarray:
+    """The bfloat16 nearest to each float32 (ties to even; NaN stays a quiet NaN), as uint16 bits."""
+    bits = np.ascontiguousarray(array, dtype=np.float32).view(np.uint32)
+    rounded = (bits + (np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)
+    nan = (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+    return np.where(nan, (bits >> np.uint32(16)) | np.uint32(0x40), rounded).astype(np.uint16)
+
+
+def from_bf16_bits(bits: np.ndarray) -> np.ndarray:
+    """float32 values of bfloat16 bits (exact)."""
+    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+def save_file(tensors: dict[str, np.ndarray], path: str, metadata: dict[str, str] | None = None,
+              bf16: bool = False) -> None:
+    """Write ``tensors`` to ``path`` atomically: readers see the old file or the new one. With
+    ``bf16``, float32 tensors are written as BF16 (rounded to nearest even)."""
     header, offset = {}, 0
     arrays = []
     for name, value in tensors.items():
@@ -31,8 +51,11 @@ def save_file(tensors: dict[str, np.ndarray], path: str, metadata: dict[str, str
         if array.dtype not in _NAMES:
             raise TypeError(f"tensor '{name}' has dtype {array.dtype}; supported: "
                             f"{', '.join(str(np.dtype(d)) for d in _DTYPES.values())}")
+        dtype_name = _NAMES[array.dtype]
+        if bf16 and array.dtype == np.float32:
+            array, dtype_name = to_bf16_bits(array).reshape(array.shape), _BF16
         array = array.astype(array.dtype.newbyteorder("<"), copy=False)
-        header[name] = {"dtype": _NAMES[array.dtype.newbyteorder("=")], "shape": list(array.shape),
+        header[name] = {"dtype": dtype_name, "shape": list(array.shape),
                         "data_offsets": [offset, offset + array.nbytes]}
         offset += array.nbytes
         arrays.append(array)
@@ -80,7 +103,8 @@ def load_file(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     for name, entry in sorted(header.items(), key=lambda item: item[1].get("data_offsets", [0])[0]
                               if isinstance(item[1], dict) else 0):
         try:
-            dtype = np.dtype(_DTYPES[entry["dtype"]]).newbyteorder("<")
+            bf16 = entry["dtype"] == _BF16
+            dtype = np.dtype(np.uint16 if bf16 else _DTYPES[entry["dtype"]]).newbyteorder("<")
             shape = tuple(int(s) for s in entry["shape"])
             begin, stop = (int(o) for o in entry["data_offsets"])
         except (KeyError, TypeError, ValueError):
@@ -93,6 +117,8 @@ def load_file(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
                              f"{len(data)} data bytes)")
         tensors[name] = np.frombuffer(data[begin:stop], dtype=dtype).reshape(shape).astype(
             dtype.newbyteorder("="))
+        if bf16:
+            tensors[name] = from_bf16_bits(tensors[name])
         end = stop
     if end != len(data):
         raise ValueError(f"{path}: {len(data) - end} bytes after the last tensor")

@@ -27,7 +27,9 @@ from train_step import CONFIGS  # noqa: E402
 
 
 def palmcore_decode(model, prompts, new):
-    """(decode seconds, prefill seconds) of a greedy generation, stepped so the prefill is apart."""
+    """(decode seconds, prefill seconds) of a greedy generation, stepped so the prefill is apart;
+    after a short warm-up generation of the same shape (GEMM algorithms, scratch, graphs)."""
+    model.generate(prompts, max_new_tokens=4, temperature=0, stop_tokens=())
     gen = model.generation(prompts, max_new_tokens=new, temperature=0, stop_tokens=())
     t0 = time.perf_counter()
     gen.step()  # the prefill (and the first token)

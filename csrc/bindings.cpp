@@ -391,6 +391,39 @@ static void bind_kernels(py::module_& m) {
     SamplerScratch scratch;
     return sample_token(logits.data(), logits.shape(0), distinct(seen, logits), sampling_settings(c), row, step, scratch);
   });
+  // sample_tokens on `device`: logits [n, V], rows, steps [n], seen: one list per row; the
+  // tokens come back (-1 - t for a row whose first NaN is at t)
+  k.def(
+      "sample_tokens_on",
+      [=](const FloatArray& logits, const IntArray& rows, const IntArray& steps,
+          const std::vector<std::vector<int32_t>>& seen, const py::dict& c, const std::string& device) {
+        const Device d = parse_device(device).first;
+        if (logits.ndim() != 2) throw std::invalid_argument("logits must be [n, V]");
+        std::vector<int32_t> flat, offsets{0};
+        for (const auto& row : seen) {
+          flat.insert(flat.end(), row.begin(), row.end());
+          offsets.push_back(static_cast<int32_t>(flat.size()));
+        }
+        const int64_t n = logits.shape(0);
+        auto ints = [&](const std::vector<int32_t>& v) {
+          Tensor t = Tensor::zeros({static_cast<int64_t>(v.size())}, DType::I32, d);
+          if (!v.empty()) copy(Tensor::borrow(const_cast<int32_t*>(v.data()), {static_cast<int64_t>(v.size())}, DType::I32), t);
+          return t;
+        };
+        const Tensor Z = on_device(logits, d), R = on_device(rows, d), S = on_device(steps, d);
+        const Tensor seen_t = ints(flat), offsets_t = ints(offsets);
+        Tensor tokens = Tensor::zeros({n}, DType::I32, d);
+        const SamplingSettings settings = sampling_settings(c);
+        Tensor host;
+        {
+          py::gil_scoped_release release;
+          sample_tokens(Z, R, S, seen_t, offsets_t, settings, tokens);
+          host = tokens.to(Device::CPU);
+        }
+        return to_numpy(host);
+      },
+      py::arg("logits"), py::arg("rows"), py::arg("steps"), py::arg("seen"), py::arg("settings"),
+      py::arg("device") = "cpu");
   k.def("swiglu_forward", [=](const FloatArray& gate, const FloatArray& up) {
     auto out = zeros_like_shape(shape_of(gate));
     Tensor o = view_of(out, F);

@@ -18,7 +18,7 @@ void sample_tokens(const Tensor& logits, const Tensor& rows, const Tensor& steps
   const int32_t* seen_ids = seen.data<int32_t>();
   int32_t* out = tokens.data<int32_t>();
   std::vector<SamplerScratch> scratch(omp_get_max_threads());
-#pragma omp parallel for schedule(dynamic)
+#pragma omp parallel for schedule(dynamic) if (n > 1)
   for (int64_t i = 0; i < n; ++i) {
     const float* row = z + i * V;
     int64_t nan = 0;

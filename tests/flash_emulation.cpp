@@ -288,7 +288,8 @@ void dkdv_cta(const Shape& s, Data& d, int b, int g, int kb) {
   Tile kt(D), vt(D), qt(D), dt(D);
   load_tile(kt, batch_rows(d.k, b, T, ks), ks, int64_t(g) * D, j0, T);
   load_tile(vt, batch_rows(d.v, b, T, ks), ks, int64_t(g) * D, j0, T);
-  const int h_begin = std::max(0, g * s.group - s.first_head), h_end = std::min(s.H, (g + 1) * s.group - s.first_head);
+  const int64_t lo = static_cast<int64_t>(g) * s.group - s.first_head, hi = lo + s.group;  // as the kernel: int64
+  const int h_begin = static_cast<int>(std::max<int64_t>(0, lo)), h_end = static_cast<int>(std::min<int64_t>(s.H, hi));
   const int q_blocks = s.blocks() - kb, items = std::max(0, h_end - h_begin) * q_blocks;
   for (int warp = 0; warp < kWarps; ++warp) {
     Acc dk(D / 8), dv(D / 8);

@@ -332,7 +332,8 @@ void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, Tensor
   const Layout L(shape);
   const int64_t rows = L.B * L.H * L.T;
   if (rows == 0 || L.dh == 0) return;
-  if (kernel_choice() == KernelChoice::Fast && flash_attention_supports(shape, q.dtype()))
+  if (kernel_choice() == KernelChoice::Fast && flash_attention_supports(shape, q.dtype()) &&
+      flash_attention_aligned({&q, &k, &v}, {&out}))
     return flash_attention_forward(q, k, v, out, lse, shape);
   const size_t bytes = forward_shared_bytes(L.dh);
   const unsigned grid = grid_of(rows, bytes, "attention_forward");
@@ -371,7 +372,10 @@ void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const
                         AttentionWorkspace& ws) {
   const Layout L(shape);
   if (L.B * L.T == 0 || L.dh == 0) return;
-  if (kernel_choice() == KernelChoice::Fast && flash_attention_supports(shape, q.dtype()))
+  const bool has_row_dot = ws.row_dot.defined() && ws.row_dot.device() == Device::CUDA &&
+                           ws.row_dot.dtype() == DType::F32 && ws.row_dot.numel() >= L.B * L.H * L.T;
+  if (kernel_choice() == KernelChoice::Fast && has_row_dot && flash_attention_supports(shape, q.dtype()) &&
+      flash_attention_aligned({&q, &k, &v, &dout}, {&out, &dq, &dk, &dv}))
     return flash_attention_backward(q, k, v, out, lse, dout, dq, dk, dv, shape, ws.row_dot);
   const Context& ctx = context();
   const float scale = scale_of(L);

@@ -84,52 +84,72 @@ struct Dims {
   __device__ int kv_head(int h) const { return (first_head + h) / group; }
 };
 
-// ---- PTX ------------------------------------------------------------------------------------
+// The query block of this CTA (forward and dq grids): head h (fastest), batch b, then the
+// blocks from the last (the longest causal rows first); qb = the block, i0 = its first query,
+// g = h's kv head.
+struct QueryBlock {
+  int h, b, g, qb, i0;
+};
+__device__ QueryBlock query_block(const Dims& dims) {
+  const int cta = static_cast<int>(blockIdx.x);
+  const int h = cta % dims.H, b = (cta / dims.H) % dims.B, qb = dims.blocks - 1 - cta / (dims.H * dims.B);
+  return {h, b, dims.kv_head(h), qb, qb * kBlock};
+}
 
-__device__ __forceinline__ uint32_t shared_address(const void* p) {
+// ---- PTX ------------------------------------------------------------------------------------
+// bf16 mma.sync, ldmatrix and cp.async need sm_80. Compiled for an older architecture (a build
+// that lists one), each wrapper traps instead, and flash_attention_supports() keeps such a
+// device on the plain kernels.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#define PALMCORE_SM80(...) __trap()
+#else
+#define PALMCORE_SM80(...) __VA_ARGS__
+#endif
+
+[[maybe_unused]] __device__ __forceinline__ uint32_t shared_address(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
 __device__ __forceinline__ void cp_async16(void* dst, const void* src) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(shared_address(dst)),
+  PALMCORE_SM80(asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(shared_address(dst)),
                "l"(__cvta_generic_to_global(src))
-               : "memory");
+               : "memory"));
 }
 
 __device__ __forceinline__ void cp_async4(void* dst, const void* src) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(shared_address(dst)),
+  PALMCORE_SM80(asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(shared_address(dst)),
                "l"(__cvta_generic_to_global(src))
-               : "memory");
+               : "memory"));
 }
 
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_commit() { PALMCORE_SM80(asm volatile("cp.async.commit_group;\n" ::: "memory")); }
 
 // Wait until at most `kPending` of this thread's committed groups are still in flight.
 template <int kPending>
 __device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+  PALMCORE_SM80(asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory"));
 }
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const bf16* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+  PALMCORE_SM80(asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(shared_address(p))
-               : "memory");
+               : "memory"));
 }
 
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const bf16* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+  PALMCORE_SM80(asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(shared_address(p))
-               : "memory");
+               : "memory"));
 }
 
 // c += a · b (16x16 bf16 times 16x8 bf16, float accumulators).
 __device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+  PALMCORE_SM80(asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
       "{%0, %1, %2, %3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1)));
 }
 
 // ---- tiles ----------------------------------------------------------------------------------
@@ -241,9 +261,9 @@ __global__ void __launch_bounds__(kThreads)
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   bf16* const shared = reinterpret_cast<bf16*>(shared_bytes);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int cta = static_cast<int>(blockIdx.x);
-  const int h = cta % dims.H, b = (cta / dims.H) % dims.B, qb = dims.blocks - 1 - cta / (dims.H * dims.B);
-  const int g = dims.kv_head(h), i0 = qb * kBlock, T = dims.T;
+  const QueryBlock block = query_block(dims);
+  const int h = block.h, b = block.b, g = block.g, qb = block.qb, i0 = block.i0;
+  const int T = dims.T;
   const bf16* q_rows = q + static_cast<int64_t>(b) * T * dims.q_stride + static_cast<int64_t>(h) * kDim;
   const bf16* k_rows = k + static_cast<int64_t>(b) * T * dims.kv_stride + static_cast<int64_t>(g) * kDim;
   const bf16* v_rows = v + static_cast<int64_t>(b) * T * dims.kv_stride + static_cast<int64_t>(g) * kDim;
@@ -402,8 +422,9 @@ __global__ void __launch_bounds__(kThreads)
   auto dot_of = [&](int stage) { return stats + (2 + stage) * kBlock; };
 
   // the heads reading g, in order, and for each the query blocks kb .. blocks - 1
-  const int h_begin = max(0, g * dims.group - dims.first_head);
-  const int h_end = min(dims.H, (g + 1) * dims.group - dims.first_head);
+  const int64_t lo = static_cast<int64_t>(g) * dims.group - dims.first_head, hi = lo + dims.group;  // int64: no overflow
+  const int h_begin = static_cast<int>(lo > 0 ? lo : 0);
+  const int h_end = static_cast<int>(hi < dims.H ? hi : dims.H);
   const int q_blocks = dims.blocks - kb;
   const int items = max(0, h_end - h_begin) * q_blocks;
   auto load_item = [&](int item, int stage) {
@@ -482,9 +503,9 @@ __global__ void __launch_bounds__(kThreads)
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   bf16* const shared = reinterpret_cast<bf16*>(shared_bytes);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int cta = static_cast<int>(blockIdx.x);
-  const int h = cta % dims.H, b = (cta / dims.H) % dims.B, qb = dims.blocks - 1 - cta / (dims.H * dims.B);
-  const int g = dims.kv_head(h), i0 = qb * kBlock, T = dims.T;
+  const QueryBlock block = query_block(dims);
+  const int h = block.h, b = block.b, g = block.g, qb = block.qb, i0 = block.i0;
+  const int T = dims.T;
   const int64_t q_at = static_cast<int64_t>(b) * T * dims.q_stride + static_cast<int64_t>(h) * kDim;
   const int64_t kv_at = static_cast<int64_t>(b) * T * dims.kv_stride + static_cast<int64_t>(g) * kDim;
   const bf16* const q_tile = shared;
@@ -553,16 +574,22 @@ constexpr size_t dkdv_shared_bytes() {
   return 6 * Tile<kDim>::kBytes + 4 * kBlock * sizeof(float);
 }
 
-// Whether the current device gives a block `bytes` of shared memory (false when CUDA cannot
-// tell, e.g. no device): sm_86 / sm_89 parts give 99 KiB, short of the dk/dv kernel at dh 128.
-bool device_shared_within(size_t bytes) {
-  int device = 0, optin = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
-    (void)cudaGetLastError();  // leave no sticky error for the next launch check
+// Whether the ops' device (context(): palmcore's current device, made current here) is sm_80
+// or newer and gives a block `bytes` of shared memory; false when CUDA cannot tell. sm_86 /
+// sm_89 parts give 99 KiB, short of the dk/dv kernel at dh 128.
+bool device_takes(size_t bytes) {
+  try {
+    const int device = context().device;
+    int major = 0, optin = 0;
+    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
+      (void)cudaGetLastError();  // leave no sticky error for the next launch check
+      return false;
+    }
+    return major >= 8 && bytes <= static_cast<size_t>(optin);
+  } catch (const std::exception&) {  // CUDA unusable: no flash
     return false;
   }
-  return bytes <= static_cast<size_t>(optin);
 }
 
 // a · b <= limit for non-negative a, b, without overflow.
@@ -584,11 +611,16 @@ Dims dims_of(const AttentionShape& s) {
   return d;
 }
 
-void check_aligned(std::initializer_list<const Tensor*> tensors, size_t bytes, const char* op) {
+bool aligned(std::initializer_list<const Tensor*> tensors, size_t bytes) {
   for (const Tensor* t : tensors)
-    if (reinterpret_cast<uintptr_t>(t->raw_data()) % bytes != 0)
-      throw std::invalid_argument(std::string(op) + ": flash attention needs its tensors " + std::to_string(bytes) +
-                                  "-byte aligned");
+    if (reinterpret_cast<uintptr_t>(t->raw_data()) % bytes != 0) return false;
+  return true;
+}
+
+void check_aligned(std::initializer_list<const Tensor*> tensors, size_t bytes, const char* op) {
+  if (!aligned(tensors, bytes))
+    throw std::invalid_argument(std::string(op) + ": flash attention needs its tensors " + std::to_string(bytes) +
+                                "-byte aligned");
 }
 
 // The kernel's dynamic shared memory limit raised to `bytes` (above the default 48 KiB).
@@ -634,8 +666,12 @@ void backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& o
 
 }  // namespace
 
+bool flash_attention_aligned(std::initializer_list<const Tensor*> loaded, std::initializer_list<const Tensor*> stored) {
+  return aligned(loaded, 16) && aligned(stored, 4);
+}
+
 bool flash_attention_supports(const AttentionShape& shape, DType dtype) {
-  if (dtype != DType::BF16) return false;
+  if (dtype != DType::BF16 || !shape.bf16) return false;  // bf16 storage, p and ds' rounded
   if (shape.head_dim != 64 && shape.head_dim != 128) return false;
   if (shape.batch < 1 || shape.seq < 1 || shape.heads < 1 || shape.kv_heads < 1 || shape.first_head < 0) return false;
   if (shape.group < 0 || (shape.group == 0 && shape.heads < shape.kv_heads)) return false;
@@ -645,7 +681,7 @@ bool flash_attention_supports(const AttentionShape& shape, DType dtype) {
   if ((shape.first_head + shape.heads - 1) / group >= shape.kv_heads) return false;
   const int64_t blocks = (shape.seq + kBlock - 1) / kBlock;
   const size_t shared = shape.head_dim == 64 ? dkdv_shared_bytes<64>() : dkdv_shared_bytes<128>();
-  return device_shared_within(shared) && product_within(blocks, shape.batch, INT_MAX) &&
+  return device_takes(shared) && product_within(blocks, shape.batch, INT_MAX) &&
          product_within(blocks * shape.batch, shape.heads, INT_MAX) &&
          product_within(blocks * shape.batch, shape.kv_heads, INT_MAX) &&
          product_within(shape.batch * shape.seq, shape.heads, static_cast<int64_t>(INT_MAX) * kWarps);
@@ -673,6 +709,10 @@ void flash_attention_backward(const Tensor& q, const Tensor& k, const Tensor& v,
     throw std::invalid_argument(std::string(op) + ": shape or dtype not supported (check flash_attention_supports)");
   check_aligned({&q, &k, &v, &dout}, 16, op);
   check_aligned({&out, &dq, &dk, &dv}, 4, op);
+  const int64_t rows = shape.batch * shape.heads * shape.seq;
+  if (!row_dot.defined() || row_dot.device() != Device::CUDA || row_dot.dtype() != DType::F32 || row_dot.numel() < rows)
+    throw std::invalid_argument(std::string(op) + ": row_dot must be a CUDA float32 tensor of at least B·H·T = " +
+                                std::to_string(rows) + " elements (AttentionWorkspace made for the backward pass)");
   const Dims d = dims_of(shape);
   if (shape.head_dim == 64)
     backward<64>(q, k, v, out, lse, dout, dq, dk, dv, row_dot, d);

@@ -12,13 +12,19 @@
 // Deterministic: no atomics, every sum in a fixed order.
 #pragma once
 
+#include <initializer_list>
+
 #include "palmcore/ops.h"
 
 namespace palmcore::cuda {
 
-// True when the flash kernels handle this shape with tensors of `dtype` (bf16 storage and the
-// head dimensions they are built for); otherwise the plain kernels run.
+// True when the flash kernels handle this shape with tensors of `dtype`: bf16 storage with
+// shape.bf16, the head dimensions they are built for, a device of sm_80 or newer with the
+// shared memory they take; otherwise the plain kernels run. Never throws.
 bool flash_attention_supports(const AttentionShape& shape, DType dtype);
+// True when the tensors the kernels load are 16-byte aligned and those they store 4-byte aligned
+// (a view at an odd offset runs the plain kernels instead).
+bool flash_attention_aligned(std::initializer_list<const Tensor*> loaded, std::initializer_list<const Tensor*> stored);
 
 void flash_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, Tensor& out, Tensor& lse,
                              const AttentionShape& shape);

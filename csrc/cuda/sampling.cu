@@ -65,6 +65,21 @@ __device__ double block_exclusive_prefix(double v, double* shared) {
   return prefix;
 }
 
+// The block's largest v (every thread gets it).
+__device__ double block_max(double v, double* shared) {
+  shared[threadIdx.x] = v;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double m = -INFINITY;
+    for (int t = 0; t < kThreads; ++t) m = fmax(m, shared[t]);
+    shared[kThreads] = m;
+  }
+  __syncthreads();
+  const double m = shared[kThreads];
+  __syncthreads();
+  return m;
+}
+
 __device__ int64_t block_min(int64_t v, int64_t* shared) {
   shared[threadIdx.x] = v;
   __syncthreads();
@@ -137,15 +152,7 @@ __global__ void sample_kernel(const float* logits, int64_t V, const int32_t* row
     for (int64_t t = begin; t < end; ++t)
       if (x[t] > best || best_id == V) best = x[t], best_id = t;
     // the largest value, then the lowest id holding it
-    shared[threadIdx.x] = best;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      double top = -INFINITY;
-      for (int t = 0; t < kThreads; ++t) top = fmax(top, shared[t]);
-      shared[kThreads] = top;
-    }
-    __syncthreads();
-    const double top = shared[kThreads];
+    const double top = block_max(best, shared);
     const int64_t id = block_min(best == top && best_id < V ? best_id : V, shared_i);
     if (threadIdx.x == 0) tokens[i] = static_cast<int32_t>(id);
     return;
@@ -179,16 +186,7 @@ __global__ void sample_kernel(const float* logits, int64_t V, const int32_t* row
     for (int64_t t = begin; t < end; ++t)
       if (kept_by_k(t, rank)) top = fmax(top, x[t]);
   }
-  shared[threadIdx.x] = top;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    double m = -INFINITY;
-    for (int t = 0; t < kThreads; ++t) m = fmax(m, shared[t]);
-    shared[kThreads] = m;
-  }
-  __syncthreads();
-  top = shared[kThreads];
-  __syncthreads();
+  top = block_max(top, shared);
   double mass = 0.0;
   {
     double rank = ties_before;

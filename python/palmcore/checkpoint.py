@@ -29,7 +29,7 @@ import tempfile
 import numpy as np
 
 from palmcore.config import PaLMConfig
-from palmcore.files import fsync_dir, umask
+from palmcore.files import publish_directory
 from palmcore.model import PaLM
 from palmcore.tensorfile import load_file, save_file
 
@@ -72,7 +72,7 @@ def save(root: str, model: PaLM, optimizer=None, trainer: dict | None = None, st
     try:
         os.makedirs(root, exist_ok=True)
         recover(root)
-        _write(root, final, model, weights, state, trainer, step, tokenizer_path)
+        _write(final, model, weights, state, trainer, step, tokenizer_path)
     finally:
         if mesh is not None:
             mesh.barrier()
@@ -81,37 +81,28 @@ def save(root: str, model: PaLM, optimizer=None, trainer: dict | None = None, st
     return final
 
 
-def _write(root, final, model, weights, state, trainer, step, tokenizer_path) -> None:
-    tmp = tempfile.mkdtemp(dir=root, prefix=".tmp-step-")
-    try:
-        os.chmod(tmp, 0o777 & ~umask())
-        files = ["model.safetensors", "config.json", "trainer.json"]
-        save_file(weights, os.path.join(tmp, "model.safetensors"), {"format": FORMAT})
-        _write_json(os.path.join(tmp, "config.json"), model.config.to_dict())
-        if state is not None:
-            tensors = {f"m.{n}": a for n, a in state["m"].items()}
-            tensors.update({f"v.{n}": a for n, a in state["v"].items()})
-            save_file(tensors, os.path.join(tmp, "optimizer.safetensors"),
-                      {"format": FORMAT, "kind": state["kind"], "steps_taken": state["steps_taken"],
-                       "settings": json.dumps(state["settings"])})
-            files.append("optimizer.safetensors")
-        _write_json(os.path.join(tmp, "trainer.json"), dict(trainer or {}, step=step))
-        if tokenizer_path is not None:
-            shutil.copyfile(tokenizer_path, os.path.join(tmp, "tokenizer.model"))
-            files.append("tokenizer.model")
-        _write_json(os.path.join(tmp, MARKER), {"format": FORMAT, "step": step, "files": files})
-        fsync_dir(tmp)
-        aside = None
-        if os.path.exists(final):  # re-saving a step: the old one stays whole until the new one is in
-            aside = tempfile.mkdtemp(dir=root, prefix=f".old-{os.path.basename(final)}-")
-            os.rename(final, os.path.join(aside, "checkpoint"))
-        os.rename(tmp, final)
-        fsync_dir(root)
-        if aside is not None:
-            shutil.rmtree(aside, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def _write(final, model, weights, state, trainer, step, tokenizer_path) -> None:
+    # re-saving a step: the old one stays whole (aside, as .old-step-N-*/checkpoint) until the new one is in
+    publish_directory(final, lambda tmp: _write_files(tmp, model, weights, state, trainer, step, tokenizer_path),
+                      tmp_prefix=".tmp-step-", aside_name="checkpoint")
+
+
+def _write_files(tmp, model, weights, state, trainer, step, tokenizer_path) -> None:
+    files = ["model.safetensors", "config.json", "trainer.json"]
+    save_file(weights, os.path.join(tmp, "model.safetensors"), {"format": FORMAT})
+    _write_json(os.path.join(tmp, "config.json"), model.config.to_dict())
+    if state is not None:
+        tensors = {f"m.{n}": a for n, a in state["m"].items()}
+        tensors.update({f"v.{n}": a for n, a in state["v"].items()})
+        save_file(tensors, os.path.join(tmp, "optimizer.safetensors"),
+                  {"format": FORMAT, "kind": state["kind"], "steps_taken": state["steps_taken"],
+                   "settings": json.dumps(state["settings"])})
+        files.append("optimizer.safetensors")
+    _write_json(os.path.join(tmp, "trainer.json"), dict(trainer or {}, step=step))
+    if tokenizer_path is not None:
+        shutil.copyfile(tokenizer_path, os.path.join(tmp, "tokenizer.model"))
+        files.append("tokenizer.model")
+    _write_json(os.path.join(tmp, MARKER), {"format": FORMAT, "step": step, "files": files})
 
 
 def recover(root: str) -> None:

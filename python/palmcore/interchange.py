@@ -37,13 +37,12 @@ import json
 import math
 import os
 import shutil
-import tempfile
 
 import numpy as np
 
 from palmcore import checkpoint
 from palmcore.config import PaLMConfig
-from palmcore.files import fsync_dir, umask
+from palmcore.files import publish_directory
 from palmcore.tensorfile import load_file, save_file
 from palmcore.tokenizer import BOS_ID, EOD_ID, PAD_ID, UNK_ID, Tokenizer
 
@@ -272,22 +271,7 @@ def _write_directory(out: str, write, overwrite: bool) -> None:
             raise ValueError(f"{out} exists and is not empty (overwrite=True / --force replaces it)")
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".tmp-{os.path.basename(out)}-")
-    try:
-        os.chmod(tmp, 0o777 & ~umask())
-        write(tmp)
-        fsync_dir(tmp)
-        aside = None
-        if os.path.exists(out):
-            aside = tempfile.mkdtemp(dir=parent, prefix=f".old-{os.path.basename(out)}-")
-            os.rename(out, os.path.join(aside, "old"))
-        os.rename(tmp, out)
-        fsync_dir(parent)
-        if aside is not None:
-            shutil.rmtree(aside, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    publish_directory(out, write, tmp_prefix=f".tmp-{os.path.basename(out)}-", aside_name="old")
 
 
 def _write_json(path: str, value) -> None:

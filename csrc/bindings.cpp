@@ -983,6 +983,14 @@ static std::unique_ptr<LockedModel> make_model(const py::dict& c, uint64_t seed,
                      c["ffn_dim"].cast<int64_t>(),    c["max_seq_len"].cast<int64_t>(),
                      c["rope_base"].cast<double>(),   c["norm_eps"].cast<double>(),
                      c["z_loss"].cast<double>()};
+  if (c.contains("n_experts")) {  // PALM_SPEC "Sparse activation" (a config from before it is dense)
+    config.n_experts = c["n_experts"].cast<int64_t>();
+    config.expert_top_k = c["expert_top_k"].cast<int64_t>();
+    config.expert_ffn_dim = c["expert_ffn_dim"].cast<int64_t>();
+    config.moe_every = c["moe_every"].cast<int64_t>();
+    config.router_aux_loss = c["router_aux_loss"].cast<double>();
+    config.router_z_loss = c["router_z_loss"].cast<double>();
+  }
   py::gil_scoped_release release;
   return std::make_unique<LockedModel>(Model(config, seed, d, ModelShard{shard_rank, shard_size, std::move(model_comm)}),
                                        device_label);
@@ -1082,6 +1090,11 @@ static void bind_model(py::module_& m) {
              out["loss"] = s.loss;
              out["ce"] = s.ce;
              out["tokens"] = s.tokens;
+             if (!s.expert_load.empty()) {
+               out["balance"] = s.balance;
+               out["router_z"] = s.router_z;
+               out["expert_load"] = s.expert_load;
+             }
              return out;
            },
            py::arg("tokens"), py::arg("targets"), py::arg("total_tokens") = 0)

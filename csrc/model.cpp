@@ -37,9 +37,12 @@ int64_t logits_chunk_rows(int64_t vocab, int64_t rows, Device device) {
 int64_t local_param_count(const ModelConfig& c, int64_t shards) {
   const int64_t D = c.d_model, q = c.n_heads * c.head_dim / shards, kv = c.n_kv_heads * c.head_dim;
   const int64_t F = c.ffn_dim / shards;
-  // A layer: norm (D), wq and wo (D·q each), wk and wv (D·kv each), w_gate, w_up, w_down (D·F each).
-  const int64_t layer = D * (1 + 2 * q + 2 * kv + 3 * F);
-  return c.n_layers * layer + c.vocab_size / shards * D + D;  // + the embedding, the final norm
+  // A layer: norm (D), wq and wo (D·q each), wk and wv (D·kv each), then a dense MLP: w_gate,
+  // w_up, w_down (D·F each), or a sparse one: the router (D·E) and this rank's experts (3·D·Fe each).
+  const int64_t attention = D * (1 + 2 * q + 2 * kv), sparse = c.sparse_layers();
+  const int64_t sparse_mlp = D * c.n_experts + c.n_experts / shards * 3 * D * c.expert_ffn_dim;
+  return c.n_layers * attention + (c.n_layers - sparse) * 3 * D * F + sparse * sparse_mlp + c.vocab_size / shards * D +
+         D;  // + the embedding, the final norm
 }
 
 }  // namespace
@@ -54,9 +57,22 @@ void ModelConfig::validate() const {
     require(value > 0, std::string(name) + " must be positive, got " + std::to_string(value));
     require(value <= INT32_MAX, std::string(name) + " must be below 2^31, got " + std::to_string(value));
   }
-  const long double layer = static_cast<long double>(d_model) * head_dim * (2 * n_heads + 2 * n_kv_heads) +
-                            3.0L * d_model * ffn_dim + d_model;
-  const long double params = static_cast<long double>(vocab_size) * d_model + n_layers * layer + d_model;
+  require(n_experts >= 0 && n_experts <= 4096, "n_experts must be in [0, 4096], got " + std::to_string(n_experts));
+  if (n_experts > 0) {
+    require(expert_top_k >= 1 && expert_top_k <= n_experts, "expert_top_k (" + std::to_string(expert_top_k) +
+                                                                ") must be in [1, n_experts = " +
+                                                                std::to_string(n_experts) + "]");
+    require(expert_ffn_dim > 0 && expert_ffn_dim <= INT32_MAX, "expert_ffn_dim must be positive, below 2^31");
+    require(moe_every >= 1, "moe_every must be positive, got " + std::to_string(moe_every));
+    require(router_aux_loss >= 0 && router_aux_loss <= 1e3 && router_z_loss >= 0 && router_z_loss <= 1e3,
+            "router_aux_loss and router_z_loss must be in [0, 1e3]");
+  }
+  const long double attention = static_cast<long double>(d_model) * head_dim * (2 * n_heads + 2 * n_kv_heads) + d_model;
+  const long double sparse = static_cast<long double>(sparse_layers());
+  const long double mlp = (n_layers - sparse) * 3.0L * d_model * ffn_dim +
+                          sparse * (static_cast<long double>(d_model) * n_experts +
+                                    3.0L * n_experts * d_model * static_cast<long double>(expert_ffn_dim));
+  const long double params = static_cast<long double>(vocab_size) * d_model + n_layers * attention + mlp + d_model;
   char count[32];
   std::snprintf(count, sizeof count, "%.3Le", params);
   require(params < 0x1p48L, std::string("the model has ") + count +
@@ -87,11 +103,16 @@ namespace {
 
 // Parameter s of the full model, element g of its full flattened tensor, is init_std times
 // the first (g even) or second (g odd) normal of draw (seed, s, g / 2): the same value on any
-// shard layout and thread count. Fills this rank's piece, row by row of the full tensor.
+// shard layout and thread count. Fills this rank's piece, row by row of the full tensor seen
+// as [rows, last extent] (a 3-D expert tensor split over its experts holds whole rows).
 void init_normal(const ParamInfo& p, uint64_t seed, uint64_t s, float* w) {
-  const int64_t cols = p.full_shape.size() == 2 ? p.full_shape[1] : p.full_shape[0];
-  const int64_t local_rows = p.shape.size() == 2 ? p.shape[0] : 1, local_cols = p.numel() / local_rows;
-  const int64_t row0 = p.split_axis == 0 ? p.split_offset : 0, col0 = p.split_axis == 1 ? p.split_offset : 0;
+  const int last = static_cast<int>(p.shape.size()) - 1;
+  const int64_t cols = p.full_shape.back();
+  const int64_t local_cols = p.split_axis == last ? p.shape.back() : cols;
+  const int64_t local_rows = p.numel() / local_cols;
+  // a split over the first axis of a 2-D or 3-D tensor starts at whole rows of [rows, cols]
+  const int64_t row0 = p.split_axis == 0 && last > 0 ? p.split_offset * (local_rows / p.shape[0]) : 0;
+  const int64_t col0 = p.split_axis == last ? p.split_offset : 0;
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < local_rows; ++i) {
     const int64_t g0 = (row0 + i) * cols + col0;
@@ -123,7 +144,8 @@ Model::Model(const ModelConfig& config, uint64_t seed, Device device, ModelShard
   require(M == 1 || device_ == Device::CPU,
           "a model on CUDA cannot be sharded yet (its collectives need NCCL, not built): use a mesh on the CPU");
   for (const auto& [name, extent] : {std::pair<const char*, int64_t>{"n_heads", config_.n_heads},
-                                     {"ffn_dim", config_.ffn_dim}, {"vocab_size", config_.vocab_size}})
+                                     {"ffn_dim", config_.ffn_dim}, {"vocab_size", config_.vocab_size},
+                                     {"n_experts", config_.n_experts}})
     require(extent % M == 0, "the model axis (" + std::to_string(M) + ") must divide " + name + " (" +
                                  std::to_string(extent) + ")");
   // Refused before building anything as large as n_layers (info_ below, then the buffers).
@@ -157,6 +179,14 @@ Model::Model(const ModelConfig& config, uint64_t seed, Device device, ModelShard
     add(p + "attn.wk", {D, kv_width}, 1.0 / std::sqrt(double(D)), -1);
     add(p + "attn.wv", {D, kv_width}, 1.0 / std::sqrt(double(D)), -1);
     add(p + "attn.wo", {q_width, D}, 1.0 / std::sqrt(double(q_width)), 0);
+    if (config_.sparse(i)) {  // experts split over the model axis, the router replicated
+      const int64_t E = config_.n_experts, Fe = config_.expert_ffn_dim;
+      add(p + "mlp.router", {D, E}, 1.0 / std::sqrt(double(D)), -1);
+      add(p + "mlp.experts.w_gate", {E, D, Fe}, 1.0 / std::sqrt(double(D)), 0);
+      add(p + "mlp.experts.w_up", {E, D, Fe}, 1.0 / std::sqrt(double(D)), 0);
+      add(p + "mlp.experts.w_down", {E, Fe, D}, 1.0 / std::sqrt(double(Fe)), 0);
+      continue;
+    }
     add(p + "mlp.w_gate", {D, F}, 1.0 / std::sqrt(double(D)), 1);
     add(p + "mlp.w_up", {D, F}, 1.0 / std::sqrt(double(D)), 1);
     add(p + "mlp.w_down", {F, D}, 1.0 / std::sqrt(double(F)), 0);
@@ -265,10 +295,19 @@ Model::Weights Model::views_of(const Tensor& flat) const {
   w.final_norm = by_name.at("final_norm.scale");
   for (int64_t i = 0; i < config_.n_layers; ++i) {
     const std::string p = "layers." + std::to_string(i) + ".";
-    w.layers.push_back({by_name.at(p + "norm.scale"), by_name.at(p + "attn.wq"),
-                        by_name.at(p + "attn.wk"), by_name.at(p + "attn.wv"),
-                        by_name.at(p + "attn.wo"), by_name.at(p + "mlp.w_gate"),
-                        by_name.at(p + "mlp.w_up"), by_name.at(p + "mlp.w_down")});
+    LayerWeights l{by_name.at(p + "norm.scale"), by_name.at(p + "attn.wq"), by_name.at(p + "attn.wk"),
+                   by_name.at(p + "attn.wv"), by_name.at(p + "attn.wo"), {}, {}, {}, {}, {}, {}, {}};
+    if (config_.sparse(i)) {
+      l.router = by_name.at(p + "mlp.router");
+      l.experts_gate = by_name.at(p + "mlp.experts.w_gate");
+      l.experts_up = by_name.at(p + "mlp.experts.w_up");
+      l.experts_down = by_name.at(p + "mlp.experts.w_down");
+    } else {
+      l.w_gate = by_name.at(p + "mlp.w_gate");
+      l.w_up = by_name.at(p + "mlp.w_up");
+      l.w_down = by_name.at(p + "mlp.w_down");
+    }
+    w.layers.push_back(l);
   }
   return w;
 }
@@ -301,9 +340,8 @@ void Model::prepare(int64_t batch, int64_t seq) {
   a.loss_sums = Tensor::zeros({2}, DType::F64, device_);
   a.x = f32({rows, D});
   for (int64_t i = 0; i < config_.n_layers; ++i)
-    a.layers.push_back({f32({rows, D}), f32({rows}), rounded({rows, D}), rounded({rows, qw}), rounded({rows, kvw}),
-                        rounded({rows, kvw}), rounded({rows, qw}), f32({batch * local_heads() * seq}),
-                        rounded({rows, F}), rounded({rows, F})});
+    a.layers.push_back(layer_activations(rows, batch * local_heads() * seq, config_.sparse(i)));
+  if (config_.n_experts > 0) moe_scratch(a, rows, true);
   a.final_xhat = f32({rows, D});
   a.final_rstd = f32({rows});
   a.final_h = rounded({rows, D});
@@ -354,9 +392,11 @@ void Model::prepare_inference(int64_t rows, const KVCache& cache) {
   a.positions_host = host_twin(a.positions);
   a.slots_host = host_twin(a.slots);
   a.x = f32({rows, D});
-  a.layers.push_back({f32({rows, D}), f32({rows}), rounded({rows, D}), rounded({rows, qw}), rounded({rows, kvw}),
-                      rounded({rows, kvw}), rounded({rows, qw}), f32({rows * config_.n_heads}), rounded({rows, F}),
-                      rounded({rows, F})});
+  a.layers.push_back(layer_activations(rows, rows * config_.n_heads, false));
+  if (config_.n_experts > 0) {  // the sparse layers' own (layers[1])
+    a.layers.push_back(layer_activations(rows, rows * config_.n_heads, true));
+    moe_scratch(a, rows, false);
+  }
   a.swiglu = rounded({rows, F});
   a.final_xhat = f32({rows, D});
   a.final_rstd = f32({rows});
@@ -369,6 +409,176 @@ void Model::prepare_inference(int64_t rows, const KVCache& cache) {
   a.logits = f32({logit_rows, config_.vocab_size});
   decode_recording_.reset();  // its tensors are about to go
   infer_ = std::move(a);
+}
+
+Model::LayerActivations Model::layer_activations(int64_t rows, int64_t lse_size, bool sparse) const {
+  const int64_t D = config_.d_model, qw = local_heads() * config_.head_dim, kvw = config_.n_kv_heads * config_.head_dim;
+  auto f32 = [&](std::vector<int64_t> shape) { return Tensor::zeros(std::move(shape), DType::F32, device_); };
+  auto rounded = [&](std::vector<int64_t> shape) { return Tensor::zeros(std::move(shape), activation_dtype(), device_); };
+  auto i32 = [&](std::vector<int64_t> shape) { return Tensor::zeros(std::move(shape), DType::I32, device_); };
+  LayerActivations a{f32({rows, D}), f32({rows}), rounded({rows, D}), rounded({rows, qw}), rounded({rows, kvw}),
+                     rounded({rows, kvw}), rounded({rows, qw}), f32({lse_size}), {}, {}, {}, {}, {}, {}, {}, {},
+                     {}, {}, {}, {}};
+  if (!sparse) {
+    a.gate = rounded({rows, local_ffn()});
+    a.up = rounded({rows, local_ffn()});
+    return a;
+  }
+  const int64_t E = config_.n_experts, k = config_.expert_top_k, Fe = config_.expert_ffn_dim;
+  a.gate = rounded({rows * k, Fe});
+  a.up = rounded({rows * k, Fe});
+  a.probs = f32({rows, E});
+  a.router_lse = f32({rows});
+  a.experts = i32({rows, k});
+  a.weights = f32({rows, k});
+  a.order = i32({rows * k});
+  a.slot_of = i32({rows, k});
+  a.offsets = i32({local_experts() + 1});
+  a.offsets_host = host_twin(a.offsets);
+  a.expert_x = rounded({rows * k, D});
+  a.expert_y = f32({rows * k, D});
+  return a;
+}
+
+void Model::moe_scratch(Activations& a, int64_t rows, bool backward) const {
+  const int64_t D = config_.d_model, E = config_.n_experts, k = config_.expert_top_k, Fe = config_.expert_ffn_dim;
+  auto f32 = [&](std::vector<int64_t> shape) { return Tensor::zeros(std::move(shape), DType::F32, device_); };
+  auto rounded = [&](std::vector<int64_t> shape) { return Tensor::zeros(std::move(shape), activation_dtype(), device_); };
+  a.router_logits = f32({rows, E});
+  a.expert_a = rounded({rows * k, Fe});
+  if (activation_dtype() != DType::F32) a.h_wide = f32({rows, D});
+  a.moe_stats = Tensor::zeros({std::max<int64_t>(1, config_.sparse_layers()), 2 * E + 1}, DType::F64, device_);
+  if (!backward) return;
+  a.dlogits = f32({rows, E});
+  a.dprobs = f32({rows, E});
+  a.dweights = f32({rows, k});
+  a.expert_dy = rounded({rows * k, D});
+  a.expert_da = rounded({rows * k, Fe});
+  a.expert_dgate = rounded({rows * k, Fe});
+  a.expert_dup = rounded({rows * k, Fe});
+  a.expert_dx = f32({rows * k, D});
+}
+
+void Model::add_router_losses(LossStats& stats) const {
+  const int64_t E = config_.n_experts, layers = config_.sparse_layers();
+  const double N = static_cast<double>(act_.batch * act_.seq), k = static_cast<double>(config_.expert_top_k);
+  const Tensor all = act_.moe_stats.to(Device::CPU);
+  const double* st = all.host_data<double>();
+  stats.expert_load.assign(E, 0.0);
+  for (int64_t l = 0; l < layers; ++l) {
+    const double* s = st + l * (2 * E + 1);
+    double balance = 0.0;
+    for (int64_t e = 0; e < E; ++e) {
+      const double share = s[E + e] / (N * k);
+      balance += share * (s[e] / N);
+      stats.expert_load[e] += share / layers;
+    }
+    stats.balance += E * balance / layers;
+    stats.router_z += s[2 * E] / N / layers;
+  }
+  stats.loss += config_.router_aux_loss * stats.balance + config_.router_z_loss * stats.router_z;
+}
+
+const Tensor& Model::router_input(Activations& act, LayerActivations& a) {
+  if (!act.h_wide.defined()) return a.h;
+  copy(a.h, act.h_wide);  // bf16 storage: widened (exact)
+  return act.h_wide;
+}
+
+// PALM_SPEC "Sparse activation" for a layer's rows h (forward):
+//   r = h @ router (float32);  route: softmax, top-k, renormalised weights w;  dispatch: the rows
+//   of each local expert gathered (x);  per expert e: gate = R(x W~gate_e), up = R(x W~up_e),
+//   a = R(silu(gate) up), y = a W~down_e (float32);  out += Σ_s w_s · y_s  (rows in order)
+void Model::moe_forward(Activations& act, LayerActivations& a, const LayerWeights& w, const LayerWeights& master,
+                        int64_t index, Tensor& out) {
+  const int64_t N = a.h.dim(0), E = config_.n_experts, k = config_.expert_top_k, El = local_experts();
+  Tensor logits = act.router_logits.rows(0, N);
+  matmul(router_input(act, a), false, master.router, false, logits);
+  Tensor stats = act.moe_stats.view(index * (2 * E + 1), {2 * E + 1});
+  moe_route(logits, k, a.probs, a.router_lse, a.experts, a.weights, stats);
+  moe_dispatch(a.experts, expert_first(), El, a.order, a.slot_of, a.offsets);
+  copy(a.offsets, a.offsets_host);  // the experts' row counts size their GEMMs (on a GPU: one wait)
+  const int32_t* off = a.offsets_host.host_data<int32_t>();
+  const int64_t P = off[El];  // the assignments to this rank's experts
+  if (P == 0) return;
+  Tensor x = a.expert_x.rows(0, P), gate = a.gate.rows(0, P), up = a.up.rows(0, P), act_a = act.expert_a.rows(0, P);
+  embedding_forward(a.h, a.order.view(0, {P}), x);  // the rows, gathered by expert
+  const int64_t D = config_.d_model, Fe = config_.expert_ffn_dim;
+  for (int64_t e = 0; e < El; ++e) {
+    if (off[e + 1] == off[e]) continue;
+    const Tensor xe = x.rows(off[e], off[e + 1]);
+    Tensor ge = gate.rows(off[e], off[e + 1]), ue = up.rows(off[e], off[e + 1]);
+    matmul(xe, false, w.experts_gate.view(e * D * Fe, {D, Fe}), false, ge);
+    matmul(xe, false, w.experts_up.view(e * D * Fe, {D, Fe}), false, ue);
+  }
+  bf16_point(gate);
+  bf16_point(up);
+  swiglu_forward(gate, up, act_a);
+  bf16_point(act_a);
+  Tensor y = a.expert_y.rows(0, P);
+  for (int64_t e = 0; e < El; ++e) {
+    if (off[e + 1] == off[e]) continue;
+    Tensor ye = y.rows(off[e], off[e + 1]);
+    matmul(act_a.rows(off[e], off[e + 1]), false, w.experts_down.view(e * Fe * D, {Fe, D}), false, ye);
+  }
+  moe_combine(a.expert_y, a.slot_of, &a.weights, out);
+}
+
+// The backward of moe_forward, given dx (the layer's output gradient as the GEMMs read it):
+//   dy_s = R(w_s dx), dw_s = dx · y_s;  per expert: dW~down += aᵀ dy, da = R(dy W~downᵀ),
+//   dgate, dup = R(swiglu'), dW~gate += xᵀ dgate, dW~up += xᵀ dup, dx_e = dgate W~gateᵀ + dup W~upᵀ
+//   (float32), dh += Σ_s dx_e over the row's slots;  router: dprobs through the weights (summed
+//   over the model axis: each rank saw its experts' slots), the auxiliary losses and the softmax
+//   give dr; drouter += hᵀ dr, dh += dr routerᵀ (after dh's own all-reduce: the router is replicated).
+void Model::moe_backward(LayerActivations& a, const LayerWeights& w, const LayerWeights& master,
+                         LayerWeights& grads, int64_t index, const Tensor& dx, double aux_scale) {
+  Activations& act = act_;
+  const int64_t N = a.h.dim(0), E = config_.n_experts, k = config_.expert_top_k, El = local_experts();
+  const int64_t D = config_.d_model, Fe = config_.expert_ffn_dim;
+  const int32_t* off = a.offsets_host.host_data<int32_t>();
+  const int64_t P = off[El];
+  moe_combine_backward(dx, a.expert_y, a.slot_of, a.weights, act.expert_dy, act.dweights);
+  if (P > 0) {
+    Tensor dy = act.expert_dy.rows(0, P), da = act.expert_da.rows(0, P), act_a = act.expert_a.rows(0, P);
+    Tensor gate = a.gate.rows(0, P), up = a.up.rows(0, P), x = a.expert_x.rows(0, P);
+    Tensor dgate = act.expert_dgate.rows(0, P), dup = act.expert_dup.rows(0, P), dxe = act.expert_dx.rows(0, P);
+    bf16_point(dy);
+    swiglu_forward(gate, up, act_a);  // recomputed rather than kept per layer
+    bf16_point(act_a);
+    for (int64_t e = 0; e < El; ++e) {
+      if (off[e + 1] == off[e]) continue;
+      const Tensor dye = dy.rows(off[e], off[e + 1]);
+      Tensor dwd = grads.experts_down.view(e * Fe * D, {Fe, D}), dae = da.rows(off[e], off[e + 1]);
+      matmul(act_a.rows(off[e], off[e + 1]), true, dye, false, dwd, 1.0f, 1.0f);
+      matmul(dye, false, w.experts_down.view(e * Fe * D, {Fe, D}), true, dae);
+    }
+    bf16_point(da);
+    swiglu_backward(gate, up, da, dgate, dup);
+    bf16_point(dgate);
+    bf16_point(dup);
+    for (int64_t e = 0; e < El; ++e) {
+      if (off[e + 1] == off[e]) continue;
+      const Tensor xe = x.rows(off[e], off[e + 1]);
+      const Tensor dge = dgate.rows(off[e], off[e + 1]), due = dup.rows(off[e], off[e + 1]);
+      Tensor dwg = grads.experts_gate.view(e * D * Fe, {D, Fe}), dwu = grads.experts_up.view(e * D * Fe, {D, Fe});
+      Tensor dxr = dxe.rows(off[e], off[e + 1]);
+      matmul(xe, true, dge, false, dwg, 1.0f, 1.0f);
+      matmul(xe, true, due, false, dwu, 1.0f, 1.0f);
+      matmul(dge, false, w.experts_gate.view(e * D * Fe, {D, Fe}), true, dxr);
+      matmul(due, false, w.experts_up.view(e * D * Fe, {D, Fe}), true, dxr, 1.0f, 1.0f);
+    }
+    moe_combine(act.expert_dx, a.slot_of, nullptr, act.dh);
+  }
+  // the router (float32 throughout)
+  Tensor dprobs = act.dprobs.rows(0, N), dlogits = act.dlogits.rows(0, N);
+  moe_weights_backward(a.probs, a.experts, a.weights, act.dweights, dprobs);
+  if (sharded()) all_reduce(dprobs);
+  const int64_t sparse = config_.sparse_layers();
+  moe_logits_backward(a.probs, a.router_lse, dprobs, act.moe_stats.view(index * (2 * E + 1), {2 * E + 1}), k,
+                      aux_scale * config_.router_aux_loss / sparse, aux_scale * config_.router_z_loss / sparse,
+                      dlogits);
+  const Tensor& h = router_input(act, a);
+  matmul(h, true, dlogits, false, grads.router, 1.0f, 1.0f);
 }
 
 void Model::check_shape(const Tensor& tokens, const char* what) const {
@@ -430,9 +640,11 @@ void Model::run_forward(Activations& act, KVCache* cache) {
   const float eps = static_cast<float>(config_.norm_eps);
   embedding_forward(gemm_weights_.embed, act.tokens, act.x, vocab_first());
   if (sharded()) all_reduce(act.x);
-  for (int64_t i = 0; i < config_.n_layers; ++i) {
+  if (act.moe_stats.defined()) fill_zero(act.moe_stats);
+  for (int64_t i = 0, sparse_index = 0; i < config_.n_layers; ++i) {
     const LayerWeights& w = gemm_weights_.layers[i];
-    LayerActivations& a = act.layers[cache ? 0 : i];
+    const bool sparse = config_.sparse(i);
+    LayerActivations& a = act.layers[cache ? (sparse ? 1 : 0) : i];
     layernorm_forward(act.x, weights_.layers[i].norm, eps, a.h, a.xhat, a.rstd);
     bf16_point(a.h);
     matmul(a.h, false, w.wq, false, a.q);
@@ -455,6 +667,15 @@ void Model::run_forward(Activations& act, KVCache* cache) {
       attention_forward(a.q, a.k, a.v, a.attn, a.lse, attention_shape(act.batch, act.seq), act.attention);
     }
     bf16_point(a.attn);
+    if (sparse) {  // the parallel block with a mixture of experts: both branches add to x
+      Tensor& out = sharded() ? act.branches : act.x;
+      matmul(a.attn, false, w.wo, false, out, 1.0f, sharded() ? 0.0f : 1.0f);
+      moe_forward(act, a, w, weights_.layers[i], sparse_index++, out);
+      if (!sharded()) continue;
+      all_reduce(act.branches);
+      add_to(act.x, act.branches);
+      continue;
+    }
     matmul(a.h, false, w.w_gate, false, a.gate);
     matmul(a.h, false, w.w_up, false, a.up);
     bf16_point(a.gate);
@@ -549,15 +770,20 @@ LossStats Model::forward_backward(const Tensor& tokens, const Tensor& targets, i
   const Tensor sums = act_.loss_sums.to(Device::CPU);  // the one read-back of the loss
   stats.ce = sums.host_data<double>()[0] / stats.tokens;
   stats.loss = sums.host_data<double>()[1] / stats.tokens;
+  if (config_.sparse_layers() > 0) add_router_losses(stats);
+  // the routers' losses enter each call's gradient as its share of the counted targets
+  const double aux_scale = static_cast<double>(stats.tokens) / (total_tokens ? total_tokens : stats.tokens);
   if (sharded()) all_reduce(act_.dfinal_h);
 
   fill_zero(act_.dx);
   layernorm_backward(act_.dfinal_h, act_.final_xhat, act_.final_rstd, weights_.final_norm, act_.dx,
                      weight_grads_.final_norm);
-  for (int64_t i = config_.n_layers - 1; i >= 0; --i) {
+  for (int64_t i = config_.n_layers - 1, sparse_index = config_.sparse_layers(); i >= 0; --i) {
     const LayerWeights& w = gemm_weights_.layers[i];
     LayerWeights& gw = weight_grads_.layers[i];
     LayerActivations& a = act_.layers[i];
+    const bool sparse = config_.sparse(i);
+    if (sparse) --sparse_index;
     // dx reaches both branches unchanged (x_out = x_in + attn + mlp); the GEMMs read it rounded
     // in the bf16 mode, while dx itself keeps accumulating in float32.
     Tensor& dx = bf16() ? act_.dx_bf16 : act_.dx;
@@ -568,14 +794,16 @@ LossStats Model::forward_backward(const Tensor& tokens, const Tensor& targets, i
     matmul(a.attn, true, dx, false, gw.wo, 1.0f, 1.0f);
     matmul(dx, false, w.wo, true, act_.dattn);
     bf16_point(act_.dattn);
-    swiglu_forward(a.gate, a.up, act_.swiglu);  // recomputed rather than kept per layer
-    bf16_point(act_.swiglu);
-    matmul(act_.swiglu, true, dx, false, gw.w_down, 1.0f, 1.0f);
-    matmul(dx, false, w.w_down, true, act_.dswiglu);
-    bf16_point(act_.dswiglu);
-    swiglu_backward(a.gate, a.up, act_.dswiglu, act_.dgate, act_.dup);
-    bf16_point(act_.dgate);
-    bf16_point(act_.dup);
+    if (!sparse) {
+      swiglu_forward(a.gate, a.up, act_.swiglu);  // recomputed rather than kept per layer
+      bf16_point(act_.swiglu);
+      matmul(act_.swiglu, true, dx, false, gw.w_down, 1.0f, 1.0f);
+      matmul(dx, false, w.w_down, true, act_.dswiglu);
+      bf16_point(act_.dswiglu);
+      swiglu_backward(a.gate, a.up, act_.dswiglu, act_.dgate, act_.dup);
+      bf16_point(act_.dgate);
+      bf16_point(act_.dup);
+    }
     attention_backward(a.q, a.k, a.v, a.attn, a.lse, act_.dattn, act_.dq, act_.dk, act_.dv,
                        attention_shape(act_.batch, act_.seq), act_.attention);
     bf16_point(act_.dq);
@@ -590,10 +818,11 @@ LossStats Model::forward_backward(const Tensor& tokens, const Tensor& targets, i
     // heads only) are all-reduced first: one all-reduce of dh per layer, two small ones.
     const std::pair<const Tensor*, Tensor*> split[] = {{&w.wq, &act_.dq}, {&w.w_gate, &act_.dgate}, {&w.w_up, &act_.dup}};
     Tensor* split_grad[] = {&gw.wq, &gw.w_gate, &gw.w_up};
-    for (int j = 0; j < 3; ++j) {
+    for (int j = 0; j < (sparse ? 1 : 3); ++j) {  // a sparse layer: wq, then its experts
       matmul(*split[j].second, false, *split[j].first, true, act_.dh, 1.0f, j == 0 ? 0.0f : 1.0f);
       matmul(a.h, true, *split[j].second, false, *split_grad[j], 1.0f, 1.0f);
     }
+    if (sparse) moe_backward(a, w, weights_.layers[i], gw, sparse_index, dx, aux_scale);
     if (sharded()) {
       all_reduce(act_.dh);
       all_reduce(act_.dk);
@@ -604,6 +833,10 @@ LossStats Model::forward_backward(const Tensor& tokens, const Tensor& targets, i
     for (int j = 0; j < 2; ++j) {
       matmul(*shared[j].second, false, *shared[j].first, true, act_.dh, 1.0f, 1.0f);
       matmul(a.h, true, *shared[j].second, false, *shared_grad[j], 1.0f, 1.0f);
+    }
+    if (sparse) {  // the router's part of dh (replicated: after the all-reduce)
+      Tensor dlogits = act_.dlogits.rows(0, a.h.dim(0));
+      matmul(dlogits, false, weights_.layers[i].router, true, act_.dh, 1.0f, 1.0f);
     }
     layernorm_backward(act_.dh, a.xhat, a.rstd, weights_.layers[i].norm, act_.dx, gw.norm);
   }

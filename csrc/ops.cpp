@@ -362,6 +362,86 @@ void swiglu_backward(const Tensor& gate, const Tensor& up, const Tensor& dout, T
   PALMCORE_DISPATCH(swiglu_backward, dgate.device(), gate, up, dout, dgate, dup);
 }
 
+void moe_route(const Tensor& logits, int64_t k, Tensor& probs, Tensor& lse, Tensor& experts, Tensor& weights,
+               Tensor& stats) {
+  one_device("moe_route", {{"logits", logits}, {"probs", probs}, {"lse", lse}, {"experts", experts},
+                           {"weights", weights}, {"stats", stats}});
+  expect("moe_route", {"logits", logits}, DType::F32, {-1, -1});
+  const int64_t N = logits.dim(0), E = logits.dim(1);
+  if (k < 1 || k > E) refuse("moe_route", "k = " + std::to_string(k) + " is not in [1, E = " + std::to_string(E) + "]");
+  expect("moe_route", {"probs", probs}, DType::F32, {N, E});
+  expect("moe_route", {"lse", lse}, DType::F32, {N});
+  expect("moe_route", {"experts", experts}, DType::I32, {N, k});
+  expect("moe_route", {"weights", weights}, DType::F32, {N, k});
+  expect("moe_route", {"stats", stats}, DType::F64, {2 * E + 1});
+  PALMCORE_DISPATCH(moe_route, logits.device(), logits, k, probs, lse, experts, weights, stats);
+}
+
+void moe_dispatch(const Tensor& experts, int64_t first, int64_t count, Tensor& order, Tensor& slot_of,
+                  Tensor& offsets) {
+  one_device("moe_dispatch", {{"experts", experts}, {"order", order}, {"slot_of", slot_of}, {"offsets", offsets}});
+  expect("moe_dispatch", {"experts", experts}, DType::I32, {-1, -1});
+  if (first < 0 || count < 1) refuse("moe_dispatch", "the local experts must be a non-empty range from >= 0");
+  expect("moe_dispatch", {"order", order}, DType::I32, {experts.numel()});
+  expect("moe_dispatch", {"slot_of", slot_of}, DType::I32, experts.shape());
+  expect("moe_dispatch", {"offsets", offsets}, DType::I32, {count + 1});
+  PALMCORE_DISPATCH(moe_dispatch, experts.device(), experts, first, count, order, slot_of, offsets);
+}
+
+void moe_combine(const Tensor& y, const Tensor& slot_of, const Tensor* weights, Tensor& out) {
+  one_device("moe_combine", {{"y", y}, {"slot_of", slot_of}, {"out", out}});
+  expect("moe_combine", {"out", out}, DType::F32, {-1, -1});
+  expect("moe_combine", {"slot_of", slot_of}, DType::I32, {out.dim(0), -1});
+  expect("moe_combine", {"y", y}, DType::F32, {slot_of.numel(), out.dim(1)});
+  if (weights) {
+    one_device("moe_combine", {{"out", out}, {"weights", *weights}});
+    expect("moe_combine", {"weights", *weights}, DType::F32, slot_of.shape());
+  }
+  PALMCORE_DISPATCH(moe_combine, out.device(), y, slot_of, weights, out);
+}
+
+void moe_combine_backward(const Tensor& dout, const Tensor& y, const Tensor& slot_of, const Tensor& weights,
+                          Tensor& dy, Tensor& dweights) {
+  one_device("moe_combine_backward", {{"dout", dout}, {"y", y}, {"slot_of", slot_of}, {"weights", weights},
+                                      {"dy", dy}, {"dweights", dweights}});
+  expect_float("moe_combine_backward", {"dout", dout}, {-1, -1});
+  expect("moe_combine_backward", {"slot_of", slot_of}, DType::I32, {dout.dim(0), -1});
+  expect("moe_combine_backward", {"y", y}, DType::F32, {slot_of.numel(), dout.dim(1)});
+  expect("moe_combine_backward", {"weights", weights}, DType::F32, slot_of.shape());
+  expect("moe_combine_backward", {"dy", dy}, dout.dtype(), y.shape());
+  expect("moe_combine_backward", {"dweights", dweights}, DType::F32, slot_of.shape());
+  if (cpu_twins_needed({&dout})) {
+    Tensor wide_dy = widened(dy);
+    moe_combine_backward(widened(dout), y, slot_of, weights, wide_dy, dweights);
+    return store_into(wide_dy, dy);
+  }
+  PALMCORE_DISPATCH(moe_combine_backward, dout.device(), dout, y, slot_of, weights, dy, dweights);
+}
+
+void moe_weights_backward(const Tensor& probs, const Tensor& experts, const Tensor& weights, const Tensor& dweights,
+                          Tensor& dprobs) {
+  one_device("moe_weights_backward", {{"probs", probs}, {"experts", experts}, {"weights", weights},
+                                      {"dweights", dweights}, {"dprobs", dprobs}});
+  alike("moe_weights_backward", {{"probs", probs}, {"dprobs", dprobs}});
+  expect("moe_weights_backward", {"probs", probs}, DType::F32, {-1, -1});
+  expect("moe_weights_backward", {"experts", experts}, DType::I32, {probs.dim(0), -1});
+  alike("moe_weights_backward", {{"weights", weights}, {"dweights", dweights}});
+  expect("moe_weights_backward", {"weights", weights}, DType::F32, experts.shape());
+  PALMCORE_DISPATCH(moe_weights_backward, probs.device(), probs, experts, weights, dweights, dprobs);
+}
+
+void moe_logits_backward(const Tensor& probs, const Tensor& lse, const Tensor& dprobs, const Tensor& stats, int64_t k,
+                         double balance, double z, Tensor& dlogits) {
+  one_device("moe_logits_backward", {{"probs", probs}, {"lse", lse}, {"dprobs", dprobs}, {"stats", stats},
+                                     {"dlogits", dlogits}});
+  alike("moe_logits_backward", {{"probs", probs}, {"dprobs", dprobs}, {"dlogits", dlogits}});
+  expect("moe_logits_backward", {"probs", probs}, DType::F32, {-1, -1});
+  expect("moe_logits_backward", {"lse", lse}, DType::F32, {probs.dim(0)});
+  expect("moe_logits_backward", {"stats", stats}, DType::F64, {2 * probs.dim(1) + 1});
+  if (k < 1 || k > probs.dim(1)) refuse("moe_logits_backward", "k is not in [1, E]");
+  PALMCORE_DISPATCH(moe_logits_backward, probs.device(), probs, lse, dprobs, stats, k, balance, z, dlogits);
+}
+
 void cross_entropy_stats(const Tensor& logits, const Tensor& targets, int64_t first, Tensor& lse,
                          Tensor& picked) {
   one_device("cross_entropy_stats", {{"logits", logits}, {"targets", targets}, {"lse", lse}, {"picked", picked}});

@@ -18,6 +18,12 @@ namespace palmcore {
 struct ModelConfig {
   int64_t vocab_size, d_model, n_layers, n_heads, n_kv_heads, head_dim, ffn_dim, max_seq_len;
   double rope_base, norm_eps, z_loss;
+  // Sparse activation (PALM_SPEC "Sparse activation"): with n_experts > 0, layer i's MLP is a
+  // mixture of n_experts SwiGLU experts of width expert_ffn_dim when i % moe_every == moe_every - 1.
+  int64_t n_experts = 0, expert_top_k = 2, expert_ffn_dim = 0, moe_every = 1;
+  double router_aux_loss = 1e-2, router_z_loss = 1e-3;
+  bool sparse(int64_t layer) const { return n_experts > 0 && layer % moe_every == moe_every - 1; }
+  int64_t sparse_layers() const { return n_experts > 0 ? n_layers / moe_every : 0; }
   // Throws std::invalid_argument naming the first field that breaks the spec's rules.
   void validate() const;
 };
@@ -46,9 +52,14 @@ struct ModelShard {
 };
 
 struct LossStats {
-  double loss = 0.0;  // mean over counted positions of ce + z_loss · lse²
+  double loss = 0.0;  // mean over counted positions of ce + z_loss · lse² (+ the routers' losses)
   double ce = 0.0;    // mean over counted positions of ce
   int64_t tokens = 0; // counted positions (targets >= 0)
+  // Sparse layers, averaged over them: the load-balance loss E · Σ_e f_e P_e and the router
+  // z-loss mean lse(r)² (in `loss` with their coefficients), and the share of assignments per
+  // expert (f_e, averaged over the sparse layers; empty for a dense model).
+  double balance = 0.0, router_z = 0.0;
+  std::vector<double> expert_load;
 };
 
 // The key/value cache of sequences being generated. For every layer it holds the keys and values
@@ -130,6 +141,9 @@ class Model {
  private:
   struct LayerWeights {
     Tensor norm, wq, wk, wv, wo, w_gate, w_up, w_down;
+    // a sparse layer's instead of w_gate, w_up, w_down: the router [D, E] and this rank's
+    // experts [E_l, D, Fe], [E_l, D, Fe], [E_l, Fe, D]
+    Tensor router, experts_gate, experts_up, experts_down;
   };
   struct Weights {
     Tensor embed, final_norm;
@@ -137,6 +151,11 @@ class Model {
   };
   struct LayerActivations {
     Tensor xhat, rstd, h, q, k, v, attn, lse, gate, up;
+    // a sparse layer (gate and up then hold its assignments' rows, [N·k, Fe], by position):
+    // the router's softmax [N, E] and lse [N], the chosen experts and weights [N, k], the
+    // dispatch (order [N·k], slot_of [N, k], offsets [E_l + 1] and their host copy), the
+    // gathered input rows [N·k, D] and the experts' outputs [N·k, D] (float32)
+    Tensor probs, router_lse, experts, weights, order, slot_of, offsets, offsets_host, expert_x, expert_y;
   };
   // Training keeps every layer's activations for the backward pass; inference (batch = rows,
   // seq = 1) has one layer's worth, reused by every layer.
@@ -152,6 +171,11 @@ class Model {
     // backward scratch (and, sharded, the sum of a layer's two branches before its all-reduce)
     Tensor dx, dh, dfinal_h, dattn, dq, dk, dv, swiglu, dswiglu, dgate, dup, branches;
     Tensor dx_bf16;  // bf16 mode: dx rounded, the GEMMs' copy of the residual gradient
+    // sparse layers: the router's logits and their gradient [N, E], the weights' and probabilities'
+    // gradients, h in float32 for the router (bf16 storage), the experts' SwiGLU output and
+    // gradients [N·k, ·], and every sparse layer's routing statistics (float64 [layers, 2E + 1])
+    Tensor router_logits, dlogits, dprobs, dweights, h_wide, expert_a, expert_dy, expert_da, expert_dgate, expert_dup,
+        expert_dx, moe_stats;
     Tensor logits_chunk, row_lse, row_picked, row_shift;
     Tensor dz_bf16;  // bf16 storage: the logits' gradient rounded into bfloat16 for the GEMMs
     AttentionWorkspace attention;
@@ -161,6 +185,10 @@ class Model {
 
   Weights views_of(const Tensor& flat) const;
   void prepare(int64_t batch, int64_t seq);
+  // One layer's activations for `rows` rows (lse_size: attention's lse), a sparse layer's or a
+  // dense one's; and the sparse layers' shared scratch (with the backward's when `backward`).
+  LayerActivations layer_activations(int64_t rows, int64_t lse_size, bool sparse) const;
+  void moe_scratch(Activations& a, int64_t rows, bool backward) const;
   void prepare_inference(int64_t rows, const KVCache& cache);
   // Checks shapes, sizes the activations, copies the ids in and checks the copies.
   void load_batch(const Tensor& tokens, const Tensor* targets);
@@ -181,6 +209,19 @@ class Model {
   int64_t local_heads() const { return config_.n_heads / shard_.size; }
   int64_t local_ffn() const { return config_.ffn_dim / shard_.size; }
   int64_t local_vocab() const { return config_.vocab_size / shard_.size; }
+  int64_t local_experts() const { return config_.n_experts / shard_.size; }
+  int64_t expert_first() const { return shard_.rank * local_experts(); }
+  // A sparse layer's MLP over act's rows (forward: adds it to `out`; backward: adds d h to dh and
+  // the experts' and router's gradients); `index` counts the sparse layers.
+  void moe_forward(Activations& act, LayerActivations& a, const LayerWeights& w, const LayerWeights& master,
+                   int64_t index, Tensor& out);
+  void moe_backward(LayerActivations& a, const LayerWeights& w, const LayerWeights& master, LayerWeights& grads,
+                    int64_t index, const Tensor& dx, double aux_scale);
+  // stats' balance, router_z and expert_load from the step's routing statistics (one read-back),
+  // and their share of the loss.
+  void add_router_losses(LossStats& stats) const;
+  // h as float32 (the router reads it so): a.h itself, or its copy in act.h_wide.
+  const Tensor& router_input(Activations& act, LayerActivations& a);
   int64_t vocab_first() const { return shard_.rank * local_vocab(); }
   bool sharded() const { return shard_.size > 1; }
 

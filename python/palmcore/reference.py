@@ -218,6 +218,75 @@ def swiglu_backward(dy, cache):
     return dh, dw_gate, dw_up, dw_down
 
 
+def moe_forward(h, p, k, rnd=_identity):
+    """PALM_SPEC "Sparse activation" over rows h [N, D] (float32 router, never rounded):
+
+        r = h @ router;  pr = softmax(r);  S = the k largest pr (ties: lower expert id)
+        w_e = pr_e / sum_S pr;  mlp = sum_{e in S} w_e · swiglu_e(h)
+
+    Returns mlp [N, D], the layer's (load balance, router z) losses
+    (E · sum_e f_e P_e with f_e the share of the N·k assignments, P_e the mean pr_e; mean lse(r)²),
+    and the cache for moe_backward."""
+    router, wg, wu, wd = p["mlp.router"], p["mlp.experts.w_gate"], p["mlp.experts.w_up"], p["mlp.experts.w_down"]
+    N, E = h.shape[0], router.shape[1]
+    r = h @ router
+    pr, lse = softmax(r), logsumexp(r)
+    chosen = np.argsort(-pr, axis=1, kind="stable")[:, :k]      # [N, k], ties to the lower id
+    picked = np.take_along_axis(pr, chosen, axis=1)
+    w = picked / picked.sum(axis=1, keepdims=True)
+    out = np.zeros_like(h)
+    experts = []
+    for e in range(E):
+        rows, slots = np.nonzero(chosen == e)
+        if rows.size == 0:
+            experts.append(None)
+            continue
+        y, c = swiglu_forward(h[rows], wg[e], wu[e], wd[e], rnd)
+        out[rows] += w[rows, slots][:, None] * y
+        experts.append((rows, slots, y, c))
+    f = np.bincount(chosen.ravel(), minlength=E) / (N * k)
+    balance = float(E * np.sum(f * pr.mean(axis=0)))
+    z = float(np.mean(lse * lse))
+    return out, balance, z, (h, router, pr, lse, chosen, picked, w, f, experts, rnd)
+
+
+def moe_backward(dmlp, cache, balance_weight, z_weight):
+    """Gradients of moe_forward's mlp (given d mlp, already rounded as every GEMM input) plus
+    balance_weight · balance + z_weight · z: (dh, grads by short name). The router learns
+    through w (its renormalization included), never through the choice of S; f has no gradient:
+
+        dy_e = R(w_e · dmlp);  dw_e = dmlp · y_e
+        dpr_e = (dw_e - sum_S dw_s w_s) / sum_S pr  (e in S)  +  balance_weight · E · f_e / N
+        dr = pr (dpr - pr · dpr) + z_weight · 2 lse · pr / N;  drouter = h^T dr;  dh += dr router^T"""
+    h, router, pr, lse, chosen, picked, w, f, experts, rnd = cache
+    N, E = pr.shape
+    dh = np.zeros_like(h)
+    dw = np.zeros_like(w)
+    g = {"mlp.experts.w_gate": None, "mlp.experts.w_up": None, "mlp.experts.w_down": None}
+    shapes = {name: [] for name in g}
+    for e, item in enumerate(experts):
+        if item is None:
+            c = None
+        else:
+            rows, slots, y, c = item
+            dw[rows, slots] = np.sum(dmlp[rows] * y, axis=1)
+            dh_e, dg, du, dd = swiglu_backward(rnd(w[rows, slots][:, None] * dmlp[rows]), c)
+            dh[rows] += dh_e
+        for name, value in zip(shapes, (dg, du, dd) if c is not None else (None, None, None)):
+            shapes[name].append(value)
+    D, Fe = h.shape[1], next(i for i in experts if i is not None)[3][4].shape[1]
+    for name, pieces in shapes.items():
+        shape = (Fe, D) if name.endswith("w_down") else (D, Fe)
+        g[name] = np.stack([piece if piece is not None else np.zeros(shape) for piece in pieces])
+    dpr = np.zeros_like(pr)
+    np.put_along_axis(dpr, chosen, (dw - np.sum(dw * w, axis=1, keepdims=True)) / picked.sum(axis=1, keepdims=True),
+                      axis=1)
+    dpr += balance_weight * E * f[None, :] / N
+    dr = pr * (dpr - np.sum(pr * dpr, axis=1, keepdims=True)) + z_weight * 2.0 * lse[:, None] * pr / N
+    g["mlp.router"] = h.T @ dr
+    return dh + dr @ router.T, g
+
+
 # --------------------------------------------------------------------------- loss
 
 def cross_entropy_forward(z, y, z_loss):
@@ -275,14 +344,20 @@ def block_forward(x, p, cfg, theta, rnd=_identity):
     o, att = attention_forward(rnd(rope_forward(q, theta)), rnd(rope_forward(k, theta)), v, rnd)
     o = o.reshape(B, T, H * dh)                               # concat_heads
     attn = o @ p["attn.wo"]
-    mlp, mc = swiglu_forward(h, p["mlp.w_gate"], p["mlp.w_up"], p["mlp.w_down"], rnd)
-    return x + attn + mlp, (h, ln, o, att, mc, p, theta, rnd)
+    if "mlp.router" in p:  # a sparse layer: (balance, router z) go to the loss
+        mlp, balance, z, mc = moe_forward(_rows(h), p, cfg.expert_top_k, rnd)
+        mlp, aux = mlp.reshape(h.shape), (balance, z)
+    else:
+        mlp, mc = swiglu_forward(h, p["mlp.w_gate"], p["mlp.w_up"], p["mlp.w_down"], rnd)
+        aux = None
+    return x + attn + mlp, (h, ln, o, att, mc, p, theta, rnd, aux)
 
 
-def block_backward(dout, cache):
+def block_backward(dout, cache, aux_weights=(0.0, 0.0)):
     """out = x + attn(h) + mlp(h), h = LN(x): dx = dout + LN_backward(dh_attn + dh_mlp).
-    The products read dout rounded (rnd), while dx itself is not."""
-    h, ln, o, att, mc, p, theta, rnd = cache
+    The products read dout rounded (rnd), while dx itself is not. A sparse layer's auxiliary
+    losses enter with aux_weights (balance, z)."""
+    h, ln, o, att, mc, p, theta, rnd, aux = cache
     B, T, _ = h.shape
     g = {}
     dr = rnd(dout)
@@ -298,7 +373,12 @@ def block_backward(dout, cache):
     g["attn.wk"] = _rows(h).T @ _rows(dk)
     g["attn.wv"] = _rows(h).T @ _rows(dv)
     dh = dq @ p["attn.wq"].T + dk @ p["attn.wk"].T + dv @ p["attn.wv"].T
-    dh_mlp, g["mlp.w_gate"], g["mlp.w_up"], g["mlp.w_down"] = swiglu_backward(dr, mc)
+    if aux is not None:
+        dh_mlp, gm = moe_backward(_rows(dr), mc, *aux_weights)
+        dh_mlp = dh_mlp.reshape(h.shape)
+        g.update(gm)
+    else:
+        dh_mlp, g["mlp.w_gate"], g["mlp.w_up"], g["mlp.w_down"] = swiglu_backward(dr, mc)
     dx_ln, g["norm.scale"] = layernorm_backward(dh + dh_mlp, ln)
     return dout + dx_ln, g
 
@@ -345,8 +425,8 @@ def _check_ids(a, what, cfg, allow_negative):
 
 
 def _gemm_params(params, rnd):
-    """What the products read: every weight but the norm scales through rnd."""
-    return {n: w if n.endswith("norm.scale") else rnd(w) for n, w in params.items()}
+    """What the products read: every weight but the norm scales and routers (float32) through rnd."""
+    return {n: w if n.endswith(("norm.scale", "mlp.router")) else rnd(w) for n, w in params.items()}
 
 
 def _forward(params, cfg, tokens, rnd=_identity):
@@ -365,9 +445,12 @@ def _forward(params, cfg, tokens, rnd=_identity):
     return z, (tokens, blocks, hf, ln, w, rnd)
 
 
-def _backward(dz, params, cfg, caches):
-    """Gradients of all parameters, by spec name, from d loss / d logits."""
+def _backward(dz, params, cfg, caches, aux_scale=1.0):
+    """Gradients of all parameters, by spec name, from d loss / d logits; the sparse layers'
+    auxiliary losses enter averaged over those layers, scaled by aux_scale."""
     tokens, blocks, hf, ln, w, rnd = caches
+    sparse = max(1, cfg.n_sparse_layers)
+    aux_weights = (aux_scale * cfg.router_aux_loss / sparse, aux_scale * cfg.router_z_loss / sparse)
     s = 1.0 / np.sqrt(cfg.d_model)
     grads = {}
     dz = rnd(dz)
@@ -375,7 +458,7 @@ def _backward(dz, params, cfg, caches):
     d_embed = _rows(dz).T @ _rows(hf) * s                     # [V, D]
     dx, grads["final_norm.scale"] = layernorm_backward(dz @ w["embed"] * s, ln)
     for i in reversed(range(cfg.n_layers)):
-        dx, g = block_backward(dx, blocks[i])
+        dx, g = block_backward(dx, blocks[i], aux_weights)
         for short, value in g.items():
             grads[f"layers.{i}.{short}"] = value
     # x = embed[tokens]: the input half, a scatter-add (a token may repeat)
@@ -395,8 +478,11 @@ def forward(params: dict, cfg, tokens, precision: str = "fp32") -> np.ndarray:
 def loss_and_grads(params: dict, cfg, tokens, targets, precision: str = "fp32") -> dict:
     """Loss (cross-entropy + z-loss, mean over targets >= 0) and its gradient for every parameter.
 
-    Returns {"loss": float, "ce": float, "tokens": N, "grads": {spec name: float64 array}};
-    with no counted target, loss = ce = 0.0, tokens = 0 and every gradient is zero."""
+    With sparse layers the loss also holds router_aux_loss · balance + router_z_loss · router z,
+    each averaged over the sparse layers (reported as "balance" and "router_z"; not in "ce").
+
+    Returns {"loss": float, "ce": float, "tokens": N, "grads": {spec name: float64 array}, "balance",
+    "router_z"}; with no counted target, loss = ce = 0.0, tokens = 0 and every gradient is zero."""
     params = _check_params(params, cfg)
     tokens = _check_ids(tokens, "tokens", cfg, allow_negative=False)
     targets = _check_ids(targets, "targets", cfg, allow_negative=True)
@@ -404,8 +490,13 @@ def loss_and_grads(params: dict, cfg, tokens, targets, precision: str = "fp32") 
         raise ValueError(f"targets shape {targets.shape} != tokens shape {tokens.shape}")
     z, caches = _forward(params, cfg, tokens, _rounding(precision))
     loss, ce, n, ce_cache = cross_entropy_forward(z, targets, cfg.z_loss)
-    grads = _backward(cross_entropy_backward(ce_cache), params, cfg, caches)
-    return {"loss": loss, "ce": ce, "tokens": n, "grads": grads}
+    aux = [c[-1] for c in caches[1] if c[-1] is not None]
+    balance = float(np.mean([a[0] for a in aux])) if aux else 0.0
+    router_z = float(np.mean([a[1] for a in aux])) if aux else 0.0
+    if n:
+        loss += cfg.router_aux_loss * balance + cfg.router_z_loss * router_z
+    grads = _backward(cross_entropy_backward(ce_cache), params, cfg, caches, aux_scale=1.0 if n else 0.0)
+    return {"loss": loss, "ce": ce, "tokens": n, "grads": grads, "balance": balance, "router_z": router_z}
 
 
 # --------------------------------------------------------------------------- optimizers

@@ -9,10 +9,11 @@ from palmcore.config import PaLMConfig
 
 
 def init_std(name: str, shape) -> float:
-    """The spec's init std: embed 1; a dense kernel [in, out] fan-in in^-1/2."""
+    """The spec's init std: embed 1; a dense kernel [in, out] fan-in in^-1/2 (an expert tensor
+    [E, in, out] likewise)."""
     if name == "embed":
         return 1.0
-    return shape[0] ** -0.5
+    return (shape[1] if len(shape) == 3 else shape[0]) ** -0.5
 
 
 def random_params(cfg, seed) -> dict:

@@ -41,7 +41,7 @@ def test_activations_and_collectives_follow_the_layout():
     cfg = PaLMConfig.preset("seed")
     mesh = MeshShape(data=2, model=2)
     p = plan(cfg, mesh, batch=8, seq=256)
-    per_layer, outside = activations_per_token(cfg, mesh)
+    per_layer, _, outside = activations_per_token(cfg, mesh)
     tokens = 8 // 2 * 256
     heads, ffn, kv = 8 // 2, 1024 // 2, 32
     assert per_layer == 256 + 1 + 256 + heads * 32 + 2 * kv + heads * 32 + heads + 2 * ffn
@@ -53,6 +53,24 @@ def test_activations_and_collectives_follow_the_layout():
     single = plan(cfg, MeshShape(1, 1), batch=8, seq=256)
     assert all(v == 0 for v in single.collectives.values())
     assert single.model_flops == cfg.flops_per_token(256) * 8 * 256
+
+
+def test_a_mixture_of_experts_plan():
+    """seed-moe: every parameter on one device; on a model axis of 2 the experts, wq, wo, the
+    dense MLPs and the vocabulary split, the routers, norms, wk and wv replicated; FLOPs count
+    the active parameters; an axis that does not divide the experts is refused."""
+    cfg = PaLMConfig.preset("seed-moe")
+    assert plan(cfg, MeshShape(1, 1), batch=8, seq=256).params == cfg.num_params()
+    D, E, Fe, F, kv = 256, 8, 1024, 1024, 32
+    replicated = 6 * (D + 2 * D * kv) + 3 * D * E + D
+    split = 10000 * D + 6 * 2 * D * 256 + 3 * 3 * D * F + 3 * 3 * E * D * Fe
+    p = plan(cfg, MeshShape(1, 2), batch=8, seq=256)
+    assert p.params == replicated + split // 2
+    assert p.model_flops == cfg.flops_per_token(256) * 8 * 256 / 2
+    assert "routers' probability gradients" in " ".join(p.collectives)
+    with pytest.raises(ValueError, match=r"the model axis \(3\) must divide n_experts \(8\)"):
+        plan(PaLMConfig.preset("seed-moe", n_heads=6, head_dim=32, ffn_dim=1026, vocab_size=9999), MeshShape(1, 3),
+             batch=8, seq=256)
 
 
 @pytest.mark.parametrize("mesh,kw,match", [

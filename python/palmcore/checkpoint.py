@@ -196,7 +196,7 @@ def load(path: str, config: PaLMConfig | None = None, mesh=None, with_optimizer:
 def _check_tensors_match(path: str, tensors: dict, config: PaLMConfig) -> None:
     """The weights file holds exactly the tensors config.json implies (counted first, so that
     an absurd config is refused before anything proportional to it is built)."""
-    expected_count = 2 + 8 * config.n_layers
+    expected_count = 2 + 8 * config.n_layers + config.n_sparse_layers  # a sparse layer: + its router
     if len(tensors) != expected_count:
         raise ValueError(f"{path} holds {len(tensors)} tensors, but config.json (n_layers="
                          f"{config.n_layers}) implies {expected_count}: the checkpoint is damaged or "

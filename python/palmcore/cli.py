@@ -272,10 +272,11 @@ def build_report() -> list[str]:
 def info(args: argparse.Namespace) -> None:
     print(f"palmcore {palmcore.__version__}, {palmcore.get_num_threads()} threads")
     print("\n".join(build_report()))
-    print(f"{'preset':<10} {'params':>12} {'GFLOP/token (T=2048)':>22}")
-    for name in PaLMConfig.presets():
+    print(f"{'preset':<10} {'params':>15} {'active params':>15} {'GFLOP/token (T=2048)':>22}")
+    for name in PaLMConfig.presets():  # active: what one token uses (k of a sparse layer's experts)
         cfg = PaLMConfig.preset(name)
-        print(f"{name:<10} {cfg.num_params():>12,} {cfg.flops_per_token(2048) / 1e9:>22.3f}")
+        print(f"{name:<10} {cfg.num_params():>15,} {cfg.num_active_params():>15,} "
+              f"{cfg.flops_per_token(2048) / 1e9:>22.3f}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -65,6 +65,7 @@ class MeshShape:
         the MLP's hidden units and, unless ``vocab`` is False, the vocabulary)."""
         M = self.model
         extents = [("n_heads", cfg.n_heads), ("ffn_dim", cfg.ffn_dim)] + ([("vocab_size", cfg.vocab_size)] if vocab else [])
+        extents += [("n_experts", cfg.n_experts)] if cfg.n_experts else []
         for name, extent in extents:
             if extent % M:
                 raise ValueError(f"the model axis ({M}) must divide {name} ({extent})")
@@ -96,7 +97,10 @@ class Plan:
         gib = 2.0**30
         rows = [
             ("mesh", f"data={m.data} x model={m.model} = {m.size} devices"),
-            ("model", f"{c.num_params() / 1e9:,.2f}B parameters; {self.batch} x {self.seq} tokens per step"),
+            ("model", f"{c.num_params() / 1e9:,.2f}B parameters"
+                      + (f" ({c.num_active_params() / 1e9:,.2f}B active: {c.expert_top_k} of {c.n_experts} experts "
+                         f"in {c.n_sparse_layers} sparse layers)" if c.n_experts else "")
+                      + f"; {self.batch} x {self.seq} tokens per step"),
             ("vocabulary shard", f"{self.vocab_shard:,} rows per model rank"
                                  + (f" (vocabulary padded {c.vocab_size:,} -> {self.vocab_shard * m.model:,})"
                                     if self.vocab_shard * m.model != c.vocab_size else "")),
@@ -116,20 +120,27 @@ class Plan:
         return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
-def activations_per_token(cfg: PaLMConfig, mesh: MeshShape) -> tuple[int, int]:
-    """(floats kept per token for each layer, floats per token outside the layers) of the
-    training step's activations (csrc/model.cpp, Model::prepare) on one model shard."""
+def activations_per_token(cfg: PaLMConfig, mesh: MeshShape) -> tuple[int, int, int]:
+    """(floats kept per token for each dense layer, for each sparse layer, and outside the
+    layers) of the training step's activations (csrc/model.cpp, Model::prepare and
+    layer_activations) on one model shard. A sparse layer keeps k rows per token: the gathered
+    inputs, gate, up and the experts' outputs (at most; a shard holds its experts' share)."""
     D, dh = cfg.d_model, cfg.head_dim
     heads, ffn = cfg.n_heads // mesh.model, cfg.ffn_dim // mesh.model
     kv = cfg.n_kv_heads * dh
-    per_layer = D + 1 + D + heads * dh + 2 * kv + heads * dh + heads + 2 * ffn  # xhat rstd h q k v attn lse gate up
+    attention = D + 1 + D + heads * dh + 2 * kv + heads * dh + heads        # xhat rstd h q k v attn lse
+    dense = attention + 2 * ffn                                               # gate up
+    E, k, Fe = cfg.n_experts, cfg.expert_top_k, cfg.expert_ffn_dim
+    sparse = attention + E + 1 + 4 * k + k * (2 * Fe + 2 * D)  # probs lse experts weights order slot_of; gate up x y
     outside = (D                       # x
                + D + 1 + D             # final xhat, rstd, h
                + 3 * D                 # dx, dh, dfinal_h
                + 2 * heads * dh        # dattn, dq
                + 2 * kv                # dk, dv
                + 4 * ffn)              # swiglu, dswiglu, dgate, dup
-    return per_layer, outside
+    if E:  # the sparse layers' scratch: router logits and gradients, the experts' a and gradients
+        outside += 3 * E + k + k * (4 * Fe + 2 * D)
+    return dense, sparse, outside
 
 
 def plan(cfg: PaLMConfig, mesh: MeshShape, batch: int, seq: int, peak_flops: float = 275e12,
@@ -150,16 +161,21 @@ def plan(cfg: PaLMConfig, mesh: MeshShape, batch: int, seq: int, peak_flops: flo
     # The vocabulary is padded to a multiple of the model axis (PaLM's 256k over 12 ways needs
     # it); the padded rows are never looked up and are masked out of the softmax.
     vocab_shard = -(-cfg.vocab_size // M)
+    S = cfg.n_sparse_layers
     replicated_per_layer = D + 2 * D * cfg.n_kv_heads * cfg.head_dim     # norm, wk, wv
-    layer_split = (cfg.num_params() - cfg.vocab_size * D - D) // L - replicated_per_layer
-    params = vocab_shard * D + L * (layer_split // M + replicated_per_layer) + D
+    attention_split = 2 * D * cfg.n_heads * cfg.head_dim                # wq, wo
+    dense_split = attention_split + 3 * D * cfg.ffn_dim                  # + w_gate, w_up, w_down
+    sparse_split = attention_split + 3 * cfg.n_experts * D * cfg.expert_ffn_dim  # + the experts
+    params = (vocab_shard * D + D + (L - S) * (dense_split // M + replicated_per_layer)
+              + S * (sparse_split // M + replicated_per_layer + D * cfg.n_experts))  # + the routers
 
     tokens_local = batch // Dp * seq
-    per_layer, outside = activations_per_token(cfg, mesh)
+    dense_layer, sparse_layer, outside = activations_per_token(cfg, mesh)
     logits_chunk = min(tokens_local, max(64, (16 << 20) // vocab_shard)) * vocab_shard
     common = (outside * tokens_local + logits_chunk) * FLOAT_BYTES
-    activation_bytes = L * per_layer * tokens_local * FLOAT_BYTES + common
-    activation_bytes_remat = (L * D + per_layer) * tokens_local * FLOAT_BYTES + common
+    kept = (L - S) * dense_layer + S * sparse_layer
+    activation_bytes = kept * tokens_local * FLOAT_BYTES + common
+    activation_bytes_remat = (L * D + max(dense_layer, sparse_layer if S else 0)) * tokens_local * FLOAT_BYTES + common
 
     flops_per_token = cfg.flops_per_token(seq)
     model_flops = flops_per_token * batch * seq / mesh.size
@@ -177,6 +193,8 @@ def plan(cfg: PaLMConfig, mesh: MeshShape, batch: int, seq: int, peak_flops: flo
         "model all-reduce, backward (one per layer + logits)": all_reduce(M, (L + 1) * act),
         "model all-reduce, vocab-parallel loss (max, sum, target)": all_reduce(M, 3 * tokens_local * FLOAT_BYTES),
         "model all-reduce, wk/wv gradients": all_reduce(M, L * 2 * D * cfg.n_kv_heads * cfg.head_dim * FLOAT_BYTES),
+        **({"model all-reduce, routers' probability gradients": all_reduce(M, S * tokens_local * cfg.n_experts *
+                                                                          FLOAT_BYTES)} if S else {}),
         "data reduce-scatter, gradients": scatter_or_gather(Dp, params * FLOAT_BYTES),
         "data all-gather, parameters": scatter_or_gather(Dp, params * FLOAT_BYTES),
     }

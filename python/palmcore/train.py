@@ -176,6 +176,7 @@ class _Run:
             self._save(model, opt, state)  # a rollback target
         start = time.perf_counter()
         stopped_by, rollbacks, last_eval = "steps", 0, {}
+        idle = _IdleExperts(log)
         # With a time budget the bar counts seconds (its ETA is then the budget's end), else steps.
         by_time = s.time_budget is not None
         bar = tqdm(total=round(s.time_budget) if by_time else s.steps, initial=0 if by_time else state["step"],
@@ -221,6 +222,11 @@ class _Run:
                 _skip_forward(state)
                 line = {"step": step, "loss": out["loss"], "ce": out["ce"], "lr": lr, "grad_norm": grad_norm,
                         "tokens_per_s": s.batch_size * s.seq_len / elapsed}
+                if "expert_load" in out:  # sparse layers: the routers' losses and the experts' shares
+                    load = out["expert_load"]
+                    line.update(balance=out["balance"], router_z=out["router_z"], expert_load=load,
+                                expert_load_min=min(load), expert_load_max=max(load))
+                    idle.observe(step, load)
                 evaluation = {}
                 if step % s.eval_every == 0 or step == s.steps:
                     evaluation = self._evaluate(model)
@@ -233,7 +239,9 @@ class _Run:
                 if "val_loss" in line and self.main:
                     write_loss_png(self.metrics.path, self.plot_path)
                 bar.update(min(bar.total, round(time.perf_counter() - start)) - bar.n if by_time else 1)
-                bar.set_postfix(step=step, loss=f"{out['loss']:.3f}", tok_s=f"{line['tokens_per_s']:,.0f}")
+                bar.set_postfix(step=step, loss=f"{out['loss']:.3f}", tok_s=f"{line['tokens_per_s']:,.0f}",
+                                **({"load": f"{line['expert_load_min']:.2f}-{line['expert_load_max']:.2f}"}
+                                   if "expert_load" in line else {}))
                 if step % s.checkpoint_every == 0:
                     self._save(model, opt, state)
                     rollbacks = 0
@@ -412,6 +420,23 @@ def _trainer_state(trainer: dict, path: str) -> dict:
             "settings": field("settings", dict)}
 
 
+class _IdleExperts:
+    """Warns (once per stretch) when an expert has received no token, in any sparse layer on
+    average, for `patience` steps in a row: a router that has given up on it."""
+
+    def __init__(self, log, patience: int = 100):
+        self.log, self.patience, self.idle = log, patience, None
+
+    def observe(self, step: int, load: list) -> None:
+        if self.idle is None:
+            self.idle = [0] * len(load)
+        for e, share in enumerate(load):
+            self.idle[e] = self.idle[e] + 1 if share == 0.0 else 0
+            if self.idle[e] == self.patience:
+                self.log(f"warning: expert {e} has received no token for {self.patience} steps (step {step}); "
+                         "the router may have collapsed (raise router_aux_loss?)")
+
+
 def _accumulate(model: PaLM, tokens: np.ndarray, micro_batches: int, micro_tokens: int) -> dict:
     """forward_backward over ``micro_batches`` equal slices of the batch's rows; gradients add
     up (the optimizer scales them by 1/micro_batches), losses are averaged. Packed windows
@@ -420,11 +445,16 @@ def _accumulate(model: PaLM, tokens: np.ndarray, micro_batches: int, micro_token
     returned loss is averaged over the data ranks (the same on every rank)."""
     outs = [model.forward_backward(part[:, :-1], part[:, 1:], total_tokens=micro_tokens)
             for part in np.array_split(tokens, micro_batches)]
-    stats = np.array([np.mean([o["loss"] for o in outs]), np.mean([o["ce"] for o in outs])], np.float32)
+    sparse = "expert_load" in outs[0]  # a mixture of experts: its routers' losses and load too
+    rows = [[o["loss"], o["ce"]] + ([o["balance"], o["router_z"], *o["expert_load"]] if sparse else []) for o in outs]
+    stats = np.mean(np.array(rows, np.float64), axis=0).astype(np.float32)
     if model.mesh is not None and model.mesh.data > 1:
         model.mesh.data_comm.all_reduce_sum(stats)
         stats /= model.mesh.data
-    return {"loss": float(stats[0]), "ce": float(stats[1]), "tokens": sum(o["tokens"] for o in outs)}
+    out = {"loss": float(stats[0]), "ce": float(stats[1]), "tokens": sum(o["tokens"] for o in outs)}
+    if sparse:
+        out.update(balance=float(stats[2]), router_z=float(stats[3]), expert_load=[float(v) for v in stats[4:]])
+    return out
 
 
 def _silent(_: str) -> None:

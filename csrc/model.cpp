@@ -3,6 +3,7 @@
 #include "palmcore/model.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -856,7 +857,9 @@ KVCache Model::make_cache(int64_t slots, int64_t capacity) const {
   require_memory("the key/value cache", static_cast<uint64_t>(floats) * dtype_size(activation_dtype()),
                  "the keys and values of " + std::to_string(slots) + " slots x " + std::to_string(capacity) +
                      " positions");
+  static std::atomic<uint64_t> caches_made{0};
   KVCache cache;
+  cache.id = ++caches_made;
   cache.slots = slots;
   cache.capacity = capacity;
   cache.lengths.assign(slots, 0);
@@ -910,17 +913,22 @@ Tensor Model::forward_cached(KVCache& cache, const Tensor& tokens, const Tensor&
   Tensor logits = a.logits.rows(0, n);
   // The device work: the same tensors on every decode step of this batch shape and cache, so on
   // CUDA it is recorded once and replayed as a graph (the ids and positions uploaded above).
-  const std::tuple<int64_t, int64_t, const void*, DType> shape{rows, n, cache.keys[0].raw_data(), activation_dtype()};
-  if (shape != recorded_for_) {
-    decode_recording_.reset();
-    recorded_for_ = shape;
-  }
-  decode_recording_.run(device_, [&] {
+  const auto step = [&] {
     run_forward(a, &cache);
     // z = LN(x) @ embed^T / sqrt(D), for the wanted rows only (gathered like an embedding lookup)
     embedding_forward(a.final_h, wanted, h);
     matmul(h, false, gemm_weights_.embed, true, logits, 1.0f / std::sqrt(static_cast<float>(config_.d_model)));
-  });
+  };
+  const std::tuple<int64_t, int64_t, uint64_t, DType, KernelChoice> recorded_for{rows, n, cache.id, activation_dtype(),
+                                                                                  kernel_choice()};
+  if (recorded_for != recorded_for_) {
+    decode_recording_.reset();
+    recorded_for_ = recorded_for;
+  }
+  if (config_.sparse_layers() > 0)
+    step();  // the experts' GEMMs are sized by this step's routing: nothing to replay
+  else
+    decode_recording_.run(device_, step);
   cache.lengths = std::move(length);
   return logits;
 }

@@ -30,8 +30,8 @@ bool cuda_graphs() { return graphs_setting(); }
 void Recording::run(Device device, const std::function<void()>& ops) {
 #ifdef PALMCORE_CUDA
   if (device == Device::CUDA && cuda_graphs()) {
-    auto* graph = static_cast<cuda::CapturedGraph*>(graph_);
-    if (graph && graph->scratch_generation != cuda::scratch_generation()) reset();  // its scratch moved
+    if (graph_ && cuda::launch_graph(*static_cast<cuda::CapturedGraph*>(graph_))) return;
+    if (graph_) reset();  // its scratch moved, or the device changed: recorded again
     if (!graph_ && eager_runs_ >= 1 && !capture_failed_) {
       try {
         graph_ = std::make_unique<cuda::CapturedGraph>(cuda::capture_graph(ops)).release();
@@ -40,7 +40,7 @@ void Recording::run(Device device, const std::function<void()>& ops) {
         std::fprintf(stderr, "palmcore: a CUDA graph could not be captured (%s); running eagerly\n", e.what());
       }
     }
-    if (graph_) return cuda::launch_graph(*static_cast<cuda::CapturedGraph*>(graph_));
+    if (graph_ && cuda::launch_graph(*static_cast<cuda::CapturedGraph*>(graph_))) return;
     ++eager_runs_;
     return ops();
   }

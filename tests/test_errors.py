@@ -262,8 +262,8 @@ def test_unknown_preset_and_fields():
         PaLMConfig.preset("Seed")
     with pytest.raises(ValueError, match=r"n_heads \(8\) must be a multiple of n_kv_heads \(3\)"):
         PaLMConfig.preset("seed", n_kv_heads=3)
-    with pytest.raises(ValueError, match=r"unknown config fields: dropout, n_experts"):
-        PaLMConfig.from_dict({**BASE, "dropout": 0.1, "n_experts": 8})
+    with pytest.raises(ValueError, match=r"unknown config fields: capacity_factor, dropout"):
+        PaLMConfig.from_dict({**BASE, "dropout": 0.1, "capacity_factor": 1.25})
     with pytest.raises(TypeError, match=r"unexpected keyword argument 'dropout'"):
         PaLMConfig.preset("seed", dropout=0.1)
     with pytest.raises(ValueError, match=r"seq_len must be in \[1, 2147483647\], got 0"):

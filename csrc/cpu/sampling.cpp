@@ -27,7 +27,9 @@ void sample_tokens(const Tensor& logits, const Tensor& rows, const Tensor& steps
       out[i] = static_cast<int32_t>(-1 - nan);
       continue;
     }
-    const std::vector<int32_t> row_seen(seen_ids + offsets[i], seen_ids + offsets[i + 1]);
+    std::vector<int32_t> row_seen;  // (an id outside the vocabulary has nothing to penalise)
+    for (int32_t j = offsets[i]; j < offsets[i + 1]; ++j)
+      if (seen_ids[j] >= 0 && seen_ids[j] < V) row_seen.push_back(seen_ids[j]);
     out[i] = sample_token(row, V, row_seen, settings, rows.data<int32_t>()[i], steps.data<int32_t>()[i],
                           scratch[omp_get_thread_num()]);
   }

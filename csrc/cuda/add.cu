@@ -20,7 +20,7 @@ void add_to(Tensor& x, const Tensor& y) {
   if (n == 0) return;
   constexpr int kThreads = 256;
   const int blocks = static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, 4096));
-  add_to_kernel<<<blocks, kThreads, 0, context().stream>>>(x.data<float>(), y.data<float>(), n);
+  add_to_kernel<<<blocks, kThreads, 0, context().stream()>>>(x.data<float>(), y.data<float>(), n);
   check_cuda(cudaGetLastError(), "add_to");
 }
 

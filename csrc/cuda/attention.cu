@@ -339,7 +339,7 @@ void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, Tensor
   const unsigned grid = grid_of(rows, bytes, "attention_forward");
   with_float_storage(q.dtype(), [&](auto element) {
     using T = decltype(element);
-    forward_kernel<<<grid, kThreads, bytes, context().stream>>>(q.data<T>(), k.data<T>(), v.data<T>(), out.data<T>(),
+    forward_kernel<<<grid, kThreads, bytes, context().stream()>>>(q.data<T>(), k.data<T>(), v.data<T>(), out.data<T>(),
                                                                 lse.data<float>(), L, scale_of(L), shape.bf16);
   });
   check_cuda(cudaGetLastError(), "attention_forward");
@@ -359,7 +359,7 @@ void attention_cached(const Tensor& q, const Tensor& slots, const Tensor& positi
   const unsigned grid = grid_of(blocks, bytes, "attention_cached");
   with_float_storage(q.dtype(), [&](auto element) {
     using T = decltype(element);
-    cached_kernel<<<grid, kThreads, bytes, context().stream>>>(q.data<T>(), slots.data<int32_t>(),
+    cached_kernel<<<grid, kThreads, bytes, context().stream()>>>(q.data<T>(), slots.data<int32_t>(),
                                                                positions.data<int32_t>(), k_cache.data<T>(),
                                                                v_cache.data<T>(), out.data<T>(), L, scale_of(L),
                                                                shape.bf16);
@@ -384,14 +384,14 @@ void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const
     if (L.H > 0) {
       const size_t bytes = kThreads * sizeof(float) + (3 * L.dh + 1) * sizeof(float);
       const unsigned grid = grid_of(L.B * L.H * L.T, bytes, "attention_backward");
-      backward_dq_kernel<<<grid, kThreads, bytes, ctx.stream>>>(q.data<T>(), k.data<T>(), v.data<T>(), out.data<T>(),
+      backward_dq_kernel<<<grid, kThreads, bytes, ctx.stream()>>>(q.data<T>(), k.data<T>(), v.data<T>(), out.data<T>(),
                                                                 lse.data<float>(), dout.data<T>(), dq.data<T>(), L,
                                                                 scale, shape.bf16);
       check_cuda(cudaGetLastError(), "attention_backward");
     }
     const size_t bytes = 2 * kThreads * sizeof(float) + 6 * L.dh * sizeof(float);
     const unsigned grid = grid_of(L.B * L.Hkv * L.T, bytes, "attention_backward");
-    backward_dkdv_kernel<<<grid, kThreads, bytes, ctx.stream>>>(q.data<T>(), k.data<T>(), v.data<T>(), out.data<T>(),
+    backward_dkdv_kernel<<<grid, kThreads, bytes, ctx.stream()>>>(q.data<T>(), k.data<T>(), v.data<T>(), out.data<T>(),
                                                                 lse.data<float>(), dout.data<T>(), dk.data<T>(),
                                                                 dv.data<T>(), L, scale, shape.bf16);
   });

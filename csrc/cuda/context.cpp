@@ -98,7 +98,7 @@ Context& context() {
     check_cuda(cudaSetDevice(device), "cudaSetDevice");
     auto ctx = std::make_unique<Context>();
     ctx->device = device;
-    check_cuda(cudaStreamCreateWithFlags(&ctx->stream, cudaStreamNonBlocking), "cudaStreamCreate");
+    check_cuda(cudaStreamCreateWithFlags(&ctx->device_stream, cudaStreamNonBlocking), "cudaStreamCreate");
     check_cublas(cublaslt()->create(&ctx->lt), "cublasLtCreate");
     check_cuda(cudaMalloc(&ctx->workspace, kWorkspaceBytes), "cudaMalloc (cuBLASLt workspace)");
     ctx->workspace_bytes = kWorkspaceBytes;

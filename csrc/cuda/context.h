@@ -14,7 +14,10 @@ namespace palmcore::cuda {
 
 struct Context {
   int device = 0;
-  cudaStream_t stream = nullptr;
+  cudaStream_t device_stream = nullptr;  // every op's, from every thread
+  // The stream this thread enqueues on: the device's, or while this thread captures a graph
+  // (cuda/graph.cpp) its private capture stream, so that no other thread's work lands in it.
+  cudaStream_t stream() const;
   cublasLtHandle_t lt = nullptr;
   void* workspace = nullptr;
   size_t workspace_bytes = 0;

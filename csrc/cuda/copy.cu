@@ -51,27 +51,27 @@ void copy(const Tensor& src, Tensor& dst) {
   if (src.dtype() == dst.dtype()) {
     // Bytes as they are; a copy to the host is waited for (the host reads it next), one from
     // pageable host memory has been taken from it when cudaMemcpyAsync returns.
-    check_cuda(cudaMemcpyAsync(dst.raw_data(), src.raw_data(), src.nbytes(), cudaMemcpyDefault, ctx.stream),
+    check_cuda(cudaMemcpyAsync(dst.raw_data(), src.raw_data(), src.nbytes(), cudaMemcpyDefault, ctx.stream()),
                "copy (cudaMemcpyAsync)");
-    if (!dst_on_device) check_cuda(cudaStreamSynchronize(ctx.stream), "copy (cudaStreamSynchronize)");
+    if (!dst_on_device) check_cuda(cudaStreamSynchronize(ctx.stream()), "copy (cudaStreamSynchronize)");
   } else if (src_on_device && dst_on_device) {
-    convert_on_device(src, dst, ctx.stream);
+    convert_on_device(src, dst, ctx.stream());
   } else if (dst_on_device) {
     // host -> device with a conversion: upload as it is, convert there
     Tensor staged = Tensor::zeros(src.shape(), src.dtype(), Device::CUDA);
     cuda::copy(src, staged);
-    convert_on_device(staged, dst, ctx.stream);
+    convert_on_device(staged, dst, ctx.stream());
   } else {
     // device -> host with a conversion: convert on the device, then download
     Tensor staged = Tensor::zeros(dst.shape(), dst.dtype(), Device::CUDA);
-    convert_on_device(src, staged, ctx.stream);
+    convert_on_device(src, staged, ctx.stream());
     cuda::copy(staged, dst);
   }
 }
 
 // x = 0, byte for byte (0.0f, bf16 0 and int 0 are all zero bits)
 void fill_zero(Tensor& x) {
-  check_cuda(cudaMemsetAsync(x.raw_data(), 0, x.nbytes(), context().stream), "fill_zero (cudaMemsetAsync)");
+  check_cuda(cudaMemsetAsync(x.raw_data(), 0, x.nbytes(), context().stream()), "fill_zero (cudaMemsetAsync)");
 }
 
 void round_bf16(Tensor& x) {
@@ -79,7 +79,7 @@ void round_bf16(Tensor& x) {
   if (n == 0) return;
   constexpr int kThreads = 256;
   const int blocks = static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, 4096));
-  round_bf16_kernel<<<blocks, kThreads, 0, context().stream>>>(x.data<float>(), n);
+  round_bf16_kernel<<<blocks, kThreads, 0, context().stream()>>>(x.data<float>(), n);
   check_cuda(cudaGetLastError(), "round_bf16");
 }
 

@@ -118,7 +118,7 @@ void cross_entropy_stats(const Tensor& logits, const Tensor& targets, int64_t fi
   const int64_t rows = logits.dim(0), vocab = logits.dim(1);
   if (rows == 0) return;
   if (vocab == 0) throw std::invalid_argument("cross_entropy_stats: the vocabulary is empty");
-  cross_entropy_stats_kernel<<<static_cast<unsigned>(rows), kLanes, 0, context().stream>>>(
+  cross_entropy_stats_kernel<<<static_cast<unsigned>(rows), kLanes, 0, context().stream()>>>(
       logits.data<float>(), targets.data<int32_t>(), first, vocab, lse.data<float>(), picked.data<float>());
   check_cuda(cudaGetLastError(), "cross_entropy_stats");
 }
@@ -127,7 +127,7 @@ void cross_entropy_backward(Tensor& logits, const Tensor& targets, int64_t first
                             float grad_scale) {
   const int64_t rows = logits.dim(0), vocab = logits.dim(1);
   if (rows == 0 || vocab == 0) return;
-  cross_entropy_backward_kernel<<<static_cast<unsigned>(rows), 256, 0, context().stream>>>(
+  cross_entropy_backward_kernel<<<static_cast<unsigned>(rows), 256, 0, context().stream()>>>(
       logits.data<float>(), targets.data<int32_t>(), first, vocab, lse.data<float>(), z_loss, grad_scale);
   check_cuda(cudaGetLastError(), "cross_entropy_backward");
 }
@@ -135,14 +135,14 @@ void cross_entropy_backward(Tensor& logits, const Tensor& targets, int64_t first
 void lse_combine(Tensor& lse, const Tensor& top, bool back) {
   const int64_t n = lse.numel();
   if (n == 0) return;
-  lse_combine_kernel<<<grid_for(n, 256), 256, 0, context().stream>>>(lse.data<float>(), top.data<float>(), n, back);
+  lse_combine_kernel<<<grid_for(n, 256), 256, 0, context().stream()>>>(lse.data<float>(), top.data<float>(), n, back);
   check_cuda(cudaGetLastError(), "lse_combine");
 }
 
 void cross_entropy_sums(const Tensor& lse, const Tensor& picked, const Tensor& targets, double z_loss, Tensor& sums) {
   const int64_t rows = lse.numel();
   if (rows == 0) return;
-  cross_entropy_sums_kernel<<<1, 1, 0, context().stream>>>(lse.data<float>(), picked.data<float>(),
+  cross_entropy_sums_kernel<<<1, 1, 0, context().stream()>>>(lse.data<float>(), picked.data<float>(),
                                                            targets.data<int32_t>(), rows, z_loss, sums.data<double>());
   check_cuda(cudaGetLastError(), "cross_entropy_sums");
 }

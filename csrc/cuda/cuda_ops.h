@@ -31,19 +31,20 @@ int current_device();
 // std::runtime_error when CUDA cannot be used at all (the first CUDA tensor says why).
 void* allocate(size_t bytes, const std::string& what);
 void release(void* data, size_t bytes);
-// CUDA graphs (cuda/graph.cpp), behind palmcore/recording.h: `ops` enqueued on the current
-// device's stream are captured into an executable graph (returned as an opaque handle, with
+// CUDA graphs (cuda/graph.cpp), behind palmcore/recording.h: the ops `ops` enqueues on the
+// current device are captured into an executable graph (an opaque handle, with its device and
 // the scratch generation it saw); a capture that fails (an op throws, or does something a
-// capture forbids) throws after ending the capture. launch_graph enqueues it on the stream.
+// capture forbids) throws after ending the capture. launch_graph enqueues it on the device's
+// stream, or returns false (nothing enqueued) when the current device or the scratch is no
+// longer the graph's.
 struct CapturedGraph {
   void* exec = nullptr;
   int device = 0;
   int64_t scratch_generation = 0;
 };
 CapturedGraph capture_graph(const std::function<void()>& ops);
-void launch_graph(const CapturedGraph& graph);
+bool launch_graph(const CapturedGraph& graph);
 void destroy_graph(CapturedGraph& graph);
-int64_t scratch_generation();
 
 // For `palmcore info`; never throw.
 std::vector<CudaDeviceInfo> devices();

@@ -161,20 +161,20 @@ void decode_attention(const Tensor& q, const Tensor& slots, const Tensor& positi
   if (rows == 0) return;
   DecodeLayout L{shape.batch, shape.seq, shape.heads, shape.heads / shape.kv_heads, shape.head_dim,
                  shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim, 1, shape.seq};
-  // Enough splits for about four blocks per multiprocessor, each split at least 64 positions.
-  int sms = 0;
-  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, context().device), "decode_attention");
+  // The splits depend on the cache's capacity alone (never on the batch or the GPU), so a row's
+  // sums, hence its bits, are the same alone or in a batch: spans of at least 32 positions, at
+  // most 128 splits (a batch-1 step of a 2048-position cache runs 64 blocks per kv head).
+  L.span = std::max<int64_t>(32, (L.capacity + 127) / 128);
+  L.splits = (L.capacity + L.span - 1) / L.span;
   const int64_t blocks = rows * shape.kv_heads;
-  L.splits = std::clamp<int64_t>((4 * sms + blocks - 1) / blocks, 1, std::max<int64_t>(1, L.capacity / 64));
-  L.span = (L.capacity + L.splits - 1) / L.splits;
-  if (blocks > INT32_MAX || L.splits > 65535)
+  if (blocks > INT32_MAX || rows * L.heads > INT32_MAX)
     throw std::invalid_argument("attention_cached: too many rows for the decode kernel's grid");
   const int64_t partials = rows * L.heads * L.splits;
   const Scratch scratch(static_cast<size_t>(partials * (2 + L.dh)) * sizeof(float));
   float* stats = scratch.as<float>();
   float* acc = stats + 2 * partials;
   const size_t shared_bytes = (L.group * L.dh + 2 * kWarps * L.group + kWarps * L.group * L.dh) * sizeof(float);
-  const cudaStream_t stream = context().stream;
+  const cudaStream_t stream = context().stream();
   const float scale = 1.0f / std::sqrt(static_cast<float>(L.dh));
   with_float_storage(q.dtype(), [&](auto element) {
     using T = decltype(element);

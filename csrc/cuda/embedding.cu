@@ -56,7 +56,7 @@ void embedding_forward(const Tensor& table, const Tensor& tokens, Tensor& out, i
     with_float_storage(out.dtype(), [&](auto out_element) {
       using Table = decltype(table_element);
       using Out = decltype(out_element);
-      embedding_forward_kernel<<<blocks, kThreads, 0, context().stream>>>(
+      embedding_forward_kernel<<<blocks, kThreads, 0, context().stream()>>>(
           table.data<Table>(), tokens.data<int32_t>(), out.data<Out>(), rows, width, held, first);
     });
   });
@@ -70,7 +70,7 @@ void embedding_backward(const Tensor& dout, const Tensor& tokens, Tensor& dtable
   const int64_t groups = std::max<int64_t>(1, std::min<int64_t>(held, (int64_t{1} << 16) / width));
   const dim3 grid(static_cast<unsigned>((width + kThreads - 1) / kThreads),
                   static_cast<unsigned>(std::min<int64_t>(groups, 65535)));
-  embedding_backward_kernel<<<grid, kThreads, 0, context().stream>>>(
+  embedding_backward_kernel<<<grid, kThreads, 0, context().stream()>>>(
       dout.data<float>(), tokens.data<int32_t>(), dtable.data<float>(), rows, width, held, first, groups);
   check_cuda(cudaGetLastError(), "embedding_backward");
 }

@@ -634,7 +634,7 @@ void forward(const Tensor& q, const Tensor& k, const Tensor& v, Tensor& out, Ten
   const char* op = "flash_attention_forward";
   const size_t bytes = 4 * Tile<kDim>::kBytes;
   allow_shared(forward_kernel<kDim>, bytes, op);
-  forward_kernel<kDim><<<d.blocks * d.B * d.H, kThreads, bytes, context().stream>>>(
+  forward_kernel<kDim><<<d.blocks * d.B * d.H, kThreads, bytes, context().stream()>>>(
       q.data<bf16>(), k.data<bf16>(), v.data<bf16>(), out.data<bf16>(), lse.data<float>(), d);
   check_cuda(cudaGetLastError(), op);
 }
@@ -643,7 +643,7 @@ template <int kDim>
 void backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
               const Tensor& dout, Tensor& dq, Tensor& dk, Tensor& dv, Tensor& row_dot, const Dims& d) {
   const char* op = "flash_attention_backward";
-  const cudaStream_t stream = context().stream;
+  const cudaStream_t stream = context().stream();
   const int64_t rows = static_cast<int64_t>(d.B) * d.H * d.T;
   row_dot_kernel<kDim><<<static_cast<unsigned>((rows + kWarps - 1) / kWarps), kThreads, 0, stream>>>(
       out.data<bf16>(), dout.data<bf16>(), row_dot.data<float>(), d);

@@ -12,16 +12,19 @@ namespace {
 
 // One block per input row r, its threads over the columns. A row that a later row overwrites
 // (same slot and position) writes nothing, so no two blocks write one place: the result does
-// not depend on the blocks' order.
+// not depend on the blocks' order. A slot or position outside the cache (they live on the
+// device, unchecked by ops.cpp) writes nothing: the attention reading it gives a NaN row.
 // T: float or bf16 (the cache stores what the model's k and v hold, bit for bit).
 template <class T>
 __global__ void kv_cache_write_kernel(const T* k, const T* v, const int32_t* slots, const int32_t* positions,
-                                      T* k_cache, T* v_cache, int64_t rows, int64_t width, int64_t capacity) {
+                                      T* k_cache, T* v_cache, int64_t rows, int64_t width, int64_t capacity,
+                                      int64_t n_slots) {
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     int later = 0;
     for (int64_t s = r + 1 + threadIdx.x; s < rows; s += blockDim.x)
       later |= slots[s] == slots[r] && positions[s] == positions[r];
     if (__syncthreads_or(later)) continue;  // uniform across the block
+    if (slots[r] < 0 || slots[r] >= n_slots || positions[r] < 0 || positions[r] >= capacity) continue;
     const int64_t at = (static_cast<int64_t>(slots[r]) * capacity + positions[r]) * width;
     for (int64_t c = threadIdx.x; c < width; c += blockDim.x) {
       k_cache[at + c] = k[r * width + c];
@@ -40,9 +43,9 @@ void kv_cache_write(const Tensor& k, const Tensor& v, const Tensor& slots, const
   const int blocks = static_cast<int>(std::min<int64_t>(rows, 65535));
   with_float_storage(k_cache.dtype(), [&](auto element) {
     using T = decltype(element);
-    kv_cache_write_kernel<<<blocks, kThreads, 0, context().stream>>>(
+    kv_cache_write_kernel<<<blocks, kThreads, 0, context().stream()>>>(
         k.data<T>(), v.data<T>(), slots.data<int32_t>(), positions.data<int32_t>(), k_cache.data<T>(),
-        v_cache.data<T>(), rows, width, capacity);
+        v_cache.data<T>(), rows, width, capacity, k_cache.dim(0) / capacity);
   });
   check_cuda(cudaGetLastError(), "kv_cache_write");
 }

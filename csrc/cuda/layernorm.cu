@@ -121,7 +121,7 @@ void layernorm_forward(const Tensor& x, const Tensor& scale, float eps, Tensor& 
   const int blocks = static_cast<int>(std::min<int64_t>(rows, 65535));
   with_float_storage(out.dtype(), [&](auto element) {
     using Out = decltype(element);
-    layernorm_forward_kernel<<<blocks, kThreads, 0, context().stream>>>(
+    layernorm_forward_kernel<<<blocks, kThreads, 0, context().stream()>>>(
         x.data<float>(), scale.data<float>(), eps, out.data<Out>(), xhat.data<float>(), rstd.data<float>(), rows,
         width);
   });
@@ -132,7 +132,7 @@ void layernorm_backward(const Tensor& dout, const Tensor& xhat, const Tensor& rs
                         Tensor& dscale) {
   const int64_t rows = dout.dim(0), width = dout.dim(1);
   if (rows == 0 || width == 0) return;
-  const cudaStream_t stream = context().stream;
+  const cudaStream_t stream = context().stream();
   const int blocks = static_cast<int>(std::min<int64_t>(rows, 65535));
   layernorm_backward_dx_kernel<<<blocks, kThreads, 0, stream>>>(dout.data<float>(), xhat.data<float>(),
                                                                  rstd.data<float>(), scale.data<float>(),

@@ -126,7 +126,7 @@ void matmul(const Tensor& a, bool transpose_a, const Tensor& b, bool transpose_b
   }
   check_cublas(lt.matmul(ctx.lt, desc.handle, &alpha, b.raw_data(), first.handle, a.raw_data(), second.handle, &beta,
                          c.raw_data(), out.handle, c.raw_data(), out.handle, &algo, ctx.workspace,
-                         ctx.workspace_bytes, ctx.stream),
+                         ctx.workspace_bytes, ctx.stream()),
                "matmul (cublasLtMatmul)");
 }
 

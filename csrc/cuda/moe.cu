@@ -132,7 +132,7 @@ __global__ void logits_backward_kernel(const float* pr, const float* lse, const 
 void moe_route(const Tensor& logits, int64_t k, Tensor& probs, Tensor& lse, Tensor& experts, Tensor& weights,
                Tensor& stats) {
   const int64_t N = logits.dim(0), E = logits.dim(1);
-  const cudaStream_t stream = context().stream;
+  const cudaStream_t stream = context().stream();
   if (N > 0) {
     route_kernel<<<blocks_for(N), kThreads, 0, stream>>>(logits.data<float>(), N, E, k, probs.data<float>(),
                                                          lse.data<float>(), experts.data<int32_t>(),
@@ -146,7 +146,7 @@ void moe_route(const Tensor& logits, int64_t k, Tensor& probs, Tensor& lse, Tens
 
 void moe_dispatch(const Tensor& experts, int64_t first, int64_t count, Tensor& order, Tensor& slot_of,
                   Tensor& offsets) {
-  dispatch_kernel<<<1, 256, 0, context().stream>>>(experts.data<int32_t>(), experts.numel(), experts.dim(1), first,
+  dispatch_kernel<<<1, 256, 0, context().stream()>>>(experts.data<int32_t>(), experts.numel(), experts.dim(1), first,
                                                    count, order.data<int32_t>(), slot_of.data<int32_t>(),
                                                    offsets.data<int32_t>());
   check_cuda(cudaGetLastError(), "moe_dispatch");
@@ -155,7 +155,7 @@ void moe_dispatch(const Tensor& experts, int64_t first, int64_t count, Tensor& o
 void moe_combine(const Tensor& y, const Tensor& slot_of, const Tensor* weights, Tensor& out) {
   const int64_t N = out.dim(0), D = out.dim(1);
   if (N * D == 0) return;
-  combine_kernel<<<std::min(blocks_for(N * D), 4096u), kThreads, 0, context().stream>>>(
+  combine_kernel<<<std::min(blocks_for(N * D), 4096u), kThreads, 0, context().stream()>>>(
       y.data<float>(), slot_of.data<int32_t>(), weights ? weights->data<float>() : nullptr, out.data<float>(), N, D,
       slot_of.dim(1));
   check_cuda(cudaGetLastError(), "moe_combine");
@@ -165,7 +165,7 @@ void moe_combine_backward(const Tensor& dout, const Tensor& y, const Tensor& slo
                           Tensor& dy, Tensor& dweights) {
   const int64_t N = dout.dim(0), D = dout.dim(1), k = slot_of.dim(1);
   if (N == 0) return;
-  const cudaStream_t stream = context().stream;
+  const cudaStream_t stream = context().stream();
   with_float_storage(dout.dtype(), [&](auto element) {
     using T = decltype(element);
     if (D > 0)
@@ -182,7 +182,7 @@ void moe_weights_backward(const Tensor& probs, const Tensor& experts, const Tens
                           Tensor& dprobs) {
   const int64_t N = probs.dim(0);
   if (N == 0) return;
-  weights_backward_kernel<<<blocks_for(N), kThreads, 0, context().stream>>>(
+  weights_backward_kernel<<<blocks_for(N), kThreads, 0, context().stream()>>>(
       probs.data<float>(), experts.data<int32_t>(), weights.data<float>(), dweights.data<float>(), N, probs.dim(1),
       experts.dim(1), dprobs.data<float>());
   check_cuda(cudaGetLastError(), "moe_weights_backward");
@@ -194,7 +194,7 @@ void moe_logits_backward(const Tensor& probs, const Tensor& lse, const Tensor& d
   if (N == 0) return;
   const size_t shared = static_cast<size_t>(E) * sizeof(float);
   if (shared > 48 * 1024) throw std::invalid_argument("moe_logits_backward: too many experts for the CUDA kernel");
-  logits_backward_kernel<<<blocks_for(N), kThreads, shared, context().stream>>>(
+  logits_backward_kernel<<<blocks_for(N), kThreads, shared, context().stream()>>>(
       probs.data<float>(), lse.data<float>(), dprobs.data<float>(), stats.data<double>(), N, E, k,
       static_cast<float>(balance * E / N), static_cast<float>(z * 2.0 / N), dlogits.data<float>());
   check_cuda(cudaGetLastError(), "moe_logits_backward");

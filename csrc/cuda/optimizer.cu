@@ -105,7 +105,7 @@ void with_rounded(Tensor* rounded, F&& f) {
 
 void sum_squares(const Tensor& x, Tensor& sums, int64_t index) {
   const int64_t n = x.numel(), chunks = (n + kChunk - 1) / kChunk;
-  const cudaStream_t stream = context().stream;
+  const cudaStream_t stream = context().stream();
   const Scratch partial(std::max<int64_t>(chunks, 1) * sizeof(double));  // the chunks' partial sums
   if (chunks > 0) {
     sum_squares_chunks_kernel<<<grid_for(chunks, kThreads), kThreads, 0, stream>>>(x.data<float>(), n, chunks,
@@ -122,7 +122,7 @@ void adafactor_second_moment(const Tensor& x, const Tensor& g, Tensor& v, int64_
   // as cpu/optimizer.cpp
   const float beta2 = static_cast<float>(1.0 - std::pow(static_cast<double>(step), -s.decay));
   const float gscale = static_cast<float>(grad_scale), eps = static_cast<float>(s.eps);
-  const cudaStream_t stream = context().stream;
+  const cudaStream_t stream = context().stream();
   const Scratch partial(std::max<int64_t>(2 * chunks, 2) * sizeof(double));
   if (chunks > 0) {
     adafactor_second_moment_chunks_kernel<<<grid_for(chunks, kThreads), kThreads, 0, stream>>>(
@@ -143,7 +143,7 @@ void adafactor_apply(Tensor& x, const Tensor& g, Tensor& m, const Tensor& v, dou
   const float step_size = static_cast<float>(lr * std::max(s.min_scale, rms_x));
   const float decay = static_cast<float>(lr * lr), beta1 = static_cast<float>(s.beta1);
   with_rounded(rounded, [&](auto* copy) {
-    adafactor_apply_kernel<<<grid_for(n, kThreads), kThreads, 0, context().stream>>>(
+    adafactor_apply_kernel<<<grid_for(n, kThreads), kThreads, 0, context().stream()>>>(
         x.data<float>(), g.data<float>(), m.data<float>(), v.data<float>(), n, gscale, clip_div, step_size, decay,
         beta1, copy);
   });
@@ -161,7 +161,7 @@ void adamw_update(Tensor& x, const Tensor& g, Tensor& m, Tensor& v, int64_t step
   const float rate = static_cast<float>(lr), decay = static_cast<float>(lr * s.weight_decay);
   const float gscale = static_cast<float>(grad_scale), eps = static_cast<float>(s.eps);
   with_rounded(rounded, [&](auto* copy) {
-    adamw_kernel<<<grid_for(n, kThreads), kThreads, 0, context().stream>>>(x.data<float>(), g.data<float>(),
+    adamw_kernel<<<grid_for(n, kThreads), kThreads, 0, context().stream()>>>(x.data<float>(), g.data<float>(),
                                                                            m.data<float>(), v.data<float>(), n, b1, b2,
                                                                            m_hat, v_hat, rate, decay, gscale, eps,
                                                                            copy);

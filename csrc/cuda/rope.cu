@@ -42,7 +42,7 @@ void rope_apply(Tensor& x, const Tensor& positions, const Tensor& cos_table, con
   const int blocks = static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, 4096));
   with_float_storage(x.dtype(), [&](auto element) {
     using T = decltype(element);
-    rope_apply_kernel<<<blocks, kThreads, 0, context().stream>>>(x.data<T>(), positions.data<int32_t>(),
+    rope_apply_kernel<<<blocks, kThreads, 0, context().stream()>>>(x.data<T>(), positions.data<int32_t>(),
                                                                  cos_table.data<float>(), sin_table.data<float>(),
                                                                  rows, heads, half, inverse ? -1.0f : 1.0f);
   });

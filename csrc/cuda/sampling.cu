@@ -26,9 +26,10 @@ namespace {
 
 constexpr int kThreads = 256;
 
-// Order-preserving key of a double: a < b  <=>  key(a) < key(b) (NaN excluded earlier).
+// Order-preserving key of a double: a < b  <=>  key(a) < key(b), and -0 and +0 one key (equal,
+// as the CPU compares them).
 __device__ uint64_t order_key(double x) {
-  const uint64_t bits = static_cast<uint64_t>(__double_as_longlong(x));
+  const uint64_t bits = static_cast<uint64_t>(__double_as_longlong(x == 0.0 ? 0.0 : x));
   return bits >> 63 ? ~bits : bits | (uint64_t{1} << 63);
 }
 
@@ -142,7 +143,7 @@ __global__ void sample_kernel(const float* logits, int64_t V, const int32_t* row
   if (s.penalty != 1.0)
     for (int64_t j = seen_offsets[i] + threadIdx.x; j < seen_offsets[i + 1]; j += kThreads) {
       const int64_t t = seen[j];
-      x[t] = x[t] > 0 ? x[t] / s.penalty : x[t] * s.penalty;
+      if (t >= 0 && t < V) x[t] = x[t] > 0 ? x[t] / s.penalty : x[t] * s.penalty;  // (ids outside: none to penalise)
     }
   __syncthreads();
   // 2. greedy: the first id of the largest value
@@ -198,7 +199,9 @@ __global__ void sample_kernel(const float* logits, int64_t V, const int32_t* row
   }
   const double total = block_sum(mass, shared);
   __syncthreads();
-  auto in = [&](int64_t t) { return x[t] >= 0.0; };
+  // kept: p >= 0, or NaN (an infinite logit): as on the CPU, NaN stays in and no running sum
+  // crosses u, so the last kept token is drawn
+  auto in = [&](int64_t t) { return !(x[t] < 0.0); };
   if (s.top_p < 1.0) {
     const double target = s.top_p * total;
     const uint64_t p_key = threshold_key(x, begin, end, in, true, target, shared);
@@ -252,7 +255,7 @@ void sample_tokens(const Tensor& logits, const Tensor& rows, const Tensor& steps
   const Scratch work(static_cast<size_t>(n * V) * sizeof(double));
   const SampleSettings s{settings.temperature, settings.top_p, settings.repetition_penalty, settings.top_k,
                          settings.seed};
-  sample_kernel<<<static_cast<unsigned>(n), kThreads, 0, context().stream>>>(
+  sample_kernel<<<static_cast<unsigned>(n), kThreads, 0, context().stream()>>>(
       logits.data<float>(), V, rows.data<int32_t>(), steps.data<int32_t>(), seen.data<int32_t>(),
       seen_offsets.data<int32_t>(), s, work.as<double>(), tokens.data<int32_t>());
   check_cuda(cudaGetLastError(), "sample_tokens");

@@ -21,7 +21,7 @@ std::vector<float> shared_math_rows(const std::vector<float>& x, const std::vect
   cuda::copy(Tensor::borrow(const_cast<float*>(x.data()), {n}, DType::F32), dx);
   cuda::copy(Tensor::borrow(const_cast<float*>(y.data()), {n}, DType::F32), dy);
   constexpr int kThreads = 256;
-  shared_math_kernel<<<static_cast<int>((n + kThreads - 1) / kThreads), kThreads, 0, context().stream>>>(
+  shared_math_kernel<<<static_cast<int>((n + kThreads - 1) / kThreads), kThreads, 0, context().stream()>>>(
       dx.data<float>(), dy.data<float>(), drows.data<float>(), n);
   check_cuda(cudaGetLastError(), "shared_math_rows");
   Tensor back = Tensor::borrow(rows.data(), {n * kSharedMathColumns}, DType::F32);

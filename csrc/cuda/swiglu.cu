@@ -42,7 +42,7 @@ void swiglu_forward(const Tensor& gate, const Tensor& up, Tensor& out) {
   if (n == 0) return;
   with_float_storage(out.dtype(), [&](auto element) {
     using T = decltype(element);
-    swiglu_forward_kernel<<<blocks_for(n), kThreads, 0, context().stream>>>(gate.data<T>(), up.data<T>(),
+    swiglu_forward_kernel<<<blocks_for(n), kThreads, 0, context().stream()>>>(gate.data<T>(), up.data<T>(),
                                                                              out.data<T>(), n);
   });
   check_cuda(cudaGetLastError(), "swiglu_forward");
@@ -53,7 +53,7 @@ void swiglu_backward(const Tensor& gate, const Tensor& up, const Tensor& dout, T
   if (n == 0) return;
   with_float_storage(dgate.dtype(), [&](auto element) {
     using T = decltype(element);
-    swiglu_backward_kernel<<<blocks_for(n), kThreads, 0, context().stream>>>(
+    swiglu_backward_kernel<<<blocks_for(n), kThreads, 0, context().stream()>>>(
         gate.data<T>(), up.data<T>(), dout.data<T>(), dgate.data<T>(), dup.data<T>(), n);
   });
   check_cuda(cudaGetLastError(), "swiglu_backward");

@@ -66,6 +66,7 @@ struct LossStats {
 // of each slot's positions so far, n_kv_heads heads wide: with multi-query attention (PaLM's
 // choice) that is one head per layer, H times smaller than a multi-head cache.
 struct KVCache {
+  uint64_t id = 0;  // unique per cache made (a recorded decode step names its cache by it)
   int64_t slots = 0, capacity = 0;
   std::vector<Tensor> keys, values;  // per layer [slots · capacity, Hkv·dh]
   std::vector<int64_t> lengths;      // positions held per slot
@@ -240,9 +241,11 @@ class Model {
   Tensor rope_cos_, rope_sin_;
   Activations act_, infer_;
   // forward_cached's device work (the layers and the logits), replayed as a CUDA graph while
-  // its tensors stay the same: the rows, the logits rows and the cache (recorded_for_).
+  // what it was recorded for stays the same (recorded_for_): the rows, the logits rows, the
+  // cache, the activations' dtype and the kernel choice. Not for sparse layers: their GEMMs are
+  // sized by each step's routing.
   Recording decode_recording_;
-  std::tuple<int64_t, int64_t, const void*, DType> recorded_for_{};
+  std::tuple<int64_t, int64_t, uint64_t, DType, KernelChoice> recorded_for_{};
 };
 
 }  // namespace palmcore

@@ -188,6 +188,16 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.1f} GiB"
 
 
+def _nccl_line() -> str:
+    """NCCL is opened at run time: its version and file here, or why it cannot be opened."""
+    from palmcore import _core  # noqa: PLC0415
+    try:
+        version, path = _core.nccl_library_info()
+    except RuntimeError as e:
+        return f"yes, loaded at run time; {e}"
+    return f"yes, loaded at run time: NCCL {version // 10000}.{version // 100 % 100}.{version % 100} from {path}"
+
+
 def build_report() -> list[str]:
     """What this palmcore was compiled with, then what this machine has (GPUs or why none)."""
     from palmcore import _core  # noqa: PLC0415
@@ -205,7 +215,7 @@ def build_report() -> list[str]:
                      f"cuBLASLt loaded at run time (PALMCORE_CUDA={b['cuda_option']})")
     else:
         lines.append(f"  CUDA      no (PALMCORE_CUDA={b['cuda_option']})")
-    lines.append(f"  NCCL      {'yes' if b['nccl'] else 'no (not yet)'}")
+    lines.append(f"  NCCL      {_nccl_line() if b['nccl'] else 'no (needs the CUDA backend)'}")
     lines.append("found here:")
     devices = _core.cuda_devices()
     for d in devices:

@@ -1,5 +1,6 @@
 // The checks every transport's collectives share (dtype, device, sizes, overlap) and the count
-// of bytes sent, made once here so that MPI, NCCL and the single rank only move data.
+// of bytes sent, made once here so that MPI, NCCL and the single rank only move data. An empty
+// collective (every rank passes the same sizes) reaches no transport.
 #include "palmcore/communicator.h"
 
 #include <stdexcept>
@@ -27,13 +28,13 @@ void Communicator::check(const Tensor& t, const char* what) const {
 
 void Communicator::all_reduce_sum(Tensor& t) {
   check(t, "all_reduce_sum");
-  do_all_reduce(t, Reduction::Sum);
+  if (t.numel()) do_all_reduce(t, Reduction::Sum);
   bytes_sent_ += 2 * (size() - 1) * static_cast<int64_t>(t.nbytes()) / size();
 }
 
 void Communicator::all_reduce_max(Tensor& t) {
   check(t, "all_reduce_max");
-  do_all_reduce(t, Reduction::Max);
+  if (t.numel()) do_all_reduce(t, Reduction::Max);
   bytes_sent_ += 2 * (size() - 1) * static_cast<int64_t>(t.nbytes()) / size();
 }
 
@@ -46,7 +47,7 @@ void Communicator::reduce_scatter_sum(const Tensor& in, Tensor& out) {
                                 " blocks of " + std::to_string(out.numel()) + " " + dtype_name(out.dtype()) +
                                 " elements on " + device_name(out.device()));
   if (overlap(in, out)) throw std::invalid_argument("reduce_scatter_sum: the input and output overlap");
-  do_reduce_scatter_sum(in, out);
+  if (out.numel()) do_reduce_scatter_sum(in, out);
   bytes_sent_ += (size() - 1) * static_cast<int64_t>(in.nbytes()) / size();
 }
 
@@ -59,7 +60,7 @@ void Communicator::all_gather(const Tensor& in, Tensor& out) {
                                 " do not fill " + std::to_string(out.numel()) + " " + dtype_name(out.dtype()) +
                                 " elements on " + device_name(out.device()));
   if (overlap(in, out)) throw std::invalid_argument("all_gather: the input and output overlap");
-  do_all_gather(in, out);
+  if (in.numel()) do_all_gather(in, out);
   bytes_sent_ += (size() - 1) * static_cast<int64_t>(out.nbytes()) / size();
 }
 

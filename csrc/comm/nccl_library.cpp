@@ -4,6 +4,7 @@
 #include "comm/nccl_library.h"
 
 #include <dlfcn.h>
+#include <link.h>
 #include <sys/stat.h>
 
 #include <cstdlib>
@@ -32,11 +33,10 @@ std::string from_environment(const std::string& value) {
   return value;
 }
 
-// The path the loader took a library from (for messages and `palmcore info`).
-std::string loaded_path(void* handle, const char* symbol) {
-  Dl_info info{};
-  void* address = dlsym(handle, symbol);
-  return address && dladdr(address, &info) && info.dli_fname ? info.dli_fname : kSoname;
+// The file the loader took a library from (for messages and `palmcore info`).
+std::string loaded_path(void* handle) {
+  link_map* map = nullptr;
+  return dlinfo(handle, RTLD_DI_LINKMAP, &map) == 0 && map && map->l_name && *map->l_name ? map->l_name : kSoname;
 }
 
 Library open_library() {
@@ -57,7 +57,7 @@ Library open_library() {
                                "library or its folder): " + dl_error());
   }
   Library lib;
-  lib.path = loaded_path(handle, "ncclGetVersion");
+  lib.path = loaded_path(handle);
   auto get = [&](auto& fn, const char* name) {
     fn = reinterpret_cast<std::remove_reference_t<decltype(fn)>>(dlsym(handle, name));
     if (!fn) throw std::runtime_error("NCCL library " + lib.path + " has no " + name + ": it is not NCCL 2");

@@ -272,7 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     p_train.add_argument("--out", default="runs/default")
     p_train.add_argument("--resume", action="store_true")
     p_train.add_argument("--threads", type=thread_count, default=0)
-    p_train.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (see palmcore info)")
+    p_train.add_argument("--device", default="cpu",
+                         help="cpu, cuda or cuda:N (see palmcore info); under mpiexec, cuda is each rank's own "
+                              "GPU (cuda:<its rank on the node>) and the mesh's collectives use NCCL")
     p_train.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                          help="bf16: mixed precision as PALM_SPEC says (float32 master weights and checkpoints)")
     p_train.add_argument("--mesh", default="data=1,model=1",

@@ -44,13 +44,22 @@ def _mpi():
     return MPI
 
 
-def _local_rank(world, MPI) -> int:
-    """This rank's index among the ranks on its node (collective over the world)."""
+def _gpu_of_local_rank(world, MPI) -> str:
+    """"cuda:L", L this rank's index among the ranks on its node (collective over the world);
+    RuntimeError when the node has no GPU L."""
     node = world.Split_type(MPI.COMM_TYPE_SHARED)
     try:
-        return node.Get_rank()
+        local = node.Get_rank()
     finally:
         node.Free()
+    reason = _core.cuda_unavailable_reason()
+    if reason:
+        raise RuntimeError(f"device 'cuda' cannot be used on rank {world.Get_rank()}: {reason}")
+    count = len(_core.cuda_devices())
+    if local >= count:
+        raise RuntimeError(f"rank {world.Get_rank()} is rank {local} on its node, which has {count} CUDA "
+                           f"devices: launch at most one rank per GPU on each node")
+    return f"cuda:{local}"
 
 
 def _abort_on_uncaught_exceptions(world) -> None:
@@ -100,7 +109,7 @@ class Mesh:
                                  f"has {self.world_size} (launch with mpiexec -n {self.shape.size})")
             _abort_on_uncaught_exceptions(world)  # after the checks every rank makes alike
             if device == "cuda":
-                self.device = f"cuda:{_local_rank(world, MPI)}"
+                self.device = _gpu_of_local_rank(world, MPI)
             # keep the mpi4py communicators alive as long as the C++ ones use their handles
             self._comms = [world.Split(self.data_index, self.model_index),   # one model group
                            world.Split(self.model_index, self.data_index)]   # one data group

@@ -1101,51 +1101,87 @@ static void bind_model(py::module_& m) {
       .def("zero_grad", [](LockedModel& self) { run_locked(self, [&] { self.model.zero_grad(); }); });
 }
 
-// Collectives over one mesh axis; arrays are float32, C-contiguous (reduced in place where
-// the name says so), and the GIL is released while ranks exchange data.
+// A tensor where `comm` works holding `host`'s elements: `host` itself (MPI, one rank) or a
+// copy on the GPU (NCCL).
+static Tensor where_comm_works(const Communicator& comm, const Tensor& host) {
+  return comm.serves(Device::CPU) ? host : host.to(Device::CUDA);
+}
+
+// `there`'s elements back in `host` when it is a device copy.
+static void back_to_host(const Tensor& there, Tensor& host) {
+  if (there.raw_data() != host.raw_data()) copy(there, host);
+}
+
+// The collectives on C-contiguous arrays of one element type T (float32, float64, or uint16
+// holding bfloat16 bits): reduced in place where the name says so, new arrays otherwise; the
+// GIL is released while ranks exchange data. Bound once per T (pybind11 overloads).
+template <typename T>
+static void bind_collectives(py::class_<Communicator, std::shared_ptr<Communicator>>& c, DType dtype) {
+  using Array = py::array_t<T, py::array::c_style>;
+  auto reduce = [dtype](Communicator& comm, Array data, bool sum) {
+    Tensor host = Tensor::borrow(data.mutable_data(), {static_cast<int64_t>(data.size())}, dtype);
+    py::gil_scoped_release release;
+    Tensor there = where_comm_works(comm, host);
+    sum ? comm.all_reduce_sum(there) : comm.all_reduce_max(there);
+    back_to_host(there, host);
+  };
+  c.def("all_reduce_sum", [reduce](Communicator& comm, Array data) { reduce(comm, data, true); });
+  c.def("all_reduce_max", [reduce](Communicator& comm, Array data) { reduce(comm, data, false); });
+  c.def("reduce_scatter_sum", [dtype](Communicator& comm, const Array& in) {
+    if (in.size() % comm.size())
+      throw std::invalid_argument("reduce_scatter_sum: " + std::to_string(in.size()) +
+                                  " elements do not split into " + std::to_string(comm.size()) + " blocks");
+    Array out(in.size() / comm.size());
+    Tensor host_in = Tensor::borrow(const_cast<T*>(in.data()), {static_cast<int64_t>(in.size())}, dtype);
+    Tensor host_out = Tensor::borrow(out.mutable_data(), {static_cast<int64_t>(out.size())}, dtype);
+    py::gil_scoped_release release;
+    Tensor there_in = where_comm_works(comm, host_in), there_out = where_comm_works(comm, host_out);
+    comm.reduce_scatter_sum(there_in, there_out);
+    back_to_host(there_out, host_out);
+    return out;
+  });
+  c.def("all_gather", [dtype](Communicator& comm, const Array& in) {
+    Array out(in.size() * comm.size());
+    Tensor host_in = Tensor::borrow(const_cast<T*>(in.data()), {static_cast<int64_t>(in.size())}, dtype);
+    Tensor host_out = Tensor::borrow(out.mutable_data(), {static_cast<int64_t>(out.size())}, dtype);
+    py::gil_scoped_release release;
+    Tensor there_in = where_comm_works(comm, host_in), there_out = where_comm_works(comm, host_out);
+    comm.all_gather(there_in, there_out);
+    back_to_host(there_out, host_out);
+    return out;
+  });
+}
+
+// Collectives over one mesh axis: single rank, MPI (from an mpi4py handle) or NCCL (from a
+// unique id its rank 0 made, on the CUDA device `device` names).
 static void bind_communicators(py::module_& m) {
   m.def("built_with_mpi", &built_with_mpi);
-  py::class_<Communicator, std::shared_ptr<Communicator>>(m, "Communicator")
-      .def_static("single_rank", []() { return std::shared_ptr<Communicator>(make_single_rank_communicator()); })
+  m.def("nccl_unique_id", [] { return py::bytes(nccl_unique_id()); });
+  m.def("nccl_library_info", &nccl_library_info);
+  py::class_<Communicator, std::shared_ptr<Communicator>> c(m, "Communicator");
+  c.def_static("single_rank", []() { return std::shared_ptr<Communicator>(make_single_rank_communicator()); })
       .def_static("mpi", [](int64_t handle) { return std::shared_ptr<Communicator>(make_mpi_communicator(handle)); },
                   py::arg("handle"))
+      .def_static("nccl",
+                  [](const py::bytes& unique_id, int rank, int size, const std::string& device) {
+                    if (parse_device(device).first != Device::CUDA)
+                      throw std::invalid_argument("a NCCL communicator works on a CUDA device, not '" + device + "'");
+                    const std::string id = unique_id;
+                    py::gil_scoped_release release;  // until every rank of the group has joined
+                    return std::shared_ptr<Communicator>(make_nccl_communicator(id, rank, size));
+                  },
+                  py::arg("unique_id"), py::arg("rank"), py::arg("size"), py::arg("device"))
       .def_property_readonly("rank", &Communicator::rank)
       .def_property_readonly("size", &Communicator::size)
       .def_property_readonly("name", &Communicator::name)
       .def_property_readonly("bytes_sent", &Communicator::bytes_sent)
-      .def("all_reduce_sum",
-           [](Communicator& c, FloatArray data) {
-             py::gil_scoped_release release;
-             c.all_reduce_sum(data.mutable_data(), data.size());
-           })
-      .def("all_reduce_max",
-           [](Communicator& c, FloatArray data) {
-             py::gil_scoped_release release;
-             c.all_reduce_max(data.mutable_data(), data.size());
-           })
-      .def("reduce_scatter_sum",
-           [](Communicator& c, const FloatArray& in) {
-             if (in.size() % c.size())
-               throw std::invalid_argument("reduce_scatter_sum: " + std::to_string(in.size()) +
-                                           " elements do not split into " + std::to_string(c.size()) + " blocks");
-             py::array_t<float> out(in.size() / c.size());
-             float* dst = out.mutable_data();
-             py::gil_scoped_release release;
-             c.reduce_scatter_sum(in.data(), dst, in.size() / c.size());
-             return out;
-           })
-      .def("all_gather",
-           [](Communicator& c, const FloatArray& in) {
-             py::array_t<float> out(in.size() * c.size());
-             float* dst = out.mutable_data();
-             py::gil_scoped_release release;
-             c.all_gather(in.data(), dst, in.size());
-             return out;
-           })
-      .def("barrier", [](Communicator& c) {
+      .def("barrier", [](Communicator& comm) {
         py::gil_scoped_release release;
-        c.barrier();
+        comm.barrier();
       });
+  bind_collectives<float>(c, DType::F32);
+  bind_collectives<double>(c, DType::F64);
+  bind_collectives<uint16_t>(c, DType::BF16);
 }
 
 // Inference: a key/value cache fed by hand, and whole generations stepped from Python.

@@ -96,6 +96,7 @@ BuildInfo build_info() {
   info.cuda_runtime_version = cuda::built_runtime_version();
   info.cuda_architectures = parse_architectures(PALMCORE_CUDA_ARCHS);
   info.cuda_architectures_default = std::string(PALMCORE_CUDA_ARCHS_SOURCE) == "default";
+  info.nccl = true;
 #endif
   return info;
 }

@@ -142,8 +142,9 @@ Model::Model(const ModelConfig& config, uint64_t seed, Device device, ModelShard
   require(shard_.comm->size() == M && shard_.comm->rank() == shard_.rank,
           "the model axis communicator (" + shard_.comm->name() + ") does not match shard " +
               std::to_string(shard_.rank) + " of " + std::to_string(M));
-  require(M == 1 || device_ == Device::CPU,
-          "a model on CUDA cannot be sharded yet (its collectives need NCCL, not built): use a mesh on the CPU");
+  require(shard_.comm->serves(device_), "the model axis communicator (" + shard_.comm->name() + ") cannot work on a " +
+                                           device_name(device_) + " model: CUDA models need NCCL communicators, CPU "
+                                           "models MPI ones (palmcore.Mesh(..., device=...))");
   for (const auto& [name, extent] : {std::pair<const char*, int64_t>{"n_heads", config_.n_heads},
                                      {"ffn_dim", config_.ffn_dim}, {"vocab_size", config_.vocab_size},
                                      {"n_experts", config_.n_experts}})
@@ -697,8 +698,7 @@ void Model::run_forward(Activations& act, KVCache* cache) {
   bf16_point(act.final_h);
 }
 
-// The communicators work on host memory (MPI); a device model needs NCCL's (not built yet).
-void Model::all_reduce(Tensor& t) { shard_.comm->all_reduce_sum(t.host_data<float>(), t.numel()); }
+void Model::all_reduce(Tensor& t) { shard_.comm->all_reduce_sum(t); }
 
 // z = LN(x) @ embed^T / sqrt(D); sharded, each rank's vocabulary columns gathered.
 void Model::forward(const Tensor& tokens, Tensor& logits) {
@@ -715,11 +715,12 @@ void Model::forward(const Tensor& tokens, Tensor& logits) {
   Tensor mine = Tensor::zeros({rows, Vl}, DType::F32, device_);
   Tensor all = Tensor::zeros({M, rows, Vl}, DType::F32, device_);
   matmul(act_.final_h, false, gemm_weights_.embed, true, mine, scale);
-  shard_.comm->all_gather(mine.host_data<float>(), all.host_data<float>(), mine.numel());
+  shard_.comm->all_gather(mine, all);
+  const Tensor gathered = all.to(Device::CPU);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t r = 0; r < rows; ++r)
       std::memcpy(logits.host_data<float>() + r * config_.vocab_size + m * Vl,
-                  all.host_data<float>() + (m * rows + r) * Vl, Vl * sizeof(float));
+                  gathered.host_data<float>() + (m * rows + r) * Vl, Vl * sizeof(float));
 }
 
 LossStats Model::forward_backward(const Tensor& tokens, const Tensor& targets, int64_t total_tokens) {
@@ -751,7 +752,7 @@ LossStats Model::forward_backward(const Tensor& tokens, const Tensor& targets, i
     if (sharded()) {  // lse = log Σ_shards exp(lse_shard), as max + log Σ exp(lse_shard - max)
       Tensor top = act_.row_shift.view(0, {n});
       copy(lse, top);
-      shard_.comm->all_reduce_max(top.host_data<float>(), n);  // the communicators work on the host
+      shard_.comm->all_reduce_max(top);
       lse_combine(lse, top, false);
       all_reduce(lse);
       lse_combine(lse, top, true);

@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -16,8 +15,10 @@ Optimizer::Optimizer(Model& model, OptimizerKind kind, const AdafactorSettings& 
       kind_(kind), adafactor_(adafactor), adamw_(adamw) {
   const Tensor& params = model.flat_params();
   const int64_t n = params.numel(), ranks = data_comm_->size();
-  if (ranks > 1 && params.device() != Device::CPU)
-    throw std::invalid_argument("an optimizer over a data axis needs the model on the CPU for now (NCCL is not built)");
+  if (!data_comm_->serves(params.device()))
+    throw std::invalid_argument("the data axis communicator (" + data_comm_->name() + ") cannot work on a " +
+                                device_name(params.device()) + " model: CUDA models need NCCL communicators, CPU "
+                                "models MPI ones (palmcore.Mesh(..., device=...))");
   share_ = (n + ranks - 1) / ranks;
   begin_ = std::min(n, data_comm_->rank() * share_);
   end_ = std::min(n, begin_ + share_);
@@ -46,9 +47,10 @@ double Optimizer::step(double lr, double max_grad_norm, double grad_scale) {
   // g of this rank's share, summed over the data axis
   Tensor g_share = grads.view(begin_, {end_ - begin_});
   if (data_parallel) {
-    std::memcpy(padded_.host_data<float>(), grads.host_data<float>(), n * sizeof(float));
-    std::fill(padded_.host_data<float>() + n, padded_.host_data<float>() + padded_.numel(), 0.0f);
-    data_comm_->reduce_scatter_sum(padded_.host_data<float>(), grad_share_.host_data<float>(), share_);
+    Tensor head = padded_.view(0, {n}), tail = padded_.view(n, {padded_.numel() - n});
+    copy(grads, head);
+    fill_zero(tail);
+    data_comm_->reduce_scatter_sum(padded_, grad_share_);
     g_share = grad_share_.view(0, {end_ - begin_});
   }
   const std::vector<ParamInfo>& info = model_.params_info();
@@ -67,13 +69,20 @@ double Optimizer::step(double lr, double max_grad_norm, double grad_scale) {
                       v_.view(a - begin_, {b - a}), rounded ? rounded->view(a, {b - a}) : Tensor()});
   }
   // Whole-tensor sums: over the data axis (shares), then the split tensors over the model axis.
+  // (on the host: staged through a tensor where the communicators work, params' device)
+  auto all_reduce_doubles = [&](Communicator& comm, std::vector<double>& v) {
+    Tensor host = Tensor::borrow(v.data(), {static_cast<int64_t>(v.size())}, DType::F64);
+    Tensor there = host.to(params.device());
+    comm.all_reduce_sum(there);
+    if (there.raw_data() != host.raw_data()) copy(there, host);
+  };
   auto sum_over_mesh = [&](std::vector<double>& per_tensor, int per) {
-    if (data_parallel) data_comm_->all_reduce_sum(per_tensor.data(), static_cast<int64_t>(per_tensor.size()));
+    if (data_parallel) all_reduce_doubles(*data_comm_, per_tensor);
     if (!sharded) return;
     std::vector<double> split;
     for (size_t i = 0; i < info.size(); ++i)
       if (info[i].split_axis >= 0) split.insert(split.end(), per_tensor.begin() + per * i, per_tensor.begin() + per * (i + 1));
-    model_.model_comm().all_reduce_sum(split.data(), static_cast<int64_t>(split.size()));
+    all_reduce_doubles(model_.model_comm(), split);
     for (size_t i = 0, j = 0; i < info.size(); ++i)
       if (info[i].split_axis >= 0)
         for (int k = 0; k < per; ++k) per_tensor[per * i + k] = split[j++];
@@ -121,11 +130,11 @@ double Optimizer::step(double lr, double max_grad_norm, double grad_scale) {
                       std::sqrt(sums[2 * i + 1] / count), adafactor_, rounded ? &pieces[i].rounded : nullptr);
     }
   }
-  // The data axis's collectives work on host memory (MPI); NCCL's come with the CUDA backend.
   if (data_parallel) {  // every rank's updated share, back to every rank
-    std::memcpy(grad_share_.host_data<float>(), params.host_data<float>() + begin_, (end_ - begin_) * sizeof(float));
-    data_comm_->all_gather(grad_share_.host_data<float>(), padded_.host_data<float>(), share_);
-    std::memcpy(params.host_data<float>(), padded_.host_data<float>(), n * sizeof(float));
+    Tensor updated = grad_share_.view(0, {end_ - begin_});
+    copy(params.view(begin_, {end_ - begin_}), updated);
+    data_comm_->all_gather(grad_share_, padded_);
+    copy(padded_.view(0, {n}), params);
   }
   if (!rounded) model_.params_changed();  // fp32: nothing; a data axis: the copy from the gathered weights
   // An update that overflowed (a learning rate far too large) must not pass for a step: the
@@ -144,9 +153,10 @@ void Optimizer::gather_moment(int which, float* flat) const {
     copy(moment.view(0, {n}), host);
     return;
   }
-  std::vector<float> all(data_comm_->size() * share_);
-  data_comm_->all_gather(moment.host_data<float>(), all.data(), share_);
-  std::memcpy(flat, all.data(), n * sizeof(float));
+  Tensor all = Tensor::zeros({data_comm_->size() * share_}, DType::F32, moment.device());
+  data_comm_->all_gather(moment, all);
+  Tensor host = Tensor::borrow(flat, {n}, DType::F32);
+  copy(all.view(0, {n}), host);
 }
 
 void Optimizer::scatter_moment(int which, const float* flat) {

@@ -1,9 +1,14 @@
 """Shared test helpers: random parameters and tokens, the error measure (scaled_err), tiny
-configurations."""
+configurations, the MPI launcher."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import sys
+
 import numpy as np
+import pytest
 
 from palmcore.config import PaLMConfig
 
@@ -117,3 +122,12 @@ def tiny_run_settings(corpus, out, **changes):
                 batch_size=2, seq_len=16, steps=8, eval_every=4, eval_batches=2,
                 checkpoint_every=4, seed=0, progress=False, sample_tokens=5)
     return TrainSettings(**{**base, **changes})
+
+
+def mpiexec() -> str:
+    """The launcher of the MPICH the `mpi` extra installs (next to this Python), else PATH's."""
+    found = os.path.join(sys.prefix, "bin", "mpiexec")
+    found = found if os.path.exists(found) else shutil.which("mpiexec")
+    if found is None:
+        pytest.skip("no mpiexec: install palmcore with the mpi extra (mpi4py, mpich)")
+    return found

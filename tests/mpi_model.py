@@ -2,7 +2,9 @@
 mesh, same global batch and seed on every mesh. The main rank saves the per-step losses, the
 first step's logits and the gathered parameters to OUT (an .npz).
 
-    mpiexec -n D·M python tests/mpi_model.py D M OUT
+    mpiexec -n D·M python tests/mpi_model.py D M OUT [DEVICE]
+
+DEVICE: "cpu" (the default; MPI collectives) or "cuda" (one GPU per rank; NCCL collectives).
 """
 
 import os
@@ -14,11 +16,12 @@ import palmcore
 from palmcore.config import PaLMConfig
 
 data, model, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-mesh = palmcore.Mesh(data=data, model=model)
+device = sys.argv[4] if len(sys.argv) > 4 else "cpu"
+mesh = palmcore.Mesh(data=data, model=model, device=device)
 # GQA 4 -> 2 heads, odd sizes elsewhere; heads, ffn and vocab divisible by 2
 cfg = PaLMConfig(vocab_size=38, d_model=12, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=6, ffn_dim=22,
                  max_seq_len=16, z_loss=1e-2)
-m = palmcore.PaLM(cfg, seed=3, mesh=mesh)
+m = palmcore.PaLM(cfg, seed=3, mesh=mesh, device=device)
 D, H, F, V, kv = cfg.d_model, cfg.n_heads // model, cfg.ffn_dim // model, cfg.vocab_size // model, 2 * 6
 assert m.num_params() == V * D + cfg.n_layers * (D + 2 * D * H * 6 + 2 * D * kv + 3 * D * F) + D  # its shards only
 opt = palmcore.Adafactor(m)

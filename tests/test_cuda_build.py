@@ -30,7 +30,7 @@ def nvcc_findable() -> bool:
 
 def test_build_info_reports_what_was_compiled():
     assert INFO["cuda_option"] in ("AUTO", "ON", "OFF")
-    assert isinstance(INFO["mpi"], bool) and INFO["nccl"] is False
+    assert isinstance(INFO["mpi"], bool) and INFO["nccl"] is INFO["cuda"]  # NCCL comes with the CUDA backend
     assert INFO["blas"].startswith("scipy-openblas32")
     if INFO["cuda_option"] == "OFF":
         assert not INFO["cuda"]
@@ -95,7 +95,8 @@ def test_palmcore_info_tells_the_truth():
     assert out.returncode == 0, out.stderr
     text = out.stdout
     assert re.search(r"CUDA\s+yes: CUDA \d+\.\d+" if INFO["cuda"] else r"CUDA\s+no", text), text
-    assert "NCCL      no" in text and "BLAS      scipy-openblas32" in text
+    assert ("NCCL      yes, loaded at run time" if INFO["nccl"] else "NCCL      no") in text
+    assert "BLAS      scipy-openblas32" in text
     assert ("MPI       yes" if INFO["mpi"] else "MPI       no") in text
     for d in _core.cuda_devices():
         assert d["name"] in text

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 
@@ -16,18 +15,9 @@ import pytest
 import palmcore
 from palmcore import _core
 
-from helpers import scaled_err
+from helpers import mpiexec, scaled_err
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def mpiexec() -> str:
-    """The launcher of the MPICH the `mpi` extra installs (next to this Python), else PATH's."""
-    found = os.path.join(sys.prefix, "bin", "mpiexec")
-    found = found if os.path.exists(found) else shutil.which("mpiexec")
-    if found is None:
-        pytest.skip("no mpiexec: install palmcore with the mpi extra (mpi4py, mpich)")
-    return found
 
 
 def launch(ranks: int, *args: str, script: str = "mpi_collectives.py", timeout: float = 120):

@@ -2,7 +2,8 @@
 // without one. With the `mpi` extra, mpi4py loads and initializes MPICH's libmpi.so.12; this
 // file finds its functions there (dlsym) and uses the types and constants of MPICH's mpi.h,
 // which the build found (PALMCORE_MPI). A failed MPI call raises std::runtime_error with
-// MPI's own message.
+// MPI's own message. Host tensors only; MPI has no bfloat16 sum, so bfloat16 is reduced in
+// float32 and rounded once (gathered as it is).
 #include "palmcore/communicator.h"
 
 #include <stdexcept>
@@ -13,6 +14,8 @@
 
 #include <algorithm>
 #include <climits>
+
+#include "palmcore/ops.h"
 #endif
 
 namespace palmcore {
@@ -70,7 +73,7 @@ struct MpiApi {
   }
 };
 
-// MPI counts are int: larger collectives go in pieces of this many floats.
+// MPI counts are int: larger all-reduces go in pieces of this many elements.
 constexpr int64_t kMaxPiece = int64_t{1} << 30;
 
 class Mpi final : public Communicator {
@@ -86,40 +89,60 @@ class Mpi final : public Communicator {
   int size() const override { return size_; }
   std::string name() const override { return "MPI, " + std::to_string(size_) + " ranks"; }
 
-  void all_reduce_sum(float* data, int64_t count) override { all_reduce(data, count, MPI_FLOAT, MPI_SUM); }
-  void all_reduce_sum(double* data, int64_t count) override { all_reduce(data, count, MPI_DOUBLE, MPI_SUM); }
-  void all_reduce_max(float* data, int64_t count) override { all_reduce(data, count, MPI_FLOAT, MPI_MAX); }
-
-  void reduce_scatter_sum(const float* in, float* out, int64_t count) override {
-    check_count(count, "reduce_scatter_sum");
-    check(api_.reduce_scatter_block(in, out, static_cast<int>(count), MPI_FLOAT, MPI_SUM, comm_),
-          "MPI_Reduce_scatter_block");
-    count_scatter_or_gather(count * size_ * static_cast<int64_t>(sizeof(float)));
-  }
-
-  void all_gather(const float* in, float* out, int64_t count) override {
-    check_count(count, "all_gather");
-    check(api_.allgather(in, static_cast<int>(count), MPI_FLOAT, out, static_cast<int>(count), MPI_FLOAT, comm_),
-          "MPI_Allgather");
-    count_scatter_or_gather(count * size_ * static_cast<int64_t>(sizeof(float)));
-  }
-
+  bool serves(Device device) const override { return device == Device::CPU; }
   void barrier() override { check(api_.barrier(comm_), "MPI_Barrier"); }
 
  private:
-  template <typename T>
-  void all_reduce(T* data, int64_t count, MPI_Datatype type, MPI_Op op) {
-    for (int64_t begin = 0; begin < count; begin += kMaxPiece) {
-      const int piece = static_cast<int>(std::min(kMaxPiece, count - begin));
-      check(api_.allreduce(MPI_IN_PLACE, data + begin, piece, type, op, comm_), "MPI_Allreduce");
+  static MPI_Datatype type_of(DType dtype) {
+    switch (dtype) {
+      case DType::F64: return MPI_DOUBLE;
+      case DType::BF16: return MPI_UINT16_T;  // bits, for gathers only
+      default: return MPI_FLOAT;
     }
-    count_all_reduce(count * static_cast<int64_t>(sizeof(T)));
   }
 
-  void check_count(int64_t count, const char* what) const {
-    if (count < 0 || count > INT_MAX)
+  void do_all_reduce(Tensor& t, Reduction op) override {
+    if (t.dtype() == DType::BF16) {  // in float32, rounded once
+      Tensor wide = Tensor::zeros(t.shape(), DType::F32);
+      copy(t, wide);
+      do_all_reduce(wide, op);
+      copy(wide, t);
+      return;
+    }
+    const int64_t count = t.numel(), size = static_cast<int64_t>(dtype_size(t.dtype()));
+    char* data = static_cast<char*>(t.raw_data());
+    for (int64_t begin = 0; begin < count; begin += kMaxPiece) {
+      const int piece = static_cast<int>(std::min(kMaxPiece, count - begin));
+      check(api_.allreduce(MPI_IN_PLACE, data + begin * size, piece, type_of(t.dtype()),
+                           op == Reduction::Sum ? MPI_SUM : MPI_MAX, comm_),
+            "MPI_Allreduce");
+    }
+  }
+
+  void do_reduce_scatter_sum(const Tensor& in, Tensor& out) override {
+    if (in.dtype() == DType::BF16) {  // in float32, rounded once
+      Tensor wide_in = Tensor::zeros(in.shape(), DType::F32), wide_out = Tensor::zeros(out.shape(), DType::F32);
+      copy(in, wide_in);
+      do_reduce_scatter_sum(wide_in, wide_out);
+      copy(wide_out, out);
+      return;
+    }
+    const int count = checked_count(out.numel(), "reduce_scatter_sum");
+    check(api_.reduce_scatter_block(in.raw_data(), out.raw_data(), count, type_of(in.dtype()), MPI_SUM, comm_),
+          "MPI_Reduce_scatter_block");
+  }
+
+  void do_all_gather(const Tensor& in, Tensor& out) override {
+    const int count = checked_count(in.numel(), "all_gather");
+    const MPI_Datatype type = type_of(in.dtype());
+    check(api_.allgather(in.raw_data(), count, type, out.raw_data(), count, type, comm_), "MPI_Allgather");
+  }
+
+  static int checked_count(int64_t count, const char* what) {
+    if (count > INT_MAX)
       throw std::invalid_argument(std::string(what) + ": " + std::to_string(count) +
-                                  " floats per rank is more than one MPI call takes");
+                                  " elements per rank is more than one MPI call takes");
+    return static_cast<int>(count);
   }
 
   void check(int code, const char* what) const {

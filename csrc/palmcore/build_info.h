@@ -21,7 +21,7 @@ struct BuildInfo {
   int cuda_runtime_version = 0;         // CUDART_VERSION, 13000 for 13.0
   std::vector<int> cuda_architectures;  // "80;90" -> {80, 90}
   bool cuda_architectures_default = false;  // not overridden by CMAKE_CUDA_ARCHITECTURES
-  bool nccl = false;                    // not yet
+  bool nccl = false;                    // NCCL communicators compiled in (with CUDA; libnccl opened at run time)
 };
 BuildInfo build_info();
 

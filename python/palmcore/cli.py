@@ -237,6 +237,16 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.1f} GiB"
 
 
+def _nccl_line() -> str:
+    """NCCL is opened at run time: its version and file here, or why it cannot be opened."""
+    from palmcore import _core  # noqa: PLC0415
+    try:
+        version, path = _core.nccl_library_info()
+    except RuntimeError as e:
+        return f"yes, loaded at run time; {e}"
+    return f"yes, loaded at run time: NCCL {version // 10000}.{version // 100 % 100}.{version % 100} from {path}"
+
+
 def build_report() -> list[str]:
     """What this palmcore was compiled with, then what this machine has (GPUs or why none)."""
     from palmcore import _core  # noqa: PLC0415
@@ -254,7 +264,7 @@ def build_report() -> list[str]:
                      f"cuBLASLt loaded at run time (PALMCORE_CUDA={b['cuda_option']})")
     else:
         lines.append(f"  CUDA      no (PALMCORE_CUDA={b['cuda_option']})")
-    lines.append(f"  NCCL      {'yes' if b['nccl'] else 'no (not yet)'}")
+    lines.append(f"  NCCL      {_nccl_line() if b['nccl'] else 'no (needs the CUDA backend)'}")
     lines.append("found here:")
     devices = _core.cuda_devices()
     for d in devices:
@@ -312,7 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     p_train.add_argument("--out", default="runs/default")
     p_train.add_argument("--resume", action="store_true")
     p_train.add_argument("--threads", type=thread_count, default=0)
-    p_train.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (see palmcore info)")
+    p_train.add_argument("--device", default="cpu",
+                         help="cpu, cuda or cuda:N (see palmcore info); under mpiexec, cuda is each rank's own "
+                              "GPU (cuda:<its rank on the node>) and the mesh's collectives use NCCL")
     p_train.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                          help="bf16: mixed precision as PALM_SPEC says (float32 master weights and checkpoints)")
     p_train.add_argument("--mesh", default="data=1,model=1",

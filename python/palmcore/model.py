@@ -27,8 +27,10 @@ class PaLM:
 
     def __init__(self, config: PaLMConfig, seed: int = 0, mesh=None, device: str = "cpu",
                  precision: str = "fp32"):
-        """``device``: "cpu", "cuda" (device 0) or "cuda:N". A CUDA device that cannot be used
-        raises RuntimeError saying why (palmcore built without CUDA, no driver, no device).
+        """``device``: "cpu", "cuda" (device 0, or on a ``mesh`` on GPUs this rank's GPU) or
+        "cuda:N". A CUDA device that cannot be used raises RuntimeError saying why (palmcore
+        built without CUDA, no driver, no device); so does a mesh whose communicators cannot
+        work there (MPI for a model on the CPU, NCCL on GPUs: palmcore.Mesh's ``device``).
         ``precision``: "fp32", or "bf16" (PALM_SPEC "Precision")."""
         if not isinstance(config, PaLMConfig):
             raise TypeError(f"config must be a PaLMConfig, got {type(config).__name__}")
@@ -37,6 +39,8 @@ class PaLM:
         seed = checks.integer("seed", seed, 0, 2**64 - 1)
         self._config = config
         self._mesh = mesh
+        if mesh is not None:
+            device = mesh.model_device(device)
         if mesh is not None and mesh.model > 1:
             self._model = _core.Model(config.to_dict(), int(seed), mesh.model_index, mesh.model, mesh.model_comm,
                                       device=device)

@@ -129,7 +129,7 @@ def run(s: TrainSettings, resume: bool = False, log: Callable[[str], None] = tqd
     if s.batch_size % (s.accumulate * shape.data):
         raise ValueError(f"accumulate ({s.accumulate}) x the data axis ({shape.data}) must divide "
                          f"batch_size ({s.batch_size})")
-    mesh = Mesh(shape.data, shape.model) if shape.size > 1 or launched_by_mpi() else None
+    mesh = Mesh(shape.data, shape.model, device=s.device) if shape.size > 1 or launched_by_mpi() else None
     main = mesh is None or mesh.is_main
     if not main:
         log = _silent
@@ -332,7 +332,7 @@ class _Run:
         if not self.main:
             return {}
         if weights is not None:
-            model = PaLM(self.config, device=self.s.device, precision=self.s.precision)
+            model = PaLM(self.config, device=model.device, precision=self.s.precision)
             model.load_state_dict(weights)
         ids = [int(t) for t in self.val_data.window(0)[: max(1, self.s.seq_len // 2)]]
         new = model.generate([ids], max_new_tokens=min(self.s.sample_tokens, self.config.max_seq_len - len(ids)),

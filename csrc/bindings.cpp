@@ -974,7 +974,7 @@ static void bind_memory(py::module_& m) {
 // The model: construction, parameters by name, and the training-time forward / backward.
 static std::unique_ptr<LockedModel> make_model(const py::dict& c, uint64_t seed, int64_t shard_rank,
                                                int64_t shard_size, std::shared_ptr<Communicator> model_comm,
-                                               const std::string& device) {
+                                               const std::string& device, std::shared_ptr<Communicator> data_comm) {
   const auto [d, index] = parse_device(device);
   const std::string device_label = d == Device::CPU ? "cpu" : "cuda:" + std::to_string(index);
   ModelConfig config{c["vocab_size"].cast<int64_t>(), c["d_model"].cast<int64_t>(),
@@ -992,7 +992,8 @@ static std::unique_ptr<LockedModel> make_model(const py::dict& c, uint64_t seed,
     config.router_z_loss = c["router_z_loss"].cast<double>();
   }
   py::gil_scoped_release release;
-  return std::make_unique<LockedModel>(Model(config, seed, d, ModelShard{shard_rank, shard_size, std::move(model_comm)}),
+  return std::make_unique<LockedModel>(Model(config, seed, d,
+                                             ModelShard{shard_rank, shard_size, std::move(model_comm), std::move(data_comm)}),
                                        device_label);
 }
 
@@ -1012,7 +1013,8 @@ static py::array_t<float> copy_out(LockedModel& self, const std::vector<int64_t>
 static void bind_model(py::module_& m) {
   py::class_<LockedModel>(m, "Model")
       .def(py::init(&make_model), py::arg("config"), py::arg("seed"), py::arg("shard_rank") = 0,
-           py::arg("shard_size") = 1, py::arg("model_comm") = nullptr, py::arg("device") = "cpu")
+           py::arg("shard_size") = 1, py::arg("model_comm") = nullptr, py::arg("device") = "cpu",
+           py::arg("data_comm") = nullptr)
       .def_property_readonly("device", [](const LockedModel& self) { return self.device; })
       .def("param_names",
            [](const LockedModel& self) {

@@ -463,12 +463,15 @@ void Model::moe_scratch(Activations& a, int64_t rows, bool backward) const {
 
 void Model::add_router_losses(LossStats& stats) const {
   const int64_t E = config_.n_experts, layers = config_.sparse_layers();
-  const double N = static_cast<double>(act_.batch * act_.seq), k = static_cast<double>(config_.expert_top_k);
+  const double k = static_cast<double>(config_.expert_top_k);
   const Tensor all = act_.moe_stats.to(Device::CPU);
   const double* st = all.host_data<double>();
   stats.expert_load.assign(E, 0.0);
   for (int64_t l = 0; l < layers; ++l) {
     const double* s = st + l * (2 * E + 1);
+    double assignments = 0.0;  // N·k, N the rows over every data rank
+    for (int64_t e = 0; e < E; ++e) assignments += s[E + e];
+    const double N = assignments / k;
     double balance = 0.0;
     for (int64_t e = 0; e < E; ++e) {
       const double share = s[E + e] / (N * k);
@@ -727,6 +730,8 @@ LossStats Model::forward_backward(const Tensor& tokens, const Tensor& targets, i
   require(total_tokens >= 0, "total_tokens must be >= 0");
   load_batch(tokens, &targets);
   run_forward(act_, nullptr);
+  // every data rank's routing statistics (before any early return: every rank takes part)
+  if (shard_.data_comm && act_.moe_stats.defined()) shard_.data_comm->all_reduce_sum(act_.moe_stats);
   const int64_t rows = act_.batch * act_.seq;
   const int32_t* y = act_.targets_host.host_data<int32_t>();
   LossStats stats;
@@ -773,8 +778,10 @@ LossStats Model::forward_backward(const Tensor& tokens, const Tensor& targets, i
   stats.ce = sums.host_data<double>()[0] / stats.tokens;
   stats.loss = sums.host_data<double>()[1] / stats.tokens;
   if (config_.sparse_layers() > 0) add_router_losses(stats);
-  // the routers' losses enter each call's gradient as its share of the counted targets
-  const double aux_scale = static_cast<double>(stats.tokens) / (total_tokens ? total_tokens : stats.tokens);
+  // the routers' losses enter each call's gradient as its share of the counted targets; over a
+  // data axis their statistics already cover every rank's rows (total_tokens counts them too)
+  const double aux_scale =
+      shard_.data_comm ? 1.0 : static_cast<double>(stats.tokens) / (total_tokens ? total_tokens : stats.tokens);
   if (sharded()) all_reduce(act_.dfinal_h);
 
   fill_zero(act_.dx);

@@ -2,9 +2,11 @@
 mesh, same global batch and seed on every mesh. The main rank saves the per-step losses, the
 first step's logits and the gathered parameters to OUT (an .npz).
 
-    mpiexec -n D·M python tests/mpi_model.py D M OUT [DEVICE]
+    mpiexec -n D·M python tests/mpi_model.py D M OUT [DEVICE] [moe]
 
 DEVICE: "cpu" (the default; MPI collectives) or "cuda" (one GPU per rank; NCCL collectives).
+moe: the second layer is a mixture of 4 experts (top-2), split over the model axis; its
+routing statistics (the auxiliary losses) cover every data rank's rows.
 """
 
 import os
@@ -17,13 +19,19 @@ from palmcore.config import PaLMConfig
 
 data, model, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 device = sys.argv[4] if len(sys.argv) > 4 else "cpu"
+moe = len(sys.argv) > 5 and sys.argv[5] == "moe"
 mesh = palmcore.Mesh(data=data, model=model, device=device)
 # GQA 4 -> 2 heads, odd sizes elsewhere; heads, ffn and vocab divisible by 2
 cfg = PaLMConfig(vocab_size=38, d_model=12, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=6, ffn_dim=22,
-                 max_seq_len=16, z_loss=1e-2)
+                 max_seq_len=16, z_loss=1e-2,
+                 **(dict(n_experts=4, expert_top_k=2, expert_ffn_dim=10, moe_every=2, router_aux_loss=0.1,
+                         router_z_loss=0.01) if moe else {}))
 m = palmcore.PaLM(cfg, seed=3, mesh=mesh, device=device)
 D, H, F, V, kv = cfg.d_model, cfg.n_heads // model, cfg.ffn_dim // model, cfg.vocab_size // model, 2 * 6
-assert m.num_params() == V * D + cfg.n_layers * (D + 2 * D * H * 6 + 2 * D * kv + 3 * D * F) + D  # its shards only
+attention = D + 2 * D * H * 6 + 2 * D * kv
+experts = D * 4 + 4 // model * 3 * D * 10  # the router (replicated) and this rank's experts
+mlps = 3 * D * F + (experts if moe else 3 * D * F)
+assert m.num_params() == V * D + cfg.n_layers * attention + mlps + D  # its shards only
 opt = palmcore.Adafactor(m)
 assert opt._opt.state_share == -(-m.num_params() // data)  # moments of this data rank's share only
 B, T, K = 4, 9, 3

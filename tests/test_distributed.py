@@ -92,6 +92,31 @@ def trained_on_every_mesh(tmp_path_factory):
     return results
 
 
+@pytest.fixture(scope="module")
+def moe_trained_on_every_mesh(tmp_path_factory):
+    """tests/mpi_model.py ... moe: the same with a mixture-of-experts layer (issue 13)."""
+    out = tmp_path_factory.mktemp("moe-meshes")
+    results = {}
+    for data, model in MESHES:
+        path = str(out / f"{data}x{model}.npz")
+        done = launch(data * model, str(data), str(model), path, "cpu", "moe", script="mpi_model.py")
+        assert done.returncode == 0, done.stdout + done.stderr
+        with np.load(path) as f:
+            results[(data, model)] = {k: f[k] for k in f.files}
+    return results
+
+
+@pytest.mark.parametrize("data,model", MESHES[1:])
+def test_a_mixture_of_experts_trains_on_every_mesh_like_one_rank(moe_trained_on_every_mesh, data, model):
+    """Experts split over the model axis, the router replicated, the routing statistics reduced
+    over the data axis: 3 steps equal the 1 x 1 run as test_every_mesh_trains_like_one_rank's
+    (1e-5, floor 1)."""
+    one, other = moe_trained_on_every_mesh[(1, 1)], moe_trained_on_every_mesh[(data, model)]
+    assert set(one) == set(other) and "layers.1.mlp.experts.w_gate" in one
+    for name in one:
+        assert scaled_err(other[name], one[name], floor=1.0) <= 1e-5, name
+
+
 @pytest.mark.parametrize("data,model", MESHES[1:])
 def test_every_mesh_trains_like_one_rank(trained_on_every_mesh, data, model):
     """After 3 optimizer steps the losses, the first step's logits and every gathered parameter
@@ -140,6 +165,7 @@ def test_train_on_a_mesh_and_resume_on_others(corpus, tmp_path):
     ("n_heads", 3, r"the model axis \(2\) must divide n_heads \(3\)"),
     ("ffn_dim", 15, r"the model axis \(2\) must divide ffn_dim \(15\)"),
     ("vocab_size", 31, r"the model axis \(2\) must divide vocab_size \(31\)"),
+    ("n_experts", 3, r"the model axis \(2\) must divide n_experts \(3\)"),
 ])
 def test_a_model_axis_that_does_not_divide_the_model_is_refused(field, value, match):
     code = (f"import palmcore\nfrom palmcore.config import PaLMConfig\n"

@@ -168,3 +168,37 @@ def test_a_dense_config_is_unchanged():
     assert "layers.0.mlp.w_gate" in sd and not any("experts" in n for n in sd)
     tokens = random_tokens(dense, 2, 5, seed=0)
     assert "balance" not in palmcore.PaLM(dense, seed=4).forward_backward(tokens[:, :-1], tokens[:, 1:])
+
+
+def test_a_short_moe_training_run_logs_the_routers(corpus, tmp_path):
+    """`palmcore train --preset seed-moe` (shrunk): metrics.jsonl carries the load-balance and
+    router z-losses and the experts' shares (summing to 1), the run resumes, and generation works."""
+    import json
+
+    from palmcore.cli import main
+
+    common = ["train", "--corpus", corpus, "--vocab-size", "300", "--preset", "seed-moe", "--set", "d_model=32",
+              "--set", "n_layers=2", "--set", "n_heads=2", "--set", "head_dim=16", "--set", "ffn_dim=64",
+              "--set", "expert_ffn_dim=48", "--batch-size", "4", "--seq-len", "16", "--eval-every", "3",
+              "--out", str(tmp_path)]
+    assert main(common + ["--steps", "4"]) == 0
+    with open(tmp_path / "metrics.jsonl") as f:
+        lines = [json.loads(line) for line in f]
+    steps = [line for line in lines if "expert_load" in line]
+    assert len(steps) == 4
+    for line in steps:
+        assert len(line["expert_load"]) == 8 and abs(sum(line["expert_load"]) - 1) < 1e-5
+        assert 0 < line["balance"] <= 8 and line["router_z"] > 0  # E·Σ f P: 1 when balanced, at most E
+        assert line["expert_load_min"] <= 1 / 8 <= line["expert_load_max"]
+    assert main(common + ["--steps", "6", "--resume"]) == 0
+    assert main(["generate", "--checkpoint", str(tmp_path), "--prompt", "def ", "--max-new-tokens", "5"]) == 0
+
+
+def test_an_idle_expert_is_reported():
+    from palmcore.train import _IdleExperts
+
+    said = []
+    idle = _IdleExperts(said.append, patience=3)
+    for step in range(1, 6):
+        idle.observe(step, [0.5, 0.0, 0.5])
+    assert len(said) == 1 and "expert 1 has received no token for 3 steps (step 3)" in said[0]

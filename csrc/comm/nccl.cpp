@@ -70,7 +70,7 @@ class Nccl final : public Communicator {
     if (ctx.device != device_)
       throw std::runtime_error("the NCCL communicator works on cuda:" + std::to_string(device_) +
                                ", but this process now works on cuda:" + std::to_string(ctx.device));
-    return ctx.stream;
+    return ctx.stream();
   }
 
   void do_all_reduce(Tensor& t, Reduction op) override {

@@ -107,9 +107,12 @@ void moe_logits_backward(const Tensor& probs, const Tensor& lse, const Tensor& d
                          double balance, double z, Tensor& dlogits) {
   const int64_t N = probs.dim(0), E = probs.dim(1);
   const double* st = stats.data<double>();
+  double assignments = 0.0;  // Nt·k
+  for (int64_t e = 0; e < E; ++e) assignments += st[E + e];
+  const double rows = assignments / k;
   std::vector<float> share(E);
-  for (int64_t e = 0; e < E; ++e) share[e] = static_cast<float>(st[E + e] / (static_cast<double>(N) * k));
-  const float balance_n = static_cast<float>(balance * E / N), z_n = static_cast<float>(z * 2.0 / N);
+  for (int64_t e = 0; e < E; ++e) share[e] = static_cast<float>(st[E + e] / assignments);
+  const float balance_n = static_cast<float>(balance * E / rows), z_n = static_cast<float>(z * 2.0 / rows);
   const float* pr = probs.data<float>();
   const float* l = lse.data<float>();
   const float* dpr = dprobs.data<float>();

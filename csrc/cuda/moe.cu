@@ -116,13 +116,17 @@ __global__ void weights_backward_kernel(const float* pr, const int32_t* experts,
     route_weights_backward_row(pr + i * E, experts + i * k, weights + i * k, dweights + i * k, E, k, dpr + i * E);
 }
 
-// share: the block's copy of f_e = stats[E + e] / (N·k) in shared memory (E floats).
+// share: the block's copy of f_e = stats[E + e] / (Nt·k) in shared memory (E floats); Nt·k is
+// the sum of the counts (every thread sums them, in order: the same value everywhere).
 __global__ void logits_backward_kernel(const float* pr, const float* lse, const float* dpr, const double* stats,
-                                       int64_t N, int64_t E, int64_t k, float balance_n, float z_n, float* dr) {
+                                       int64_t N, int64_t E, int64_t k, double balance, double z, float* dr) {
   extern __shared__ float share[];
-  for (int64_t e = threadIdx.x; e < E; e += blockDim.x)
-    share[e] = static_cast<float>(stats[E + e] / (static_cast<double>(N) * k));
+  double assignments = 0.0;
+  for (int64_t e = 0; e < E; ++e) assignments += stats[E + e];
+  for (int64_t e = threadIdx.x; e < E; e += blockDim.x) share[e] = static_cast<float>(stats[E + e] / assignments);
   __syncthreads();
+  const double rows = assignments / k;
+  const float balance_n = static_cast<float>(balance * E / rows), z_n = static_cast<float>(z * 2.0 / rows);
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i < N) route_logits_backward_row(pr + i * E, lse[i], dpr + i * E, share, E, balance_n, z_n, dr + i * E);
 }
@@ -195,8 +199,8 @@ void moe_logits_backward(const Tensor& probs, const Tensor& lse, const Tensor& d
   const size_t shared = static_cast<size_t>(E) * sizeof(float);
   if (shared > 48 * 1024) throw std::invalid_argument("moe_logits_backward: too many experts for the CUDA kernel");
   logits_backward_kernel<<<blocks_for(N), kThreads, shared, context().stream()>>>(
-      probs.data<float>(), lse.data<float>(), dprobs.data<float>(), stats.data<double>(), N, E, k,
-      static_cast<float>(balance * E / N), static_cast<float>(z * 2.0 / N), dlogits.data<float>());
+      probs.data<float>(), lse.data<float>(), dprobs.data<float>(), stats.data<double>(), N, E, k, balance, z,
+      dlogits.data<float>());
   check_cuda(cudaGetLastError(), "moe_logits_backward");
 }
 

@@ -49,6 +49,9 @@ struct ParamInfo {
 struct ModelShard {
   int64_t rank = 0, size = 1;
   std::shared_ptr<Communicator> comm;  // a single-rank one when null
+  // The mesh's data axis (null: one data rank). Only the sparse layers' routing statistics go
+  // over it: their auxiliary losses are means over the whole batch, every data rank's rows.
+  std::shared_ptr<Communicator> data_comm;
 };
 
 struct LossStats {

@@ -41,11 +41,13 @@ class PaLM:
         self._mesh = mesh
         if mesh is not None:
             device = mesh.model_device(device)
+        # the data axis: the sparse layers' routing statistics cover every data rank's rows
+        data_comm = mesh.data_comm if mesh is not None and mesh.data > 1 and config.n_experts else None
         if mesh is not None and mesh.model > 1:
             self._model = _core.Model(config.to_dict(), int(seed), mesh.model_index, mesh.model, mesh.model_comm,
-                                      device=device)
+                                      device=device, data_comm=data_comm)
         else:
-            self._model = _core.Model(config.to_dict(), int(seed), device=device)
+            self._model = _core.Model(config.to_dict(), int(seed), device=device, data_comm=data_comm)
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
         self._model.set_precision(precision)

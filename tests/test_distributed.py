@@ -78,32 +78,28 @@ def test_a_dead_rank_ends_the_run_instead_of_hanging(how):
 MESHES = [(1, 1), (1, 2), (2, 1), (2, 2)]
 
 
-@pytest.fixture(scope="module")
-def trained_on_every_mesh(tmp_path_factory):
-    """tests/mpi_model.py on each mesh: 3 Adafactor steps, same seed and global batch."""
-    out = tmp_path_factory.mktemp("meshes")
+def train_on_every_mesh(out, *args: str) -> dict:
+    """tests/mpi_model.py on each mesh (args: its optional DEVICE and moe): 3 Adafactor steps,
+    same seed and global batch; {(data, model): what the main rank saved}."""
     results = {}
     for data, model in MESHES:
         path = str(out / f"{data}x{model}.npz")
-        done = launch(data * model, str(data), str(model), path, script="mpi_model.py")
+        done = launch(data * model, str(data), str(model), path, *args, script="mpi_model.py")
         assert done.returncode == 0, done.stdout + done.stderr
         with np.load(path) as f:
             results[(data, model)] = {k: f[k] for k in f.files}
     return results
+
+
+@pytest.fixture(scope="module")
+def trained_on_every_mesh(tmp_path_factory):
+    return train_on_every_mesh(tmp_path_factory.mktemp("meshes"))
 
 
 @pytest.fixture(scope="module")
 def moe_trained_on_every_mesh(tmp_path_factory):
-    """tests/mpi_model.py ... moe: the same with a mixture-of-experts layer (issue 13)."""
-    out = tmp_path_factory.mktemp("moe-meshes")
-    results = {}
-    for data, model in MESHES:
-        path = str(out / f"{data}x{model}.npz")
-        done = launch(data * model, str(data), str(model), path, "cpu", "moe", script="mpi_model.py")
-        assert done.returncode == 0, done.stdout + done.stderr
-        with np.load(path) as f:
-            results[(data, model)] = {k: f[k] for k in f.files}
-    return results
+    """The same with a mixture-of-experts layer (issue 13)."""
+    return train_on_every_mesh(tmp_path_factory.mktemp("moe-meshes"), "cpu", "moe")
 
 
 @pytest.mark.parametrize("data,model", MESHES[1:])

@@ -32,7 +32,7 @@ def main() -> None:
     import palmcore  # noqa: PLC0415
     from palmcore import PaLMConfig  # noqa: PLC0415
     from palmcore.data import stdlib_files  # noqa: PLC0415
-    from palmcore.train import TrainSettings, run  # noqa: PLC0415
+    from palmcore.training import TrainSettings, run  # noqa: PLC0415
 
     if args.threads:
         palmcore.set_num_threads(args.threads)

@@ -115,7 +115,7 @@ def tiny_configs() -> list:
 
 def tiny_run_settings(corpus, out, **changes):
     """TrainSettings of a tiny run (a 1-layer model, 8 steps of 2 x 16 tokens) on ``corpus``."""
-    from palmcore.train import TrainSettings  # noqa: PLC0415
+    from palmcore.training import TrainSettings  # noqa: PLC0415
 
     base = dict(corpus=[corpus], out=str(out), vocab_size=300, preset="seed",
                 overrides=dict(d_model=32, n_layers=1, n_heads=2, head_dim=16, ffn_dim=64),

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 import palmcore
-from palmcore.train import run
+from palmcore.training import run
 
 from helpers import tiny_run_settings
 
@@ -93,8 +93,9 @@ def test_huge_integers_are_named(run_dir, kwargs, error, match):
     model, _ = palmcore.load(run_dir)
     with pytest.raises(error, match=match):
         model.generate([[1, 2]], **kwargs)
+    text_kwargs = {"stop": list(kwargs["stop_tokens"])} if "stop_tokens" in kwargs else kwargs  # its name there
     with pytest.raises(error, match=match):
-        palmcore.generate(run_dir, "x", **kwargs)
+        palmcore.generate(run_dir, "x", **text_kwargs)
 
 
 def test_huge_token_ids_are_named(run_dir):

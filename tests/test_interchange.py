@@ -440,7 +440,7 @@ def test_export_import_generate_and_fine_tune_from_the_command_line(tmp_path, to
     --resume on the imported run."""
     from palmcore.cli import config_overrides  # noqa: PLC0415
     from palmcore.text import generate  # noqa: PLC0415
-    from palmcore.train import TrainSettings, run  # noqa: PLC0415
+    from palmcore.training import TrainSettings, run  # noqa: PLC0415
 
     model = make_model(vocab=tok.vocab_size, n_kv_heads=2)
     checkpoint.save(str(tmp_path / "run" / "checkpoints"), model, tokenizer_path=tok.model_path)

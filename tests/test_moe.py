@@ -195,7 +195,7 @@ def test_a_short_moe_training_run_logs_the_routers(corpus, tmp_path):
 
 
 def test_an_idle_expert_is_reported():
-    from palmcore.train import _IdleExperts
+    from palmcore.training import _IdleExperts
 
     said = []
     idle = _IdleExperts(said.append, patience=3)

@@ -17,7 +17,7 @@ import pytest
 import palmcore
 from palmcore import checkpoint
 from palmcore.runlock import RunFolderInUse, RunLock
-from palmcore.train import TrainingDiverged, run
+from palmcore.training import TrainingDiverged, run
 
 from helpers import tiny_run_settings as settings
 
@@ -322,7 +322,7 @@ def test_one_huge_line_trains_in_bounded_memory(tmp_path):
     # VmHWM, the peak of this process's own memory (getrusage's maxrss would include the
     # parent's, which a forked child inherits)
     code = ("import sys\nsys.path.insert(0, sys.argv[3])\nfrom helpers import tiny_run_settings\n"
-            "import os\nfrom palmcore.train import _Run\nos.makedirs(sys.argv[2])\n"
+            "import os\nfrom palmcore.training import _Run\nos.makedirs(sys.argv[2])\n"
             "_Run(tiny_run_settings(sys.argv[1], sys.argv[2]), None, print)\n"
             "print('peak MB', [int(l.split()[1]) // 1024 for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "corpus"), str(tmp_path / "run"),

@@ -11,7 +11,7 @@ import pytest
 
 import palmcore
 from palmcore import checkpoint
-from palmcore.train import run
+from palmcore.training import run
 
 from helpers import tiny_run_settings as settings
 

@@ -6,6 +6,8 @@
     out = model.forward_backward(tokens, targets)
     new = model.generate([[1, 17, 42]], max_new_tokens=16)
     text = palmcore.generate("runs/default", "def fibonacci(")
+    result = palmcore.train(texts=["my documents", "..."], steps=100)   # see palmcore.training
+    palmcore.pipeline("text-generation", model=result)("The quick brown fox", max_length=50)
     palmcore.export_hf(model, tokenizer, "hf-model")    # transformers' CohereForCausalLM
 """
 
@@ -18,10 +20,12 @@ from palmcore.distributed import Mesh
 from palmcore.interchange import export_hf, import_hf
 from palmcore.model import PaLM
 from palmcore.optim import Adafactor, AdamW
+from palmcore.pipelines import pipeline
 from palmcore.text import generate, load
+from palmcore.training import TrainResult, train
 from palmcore.tokenizer import Tokenizer
 
-__all__ = ["load", "generate", "export_hf", "import_hf", "Mesh", "PaLMConfig", "PaLM", "Adafactor", "AdamW", "Tokenizer", "schedules",
+__all__ = ["train", "TrainResult", "load", "generate", "pipeline", "export_hf", "import_hf", "Mesh", "PaLMConfig", "PaLM", "Adafactor", "AdamW", "Tokenizer", "schedules",
            "set_num_threads", "get_num_threads", "set_memory_limit", "get_memory_limit", "cuda_available",
            "set_kernels", "get_kernels", "set_cuda_graphs"]
 __version__ = "0.1.0"

@@ -27,7 +27,8 @@ from palmcore import checks
 from palmcore.config import PaLMConfig
 from palmcore.data import stdlib_files
 from palmcore.generation import sampling_settings
-from palmcore.train import TrainSettings, run
+from palmcore.training import run
+from palmcore.training import settings as training_settings
 
 
 def stdlib_text(max_bytes: int) -> bytes:
@@ -106,15 +107,12 @@ def config_overrides(pairs: list[str]) -> dict:
 def train(args: argparse.Namespace) -> None:
     if args.threads:
         palmcore.set_num_threads(args.threads)
-    default_run = args.corpus is None
-    settings = TrainSettings(
-        corpus=args.corpus or stdlib_files(), out=args.out, tokenizer=args.tokenizer,
-        vocab_size=args.vocab_size, preset=args.preset, overrides=config_overrides(args.set),
-        batch_size=args.batch_size, accumulate=args.accumulate, seq_len=args.seq_len, steps=args.steps,
-        time_budget=args.time_budget if args.time_budget is not None or not default_run else 540.0,
-        optimizer=args.optimizer, lr=args.lr, schedule=args.schedule, eval_every=args.eval_every,
-        checkpoint_every=args.eval_every, seed=args.seed, mesh=args.mesh, precision=args.precision,
-        device=args.device)
+    settings = training_settings(
+        args.corpus, out=args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size, preset=args.preset,
+        overrides=config_overrides(args.set), batch_size=args.batch_size, accumulate=args.accumulate,
+        seq_len=args.seq_len, steps=args.steps, time_budget=args.time_budget, optimizer=args.optimizer, lr=args.lr,
+        schedule=args.schedule, eval_every=args.eval_every, seed=args.seed, mesh=args.mesh,
+        precision=args.precision, device=args.device)
     summary = run(settings, resume=args.resume)
     if summary:  # the main rank
         print_summary(summary, settings.out)

@@ -58,23 +58,69 @@ def prompt_ids(tokenizer: Tokenizer, text: str) -> list[int]:
     return [EOD_ID] + tokenizer.encode(text)
 
 
-def generate(checkpoint_path: str, prompt, max_new_tokens: int = 80, temperature: float = 0.8,
-             top_k: int = 40, top_p: float = 0.95, repetition_penalty: float = 1.0,
-             stop_tokens=(EOD_ID,), seed: int = 0, device: str = "cpu", precision: str = "fp32"):
-    """The continuation of ``prompt`` (a string, or a list of strings) by the checkpoint at
-    ``checkpoint_path`` (a run folder, its checkpoints folder or one checkpoint), run on
-    ``device`` in ``precision``."""
+def generate(model_or_run, prompt, *, max_new_tokens: int = 80, temperature: float = 0.8, top_k: int = 40,
+             top_p: float = 0.95, repetition_penalty: float = 1.0, stop=None, seed: int = 0, stream: bool = False,
+             device: str = "cpu", precision: str = "fp32"):
+    """Continue text with a trained model: a string in, a string out (a list for a list).
+
+        palmcore.generate("runs/default", "def fibonacci(")               # a run folder
+        palmcore.generate(result, ["Once upon", "In the"], temperature=0)  # palmcore.train's result
+        for piece in palmcore.generate((model, tokenizer), "x = ", stream=True): print(piece, end="")
+
+    ``model_or_run``: a run folder, its checkpoints folder or one checkpoint (loaded on ``device``
+    in ``precision``, and kept while its newest checkpoint stays the same), a palmcore.train
+    result, or a ``(model, tokenizer)`` pair. Sampling follows PALM_SPEC "Sampling"
+    (``temperature=0``: greedy; row i of a list draws from (seed, i, step)). A continuation ends
+    at the end-of-document token, at ``max_new_tokens``, or at ``stop``: a string, a token id,
+    or a list of them (the stop itself is not returned; strings are cut from the text).
+    ``stream=True`` (one prompt) yields the text as it is made, in whole characters."""
+    model, tokenizer = resolve_model(model_or_run, device, precision)
+    stop_strings, stop_tokens = _stops(stop)
     settings = sampling_settings(max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-                                 stop_tokens, seed)
+                                 (EOD_ID, *stop_tokens), seed)
     single = isinstance(prompt, str)
-    texts = [prompt] if single else list(prompt)
-    if not all(isinstance(t, str) for t in texts):
+    texts = [prompt] if single else list(prompt) if isinstance(prompt, (list, tuple)) else None
+    if texts is None or not all(isinstance(t, str) for t in texts):
         raise TypeError("prompt must be a string or a list of strings")
-    model, tokenizer = load_cached(checkpoint_path, device, precision)
+    if stream:
+        if not single:
+            raise TypeError("stream=True takes one prompt (a string)")
+        return _stream(model, tokenizer, prompt, settings, stop_strings)
     outputs = model.generate([prompt_ids(tokenizer, t) for t in texts], **settings)
-    stop = set(settings["stop_tokens"])
-    decoded = [tokenizer.decode(out[:-1] if out and out[-1] in stop else out) for out in outputs]
+    ends = set(settings["stop_tokens"])
+    decoded = [_cut(tokenizer.decode(out[:-1] if out and out[-1] in ends else out), stop_strings) for out in outputs]
     return decoded[0] if single else decoded
+
+
+def resolve_model(model_or_run, device: str = "cpu", precision: str = "fp32"):
+    """(model, tokenizer) from a run folder or checkpoint path, a palmcore.train result or a
+    (model, tokenizer) pair."""
+    from palmcore.model import PaLM  # noqa: PLC0415
+
+    if isinstance(model_or_run, (str, os.PathLike)):
+        return load_cached(os.fspath(model_or_run), device, precision)
+    pair = (model_or_run.model, model_or_run.tokenizer) if hasattr(model_or_run, "tokenizer") else model_or_run
+    if (isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[0], PaLM)
+            and isinstance(pair[1], Tokenizer)):
+        return pair[0], pair[1]
+    raise TypeError("model must be a run folder or checkpoint path, a palmcore.train result or a "
+                    f"(model, tokenizer) pair, got {type(model_or_run).__name__}")
+
+
+def _stops(stop) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """(stop strings, stop token ids) from None, one of them, or a list of them."""
+    items = () if stop is None else (stop,) if isinstance(stop, (str, int)) else tuple(stop)
+    strings = tuple(s for s in items if isinstance(s, str))
+    tokens = tuple(t for t in items if isinstance(t, int) and not isinstance(t, bool))
+    if len(strings) + len(tokens) != len(items) or any(s == "" for s in strings):
+        raise TypeError("stop must be a non-empty string, a token id, or a list of them")
+    return strings, tokens
+
+
+def _cut(text: str, stops: tuple[str, ...]) -> str:
+    """text up to the first of the stop strings."""
+    ends = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return text[:min(ends)] if ends else text
 
 
 def stream_text(model, tokenizer: Tokenizer, prompt: str, max_new_tokens: int, temperature: float = 0.8,
@@ -83,21 +129,47 @@ def stream_text(model, tokenizer: Tokenizer, prompt: str, max_new_tokens: int, t
     """The continuation of ``prompt`` as printable pieces, as they are made; a piece never
     ends inside a multi-byte character. Generation stops at the end-of-document token or
     when the model's max_seq_len is reached. Everything is checked before the first piece."""
+    settings = sampling_settings(max_new_tokens, temperature, top_k, top_p, repetition_penalty, (EOD_ID,), seed)
+    return _stream(model, tokenizer, prompt, settings, ())
+
+
+def _stream(model, tokenizer: Tokenizer, prompt: str, settings: dict, stop_strings) -> Iterator[str]:
     ids = prompt_ids(tokenizer, prompt)
     room = model.config.max_seq_len - len(ids)
     if room < 1:
         raise ValueError(f"the prompt is {len(ids)} tokens; the model's max_seq_len is "
                          f"{model.config.max_seq_len}")
-    tokens = model.stream(ids, max_new_tokens=min(max_new_tokens, room), temperature=temperature,
-                          top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
-                          stop_tokens=(EOD_ID,), seed=seed)
-    return _pieces(tokenizer, tokens)
+    tokens = model.stream(ids, **{**settings, "max_new_tokens": min(settings["max_new_tokens"], room)})
+    return _until(_pieces(tokenizer, tokens, set(settings["stop_tokens"])), stop_strings)
 
 
-def _pieces(tokenizer: Tokenizer, tokens: Iterator[int]) -> Iterator[str]:
+def _until(pieces: Iterator[str], stops: tuple[str, ...]) -> Iterator[str]:
+    """The pieces up to the first stop string (a tail as long as the longest stop is held back
+    until it cannot begin one); closing the pieces' generator ends the generation."""
+    if not stops:
+        yield from pieces
+        return
+    hold = max(len(s) for s in stops) - 1
+    text, shown = "", 0
+    for piece in pieces:
+        text += piece
+        cut = _cut(text, stops)
+        if len(cut) < len(text):
+            if len(cut) > shown:
+                yield cut[shown:]
+            pieces.close()
+            return
+        if len(text) - hold > shown:
+            yield text[shown:len(text) - hold]
+            shown = len(text) - hold
+    if len(text) > shown:
+        yield text[shown:]
+
+
+def _pieces(tokenizer: Tokenizer, tokens: Iterator[int], stops=frozenset((EOD_ID,))) -> Iterator[str]:
     new, shown = [], ""
     for token in tokens:
-        if token == EOD_ID:
+        if token in stops:
             break
         new.append(token)
         decoded = tokenizer.decode(new)

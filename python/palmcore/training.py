@@ -1,7 +1,8 @@
 """The training loop (PALM_SPEC.md, "Training recipe"): data, schedule, clipping, evaluation,
 checkpoints, resume and the loss-spike guard, around the C++ model and optimizer.
 
-    summary = palmcore.train.run(TrainSettings(corpus=["notes/"], out="runs/notes", steps=500))
+    result = palmcore.train("notes/", out="runs/notes", steps=500)          # the Python face
+    summary = run(settings("notes/", out="runs/notes", steps=500))         # what it (and the CLI) call
 
 Nothing is lost and nothing is done twice:
 - One run per folder: the run holds an exclusive lock on ``<out>/.lock`` (runlock.py).
@@ -32,7 +33,7 @@ from tqdm import tqdm
 
 from palmcore import _core, checkpoint, checks, schedules
 from palmcore.config import PaLMConfig
-from palmcore.data import PackedDataset, TokenCache, text_files
+from palmcore.data import PackedDataset, TokenCache, stdlib_files, text_files
 from palmcore.distributed import Mesh, launched_by_mpi
 from palmcore.model import PaLM
 from palmcore.optim import Adafactor, AdamW
@@ -115,7 +116,92 @@ class TrainingDiverged(RuntimeError):
     """The loss kept spiking: rolling back further would loop forever."""
 
 
-def run(s: TrainSettings, resume: bool = False, log: Callable[[str], None] = tqdm.write) -> dict:
+DEFAULT_RUN_SECONDS = 540.0  # the embedded default run (no corpus given) stops after this
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What palmcore.train returns: the run folder, its summary (steps, tokens, wall_s,
+    stopped_by, checkpoint, the last evaluation's val_loss / val_ppl / val_bpb, the sample...),
+    and the trained model and tokenizer, loaded from the final checkpoint (None on a mesh rank
+    other than the main one)."""
+
+    run: str
+    metrics: dict
+    model: PaLM | None
+    tokenizer: Tokenizer | None
+
+
+def train(corpus=None, *, texts=None, preset: str = "seed", out: str = "runs/default", steps: int | None = None,
+          time_budget: float | None = None, device: str = "cpu", progress: bool = True, callback=None,
+          resume: bool = False, **fields) -> TrainResult:
+    """Train a PaLM, as `palmcore train` does (the same defaults and checks), from Python:
+
+        result = palmcore.train("my_notes/", steps=500, d_model=128)
+        result = palmcore.train(texts=["first document", "second document"], steps=50)
+        print(result.metrics["val_bpb"]); palmcore.generate(result, "Once upon")
+
+    ``corpus``: files, folders or globs (a string or a list; None and no ``texts``: the Python
+    standard library, for at most DEFAULT_RUN_SECONDS). ``texts``: an iterable of documents held
+    in memory (written once under ``out/texts``). ``callback(step, metrics)`` is called after
+    every step; returning False stops with a checkpoint. ``resume`` continues the run in ``out``.
+    Other keywords: TrainSettings fields (batch_size, seq_len, lr, precision, ...) or PaLMConfig
+    fields (d_model, n_layers, n_experts, ...)."""
+    if texts is not None:
+        if corpus is not None:
+            raise ValueError("give corpus or texts, not both")
+        if isinstance(texts, (str, bytes)):
+            raise TypeError("texts must be an iterable of strings (a list of documents), not one string")
+        folder = os.path.join(out, "texts")
+        os.makedirs(folder, exist_ok=True)
+        count = 0
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"texts[{i}] is a {type(text).__name__}, not a string")
+            with open(os.path.join(folder, f"text-{i:06d}.txt"), "w", encoding="utf-8") as f:
+                f.write(text)
+            count += 1
+        if count == 0:
+            raise ValueError("texts is empty: give at least one document")
+        corpus = folder
+    s = settings(corpus, out=out, steps=steps, time_budget=time_budget, preset=preset, device=device,
+                 progress=progress, **fields)
+    summary = run(s, resume=resume, callback=callback)
+    if not summary:  # another rank of a mesh
+        return TrainResult(s.out, {}, None, None)
+    from palmcore.text import load  # noqa: PLC0415 (text imports checkpoint, which imports model)
+
+    model, tokenizer = load(summary["checkpoint"], device=device, precision=s.precision)
+    return TrainResult(s.out, summary, model, tokenizer)
+
+
+def settings(corpus=None, *, out: str = "runs/default", steps: int | None = None,
+             time_budget: float | None = None, overrides: dict | None = None, **fields) -> TrainSettings:
+    """TrainSettings with the CLI's defaults, for `palmcore train` and palmcore.train alike:
+    ``corpus`` is files, folders or globs (a string or a list; None: the Python standard
+    library, stopped after DEFAULT_RUN_SECONDS unless time_budget says otherwise); ``steps``
+    defaults to 100,000; evaluation and checkpoints share ``eval_every``. ``fields`` are
+    TrainSettings fields (batch_size, lr, device, ...) or PaLMConfig fields (d_model, n_experts,
+    ...: overrides of the preset); anything else is a TypeError naming it."""
+    known = {f.name for f in dataclasses.fields(TrainSettings)} - {"corpus", "out", "steps", "time_budget", "overrides"}
+    config_fields = {f.name for f in dataclasses.fields(PaLMConfig)}
+    unknown = sorted(set(fields) - known - config_fields)
+    if unknown:
+        raise TypeError(f"unknown training setting(s): {', '.join(unknown)} (TrainSettings or PaLMConfig fields)")
+    run_fields = {k: v for k, v in fields.items() if k in known}
+    model_fields = {**(overrides or {}), **{k: v for k, v in fields.items() if k not in known}}
+    default_run = corpus is None
+    if isinstance(corpus, (str, os.PathLike)):
+        corpus = [corpus]
+    eval_every = run_fields.get("eval_every", 100)
+    return TrainSettings(corpus=[os.fspath(c) for c in corpus] if corpus is not None else stdlib_files(), out=out,
+                         steps=100_000 if steps is None else steps,
+                         time_budget=DEFAULT_RUN_SECONDS if default_run and time_budget is None else time_budget,
+                         overrides=model_fields, **{"checkpoint_every": eval_every, **run_fields})
+
+
+def run(s: TrainSettings, resume: bool = False, log: Callable[[str], None] = tqdm.write,
+        callback: Callable[[int, dict], object] | None = None) -> dict:
     """Train as ``s`` says, writing checkpoints and metrics.jsonl under ``s.out``; with
     ``resume``, continue from the newest checkpoint there (whatever mesh wrote it). Returns a
     summary of the run (on the main rank; {} on the others): steps, tokens, wall_s, the last
@@ -123,7 +209,11 @@ def run(s: TrainSettings, resume: bool = False, log: Callable[[str], None] = tqd
     end-of-run sample (sample_prompt, sample).
 
     On a mesh of data x model ranks every rank runs this: data rank d takes its share of each
-    batch's rows, the model ranks split the parameters; the main rank alone logs and writes."""
+    batch's rows, the model ranks split the parameters; the main rank alone logs and writes.
+
+    ``callback(step, metrics)`` is called on the main rank after every step with that step's
+    metrics.jsonl line; returning False stops the run there, with a checkpoint (stopped_by
+    "callback")."""
     s.check()
     shape = MeshShape.parse(s.mesh)
     if s.batch_size % (s.accumulate * shape.data):
@@ -136,14 +226,14 @@ def run(s: TrainSettings, resume: bool = False, log: Callable[[str], None] = tqd
         s = dataclasses.replace(s, progress=False)
     os.makedirs(s.out, exist_ok=True)
     with RunLock(s.out) if main else contextlib.nullcontext():
-        training = _Run(s, mesh, log)
+        training = _Run(s, mesh, log, callback if main else None)
         with _StopRequests() as stop:
             return training.train(resume, stop)
 
 
 class _Run:
-    def __init__(self, s: TrainSettings, mesh, log):
-        self.s, self.mesh, self.log = s, mesh, log
+    def __init__(self, s: TrainSettings, mesh, log, callback=None):
+        self.s, self.mesh, self.log, self.callback = s, mesh, log, callback
         self.main = mesh is None or mesh.is_main
         # the main rank trains the tokenizer and builds the token cache; the others then read them
         self.tokenizer = _main_first(mesh, lambda: _tokenizer(s, log))
@@ -245,6 +335,11 @@ class _Run:
                 if step % s.checkpoint_every == 0:
                     self._save(model, opt, state)
                     rollbacks = 0
+                wanted_stop = self.callback is not None and self.callback(step, dict(line)) is False
+                if _any_rank(self.mesh, wanted_stop):  # every rank stops at the same step
+                    stopped_by = "callback"
+                    log(f"stopping at step {step}: the callback asked to; saving a checkpoint")
+                    break
                 if evaluation is None:  # a stop requested during the evaluation
                     stopped_by = "interrupt"
                     log(f"stopping at step {step}: interrupted during the evaluation; saving a checkpoint")

@@ -33,19 +33,29 @@ __device__ uint64_t order_key(double x) {
   return bits >> 63 ? ~bits : bits | (uint64_t{1} << 63);
 }
 
-// The block's sum of v, thread 0's first, then 1's, ... (a fixed order); every thread gets it.
-__device__ double block_sum(double v, double* shared) {
+// The block's fold of v with `op` from `init`, thread 0's first, then 1's, ... (a fixed order);
+// every thread gets it.
+template <class Op>
+__device__ double block_fold(double v, double* shared, double init, Op op) {
   shared[threadIdx.x] = v;
   __syncthreads();
   if (threadIdx.x == 0) {
-    double total = 0.0;
-    for (int t = 0; t < kThreads; ++t) total += shared[t];
-    shared[kThreads] = total;
+    double acc = init;
+    for (int t = 0; t < kThreads; ++t) acc = op(acc, shared[t]);
+    shared[kThreads] = acc;
   }
   __syncthreads();
-  const double total = shared[kThreads];
+  const double result = shared[kThreads];
   __syncthreads();
-  return total;
+  return result;
+}
+
+__device__ double block_sum(double v, double* shared) {
+  return block_fold(v, shared, 0.0, [](double a, double b) { return a + b; });
+}
+
+__device__ double block_max(double v, double* shared) {
+  return block_fold(v, shared, -INFINITY, [](double a, double b) { return fmax(a, b); });
 }
 
 // Exclusive prefix of v over the threads in thread order; every thread gets its own.
@@ -64,21 +74,6 @@ __device__ double block_exclusive_prefix(double v, double* shared) {
   const double prefix = shared[threadIdx.x];
   __syncthreads();
   return prefix;
-}
-
-// The block's largest v (every thread gets it).
-__device__ double block_max(double v, double* shared) {
-  shared[threadIdx.x] = v;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    double m = -INFINITY;
-    for (int t = 0; t < kThreads; ++t) m = fmax(m, shared[t]);
-    shared[kThreads] = m;
-  }
-  __syncthreads();
-  const double m = shared[kThreads];
-  __syncthreads();
-  return m;
 }
 
 __device__ int64_t block_min(int64_t v, int64_t* shared) {

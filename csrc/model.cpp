@@ -502,7 +502,8 @@ void Model::moe_forward(Activations& act, LayerActivations& a, const LayerWeight
   Tensor stats = act.moe_stats.view(index * (2 * E + 1), {2 * E + 1});
   moe_route(logits, k, a.probs, a.router_lse, a.experts, a.weights, stats);
   moe_dispatch(a.experts, expert_first(), El, a.order, a.slot_of, a.offsets);
-  copy(a.offsets, a.offsets_host);  // the experts' row counts size their GEMMs (on a GPU: one wait)
+  if (a.offsets_host.raw_data() != a.offsets.raw_data())
+    copy(a.offsets, a.offsets_host);  // the experts' row counts size their GEMMs (on a GPU: one wait)
   const int32_t* off = a.offsets_host.host_data<int32_t>();
   const int64_t P = off[El];  // the assignments to this rank's experts
   if (P == 0) return;

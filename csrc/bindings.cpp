@@ -1207,6 +1207,16 @@ static void bind_cache_and_generator(py::module_& m) {
                                for (const Tensor& t : self.cache.keys) bytes += 2 * t.nbytes();  // keys and values
                                return bytes;
                              })
+      .def("reset",
+           [](LockedCache& self, int64_t slot) {
+             run_locked(self.owner, [&] {
+               if (slot < 0 || slot >= self.cache.slots)
+                 throw std::invalid_argument("slot " + std::to_string(slot) + " is outside the cache's " +
+                                             std::to_string(self.cache.slots) + " slots");
+               self.cache.lengths[slot] = 0;  // its keys and values are overwritten as it is fed again
+             });
+           },
+           py::arg("slot"))
       .def("feed", [](LockedCache& self, const IntArray& tokens, const IntArray& slots) {
         if (tokens.ndim() != 1 || slots.ndim() != 1)
           throw std::invalid_argument("tokens and slots must be 1-D arrays");

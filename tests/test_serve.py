@@ -233,3 +233,39 @@ def test_models_health_and_metrics(server):
         assert name in m
     assert m["palmcore_slots"] == 16
     assert json.loads(httpx.get(server.url + "/v1/models").text)["object"] == "list"
+
+
+def test_sigterm_drains_and_exits(run_dir):
+    import os  # noqa: PLC0415
+    import signal  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "palmcore", "serve", "--checkpoint", run_dir, "--port", str(port),
+                             "--slots", "2", "--threads", "1"], stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "the server did not start"
+                time.sleep(0.05)
+        body = {"model": os.path.basename(run_dir), "prompt": "def", "max_tokens": 20, "stream": True, "seed": 2}
+        with httpx.stream("POST", url + "/v1/completions", json=body) as response:
+            lines = response.iter_lines()
+            assert next(lines).startswith("data: {")
+            proc.send_signal(signal.SIGTERM)  # the request in flight still completes
+            assert [line for line in lines if line][-1] == "data: [DONE]"
+        # uvicorn re-raises the signal after its graceful shutdown: the process ends by SIGTERM
+        assert proc.wait(30) == -signal.SIGTERM, proc.stderr.read()
+        assert proc.stderr.read() == ""
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -192,9 +192,8 @@ class Engine:
                 ends.append(s)
             logits = self.cache.feed(np.array(tokens, np.int32), np.array(slots, np.int32))
             # one logits row per slot fed, in order; a prompt cut by the chunk samples after its last chunk
-            for i, s in enumerate(ends):
-                if s.fed == len(s.prompt):
-                    self._sample(s, logits[i])
+            whole = [i for i, s in enumerate(ends) if s.fed == len(s.prompt)]
+            self._sample([ends[i] for i in whole], logits[whole])
             todo = [s for s in todo if s.fed < len(s.prompt)]
 
     def _decode(self, running: list[Sequence]) -> None:
@@ -203,25 +202,29 @@ class Engine:
             return
         logits = self.cache.feed(np.array([s.tokens[-1] for s in running], np.int32),
                                  np.array([s.slot for s in running], np.int32))
-        for i, s in enumerate(running):
-            self._sample(s, logits[i])
+        self._sample(running, logits)
 
-    def _sample(self, s: Sequence, logits: np.ndarray) -> None:
-        step = len(s.tokens)
-        token = _core.kernels.sample_token(logits, s.seen, s.sampling, s.row, step)
-        if token < 0:
-            raise RuntimeError(f"the logits hold NaN (at token {-1 - token})")
-        if step == 0:
-            self.metrics.first_token(time.monotonic() - s.submitted)
-        self.metrics.tokens_made(1)
-        s.tokens.append(token)
-        if s.seen and token not in s.seen:
-            s.seen.append(token)
-        s.emit("token", (token, _log_softmax(logits) if s.logprobs else None))
-        if token in s.stop_tokens or len(s.tokens) >= s.max_tokens:
-            s.emit("done", "stop" if token in s.stop_tokens else "length")
-            with self._cond:
-                self._release(s, "finished")
+    def _sample(self, sequences: list[Sequence], logits: np.ndarray) -> None:
+        """Each sequence's next token from its logits row: one C++ call for all rows."""
+        if not sequences:
+            return
+        chosen = _core.kernels.sample_rows(logits, [s.row for s in sequences], [len(s.tokens) for s in sequences],
+                                           [s.seen for s in sequences], [s.sampling for s in sequences])
+        if chosen.min() < 0:
+            raise RuntimeError(f"the logits hold NaN (at token {-1 - chosen.min()})")
+        now = time.monotonic()
+        self.metrics.tokens_made(len(sequences))
+        for s, token, row in zip(sequences, chosen.tolist(), logits):
+            if not s.tokens:
+                self.metrics.first_token(now - s.submitted)
+            s.tokens.append(token)
+            if s.seen and token not in s.seen:
+                s.seen.append(token)
+            s.emit("token", (token, _log_softmax(row) if s.logprobs else None))
+            if token in s.stop_tokens or len(s.tokens) >= s.max_tokens:
+                s.emit("done", "stop" if token in s.stop_tokens else "length")
+                with self._cond:
+                    self._release(s, "finished")
 
 
 def _log_softmax(z: np.ndarray) -> np.ndarray:

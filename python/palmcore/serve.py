@@ -10,6 +10,7 @@ engine's tokens; the model runs on the engine's thread alone.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -193,7 +194,13 @@ def make_app(model, tokenizer, model_name: str, slots: int = 16, queue: int = 64
     if FastAPI is None:
         raise RuntimeError("palmcore serve needs FastAPI and uvicorn: pip install 'palmcore[serve]'")
     engine = Engine(model, slots, queue)
-    app = FastAPI(title="palmcore", docs_url=None, redoc_url=None)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        yield
+        await asyncio.to_thread(engine.close)  # after uvicorn's graceful shutdown: drain, then stop
+
+    app = FastAPI(title="palmcore", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.engine = engine
     created = int(time.time())
     max_seq_len = model.config.max_seq_len
@@ -332,16 +339,13 @@ def prometheus(engine: Engine) -> str:
 
 def serve(checkpoint_path: str, host: str = "127.0.0.1", port: int = 8000, slots: int = 16, queue: int = 64,
           device: str = "cpu", precision: str = "fp32") -> None:
-    """Serve a checkpoint until SIGINT/SIGTERM, which drains the running requests first."""
+    """Serve a checkpoint until SIGINT/SIGTERM: uvicorn stops accepting, waits for the requests
+    in flight, the engine stops, and uvicorn re-raises the signal (the process ends by it)."""
     if FastAPI is None:
         raise RuntimeError("palmcore serve needs FastAPI and uvicorn: pip install 'palmcore[serve]'")
     from palmcore.text import load  # noqa: PLC0415
 
     model, tokenizer = load(checkpoint_path, device, precision)
     name = os.path.basename(os.path.normpath(checkpoint_path))
-    app = make_app(model, tokenizer, name, slots, queue)
-    try:
-        uvicorn.run(app, host=host, port=port, log_level="warning")
-    finally:
-        app.state.engine.close()
+    uvicorn.run(make_app(model, tokenizer, name, slots, queue), host=host, port=port, log_level="warning")
 

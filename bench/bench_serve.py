@@ -74,6 +74,7 @@ def main():
     import palmcore  # noqa: PLC0415
     import uvicorn  # noqa: PLC0415
 
+    from palmcore.engine import on_passing_thread  # noqa: PLC0415
     from palmcore.serve import make_app  # noqa: PLC0415
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -88,16 +89,18 @@ def main():
     if args.threads:
         palmcore.set_num_threads(args.threads)
     cfg = palmcore.PaLMConfig.preset(args.preset)
-    model = palmcore.PaLM(cfg, seed=0, device=args.device)
+    model = on_passing_thread(palmcore.PaLM, cfg, 0, None, args.device)
     rng = np.random.default_rng(0)
     prompts = [[int(t) for t in rng.integers(4, cfg.vocab_size, args.prompt)] for _ in range(64)]
 
-    start = time.perf_counter()
-    seq_tokens = 0
-    for i in range(args.sequential):
-        seq_tokens += len(model.generate([prompts[i]], max_new_tokens=args.new, temperature=0.8, top_k=40,
+    def sequential():
+        start, tokens = time.perf_counter(), 0
+        for i in range(args.sequential):
+            tokens += len(model.generate([prompts[i]], max_new_tokens=args.new, temperature=0.8, top_k=40,
                                          top_p=1.0, seed=i)[0])
-    seq_rate = seq_tokens / (time.perf_counter() - start)
+        return tokens / (time.perf_counter() - start)
+
+    seq_rate = on_passing_thread(sequential)
     print(f"{args.preset} ({model.num_params() / 1e6:.1f}M parameters, random weights), {args.device}, "
           f"{palmcore.get_num_threads()} threads, prompt {args.prompt}, new {args.new}")
     print(f"sequential model.generate: {args.sequential} requests, {seq_rate:.0f} tokens/s")

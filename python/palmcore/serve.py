@@ -17,7 +17,7 @@ import secrets
 import time
 import uuid
 
-from palmcore.engine import Engine, QueueFull, Sequence
+from palmcore.engine import Engine, QueueFull, Sequence, on_passing_thread
 from palmcore.generation import sampling_settings
 from palmcore.text import prompt_ids
 from palmcore.tokenizer import EOD_ID
@@ -345,7 +345,7 @@ def serve(checkpoint_path: str, host: str = "127.0.0.1", port: int = 8000, slots
         raise RuntimeError("palmcore serve needs FastAPI and uvicorn: pip install 'palmcore[serve]'")
     from palmcore.text import load  # noqa: PLC0415
 
-    model, tokenizer = load(checkpoint_path, device, precision)
+    model, tokenizer = on_passing_thread(load, checkpoint_path, device, precision)
     name = os.path.basename(os.path.normpath(checkpoint_path))
     uvicorn.run(make_app(model, tokenizer, name, slots, queue), host=host, port=port, log_level="warning")
 

@@ -5,8 +5,9 @@ against the same requests run one after another with model.generate.
 
 The model has the preset's random initial weights (seed 0): speed does not depend on them. Prompts
 are sent as token ids; the tokenizer is a stand-in that writes ids as text (" 17"), so every
-token is one streamed chunk. Each request: a prompt of --prompt random ids, --new tokens sampled (temperature 0.8, top-k 40,
-its own seed; the end-of-document token still ends a row early, the same way in both runs).
+token is one streamed chunk. Each request: a prompt of --prompt random ids, --new tokens
+sampled (temperature 0.8, top-k 40, its own seed; the end-of-document token may end a row
+early, the same way in both runs).
 Reported per concurrency: aggregate tokens/s (all tokens / wall time), time to first token
 (median, p99) and per-token latency (gaps between a stream's chunks: p50, p99).
 """

@@ -394,8 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:
         args = parser.parse_args(["train"])
-    commands = {"demo": demo, "train": train, "generate": generate, "serve": serve, "export": export, "import": import_run,
-                "plan": plan, "info": info}
+    commands = {"demo": demo, "train": train, "generate": generate, "serve": serve, "export": export,
+                "import": import_run, "plan": plan, "info": info}
     try:
         commands[args.command](args)
     except (ValueError, TypeError, RuntimeError) as e:  # a clear message, not a traceback

@@ -71,7 +71,8 @@ class Completion:
                                  code="context_length_exceeded")
         self.stop = self._stops(body.get("stop"))
         stop_ids = body.get("stop_token_ids") or []
-        if not isinstance(stop_ids, list) or not all(type(t) is int and 0 <= t < tokenizer.vocab_size for t in stop_ids):
+        vocab = tokenizer.vocab_size
+        if not isinstance(stop_ids, list) or not all(type(t) is int and 0 <= t < vocab for t in stop_ids):
             raise BadRequest("stop_token_ids must be a list of token ids in the vocabulary", "stop_token_ids")
         self.stop_tokens = frozenset([EOD_ID, *stop_ids])
         seed = body.get("seed")

@@ -4,6 +4,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <omp.h>
+
 #include <algorithm>
 #include <array>
 #include <chrono>
@@ -391,6 +393,49 @@ static void bind_kernels(py::module_& m) {
     SamplerScratch scratch;
     return sample_token(logits.data(), logits.shape(0), distinct(seen, logits), sampling_settings(c), row, step, scratch);
   });
+  // sample_token for n rows of logits [n, V] at once, each with its own settings (the server's
+  // rows belong to different requests), in parallel with the GIL released; the tokens come back
+  // (-1 - t for a row whose first NaN is at t).
+  k.def(
+      "sample_rows",
+      [=](const FloatArray& logits, const std::vector<int64_t>& rows, const std::vector<int64_t>& steps,
+          const std::vector<std::vector<int32_t>>& seen, const py::list& settings) {
+        if (logits.ndim() != 2) throw std::invalid_argument("logits must be [n, V]");
+        const int64_t n = logits.shape(0), V = logits.shape(1);
+        if (static_cast<int64_t>(rows.size()) != n || static_cast<int64_t>(steps.size()) != n ||
+            static_cast<int64_t>(seen.size()) != n || static_cast<int64_t>(settings.size()) != n)
+          throw std::invalid_argument("rows, steps, seen and settings need one entry per logits row");
+        std::vector<SamplingSettings> each;
+        std::vector<std::vector<int32_t>> seen_each;
+        for (int64_t i = 0; i < n; ++i) {
+          each.push_back(sampling_settings(settings[i].cast<py::dict>()));
+          std::vector<int32_t> ids = seen[i];  // each distinct token once, as `distinct` gives
+          for (int32_t t : ids)
+            if (t < 0 || t >= V) throw std::invalid_argument("seen token " + std::to_string(t) + " is outside the logits");
+          std::sort(ids.begin(), ids.end());
+          ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
+          seen_each.push_back(std::move(ids));
+        }
+        py::array_t<int32_t> out(n);
+        int32_t* tokens = out.mutable_data();
+        const float* z = logits.data();
+        {
+          py::gil_scoped_release release;
+          apply_num_threads();
+          std::vector<SamplerScratch> scratch(omp_get_max_threads());
+#pragma omp parallel for schedule(dynamic) if (n > 1)
+          for (int64_t i = 0; i < n; ++i) {
+            const float* row = z + i * V;
+            int64_t nan = 0;
+            while (nan < V && !std::isnan(row[nan])) ++nan;
+            tokens[i] = nan < V ? static_cast<int32_t>(-1 - nan)
+                                : sample_token(row, V, seen_each[i], each[i], rows[i], steps[i],
+                                               scratch[omp_get_thread_num()]);
+          }
+        }
+        return out;
+      },
+      py::arg("logits"), py::arg("rows"), py::arg("steps"), py::arg("seen"), py::arg("settings"));
   // sample_tokens on `device`: logits [n, V], rows, steps [n], seen: one list per row; the
   // tokens come back (-1 - t for a row whose first NaN is at t)
   k.def(
@@ -1207,6 +1252,16 @@ static void bind_cache_and_generator(py::module_& m) {
                                for (const Tensor& t : self.cache.keys) bytes += 2 * t.nbytes();  // keys and values
                                return bytes;
                              })
+      .def("reset",
+           [](LockedCache& self, int64_t slot) {
+             run_locked(self.owner, [&] {
+               if (slot < 0 || slot >= self.cache.slots)
+                 throw std::invalid_argument("slot " + std::to_string(slot) + " is outside the cache's " +
+                                             std::to_string(self.cache.slots) + " slots");
+               self.cache.lengths[slot] = 0;  // its keys and values are overwritten as it is fed again
+             });
+           },
+           py::arg("slot"))
       .def("feed", [](LockedCache& self, const IntArray& tokens, const IntArray& slots) {
         if (tokens.ndim() != 1 || slots.ndim() != 1)
           throw std::invalid_argument("tokens and slots must be 1-D arrays");

@@ -178,6 +178,16 @@ def generate(args: argparse.Namespace) -> None:
             print(f"error: {e}", file=sys.stderr)
 
 
+def serve(args: argparse.Namespace) -> None:
+    from palmcore import serve as server  # noqa: PLC0415
+
+    if server.FastAPI is None:
+        raise RuntimeError("palmcore serve needs FastAPI and uvicorn: pip install 'palmcore[serve]'")
+    if args.threads:
+        palmcore.set_num_threads(args.threads)
+    server.serve(args.checkpoint, args.host, args.port, args.slots, args.queue, args.device, args.precision)
+
+
 _SIZE_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
@@ -343,6 +353,16 @@ def main(argv: list[str] | None = None) -> int:
     p_gen.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (see palmcore info)")
     p_gen.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                        help="bf16: PALM_SPEC mixed precision (bfloat16 activations and cache on a GPU)")
+    p_srv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (continuous batching)")
+    p_srv.add_argument("--checkpoint", default="runs/default",
+                       help="a run folder, its checkpoints folder or one checkpoint (default: runs/default)")
+    p_srv.add_argument("--host", default="127.0.0.1")
+    p_srv.add_argument("--port", type=nonnegative_int, default=8000)
+    p_srv.add_argument("--slots", type=positive_int, default=16, help="sequences decoded together")
+    p_srv.add_argument("--queue", type=nonnegative_int, default=64, help="sequences waiting; beyond: 429")
+    p_srv.add_argument("--threads", type=thread_count, default=0)
+    p_srv.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (see palmcore info)")
+    p_srv.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p_exp = sub.add_parser("export", help="a checkpoint as a Hugging Face model directory (CohereForCausalLM)")
     p_exp.add_argument("--checkpoint", default="runs/default",
                        help="a run folder, its checkpoints folder or one checkpoint (default: runs/default)")
@@ -372,8 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:
         args = parser.parse_args(["train"])
-    commands = {"demo": demo, "train": train, "generate": generate, "export": export, "import": import_run,
-                "plan": plan, "info": info}
+    commands = {"demo": demo, "train": train, "generate": generate, "serve": serve, "export": export,
+                "import": import_run, "plan": plan, "info": info}
     try:
         commands[args.command](args)
     except (ValueError, TypeError, RuntimeError) as e:  # a clear message, not a traceback

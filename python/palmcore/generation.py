@@ -112,6 +112,10 @@ class KVCache:
         """Bytes the cached keys and values take."""
         return self._cache.nbytes
 
+    def reset(self, slot: int) -> None:
+        """Empty ``slot``: its next feed starts a new sequence at position 0."""
+        self._cache.reset(checks.integer("slot", slot, 0, checks.INT32_MAX))
+
     def feed(self, tokens, slots=0) -> np.ndarray:
         """Logits float32 [n, V] of the last token of each slot fed, in order; ``slots`` is one
         slot for every token, or one for all of them."""

@@ -1,0 +1,352 @@
+"""An OpenAI-compatible HTTP server over the continuous-batching engine (palmcore.engine).
+
+    palmcore serve --checkpoint runs/default --port 8000
+
+POST /v1/completions, GET /v1/models, GET /health, GET /metrics (Prometheus text). Needs the
+``serve`` extra (FastAPI, uvicorn). Handlers only check requests, decode text and relay the
+engine's tokens; the model runs on the engine's thread alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import time
+import uuid
+
+from palmcore.engine import Engine, QueueFull, Sequence, on_passing_thread
+from palmcore.generation import sampling_settings
+from palmcore.text import prompt_ids
+from palmcore.tokenizer import EOD_ID
+
+try:
+    import uvicorn
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+except ImportError:  # palmcore serve says which extra to install
+    FastAPI = None
+
+_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "stop",
+           "stop_token_ids", "seed", "n", "stream", "stream_options", "logprobs", "user"}
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str, param: str | None = None, status: int = 400,
+                 kind: str = "invalid_request_error", code: str | None = None):
+        super().__init__(message)
+        self.param, self.status, self.kind, self.code = param, status, kind, code
+
+
+def error_response(message: str, status: int, kind: str = "invalid_request_error", param=None, code=None):
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
+                        status_code=status)
+
+
+class Completion:
+    """One checked /v1/completions request: its prompts as token ids and its sequences."""
+
+    def __init__(self, body: dict, tokenizer, max_seq_len: int, model_name: str, max_sequences: int):
+        unknown = sorted(set(body) - _FIELDS)
+        if unknown:
+            raise BadRequest(f"unknown or unsupported field '{unknown[0]}'", unknown[0])
+        if body.get("model", model_name) != model_name:
+            raise BadRequest(f"the model '{body['model']}' does not exist; this server has '{model_name}'",
+                             "model", 404, code="model_not_found")
+        self.prompts = self._prompts(body.get("prompt"), tokenizer)
+        self.n = _int(body, "n", 1, 1, max_sequences)
+        if self.n * len(self.prompts) > max_sequences:
+            raise BadRequest(f"n × prompts is {self.n * len(self.prompts)}; this server runs at most "
+                             f"{max_sequences} sequences (slots + queue)", "n")
+        self.max_tokens = _int(body, "max_tokens", 16, 1, max_seq_len)
+        for i, p in enumerate(self.prompts):
+            if any(not 0 <= t < tokenizer.vocab_size for t in p):
+                raise BadRequest(f"prompt {i} holds a token id outside the vocabulary [0, {tokenizer.vocab_size})",
+                                 "prompt")
+            if len(p) + self.max_tokens > max_seq_len:
+                raise BadRequest(f"this model's maximum context length is {max_seq_len} tokens; prompt {i} has "
+                                 f"{len(p)} tokens and max_tokens is {self.max_tokens}", "prompt",
+                                 code="context_length_exceeded")
+        self.stop = self._stops(body.get("stop"))
+        stop_ids = body.get("stop_token_ids") or []
+        vocab = tokenizer.vocab_size
+        if not isinstance(stop_ids, list) or not all(type(t) is int and 0 <= t < vocab for t in stop_ids):
+            raise BadRequest("stop_token_ids must be a list of token ids in the vocabulary", "stop_token_ids")
+        self.stop_tokens = frozenset([EOD_ID, *stop_ids])
+        seed = body.get("seed")
+        if seed is None:
+            seed = secrets.randbits(63)
+        try:
+            s = sampling_settings(self.max_tokens, _num(body, "temperature", 1.0), _num(body, "top_k", 0),
+                                  _num(body, "top_p", 1.0), _num(body, "repetition_penalty", 1.0), (), seed)
+        except (TypeError, ValueError) as e:
+            raise BadRequest(str(e), str(e).split(" ")[0]) from None
+        self.sampling = {k: s[k] for k in ("temperature", "top_k", "top_p", "repetition_penalty", "seed")}
+        self.stream = body.get("stream", False)
+        if not isinstance(self.stream, bool):
+            raise BadRequest("stream must be true or false", "stream")
+        options = body.get("stream_options") or {}
+        if not isinstance(options, dict) or set(options) - {"include_usage"}:
+            raise BadRequest("stream_options may hold only include_usage", "stream_options")
+        self.include_usage = bool(options.get("include_usage"))
+        logprobs = body.get("logprobs")
+        self.logprobs = None if logprobs is None else _int(body, "logprobs", 0, 0, 5)
+
+    @staticmethod
+    def _prompts(prompt, tokenizer) -> list[list[int]]:
+        if isinstance(prompt, str):
+            return [_text_ids(tokenizer, prompt)]
+        if isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt):
+            return [prompt]
+        if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+            return [_text_ids(tokenizer, p) for p in prompt]
+        if (isinstance(prompt, list) and prompt and
+                all(isinstance(p, list) and p and all(type(t) is int for t in p) for p in prompt)):
+            return prompt
+        raise BadRequest("prompt must be a string, a list of strings, a list of token ids or a list of "
+                         "token-id lists (none empty)", "prompt")
+
+    @staticmethod
+    def _stops(stop) -> list[str]:
+        stops = [stop] if isinstance(stop, str) else (stop or [])
+        if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(s, str) and s for s in stops):
+            raise BadRequest("stop must be a non-empty string or a list of up to 4 of them", "stop")
+        return stops
+
+
+def _text_ids(tokenizer, text: str) -> list[int]:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest("the prompt is not valid UTF-8 (it holds a lone surrogate)", "prompt") from None
+    return prompt_ids(tokenizer, text)
+
+
+def _int(body: dict, name: str, default: int, low: int, high: int) -> int:
+    value = body.get(name, default)
+    if value is None:
+        value = default
+    if type(value) is not int or not low <= value <= high:
+        raise BadRequest(f"{name} must be an integer in [{low}, {high}], got {value!r}", name)
+    return value
+
+
+def _num(body: dict, name: str, default):
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise BadRequest(f"{name} must be a number, got {value!r}", name)
+    return value
+
+
+class Choice:
+    """One sequence's text as its tokens arrive: whole characters, held back while they may
+    begin a stop string, cut at the first stop string."""
+
+    def __init__(self, index: int, tokenizer, stops: list[str], stop_tokens: frozenset, logprobs: int | None):
+        self.index, self.tokenizer, self.stops, self.stop_tokens = index, tokenizer, stops, stop_tokens
+        self.tokens: list[int] = []
+        self.text = ""        # decoded so far (whole characters)
+        self.sent = 0         # characters of text already given out
+        self.finish = None
+        self.logprobs = logprobs
+        self.lp = {"tokens": [], "token_logprobs": [], "top_logprobs": []}
+
+    def add(self, token: int, log_probs) -> None:
+        if log_probs is not None:
+            self.lp["tokens"].append(self.tokenizer.decode([token]))
+            self.lp["token_logprobs"].append(float(log_probs[token]))
+            if self.logprobs:
+                top = log_probs.argsort()[::-1][:self.logprobs]
+                self.lp["top_logprobs"].append({self.tokenizer.decode([int(t)]): float(log_probs[t]) for t in top})
+        if token in self.stop_tokens:  # ends the text, is not part of it
+            return
+        self.tokens.append(token)
+        decoded = self.tokenizer.decode(self.tokens)
+        if not decoded.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            self.text = decoded
+        for stop in self.stops:
+            at = self.text.find(stop)
+            if at >= 0:
+                self.text, self.finish = self.text[:at], "stop"
+
+    def end(self, reason: str) -> None:
+        if self.finish is None:
+            self.text = self.tokenizer.decode(self.tokens)
+            self.finish = reason
+
+    def take(self) -> str:
+        """Text that can be given out now."""
+        hold = 0 if self.finish else max((len(s) - 1 for s in self.stops), default=0)
+        upto = max(self.sent, len(self.text) - hold)
+        piece, self.sent = self.text[self.sent:upto], upto
+        return piece
+
+    def logprobs_since(self, start: int):
+        if self.logprobs is None:
+            return None
+        return {k: v[start:] for k, v in self.lp.items()}
+
+
+def make_app(model, tokenizer, model_name: str, slots: int = 16, queue: int = 64):
+    if FastAPI is None:
+        raise RuntimeError("palmcore serve needs FastAPI and uvicorn: pip install 'palmcore[serve]'")
+    engine = Engine(model, slots, queue)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        yield
+        await asyncio.to_thread(engine.close)  # after uvicorn's graceful shutdown: drain, then stop
+
+    app = FastAPI(title="palmcore", docs_url=None, redoc_url=None, lifespan=lifespan)
+    app.state.engine = engine
+    created = int(time.time())
+    max_seq_len = model.config.max_seq_len
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                            "owned_by": "palmcore"}]}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(prometheus(engine), media_type="text/plain; version=0.0.4")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        try:
+            raw = await request.body()
+            try:
+                body = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                raise BadRequest("the request body is not valid UTF-8") from None
+            except json.JSONDecodeError as e:
+                raise BadRequest(f"the request body is not valid JSON: {e}") from None
+            if not isinstance(body, dict):
+                raise BadRequest("the request body must be a JSON object")
+            req = Completion(body, tokenizer, max_seq_len, model_name, slots + queue)
+        except BadRequest as e:
+            return error_response(str(e), e.status, e.kind, e.param, e.code)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        sequences, choices = [], []
+        for p, prompt in enumerate(req.prompts):
+            for row in range(req.n):
+                index = p * req.n + row
+
+                def emit(kind, value, index=index):
+                    loop.call_soon_threadsafe(events.put_nowait, (index, kind, value))
+
+                sequences.append(Sequence(prompt, req.max_tokens, req.sampling, req.stop_tokens, row, emit,
+                                          logprobs=req.logprobs is not None))
+                choices.append(Choice(index, tokenizer, req.stop, req.stop_tokens, req.logprobs))
+        try:
+            engine.submit(sequences)
+        except QueueFull as e:
+            return error_response(str(e), 429, "rate_limit_exceeded", code="rate_limit_exceeded")
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": model_name}
+
+        def usage():
+            prompt, made = sum(len(p) for p in req.prompts), sum(len(s.tokens) for s in sequences)
+            return {"prompt_tokens": prompt, "completion_tokens": made, "total_tokens": prompt + made}
+
+        async def updates():
+            """(choice, new text, logprobs start) as tokens arrive, until every choice ends."""
+            running = len(choices)
+            while running:
+                index, kind, value = await events.get()
+                c = choices[index]
+                if c.finish is not None:
+                    continue
+                if kind == "error":
+                    engine.cancel(sequences)
+                    raise RuntimeError(value)
+                start = len(c.lp["token_logprobs"])
+                if kind == "token":
+                    c.add(*value)
+                    if c.finish is not None:
+                        engine.cancel([sequences[index]])
+                else:
+                    c.end(value)
+                if c.finish is not None:
+                    running -= 1
+                yield c, start
+
+        if not req.stream:
+            try:
+                async for _ in updates():
+                    pass
+            except RuntimeError as e:
+                return error_response(str(e), 500, "server_error")
+            finally:
+                engine.cancel(sequences)  # a client gone before the end frees its slots
+            return {**head, "choices": [{"index": c.index, "text": c.text, "logprobs": c.logprobs_since(0),
+                                         "finish_reason": c.finish} for c in choices], "usage": usage()}
+
+        async def stream():
+            try:
+                async for c, start in updates():
+                    piece = c.take()
+                    if piece or c.finish or c.logprobs is not None:
+                        chunk = {**head, "choices": [{"index": c.index, "text": piece,
+                                                      "logprobs": c.logprobs_since(start),
+                                                      "finish_reason": c.finish}]}
+                        yield f"data: {json.dumps(chunk)}\n\n"
+                if req.include_usage:
+                    yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage()})}\n\n"
+                yield "data: [DONE]\n\n"
+            except RuntimeError as e:
+                error = {"error": {"message": str(e), "type": "server_error", "param": None, "code": None}}
+                yield f"data: {json.dumps(error)}\n\n"
+            finally:
+                engine.cancel(sequences)  # a disconnect lands here: the slots are freed
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    return app
+
+
+def prometheus(engine: Engine) -> str:
+    m = engine.metrics
+    lines = ["# HELP palmcore_requests_total Sequences by outcome.", "# TYPE palmcore_requests_total counter"]
+    for outcome in ("finished", "cancelled", "error", "rejected"):
+        lines.append(f'palmcore_requests_total{{outcome="{outcome}"}} {m.requests[outcome]}')
+    lines += ["# TYPE palmcore_prompt_tokens_total counter", f"palmcore_prompt_tokens_total {m.prompt_tokens}",
+              "# TYPE palmcore_generated_tokens_total counter",
+              f"palmcore_generated_tokens_total {m.generated_tokens}",
+              "# TYPE palmcore_queue_length gauge", f"palmcore_queue_length {engine.queue_length}",
+              "# TYPE palmcore_slots_busy gauge", f"palmcore_slots_busy {engine.busy_slots}",
+              "# TYPE palmcore_slots gauge", f"palmcore_slots {engine.slots}",
+              "# HELP palmcore_tokens_per_second Tokens made per second over the last 10 s.",
+              "# TYPE palmcore_tokens_per_second gauge",
+              f"palmcore_tokens_per_second {m.tokens_per_second():.3f}",
+              "# HELP palmcore_time_to_first_token_seconds From queueing to the first token.",
+              "# TYPE palmcore_time_to_first_token_seconds histogram"]
+    for edge, count in zip(m.TTFT_BUCKETS, m.ttft_buckets):
+        lines.append(f'palmcore_time_to_first_token_seconds_bucket{{le="{edge}"}} {count}')
+    lines += [f'palmcore_time_to_first_token_seconds_bucket{{le="+Inf"}} {m.ttft_count}',
+              f"palmcore_time_to_first_token_seconds_sum {m.ttft_sum:.6f}",
+              f"palmcore_time_to_first_token_seconds_count {m.ttft_count}"]
+    return "\n".join(lines) + "\n"
+
+
+def serve(checkpoint_path: str, host: str = "127.0.0.1", port: int = 8000, slots: int = 16, queue: int = 64,
+          device: str = "cpu", precision: str = "fp32") -> None:
+    """Serve a checkpoint until SIGINT/SIGTERM: uvicorn stops accepting, waits for the requests
+    in flight, the engine stops, and uvicorn re-raises the signal (the process ends by it)."""
+    if FastAPI is None:
+        raise RuntimeError("palmcore serve needs FastAPI and uvicorn: pip install 'palmcore[serve]'")
+    from palmcore.text import load  # noqa: PLC0415
+
+    model, tokenizer = on_passing_thread(load, checkpoint_path, device, precision)
+    name = os.path.basename(os.path.normpath(checkpoint_path))
+    uvicorn.run(make_app(model, tokenizer, name, slots, queue), host=host, port=port, log_level="warning")
+

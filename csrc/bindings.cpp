@@ -425,12 +425,8 @@ static void bind_kernels(py::module_& m) {
           std::vector<SamplerScratch> scratch(omp_get_max_threads());
 #pragma omp parallel for schedule(dynamic) if (n > 1)
           for (int64_t i = 0; i < n; ++i) {
-            const float* row = z + i * V;
-            int64_t nan = 0;
-            while (nan < V && !std::isnan(row[nan])) ++nan;
-            tokens[i] = nan < V ? static_cast<int32_t>(-1 - nan)
-                                : sample_token(row, V, seen_each[i], each[i], rows[i], steps[i],
-                                               scratch[omp_get_thread_num()]);
+            tokens[i] = sample_token_or_nan(z + i * V, V, seen_each[i], each[i], rows[i], steps[i],
+                                            scratch[omp_get_thread_num()]);
           }
         }
         return out;

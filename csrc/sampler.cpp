@@ -93,4 +93,12 @@ int32_t sample_token(const float* logits, int64_t vocab, const std::vector<int32
   return scratch.kept.size() == 1 ? scratch.kept[0].token : draw_token(scratch.kept, settings.seed, row, step);
 }
 
+int32_t sample_token_or_nan(const float* logits, int64_t vocab, const std::vector<int32_t>& seen,
+                            const SamplingSettings& settings, int64_t row, int64_t step, SamplerScratch& scratch) {
+  int64_t nan = 0;
+  while (nan < vocab && !std::isnan(logits[nan])) ++nan;
+  if (nan < vocab) return static_cast<int32_t>(-1 - nan);
+  return sample_token(logits, vocab, seen, settings, row, step, scratch);
+}
+
 }  // namespace palmcore

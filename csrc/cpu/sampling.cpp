@@ -1,7 +1,6 @@
 // sample_tokens on the CPU (math in palmcore/op_signatures.inc): sampler.cpp's rule, rows in
 // parallel with a scratch per thread; a row's token depends only on its own logits, row and
 // step, never on the thread that draws it.
-#include <cmath>
 #include <vector>
 
 #include <omp.h>
@@ -20,18 +19,11 @@ void sample_tokens(const Tensor& logits, const Tensor& rows, const Tensor& steps
   std::vector<SamplerScratch> scratch(omp_get_max_threads());
 #pragma omp parallel for schedule(dynamic) if (n > 1)
   for (int64_t i = 0; i < n; ++i) {
-    const float* row = z + i * V;
-    int64_t nan = 0;
-    while (nan < V && !std::isnan(row[nan])) ++nan;
-    if (nan < V) {  // the caller raises, naming the token
-      out[i] = static_cast<int32_t>(-1 - nan);
-      continue;
-    }
     std::vector<int32_t> row_seen;  // (an id outside the vocabulary has nothing to penalise)
     for (int32_t j = offsets[i]; j < offsets[i + 1]; ++j)
       if (seen_ids[j] >= 0 && seen_ids[j] < V) row_seen.push_back(seen_ids[j]);
-    out[i] = sample_token(row, V, row_seen, settings, rows.data<int32_t>()[i], steps.data<int32_t>()[i],
-                          scratch[omp_get_thread_num()]);
+    out[i] = sample_token_or_nan(z + i * V, V, row_seen, settings, rows.data<int32_t>()[i], steps.data<int32_t>()[i],
+                                 scratch[omp_get_thread_num()]);  // a NaN row: -1 - t, the caller raises
   }
 }
 

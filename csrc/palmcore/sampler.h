@@ -44,5 +44,9 @@ int32_t draw_token(const std::vector<TokenProbability>& kept, uint64_t seed, int
 // The whole rule: filtered_distribution, then draw_token.
 int32_t sample_token(const float* logits, int64_t vocab, const std::vector<int32_t>& seen,
                      const SamplingSettings& settings, int64_t row, int64_t step, SamplerScratch& scratch);
+// sample_token, or -1 - t when the logits hold a NaN (the first at t), for batch samplers whose
+// caller raises afterwards.
+int32_t sample_token_or_nan(const float* logits, int64_t vocab, const std::vector<int32_t>& seen,
+                            const SamplingSettings& settings, int64_t row, int64_t step, SamplerScratch& scratch);
 
 }  // namespace palmcore

@@ -32,7 +32,7 @@ def main() -> None:
     import palmcore  # noqa: PLC0415
     from palmcore import PaLMConfig  # noqa: PLC0415
     from palmcore.data import stdlib_files  # noqa: PLC0415
-    from palmcore.training import TrainSettings, run  # noqa: PLC0415
+    from palmcore.training import run, settings  # noqa: PLC0415
 
     if args.threads:
         palmcore.set_num_threads(args.threads)
@@ -49,9 +49,8 @@ def main() -> None:
     tokenizer = None
     for name, (preset, overrides) in runs.items():
         out = os.path.join(args.out, name)
-        s = TrainSettings(corpus=stdlib_files(), out=out, tokenizer=tokenizer, preset=preset, overrides=overrides,
-                          steps=10**9, time_budget=args.seconds, eval_every=50, checkpoint_every=10**6,
-                          progress=False, sample_tokens=0)
+        s = settings(stdlib_files(), out=out, tokenizer=tokenizer, preset=preset, overrides=overrides, steps=10**9,
+                     time_budget=args.seconds, eval_every=50, checkpoint_every=10**6, progress=False, sample_tokens=0)
         summary = run(s, log=lambda line: None)
         tokenizer = tokenizer or os.path.join(out, "tokenizer.model")  # every run: the first one's
         cfg = PaLMConfig.preset(preset, **overrides)

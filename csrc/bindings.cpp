@@ -1170,28 +1170,27 @@ static void bind_collectives(py::class_<Communicator, std::shared_ptr<Communicat
   };
   c.def("all_reduce_sum", [reduce](Communicator& comm, Array data) { reduce(comm, data, true); });
   c.def("all_reduce_max", [reduce](Communicator& comm, Array data) { reduce(comm, data, false); });
-  c.def("reduce_scatter_sum", [dtype](Communicator& comm, const Array& in) {
+  // a new array of `size` elements = collective(in, out), run where the communicator works
+  auto into_new = [dtype](Communicator& comm, const Array& in, py::ssize_t size, auto collective) {
+    Array out(size);
+    Tensor host_in = Tensor::borrow(const_cast<T*>(in.data()), {static_cast<int64_t>(in.size())}, dtype);
+    Tensor host_out = Tensor::borrow(out.mutable_data(), {static_cast<int64_t>(size)}, dtype);
+    py::gil_scoped_release release;
+    Tensor there_in = where_comm_works(comm, host_in), there_out = where_comm_works(comm, host_out);
+    collective(there_in, there_out);
+    back_to_host(there_out, host_out);
+    return out;
+  };
+  c.def("reduce_scatter_sum", [into_new](Communicator& comm, const Array& in) {
     if (in.size() % comm.size())
       throw std::invalid_argument("reduce_scatter_sum: " + std::to_string(in.size()) +
                                   " elements do not split into " + std::to_string(comm.size()) + " blocks");
-    Array out(in.size() / comm.size());
-    Tensor host_in = Tensor::borrow(const_cast<T*>(in.data()), {static_cast<int64_t>(in.size())}, dtype);
-    Tensor host_out = Tensor::borrow(out.mutable_data(), {static_cast<int64_t>(out.size())}, dtype);
-    py::gil_scoped_release release;
-    Tensor there_in = where_comm_works(comm, host_in), there_out = where_comm_works(comm, host_out);
-    comm.reduce_scatter_sum(there_in, there_out);
-    back_to_host(there_out, host_out);
-    return out;
+    return into_new(comm, in, in.size() / comm.size(),
+                    [&](const Tensor& from, Tensor& to) { comm.reduce_scatter_sum(from, to); });
   });
-  c.def("all_gather", [dtype](Communicator& comm, const Array& in) {
-    Array out(in.size() * comm.size());
-    Tensor host_in = Tensor::borrow(const_cast<T*>(in.data()), {static_cast<int64_t>(in.size())}, dtype);
-    Tensor host_out = Tensor::borrow(out.mutable_data(), {static_cast<int64_t>(out.size())}, dtype);
-    py::gil_scoped_release release;
-    Tensor there_in = where_comm_works(comm, host_in), there_out = where_comm_works(comm, host_out);
-    comm.all_gather(there_in, there_out);
-    back_to_host(there_out, host_out);
-    return out;
+  c.def("all_gather", [into_new](Communicator& comm, const Array& in) {
+    return into_new(comm, in, in.size() * comm.size(),
+                    [&](const Tensor& from, Tensor& to) { comm.all_gather(from, to); });
   });
 }
 

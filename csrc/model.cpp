@@ -326,9 +326,7 @@ void Model::prepare(int64_t batch, int64_t seq) {
   Activations a;
   const int64_t rows = batch * seq, D = config_.d_model, F = local_ffn();
   const int64_t qw = local_heads() * config_.head_dim, kvw = config_.n_kv_heads * config_.head_dim;
-  auto f32 = [&](std::vector<int64_t> shape) { return Tensor::zeros(std::move(shape), DType::F32, device_); };
   // the activations the bf16 mode rounds (run_forward's list)
-  auto rounded = [&](std::vector<int64_t> shape) { return Tensor::zeros(std::move(shape), activation_dtype(), device_); };
   a.batch = batch;
   a.seq = seq;
   a.tokens = Tensor::zeros({rows}, DType::I32, device_);
@@ -382,8 +380,6 @@ void Model::prepare_inference(int64_t rows, const KVCache& cache) {
   Activations a;
   const int64_t D = config_.d_model, F = config_.ffn_dim;
   const int64_t qw = config_.n_heads * config_.head_dim, kvw = config_.n_kv_heads * config_.head_dim;
-  auto f32 = [&](std::vector<int64_t> shape) { return Tensor::zeros(std::move(shape), DType::F32, device_); };
-  auto rounded = [&](std::vector<int64_t> shape) { return Tensor::zeros(std::move(shape), activation_dtype(), device_); };
   a.batch = rows;
   a.seq = 1;
   a.cache_capacity = cache.capacity;
@@ -413,10 +409,14 @@ void Model::prepare_inference(int64_t rows, const KVCache& cache) {
   infer_ = std::move(a);
 }
 
+Tensor Model::f32(std::vector<int64_t> shape) const { return Tensor::zeros(std::move(shape), DType::F32, device_); }
+
+Tensor Model::rounded(std::vector<int64_t> shape) const {
+  return Tensor::zeros(std::move(shape), activation_dtype(), device_);
+}
+
 Model::LayerActivations Model::layer_activations(int64_t rows, int64_t lse_size, bool sparse) const {
   const int64_t D = config_.d_model, qw = local_heads() * config_.head_dim, kvw = config_.n_kv_heads * config_.head_dim;
-  auto f32 = [&](std::vector<int64_t> shape) { return Tensor::zeros(std::move(shape), DType::F32, device_); };
-  auto rounded = [&](std::vector<int64_t> shape) { return Tensor::zeros(std::move(shape), activation_dtype(), device_); };
   auto i32 = [&](std::vector<int64_t> shape) { return Tensor::zeros(std::move(shape), DType::I32, device_); };
   LayerActivations a{f32({rows, D}), f32({rows}), rounded({rows, D}), rounded({rows, qw}), rounded({rows, kvw}),
                      rounded({rows, kvw}), rounded({rows, qw}), f32({lse_size}), {}, {}, {}, {}, {}, {}, {}, {},
@@ -444,8 +444,6 @@ Model::LayerActivations Model::layer_activations(int64_t rows, int64_t lse_size,
 
 void Model::moe_scratch(Activations& a, int64_t rows, bool backward) const {
   const int64_t D = config_.d_model, E = config_.n_experts, k = config_.expert_top_k, Fe = config_.expert_ffn_dim;
-  auto f32 = [&](std::vector<int64_t> shape) { return Tensor::zeros(std::move(shape), DType::F32, device_); };
-  auto rounded = [&](std::vector<int64_t> shape) { return Tensor::zeros(std::move(shape), activation_dtype(), device_); };
   a.router_logits = f32({rows, E});
   a.expert_a = rounded({rows * k, Fe});
   if (activation_dtype() != DType::F32) a.h_wide = f32({rows, D});

@@ -30,17 +30,19 @@ bool cuda_graphs() { return graphs_setting(); }
 void Recording::run(Device device, const std::function<void()>& ops) {
 #ifdef PALMCORE_CUDA
   if (device == Device::CUDA && cuda_graphs()) {
-    if (graph_ && cuda::launch_graph(*static_cast<cuda::CapturedGraph*>(graph_))) return;
-    if (graph_) reset();  // its scratch moved, or the device changed: recorded again
-    if (!graph_ && eager_runs_ >= 1 && !capture_failed_) {
+    if (graph_) {
+      if (cuda::launch_graph(*static_cast<cuda::CapturedGraph*>(graph_))) return;
+      reset();  // its scratch moved, or the device changed: recorded again
+    }
+    if (eager_runs_ >= 1 && !capture_failed_) {
       try {
         graph_ = std::make_unique<cuda::CapturedGraph>(cuda::capture_graph(ops)).release();
+        if (cuda::launch_graph(*static_cast<cuda::CapturedGraph*>(graph_))) return;
       } catch (const std::exception& e) {  // runs eagerly from now on, and says why once
         capture_failed_ = true;
         std::fprintf(stderr, "palmcore: a CUDA graph could not be captured (%s); running eagerly\n", e.what());
       }
     }
-    if (graph_ && cuda::launch_graph(*static_cast<cuda::CapturedGraph*>(graph_))) return;
     ++eager_runs_;
     return ops();
   }

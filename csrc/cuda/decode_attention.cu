@@ -32,6 +32,10 @@ constexpr int kThreads = 32 * kWarps;
 constexpr int kMaxGroup = 16;     // query heads per key/value head
 constexpr int kMaxColumns = 8;    // head_dim columns per lane: head_dim <= 256
 constexpr int kMaxHeldPerLane = 64;  // group · columns: the running sums a lane holds
+// A block's shared memory at most (queries, each warp's m and l, each warp's sums): within the
+// 48 KiB every launch may take without raising the kernel's limit.
+static_assert((kMaxHeldPerLane * 32 * (1 + kWarps) + 2 * kWarps * kMaxGroup) * sizeof(float) <= 48 * 1024,
+              "decode_partial_kernel's shared memory exceeds the default 48 KiB");
 
 struct DecodeLayout {
   int64_t slots, capacity, heads, group, dh, q_stride, kv_stride, splits, span;
@@ -178,9 +182,6 @@ void decode_attention(const Tensor& q, const Tensor& slots, const Tensor& positi
   const float scale = 1.0f / std::sqrt(static_cast<float>(L.dh));
   with_float_storage(q.dtype(), [&](auto element) {
     using T = decltype(element);
-    check_cuda(cudaFuncSetAttribute(decode_partial_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    static_cast<int>(shared_bytes)),
-               "attention_cached (shared memory)");
     decode_partial_kernel<T><<<dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(L.splits)), kThreads,
                                shared_bytes, stream>>>(q.data<T>(), slots.data<int32_t>(), positions.data<int32_t>(),
                                                        k_cache.data<T>(), v_cache.data<T>(), stats, acc, L, scale,

@@ -189,6 +189,10 @@ class Model {
 
   Weights views_of(const Tensor& flat) const;
   void prepare(int64_t batch, int64_t seq);
+  // A new zero tensor on the model's device: float32, or of the bf16 mode's storage (the
+  // activations run_forward rounds: bfloat16 or float32, activation_dtype()).
+  Tensor f32(std::vector<int64_t> shape) const;
+  Tensor rounded(std::vector<int64_t> shape) const;
   // One layer's activations for `rows` rows (lse_size: attention's lse), a sparse layer's or a
   // dense one's; and the sparse layers' shared scratch (with the backward's when `backward`).
   LayerActivations layer_activations(int64_t rows, int64_t lse_size, bool sparse) const;

@@ -19,7 +19,7 @@ import uuid
 
 from palmcore.engine import Engine, QueueFull, Sequence, on_passing_thread
 from palmcore.generation import sampling_settings
-from palmcore.text import prompt_ids
+from palmcore.text import cut_at_stops, prompt_ids
 from palmcore.tokenizer import EOD_ID
 
 try:
@@ -168,10 +168,9 @@ class Choice:
         decoded = self.tokenizer.decode(self.tokens)
         if not decoded.endswith("\ufffd"):  # wait for the rest of a multi-byte character
             self.text = decoded
-        for stop in self.stops:
-            at = self.text.find(stop)
-            if at >= 0:
-                self.text, self.finish = self.text[:at], "stop"
+        cut = cut_at_stops(self.text, self.stops)
+        if len(cut) < len(self.text):
+            self.text, self.finish = cut, "stop"
 
     def end(self, reason: str) -> None:
         if self.finish is None:

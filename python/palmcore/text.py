@@ -88,7 +88,8 @@ def generate(model_or_run, prompt, *, max_new_tokens: int = 80, temperature: flo
         return _stream(model, tokenizer, prompt, settings, stop_strings)
     outputs = model.generate([prompt_ids(tokenizer, t) for t in texts], **settings)
     ends = set(settings["stop_tokens"])
-    decoded = [_cut(tokenizer.decode(out[:-1] if out and out[-1] in ends else out), stop_strings) for out in outputs]
+    decoded = [cut_at_stops(tokenizer.decode(out[:-1] if out and out[-1] in ends else out), stop_strings)
+               for out in outputs]
     return decoded[0] if single else decoded
 
 
@@ -117,7 +118,7 @@ def _stops(stop) -> tuple[tuple[str, ...], tuple[int, ...]]:
     return strings, tokens
 
 
-def _cut(text: str, stops: tuple[str, ...]) -> str:
+def cut_at_stops(text: str, stops) -> str:
     """text up to the first of the stop strings."""
     ends = [i for i in (text.find(s) for s in stops) if i >= 0]
     return text[:min(ends)] if ends else text
@@ -153,7 +154,7 @@ def _until(pieces: Iterator[str], stops: tuple[str, ...]) -> Iterator[str]:
     text, shown = "", 0
     for piece in pieces:
         text += piece
-        cut = _cut(text, stops)
+        cut = cut_at_stops(text, stops)
         if len(cut) < len(text):
             if len(cut) > shown:
                 yield cut[shown:]

@@ -373,8 +373,10 @@ def test_sharded_damage_is_named(tmp_path):
 def test_quantized_weights_are_named(exported):
     raw = (exported / "model.safetensors").read_bytes()
     n = int.from_bytes(raw[:8], "little")
-    header = raw[8:8 + n].replace(b'"F32"', b'"I8" ', 1)
-    (exported / "model.safetensors").write_bytes(raw[:8] + header + raw[8 + n:])
+    header = json.loads(raw[8:8 + n])
+    header["model.embed_tokens.weight"].update(dtype="I8", shape=[600, 4 * 48])  # the same bytes, as int8
+    encoded = json.dumps(header).encode()
+    (exported / "model.safetensors").write_bytes(len(encoded).to_bytes(8, "little") + encoded + raw[8 + n:])
     with pytest.raises(ValueError, match=r"is I8; palmcore imports F32, BF16 and F16 weights"):
         import_hf(str(exported))
 

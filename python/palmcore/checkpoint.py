@@ -29,7 +29,7 @@ import tempfile
 import numpy as np
 
 from palmcore.config import PaLMConfig
-from palmcore.files import publish_directory
+from palmcore.files import publish_directory, read_json_object
 from palmcore.model import PaLM
 from palmcore.tensorfile import load_file, save_file
 
@@ -134,10 +134,8 @@ def _remove(path: str) -> None:
 def is_checkpoint(path: str) -> bool:
     """Whether ``path`` is a complete checkpoint: its marker and every file it names exist."""
     try:
-        with open(os.path.join(path, MARKER)) as f:
-            files = json.load(f)["files"]
-        names = set(files) | set(_REQUIRED)
-    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        names = set(read_json_object(os.path.join(path, MARKER))["files"]) | set(_REQUIRED)
+    except (OSError, ValueError, KeyError, TypeError):
         return False
     return all(isinstance(n, str) and os.path.isfile(os.path.join(path, n)) for n in names)
 
@@ -178,14 +176,14 @@ def load(path: str, config: PaLMConfig | None = None, mesh=None, with_optimizer:
     for name in _REQUIRED:
         if not os.path.exists(os.path.join(path, name)):
             raise ValueError(f"{path} is not a palmcore checkpoint: {name} is missing")
-    saved = PaLMConfig.from_dict(_read_json_object(os.path.join(path, "config.json")))
+    saved = _read_config(os.path.join(path, "config.json"))
     if config is not None and config != saved:
         different = [k for k, v in config.to_dict().items() if saved.to_dict()[k] != v]
         raise ValueError(f"checkpoint {path} is for another configuration (differs in "
                          f"{', '.join(different)})")
     tensors, _ = load_file(os.path.join(path, "model.safetensors"))
     _check_tensors_match(os.path.join(path, "model.safetensors"), tensors, saved)
-    trainer = _read_json_object(os.path.join(path, "trainer.json"))
+    trainer = read_json_object(os.path.join(path, "trainer.json"))
     opt_path = os.path.join(path, "optimizer.safetensors")
     optimizer_state = _read_optimizer(opt_path, saved) if with_optimizer and os.path.exists(opt_path) else None
     model = PaLM(saved, seed=0, mesh=mesh, device=device, precision=precision)
@@ -229,15 +227,16 @@ def _read_optimizer(path: str, config: PaLMConfig) -> dict:
             "m": {n: tensors[f"m.{n}"] for n in names}, "v": {n: tensors[f"v.{n}"] for n in names}}
 
 
-def _read_json_object(path: str) -> dict:
+def _read_config(path: str) -> PaLMConfig:
+    fields = read_json_object(path)
+    required = [f.name for f in dataclasses.fields(PaLMConfig) if f.default is dataclasses.MISSING]
+    missing = [name for name in required if name not in fields]
+    if missing:
+        raise ValueError(f"{path} is damaged: it has no {', '.join(missing)}")
     try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise ValueError(f"{path} is damaged: not valid JSON ({type(e).__name__})") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{path} is damaged: a JSON object was expected, got {type(value).__name__}")
-    return value
+        return PaLMConfig.from_dict(fields)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path} is damaged: {e}") from None
 
 
 def _write_json(path: str, value: dict) -> None:

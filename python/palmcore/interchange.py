@@ -36,14 +36,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import reprlib
 import shutil
 
 import numpy as np
 
 from palmcore import checkpoint
 from palmcore.config import PaLMConfig
-from palmcore.files import publish_directory
-from palmcore.tensorfile import load_file, save_file
+from palmcore.files import publish_directory, read_json_object, recover_directory
+from palmcore.tensorfile import load_file, read_header, save_file
 from palmcore.tokenizer import BOS_ID, EOD_ID, PAD_ID, UNK_ID, Tokenizer
 
 FORMAT = "palmcore-hf/1"
@@ -173,8 +174,9 @@ def export_hf(model, tokenizer, out: str, dtype: str = "float32", max_shard_byte
     ``transformers.AutoModelForCausalLM.from_pretrained(out)`` and
     ``AutoTokenizer.from_pretrained(out)`` load with no custom code. ``dtype``: "float32"
     (exact) or "bf16" (rounded to nearest even). Weights above ``max_shard_bytes`` are split
-    into shards with an index. An existing non-empty ``out`` is refused unless ``overwrite``.
-    Returns ``out``."""
+    into shards with an index. An existing non-empty ``out`` is refused unless ``overwrite``, and
+    so is an ``out`` that is, contains or lies inside the run the tokenizer belongs to (or its
+    file). Returns ``out``."""
     from palmcore.model import PaLM  # noqa: PLC0415
 
     if not isinstance(model, PaLM):
@@ -192,6 +194,8 @@ def export_hf(model, tokenizer, out: str, dtype: str = "float32", max_shard_byte
     if tokenizer is not None and tokenizer.vocab_size != config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                          f"{config.vocab_size}")
+    if tokenizer is not None:
+        _refuse_out_overlapping(out, *_source_of(tokenizer.model_path))
     tensors = to_hf_tensors(config, model.state_dict())
 
     def write(tmp: str) -> None:
@@ -209,14 +213,12 @@ def export_hf(model, tokenizer, out: str, dtype: str = "float32", max_shard_byte
 def export_checkpoint(path: str, out: str, dtype: str = "float32", max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
                       overwrite: bool = False) -> str:
     """:func:`export_hf` of a palmcore checkpoint (a run folder, its checkpoints folder or one
-    checkpoint), with its tokenizer.model when it has one."""
+    checkpoint), with its tokenizer.model when it has one. An ``out`` that is, contains or lies
+    inside the run (symlinks resolved) is refused: replacing it would delete the run."""
     found = _find_checkpoint(path)
-    config_path = os.path.join(found, "config.json")
-    try:
-        with open(config_path, encoding="utf-8") as f:
-            fields = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{config_path} cannot be read ({e})") from None
+    for source in (path, _run_of(found)):
+        _refuse_out_overlapping(out, source, "the run being exported")
+    fields = read_json_object(os.path.join(found, "config.json"))
     _refuse_sparse(fields, f"checkpoint {found}")  # before PaLMConfig, which has no MoE fields yet
     ck = checkpoint.load(found, with_optimizer=False)
     tok_path = os.path.join(ck.path, "tokenizer.model")
@@ -233,6 +235,37 @@ def _find_checkpoint(path: str) -> str:
     if not os.path.exists(path):
         raise ValueError(f"no palmcore checkpoint at {path}: it does not exist")
     raise ValueError(f"no palmcore checkpoint in {path}")
+
+
+def _run_of(found: str) -> str:
+    """The run folder of a checkpoint: the folder holding its checkpoints folder (or, for
+    checkpoints saved elsewhere, the folder holding the checkpoints)."""
+    root = os.path.dirname(os.path.abspath(found))
+    if os.path.basename(root).startswith(".old-step-"):  # a previous version waiting aside
+        root = os.path.dirname(root)
+    return os.path.dirname(root) if os.path.basename(root) == "checkpoints" else root
+
+
+def _source_of(tokenizer_path: str) -> tuple[str, str]:
+    """(path, what it is) that an export of a tokenizer must leave alone: the run it belongs
+    to, else its file."""
+    folder = os.path.dirname(os.path.abspath(tokenizer_path))
+    if checkpoint.is_checkpoint(folder):
+        return _run_of(folder), "the tokenizer's run"
+    if os.path.isdir(os.path.join(folder, "checkpoints")):
+        return folder, "the tokenizer's run"
+    return tokenizer_path, "the tokenizer's file"
+
+
+def _refuse_out_overlapping(out: str, source: str, what: str) -> None:
+    """Refuse an ``out`` that is, contains or lies inside ``source`` (symlinks resolved): replacing
+    it would delete the source (or the runs beside it), and an export inside a run mixes with it."""
+    o, s = os.path.realpath(out), os.path.realpath(source)
+    common = os.path.commonpath([o, s])
+    if common in (o, s):
+        how = "is" if o == s else "contains" if common == o else "lies inside"
+        raise ValueError(f"refusing to export to {out}: it {how} {what} ({source}), which the export must leave "
+                         "as it is; choose a folder outside it")
 
 
 def _write_weights(directory: str, tensors: dict, bf16: bool, max_shard_bytes: int) -> None:
@@ -262,16 +295,21 @@ def _write_weights(directory: str, tensors: dict, bf16: bool, max_shard_bytes: i
 
 def _write_directory(out: str, write, overwrite: bool) -> None:
     """Build the directory ``out`` by ``write(tmp)`` in a hidden folder beside it, then rename it
-    into place (an existing ``out`` is replaced only after the new one is complete)."""
+    into place (an existing ``out`` is replaced only after the new one is complete). What an
+    interrupted export to ``out`` left beside it goes first (an old version that was never
+    replaced is put back)."""
     out = os.path.abspath(out)
+    parent = os.path.dirname(out)
+    tmp_prefix = f".tmp-{os.path.basename(out)}-"
+    if os.path.isdir(parent):
+        recover_directory(out, tmp_prefix, aside_name="old")  # what an interrupted export left
     if os.path.exists(out):
         if not os.path.isdir(out):
             raise ValueError(f"{out} exists and is not a directory")
         if os.listdir(out) and not overwrite:
             raise ValueError(f"{out} exists and is not empty (overwrite=True / --force replaces it)")
-    parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
-    publish_directory(out, write, tmp_prefix=f".tmp-{os.path.basename(out)}-", aside_name="old")
+    publish_directory(out, write, tmp_prefix=tmp_prefix, aside_name="old")
 
 
 def _write_json(path: str, value) -> None:
@@ -370,16 +408,9 @@ def _read_hf_config(path: str) -> dict:
     config_path = os.path.join(path, "config.json")
     if not os.path.isdir(path):
         raise ValueError(f"{path} is not a directory" if os.path.exists(path) else f"{path} does not exist")
-    if not os.path.exists(config_path):
+    if not os.path.lexists(config_path):
         raise ValueError(f"{path} is not a Hugging Face model directory: config.json is missing")
-    try:
-        with open(config_path, encoding="utf-8") as f:
-            fields = json.load(f)
-    except (ValueError, RecursionError) as e:
-        raise ValueError(f"{config_path} is damaged: not valid JSON ({type(e).__name__})") from None
-    if not isinstance(fields, dict):
-        raise ValueError(f"{config_path} is damaged: a JSON object was expected, got {type(fields).__name__}")
-    return fields
+    return read_json_object(config_path)
 
 
 def config_from_hf(fields: dict, where: str = "config.json") -> tuple[PaLMConfig, float]:
@@ -408,6 +439,8 @@ def config_from_hf(fields: dict, where: str = "config.json") -> tuple[PaLMConfig
         if fields.get(field) not in (None, 0, False):
             refuse(field, fields[field], "palmcore attends to the whole causal context in every layer")
     layer_types = fields.get("layer_types")
+    if layer_types is not None and not isinstance(layer_types, list):
+        refuse("layer_types", layer_types, "expected a list")
     if layer_types and any(t != "full_attention" for t in layer_types):
         refuse("layer_types", sorted(set(layer_types)), "palmcore attends to the whole causal context in every layer")
     if fields.get("rope_scaling") not in (None, {}):
@@ -425,60 +458,46 @@ def config_from_hf(fields: dict, where: str = "config.json") -> tuple[PaLMConfig
                "an untied output head; palmcore's output embedding is its input embedding")
     if fields.get("hidden_act", "silu") != "silu":
         refuse("hidden_act", fields.get("hidden_act"), "palmcore's MLP is SwiGLU")
+
+    def integer(field, default=None):
+        value = fields.get(field)
+        value = default if value is None else value
+        if value is None:
+            raise ValueError(f"{where}: the field {field} is missing")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            refuse(field, value, "a positive integer is needed")
+        return value
+
+    def positive(field, value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            refuse(field, value, "a positive number is needed")
+        return float(value)
+
+    d_model, n_heads = integer("hidden_size"), integer("num_attention_heads")
+    palm = fields.get("palmcore", {}).get("config", {}) if isinstance(fields.get("palmcore"), dict) else {}
     try:
-        d_model = int(fields["hidden_size"])
-        n_heads = int(fields["num_attention_heads"])
-        kv = fields.get("num_key_value_heads")
-        palm = fields.get("palmcore", {}).get("config", {}) if isinstance(fields.get("palmcore"), dict) else {}
-        base = rope.get("rope_theta", fields.get("rope_theta", 10000.0))
         config = PaLMConfig(
-            vocab_size=int(fields["vocab_size"]), d_model=d_model, n_layers=int(fields["num_hidden_layers"]),
-            n_heads=n_heads, n_kv_heads=n_heads if kv is None else int(kv),
-            head_dim=int(fields.get("head_dim") or d_model // n_heads), ffn_dim=int(fields["intermediate_size"]),
-            max_seq_len=int(fields.get("max_position_embeddings", 2048)), rope_base=float(base),
-            norm_eps=float(fields.get("layer_norm_eps", 1e-5)),
+            vocab_size=integer("vocab_size"), d_model=d_model, n_layers=integer("num_hidden_layers"),
+            n_heads=n_heads, n_kv_heads=integer("num_key_value_heads", n_heads),
+            head_dim=integer("head_dim", d_model // n_heads), ffn_dim=integer("intermediate_size"),
+            max_seq_len=integer("max_position_embeddings", 2048),
+            rope_base=positive("rope_theta", rope.get("rope_theta", fields.get("rope_theta", 10000.0))),
+            norm_eps=positive("layer_norm_eps", fields.get("layer_norm_eps", 1e-5)),
             **({"z_loss": palm["z_loss"]} if isinstance(palm, dict) and "z_loss" in palm else {}))
-    except KeyError as e:
-        raise ValueError(f"{where}: the field {e.args[0]} is missing") from None
     except (TypeError, ValueError) as e:
         raise ValueError(f"{where}: {e}") from None
     scale = fields.get("logit_scale", 0.0625)
-    if scale is None:
-        scale = 1.0
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale) or scale <= 0:
-        refuse("logit_scale", scale, "a positive number is needed")
+    scale = 1.0 if scale is None else positive("logit_scale", scale)
     factor = float(scale) * math.sqrt(d_model)
     return config, (1.0 if abs(factor - 1.0) <= 1e-12 else factor)
-
-
-def _read_header(path: str) -> dict:
-    try:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if n > os.path.getsize(path) - 8:
-                raise ValueError(f"{path}: truncated or corrupt (header of {n} bytes)")
-            header = json.loads(f.read(n))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: corrupt safetensors header ({e})") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{path}: corrupt safetensors header (not a JSON object)")
-    header.pop("__metadata__", None)
-    return header
 
 
 def read_hf_tensors(path: str) -> dict[str, np.ndarray]:
     """Every tensor of a Hugging Face directory (model.safetensors, or the shards its
     model.safetensors.index.json names), as float32; F32, BF16 and F16 only."""
     index_path, single = os.path.join(path, INDEX), os.path.join(path, SINGLE)
-    if os.path.exists(index_path):
-        try:
-            with open(index_path, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
-            if not isinstance(weight_map, dict) or not all(
-                    isinstance(v, str) and os.path.basename(v) == v for v in weight_map.values()):
-                raise TypeError
-        except (ValueError, KeyError, TypeError, RecursionError):
-            raise ValueError(f"{index_path} is damaged: no weight_map of tensor names to file names") from None
+    if os.path.lexists(index_path):
+        weight_map = _read_weight_map(index_path)
         files = sorted(set(weight_map.values()))
     elif os.path.exists(single):
         weight_map, files = None, [SINGLE]
@@ -489,13 +508,12 @@ def read_hf_tensors(path: str) -> dict[str, np.ndarray]:
     tensors = {}
     for file in files:
         full = os.path.join(path, file)
-        if not os.path.exists(full):
+        if not os.path.lexists(full):
             raise ValueError(f"{index_path} names {file}, which is missing")
-        for name, entry in _read_header(full).items():
-            dtype = entry.get("dtype") if isinstance(entry, dict) else None
-            if dtype not in ("F32", "BF16", "F16"):
-                raise ValueError(f"{full}: tensor '{name}' is {dtype}; palmcore imports F32, BF16 and F16 weights "
-                                 "(a quantized model must be dequantized first)")
+        for name, entry in read_header(full)[0].items():
+            if entry.dtype not in ("F32", "BF16", "F16"):
+                raise ValueError(f"{full}: tensor '{name}' is {entry.dtype}; palmcore imports F32, BF16 and F16 "
+                                 "weights (a quantized model must be dequantized first)")
         part, _ = load_file(full)
         for name, value in part.items():
             if name in tensors:
@@ -508,6 +526,19 @@ def read_hf_tensors(path: str) -> dict[str, np.ndarray]:
         if missing:
             raise ValueError(f"{INDEX} names tensors that no file holds: {missing[:5]}")
     return tensors
+
+
+def _read_weight_map(index_path: str) -> dict[str, str]:
+    """{tensor name: shard file name} of a model.safetensors.index.json; ValueError naming the field."""
+    weight_map = read_json_object(index_path).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index_path} is damaged: weight_map must be an object of tensor names to file names, "
+                         f"got {reprlib.repr(weight_map)}")
+    for name, file in weight_map.items():
+        if not isinstance(file, str) or os.path.basename(file) != file or file in ("", ".", ".."):
+            raise ValueError(f"{index_path} is damaged: weight_map[{reprlib.repr(name)}] must be a file name beside "
+                             f"the index, got {reprlib.repr(file)}")
+    return weight_map
 
 
 def _check_hf_tensors(path: str, config: PaLMConfig, tensors: dict) -> None:

@@ -92,10 +92,7 @@ def open_regular(path: str, max_bytes: int | None = None) -> BinaryIO:
     """``path`` opened for reading in binary, if it is a regular file (a symlink to one is
     followed) of at most ``max_bytes``; otherwise ValueError naming it and what it is. Opened
     without blocking, so that a FIFO is refused rather than waited on."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0))
-    except IsADirectoryError:
-        raise ValueError(f"{path} is a directory, not a file") from None
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):

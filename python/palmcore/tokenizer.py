@@ -19,10 +19,13 @@ from typing import Iterable
 import numpy as np
 import sentencepiece as spm
 
+from palmcore.files import open_regular
+
 PAD_ID, EOD_ID, UNK_ID, BOS_ID = 0, 1, 2, 3
 
 _ESCAPE = "\ue000"  # a private-use character: _ESCAPE + "e" stands for _ESCAPE, + "s" for "▁"
 _UNESCAPE = re.compile(_ESCAPE + "([es])")
+_MAX_MODEL_BYTES = 256 * 2**20  # a 256,000-piece model is about 5 MB
 _PIECE_CHARS = 2048  # the longest "sentence" tokenizer training sees (escaped, at most 8 bytes a character)
 
 
@@ -56,8 +59,10 @@ class Tokenizer:
             raise ValueError(f"no tokenizer model at {model_path}")
         self.model_path = os.path.abspath(model_path)
         self._sp = spm.SentencePieceProcessor()
+        with open_regular(model_path, _MAX_MODEL_BYTES) as f:
+            proto = f.read()
         try:
-            self._sp.Load(model_path)
+            self._sp.LoadFromSerializedProto(proto)
         except (OSError, RuntimeError) as e:
             raise ValueError(f"{model_path} is not a SentencePiece model ({e})") from None
         specials = (self._sp.pad_id(), self._sp.eos_id(), self._sp.unk_id(), self._sp.bos_id())

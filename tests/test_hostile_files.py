@@ -275,7 +275,7 @@ def test_a_fifo_is_refused_without_waiting_for_a_writer(copies, capsys, reader, 
 
     thread = threading.Thread(target=attempt, daemon=True)
     thread.start()
-    thread.join(timeout=60)  # a guard against a hang only: refusing takes milliseconds
+    thread.join(timeout=20)  # a guard against a hang only: refusing takes milliseconds
     if thread.is_alive():  # blocked opening the FIFO: let it go before failing
         os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
         thread.join(timeout=60)

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -478,3 +481,136 @@ def test_import_without_a_tokenizer_says_so(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli(["import", "--from", str(tmp_path / "missing"), "--out", str(tmp_path / "run2")])
     assert "does not exist" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- what an export leaves alone
+
+
+def tree(root) -> dict:
+    """{relative path: contents} of everything under ``root`` (a link: where it points)."""
+    found = {}
+    for folder, dirs, names in os.walk(root):
+        for name in dirs + names:
+            path = os.path.join(folder, name)
+            key = os.path.relpath(path, root)
+            found[key] = ("-> " + os.readlink(path) if os.path.islink(path) else
+                          None if os.path.isdir(path) else Path(path).read_bytes())
+    return found
+
+
+@pytest.fixture()
+def runs(tmp_path, tok):
+    """Two runs side by side, runs/x and runs/y, and runs/link -> runs/x."""
+    model = make_model(vocab=tok.vocab_size)
+    for name in ("x", "y"):
+        checkpoint.save(str(tmp_path / "runs" / name / "checkpoints"), model, step=1, tokenizer_path=tok.model_path)
+        (tmp_path / "runs" / name / "metrics.jsonl").write_text('{"step": 1}\n')
+    (tmp_path / "runs" / "link").symlink_to(tmp_path / "runs" / "x")
+    return tmp_path / "runs"
+
+
+@pytest.mark.parametrize("source, out, how", [
+    ("x", "x", "is"),
+    ("x", ".", "contains"),
+    ("x", "x/checkpoints", "lies inside"),
+    ("x", "x/hf", "lies inside"),
+    ("x/checkpoints", "x", "is"),
+    ("x/checkpoints/step-00000001", "x", "is"),
+    ("x/checkpoints/step-00000001", ".", "contains"),
+    ("x", "link", "is"),
+    ("link", "x", "is"),
+    ("x", "y/../x", "is"),
+])
+def test_export_refuses_an_out_that_is_contains_or_lies_inside_the_source_run(runs, capsys, source, out, how):
+    before = tree(runs.parent)
+    with pytest.raises(SystemExit) as e:
+        cli(["export", "--checkpoint", str(runs / source), "--out", str(runs / out), "--force"])
+    assert e.value.code == 2
+    assert f"refusing to export to {runs / out}: it {how} the run being exported" in capsys.readouterr().err
+    assert tree(runs.parent) == before  # nothing deleted, nothing added
+
+
+def test_export_hf_refuses_an_out_over_the_tokenizers_run(runs):
+    model, tokenizer = palmcore.load(str(runs / "x"))
+    before = tree(runs.parent)
+    for out, how in ((runs / "x", "is"), (runs, "contains"), (runs / "x" / "hf", "lies inside")):
+        with pytest.raises(ValueError, match=rf"refusing to export to .*: it {how} the tokenizer's run"):
+            export_hf(model, tokenizer, str(out), overwrite=True)
+    assert tree(runs.parent) == before
+    export_hf(model, tokenizer, str(runs.parent / "hf"))  # beside the runs: fine
+    assert tree(runs) == {k[len("runs/"):]: v for k, v in before.items() if k.startswith("runs/")}
+
+
+def test_an_interrupted_export_is_tidied_by_the_next(tmp_path):
+    """What publish_directory leaves when killed (a half-written .tmp-hf-*, an .old-hf-* copy,
+    an empty one) goes at the next export to the same place; nothing else does."""
+    model, out = make_model(), tmp_path / "hf"
+    export_hf(model, None, str(out))
+    shutil.copytree(out, tmp_path / ".old-hf-abcd1234" / "old")
+    (tmp_path / ".tmp-hf-efgh_678").mkdir()
+    (tmp_path / ".tmp-hf-efgh_678" / "config.json").write_text("{")
+    (tmp_path / ".old-hf-ijkl9012").mkdir()
+    others = {".old-hf-mine": None, ".old-hfx-abcd1234": None, ".tmp-hf-abcd12345": None, ".old-hf-zzzz9999": "notes",
+              ".old-hf-qqqq1111": "a file", ".tmp-other-abcd1234": None}
+    for name, content in others.items():
+        if content == "a file":
+            (tmp_path / name).write_text(content)
+        else:
+            (tmp_path / name / "old").mkdir(parents=True)
+            if content:
+                (tmp_path / name / content).write_text(content)
+    export_hf(model, None, str(out), overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == sorted(["hf", *others])
+    assert os.listdir(tmp_path / ".old-hf-zzzz9999") != []
+    # killed between its two renames: the previous export waits aside and is put back
+    os.rename(out, tmp_path / "aside")
+    os.makedirs(tmp_path / ".old-hf-abcd1234")
+    os.rename(tmp_path / "aside", tmp_path / ".old-hf-abcd1234" / "old")
+    with pytest.raises(ValueError, match=r"exists and is not empty"):
+        export_hf(model, None, str(out))
+    assert sorted(os.listdir(tmp_path)) == sorted(["hf", *others])
+    import_hf(str(out))
+
+
+_KILLED_EXPORT = """
+import os, shutil, sys
+import palmcore
+from palmcore import interchange
+kill_at, calls = int(sys.argv[1]), [0]
+def killed_at_call(function):
+    def call(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == kill_at:
+            os._exit(9)  # as kill -9: no cleanup runs
+        return function(*args, **kwargs)
+    return call
+os.rename, shutil.rmtree = killed_at_call(os.rename), killed_at_call(shutil.rmtree)
+interchange.save_file, interchange._write_json = killed_at_call(interchange.save_file), killed_at_call(interchange._write_json)
+cfg = palmcore.PaLMConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, ffn_dim=32, max_seq_len=16)
+palmcore.export_hf(palmcore.PaLM(cfg, seed=int(sys.argv[3])), None, sys.argv[2], overwrite=True)
+"""
+
+
+def test_a_kill_at_any_point_of_an_export_leaves_a_whole_one(tmp_path):
+    """export --force killed at each of its writes, renames and removals: a whole export (the
+    old or the new) remains, and the next export puts it in place with no leftovers."""
+    cfg = palmcore.PaLMConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, ffn_dim=32, max_seq_len=16)
+    old, new = (palmcore.PaLM(cfg, seed=seed).state_dict()["embed"] for seed in (0, 1))
+    for kill_at in range(1, 20):
+        folder = tmp_path / str(kill_at)
+        folder.mkdir()
+        out = folder / "hf"
+        export_hf(palmcore.PaLM(cfg, seed=0), None, str(out))
+        done = subprocess.run([sys.executable, "-c", _KILLED_EXPORT, str(kill_at), str(out), "1"], timeout=120)
+        if done.returncode == 0:
+            break
+        assert done.returncode == 9
+        asides = [folder / n / "old" for n in os.listdir(folder) if n.startswith(".old-hf-")]
+        whole = out if out.exists() else asides[0]  # killed between the renames: the old one waits aside
+        embed = import_hf(str(whole))[0].state_dict()["embed"]
+        assert np.array_equal(embed, old) or np.array_equal(embed, new)
+        with pytest.raises(ValueError, match=r"exists and is not empty"):  # (tidies first)
+            export_hf(palmcore.PaLM(cfg, seed=1), None, str(out))
+        assert os.listdir(folder) == ["hf"]
+        assert np.array_equal(import_hf(str(out))[0].state_dict()["embed"], embed)
+    assert kill_at > 6  # a kill at each: 3 writes, 2 renames, the removal of the old copy

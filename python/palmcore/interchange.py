@@ -216,7 +216,7 @@ def export_checkpoint(path: str, out: str, dtype: str = "float32", max_shard_byt
     checkpoint), with its tokenizer.model when it has one. An ``out`` that is, contains or lies
     inside the run (symlinks resolved) is refused: replacing it would delete the run."""
     found = _find_checkpoint(path)
-    for source in (path, _run_of(found)):
+    for source in (_run_of(found), path):
         _refuse_out_overlapping(out, source, "the run being exported")
     fields = read_json_object(os.path.join(found, "config.json"))
     _refuse_sparse(fields, f"checkpoint {found}")  # before PaLMConfig, which has no MoE fields yet

@@ -302,7 +302,7 @@ def _write_directory(out: str, write, overwrite: bool) -> None:
     parent = os.path.dirname(out)
     tmp_prefix = f".tmp-{os.path.basename(out)}-"
     if os.path.isdir(parent):
-        recover_directory(out, tmp_prefix, aside_name="old")  # what an interrupted export left
+        recover_directory(out, tmp_prefix, aside_name="old")
     if os.path.exists(out):
         if not os.path.isdir(out):
             raise ValueError(f"{out} exists and is not a directory")
@@ -408,7 +408,7 @@ def _read_hf_config(path: str) -> dict:
     config_path = os.path.join(path, "config.json")
     if not os.path.isdir(path):
         raise ValueError(f"{path} is not a directory" if os.path.exists(path) else f"{path} does not exist")
-    if not os.path.lexists(config_path):
+    if not os.path.exists(config_path):
         raise ValueError(f"{path} is not a Hugging Face model directory: config.json is missing")
     return read_json_object(config_path)
 
@@ -496,7 +496,7 @@ def read_hf_tensors(path: str) -> dict[str, np.ndarray]:
     """Every tensor of a Hugging Face directory (model.safetensors, or the shards its
     model.safetensors.index.json names), as float32; F32, BF16 and F16 only."""
     index_path, single = os.path.join(path, INDEX), os.path.join(path, SINGLE)
-    if os.path.lexists(index_path):
+    if os.path.exists(index_path):
         weight_map = _read_weight_map(index_path)
         files = sorted(set(weight_map.values()))
     elif os.path.exists(single):
@@ -508,7 +508,7 @@ def read_hf_tensors(path: str) -> dict[str, np.ndarray]:
     tensors = {}
     for file in files:
         full = os.path.join(path, file)
-        if not os.path.lexists(full):
+        if not os.path.exists(full):
             raise ValueError(f"{index_path} names {file}, which is missing")
         for name, entry in read_header(full)[0].items():
             if entry.dtype not in ("F32", "BF16", "F16"):

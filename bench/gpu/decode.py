@@ -2,6 +2,7 @@
 config in bf16 at batch 1, 16 and 64, against the memory bound of a step and PyTorch.
 
     python bench/gpu/decode.py [--config 1.3b] [--batches 1,16,64] [--prompt 128] [--new 64] [--no-torch]
+                            [--copy-bytes N]
 
 A decode step must read every weight once (the GEMMs' bf16 copy: 2 bytes per parameter) and
 each row's keys and values so far (2 bytes each); the bound is those bytes over the measured
@@ -89,6 +90,7 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=64)
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--copy-bytes", type=int, default=1 << 30, help="size of the copy that measures bandwidth")
     args = parser.parse_args()
 
     import numpy as np  # noqa: PLC0415
@@ -98,8 +100,7 @@ def main() -> None:
 
     cfg = PaLMConfig(**CONFIGS[args.config], max_seq_len=args.prompt + args.new)
     model = palmcore.PaLM(cfg, seed=0, device=args.device, precision="bf16")
-    copy_bytes = 1 << 30
-    bandwidth = 2 * copy_bytes / _core.kernels.time_copy(copy_bytes, args.device, 5)
+    bandwidth = 2 * args.copy_bytes / _core.kernels.time_copy(args.copy_bytes, args.device, 5)
     state = model.state_dict() if not args.no_torch else None
     lines = [f"decode {args.config} bf16, prompt {args.prompt}, {args.new} new tokens; device copy bandwidth "
              f"{bandwidth / 1e9:,.0f} GB/s",

@@ -129,7 +129,7 @@ device_name="$("$python" -c 'from palmcore import _core; d = _core.cuda_devices(
 cd "$repo"
 
 gpu_tests=(tests/test_cuda_build.py tests/test_cuda_model.py tests/test_backend_ops*.py tests/test_shared_math.py
-           tests/test_flash_emulation.py tests/test_nccl.py)
+           tests/test_nccl.py)
 sanitizer="$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")"
 if ((sanitize)); then
   step sanitize-tests "$budget" "$sanitizer" --tool memcheck --error-exitcode 3 "$python" -m pytest -q \

@@ -379,7 +379,6 @@ void Model::prepare_inference(int64_t rows, const KVCache& cache) {
     return;
   Activations a;
   const int64_t D = config_.d_model, F = config_.ffn_dim;
-  const int64_t qw = config_.n_heads * config_.head_dim, kvw = config_.n_kv_heads * config_.head_dim;
   a.batch = rows;
   a.seq = 1;
   a.cache_capacity = cache.capacity;
@@ -534,8 +533,8 @@ void Model::moe_forward(Activations& act, LayerActivations& a, const LayerWeight
 //   (float32), dh += Σ_s dx_e over the row's slots;  router: dprobs through the weights (summed
 //   over the model axis: each rank saw its experts' slots), the auxiliary losses and the softmax
 //   give dr; drouter += hᵀ dr, dh += dr routerᵀ (after dh's own all-reduce: the router is replicated).
-void Model::moe_backward(LayerActivations& a, const LayerWeights& w, const LayerWeights& master,
-                         LayerWeights& grads, int64_t index, const Tensor& dx, double aux_scale) {
+void Model::moe_backward(LayerActivations& a, const LayerWeights& w, LayerWeights& grads, int64_t index,
+                         const Tensor& dx, double aux_scale) {
   Activations& act = act_;
   const int64_t N = a.h.dim(0), E = config_.n_experts, k = config_.expert_top_k, El = local_experts();
   const int64_t D = config_.d_model, Fe = config_.expert_ffn_dim;
@@ -830,7 +829,7 @@ LossStats Model::forward_backward(const Tensor& tokens, const Tensor& targets, i
       matmul(*split[j].second, false, *split[j].first, true, act_.dh, 1.0f, j == 0 ? 0.0f : 1.0f);
       matmul(a.h, true, *split[j].second, false, *split_grad[j], 1.0f, 1.0f);
     }
-    if (sparse) moe_backward(a, w, weights_.layers[i], gw, sparse_index, dx, aux_scale);
+    if (sparse) moe_backward(a, w, gw, sparse_index, dx, aux_scale);
     if (sharded()) {
       all_reduce(act_.dh);
       all_reduce(act_.dk);

@@ -253,6 +253,44 @@ std::atomic<KernelChoice>& kernel_choice_setting() {
 void set_kernel_choice(KernelChoice choice) { kernel_choice_setting() = choice; }
 KernelChoice kernel_choice() { return kernel_choice_setting(); }
 
+bool device_graphs(Device device) {
+#ifdef PALMCORE_CUDA
+  return device == Device::CUDA;
+#else
+  (void)device;
+  return false;
+#endif
+}
+
+DeviceGraph capture_graph(Device device, const std::function<void()>& ops) {
+  if (!device_graphs(device)) refuse("capture_graph", std::string("no device graphs on ") + device_name(device));
+#ifdef PALMCORE_CUDA
+  return DeviceGraph{new cuda::CapturedGraph(cuda::capture_graph(ops))};
+#else
+  (void)ops;
+  return DeviceGraph{};
+#endif
+}
+
+bool launch_graph(const DeviceGraph& graph) {
+#ifdef PALMCORE_CUDA
+  return graph && cuda::launch_graph(*static_cast<cuda::CapturedGraph*>(graph.handle));
+#else
+  (void)graph;
+  return false;
+#endif
+}
+
+void destroy_graph(DeviceGraph& graph) {
+#ifdef PALMCORE_CUDA
+  if (auto* captured = static_cast<cuda::CapturedGraph*>(graph.handle)) {
+    cuda::destroy_graph(*captured);
+    delete captured;
+  }
+#endif
+  graph.handle = nullptr;
+}
+
 AttentionWorkspace AttentionWorkspace::create(const AttentionShape& s, Device device, bool for_backward) {
   AttentionWorkspace ws;
   if (device != Device::CPU) {  // the plain CUDA kernels need no scratch; flash's backward a row each

@@ -1,4 +1,4 @@
-// palmcore/recording.h over the CUDA backend's graphs (cuda/graph.cpp).
+// palmcore/recording.h over the op layer's device graphs (palmcore/ops.h).
 #include "palmcore/recording.h"
 
 #include <atomic>
@@ -6,11 +6,8 @@
 #include <cstdio>
 #include <cstring>
 #include <exception>
-#include <memory>
 
-#ifdef PALMCORE_CUDA
-#include "cuda/cuda_ops.h"
-#endif
+#include "palmcore/ops.h"
 
 namespace palmcore {
 
@@ -28,38 +25,26 @@ void set_cuda_graphs(bool on) { graphs_setting() = on; }
 bool cuda_graphs() { return graphs_setting(); }
 
 void Recording::run(Device device, const std::function<void()>& ops) {
-#ifdef PALMCORE_CUDA
-  if (device == Device::CUDA && cuda_graphs()) {
-    if (graph_) {
-      if (cuda::launch_graph(*static_cast<cuda::CapturedGraph*>(graph_))) return;
-      reset();  // its scratch moved, or the device changed: recorded again
-    }
-    if (eager_runs_ >= 1 && !capture_failed_) {
-      try {
-        graph_ = std::make_unique<cuda::CapturedGraph>(cuda::capture_graph(ops)).release();
-        if (cuda::launch_graph(*static_cast<cuda::CapturedGraph*>(graph_))) return;
-      } catch (const std::exception& e) {  // runs eagerly from now on, and says why once
-        capture_failed_ = true;
-        std::fprintf(stderr, "palmcore: a CUDA graph could not be captured (%s); running eagerly\n", e.what());
-      }
-    }
-    ++eager_runs_;
-    return ops();
+  if (!device_graphs(device) || !cuda_graphs()) return ops();
+  if (graph_) {
+    if (launch_graph(graph_)) return;
+    reset();  // its scratch moved, or the device changed: recorded again
   }
-#endif
-  (void)device;
+  if (eager_runs_ >= 1 && !capture_failed_) {
+    try {
+      graph_ = capture_graph(device, ops);
+      if (launch_graph(graph_)) return;
+    } catch (const std::exception& e) {  // runs eagerly from now on, and says why once
+      capture_failed_ = true;
+      std::fprintf(stderr, "palmcore: a CUDA graph could not be captured (%s); running eagerly\n", e.what());
+    }
+  }
+  ++eager_runs_;
   ops();
 }
 
 void Recording::reset() {
-#ifdef PALMCORE_CUDA
-  if (graph_) {
-    auto* graph = static_cast<cuda::CapturedGraph*>(graph_);
-    cuda::destroy_graph(*graph);
-    delete graph;
-  }
-#endif
-  graph_ = nullptr;
+  destroy_graph(graph_);
   eager_runs_ = 0;
   capture_failed_ = false;
 }

@@ -223,8 +223,8 @@ class Model {
   // the experts' and router's gradients); `index` counts the sparse layers.
   void moe_forward(Activations& act, LayerActivations& a, const LayerWeights& w, const LayerWeights& master,
                    int64_t index, Tensor& out);
-  void moe_backward(LayerActivations& a, const LayerWeights& w, const LayerWeights& master, LayerWeights& grads,
-                    int64_t index, const Tensor& dx, double aux_scale);
+  void moe_backward(LayerActivations& a, const LayerWeights& w, LayerWeights& grads, int64_t index, const Tensor& dx,
+                    double aux_scale);
   // stats' balance, router_z and expert_load from the step's routing statistics (one read-back),
   // and their share of the loss.
   void add_router_losses(LossStats& stats) const;

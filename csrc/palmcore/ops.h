@@ -7,6 +7,7 @@
 // (row = b·T + t); "accumulated" outputs are added to, never overwritten.
 #pragma once
 
+#include <functional>
 #include <utility>
 
 #include "palmcore/sampler.h"
@@ -41,6 +42,20 @@ struct AttentionWorkspace {
 enum class KernelChoice { Fast, Plain };
 void set_kernel_choice(KernelChoice choice);
 KernelChoice kernel_choice();
+
+// Device graphs, behind palmcore/recording.h: the ops `ops` enqueues on `device`, captured once
+// and replayed as one launch. Only CUDA has them (device_graphs(device) says); capture_graph
+// throws when the capture fails (an op throws, or does what a capture forbids) or the device has
+// none. launch_graph returns false, running nothing, when the graph no longer fits (the current
+// device or the scratch it saw has changed). An empty DeviceGraph (no capture) is never launched.
+struct DeviceGraph {
+  void* handle = nullptr;  // the backend's graph (cuda::CapturedGraph)
+  explicit operator bool() const { return handle != nullptr; }
+};
+bool device_graphs(Device device);
+DeviceGraph capture_graph(Device device, const std::function<void()>& ops);
+bool launch_graph(const DeviceGraph& graph);
+void destroy_graph(DeviceGraph& graph);
 
 // Optimizer settings (the update rules are in op_signatures.inc).
 struct AdafactorSettings {

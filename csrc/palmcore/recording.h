@@ -9,7 +9,7 @@
 #include <functional>
 #include <utility>
 
-#include "palmcore/tensor.h"
+#include "palmcore/ops.h"
 
 namespace palmcore {
 
@@ -40,12 +40,12 @@ class Recording {
   // capture that fails is said once on stderr, and the runs stay eager until reset().
   void run(Device device, const std::function<void()>& ops);
   void reset();
-  bool recorded() const { return graph_ != nullptr; }
+  bool recorded() const { return static_cast<bool>(graph_); }
 
  private:
   int eager_runs_ = 0;
   bool capture_failed_ = false;
-  void* graph_ = nullptr;  // the backend's captured graph (cuda::CapturedGraph)
+  DeviceGraph graph_;
 };
 
 }  // namespace palmcore

@@ -1,5 +1,5 @@
 // Test only: the shared per-element math (palmcore/math/*.h) on one input pair (x, y), computed
-// on the host (bindings.cpp, kernels.shared_math_rows) and by a CUDA kernel
+// on the host (bindings/kernels.cpp, kernels.shared_math_rows) and by a CUDA kernel
 // (shared_math_check.cu), for tests/test_shared_math.py to compare bit for bit.
 // Host-compiled files may include it: it names no CUDA type.
 #pragma once

@@ -219,7 +219,7 @@ class Engine:
         """Each sequence's next token from its logits row: one C++ call for all rows."""
         if not sequences:
             return
-        chosen = _core.kernels.sample_rows(logits, [s.row for s in sequences], [len(s.tokens) for s in sequences],
+        chosen = _core.sample_rows(logits, [s.row for s in sequences], [len(s.tokens) for s in sequences],
                                            [s.seen for s in sequences], [s.sampling for s in sequences])
         if chosen.min() < 0:
             raise RuntimeError(f"the logits hold NaN (at token {-1 - chosen.min()})")

@@ -157,6 +157,41 @@ def attention_cached(q, slots, positions, k_cache, v_cache):
     return out
 
 
+def online_softmax(s, v, passes, rnd=_identity):
+    """softmax(s) @ v as an online-softmax (flash) kernel computes it, rounding where it rounds.
+    s [..., J] (masked scores -inf), v [..., J, dh] (broadcast against s's leading axes). The keys
+    are cut into `passes`, each a list of chunks (arrays of key indices) worked in order. Within a
+    pass, with m the running max of the scores of its chunks so far:
+        alpha = exp(m_before - m),  l = l alpha + sum_j exp(s_j - m),  a = a alpha + sum_j rnd(exp(s_j - m)) v_j
+    and the passes are merged exactly: M = max m,  out = sum a exp(m - M) / sum l exp(m - M).
+    rnd rounds the exponentials relative to the running max, before normalising: with rounding
+    this differs from attention_forward's rnd(softmax(s)) by up to an ulp of each p (the oracle
+    the GPU's flash and flash-decoding kernels are held to); without, it is softmax(s) @ v."""
+    lead = s.shape[:-1]
+    num = np.zeros(lead + (v.shape[-1],))
+    den = np.zeros(lead)
+    top = np.full(lead, -np.inf)
+    merged = []
+    for chunks in passes:
+        m = np.full(lead, -np.inf)
+        l, a = np.zeros(lead), np.zeros(lead + (v.shape[-1],))
+        for keys in chunks:
+            m_new = np.maximum(m, s[..., keys].max(axis=-1))
+            base = np.where(np.isfinite(m_new), m_new, 0.0)   # no key yet: every p and alpha is 0
+            alpha = np.exp(m - base)
+            e = np.exp(s[..., keys] - base[..., None])
+            l = l * alpha + e.sum(axis=-1)
+            a = a * alpha[..., None] + np.einsum("...j,...jd->...d", rnd(e), v[..., keys, :])
+            m = m_new
+        merged.append((m, l, a))
+        top = np.maximum(top, m)
+    for m, l, a in merged:
+        w = np.where(np.isfinite(m), np.exp(m - top), 0.0)
+        den += l * w
+        num += a * w[..., None]
+    return num / den[..., None]
+
+
 def attention_backward(do, cache):
     """Gradients of attention_forward, from do [B, T, H, dh]:
 

@@ -60,6 +60,8 @@ nonnegative_int = _argument(int, lambda v: checks.integer("value", v, 0))
 seed_int = _argument(int, lambda v: checks.integer("value", v, 0, 2**64 - 1))
 thread_count = _argument(int, lambda v: checks.integer("value", v, 0, 1024))
 nonnegative_real = _argument(float, lambda v: checks.real("value", v, low=0.0))
+positive_real = _argument(float, lambda v: checks.real("value", v, low=0.0, low_open=True))
+fraction = _argument(float, lambda v: checks.real("value", v, 0.0, 1.0, low_open=True))
 
 
 def demo(args: argparse.Namespace) -> None:
@@ -113,7 +115,7 @@ def train(args: argparse.Namespace) -> None:
         seq_len=args.seq_len, steps=args.steps, time_budget=args.time_budget, optimizer=args.optimizer, lr=args.lr,
         schedule=args.schedule, eval_every=args.eval_every, seed=args.seed, mesh=args.mesh,
         precision=args.precision, device=args.device)
-    summary = run(settings, resume=args.resume)
+    summary = run(settings, resume=args.resume, force=args.force)
     if summary:  # the main rank
         print_summary(summary, settings.out)
     if summary.get("stopped_by") == "interrupt":
@@ -328,7 +330,9 @@ def main(argv: list[str] | None = None) -> int:
     p_train.add_argument("--eval-every", type=positive_int, default=100)
     p_train.add_argument("--seed", type=seed_int, default=0)
     p_train.add_argument("--out", default="runs/default")
-    p_train.add_argument("--resume", action="store_true")
+    p_train.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p_train.add_argument("--force", action="store_true",
+                         help="replace the run in --out (it is kept until the new one has its first checkpoint)")
     p_train.add_argument("--threads", type=thread_count, default=0)
     p_train.add_argument("--device", default="cpu",
                          help="cpu, cuda or cuda:N (see palmcore info); under mpiexec, cuda is each rank's own "
@@ -386,8 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     p_plan.add_argument("--mesh", default="data=1,model=1", help="data=D,model=M")
     p_plan.add_argument("--batch", type=positive_int, default=2048, help="sequences per step, whole mesh")
     p_plan.add_argument("--seq", type=positive_int, default=2048)
-    p_plan.add_argument("--peak-tflops", type=float, default=275.0, help="per device (TPU v4 bf16: 275)")
-    p_plan.add_argument("--mfu", type=float, default=0.462, help="model FLOPs utilization (PaLM 540B: 0.462)")
+    p_plan.add_argument("--peak-tflops", type=positive_real, default=275.0, help="per device (TPU v4 bf16: 275)")
+    p_plan.add_argument("--mfu", type=fraction, default=0.462, help="model FLOPs utilization (PaLM 540B: 0.462)")
     sub.add_parser("info", help="what was compiled in, GPUs found; presets, parameter counts, FLOPs per token")
     args = parser.parse_args(argv)
     if args.command is None:

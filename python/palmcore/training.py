@@ -5,7 +5,9 @@ checkpoints, resume and the loss-spike guard, around the C++ model and optimizer
     summary = run(settings("notes/", out="runs/notes", steps=500))         # what it (and the CLI) call
 
 Nothing is lost and nothing is done twice:
-- One run per folder: the run holds an exclusive lock on ``<out>/.lock`` (runlock.py).
+- One run per folder: the run holds an exclusive lock on ``<out>/.lock`` (runlock.py). A folder
+  that holds a run is refused unless ``resume`` continues it or ``force`` replaces it (the old
+  run stays whole until the new one has its first checkpoint: runfolder.py).
 - A step is atomic: Ctrl-C or SIGTERM only sets a flag, which the loop reads between steps (on
   a mesh, every rank reads it at the same step). The run then saves a checkpoint and stops, so
   ``--resume`` continues exactly where it left off.
@@ -20,9 +22,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import json
 import math
 import os
+import shutil
 import signal
 import threading
 import time
@@ -31,7 +35,7 @@ from typing import Callable
 import numpy as np
 from tqdm import tqdm
 
-from palmcore import _core, checkpoint, checks, schedules
+from palmcore import _core, checkpoint, checks, runfolder, schedules
 from palmcore.config import PaLMConfig
 from palmcore.data import PackedDataset, TokenCache, stdlib_files, text_files
 from palmcore.distributed import Mesh, launched_by_mpi
@@ -116,6 +120,10 @@ class TrainingDiverged(RuntimeError):
     """The loss kept spiking: rolling back further would loop forever."""
 
 
+class RunFolderHoldsRun(ValueError):
+    """A new run was asked for in a folder that already holds one (neither resume nor force)."""
+
+
 DEFAULT_RUN_SECONDS = 540.0  # the embedded default run (no corpus given) stops after this
 
 
@@ -134,7 +142,7 @@ class TrainResult:
 
 def train(corpus=None, *, texts=None, preset: str = "seed", out: str = "runs/default", steps: int | None = None,
           time_budget: float | None = None, device: str = "cpu", progress: bool = True, callback=None,
-          resume: bool = False, **fields) -> TrainResult:
+          resume: bool = False, force: bool = False, **fields) -> TrainResult:
     """Train a PaLM, as `palmcore train` does (the same defaults and checks), from Python:
 
         result = palmcore.train("my_notes/", steps=500, d_model=128)
@@ -142,31 +150,20 @@ def train(corpus=None, *, texts=None, preset: str = "seed", out: str = "runs/def
         print(result.metrics["val_bpb"]); palmcore.generate(result, "Once upon")
 
     ``corpus``: files, folders or globs (a string or a list; None and no ``texts``: the Python
-    standard library, for at most DEFAULT_RUN_SECONDS). ``texts``: an iterable of documents held
-    in memory (written once under ``out/texts``). ``callback(step, metrics)`` is called after
-    every step; returning False stops with a checkpoint. ``resume`` continues the run in ``out``.
-    Other keywords: TrainSettings fields (batch_size, seq_len, lr, precision, ...) or PaLMConfig
-    fields (d_model, n_layers, n_experts, ...)."""
+    standard library, for at most DEFAULT_RUN_SECONDS). ``texts``: a list of documents held in
+    memory (written, once the run folder is locked, into a fresh ``out/texts``).
+    ``callback(step, metrics)`` is called after every step; returning False stops with a
+    checkpoint, raising saves one and re-raises. A folder that holds a run is refused unless
+    ``resume`` continues it or ``force`` replaces it. Other keywords: TrainSettings fields
+    (batch_size, seq_len, lr, precision, ...) or PaLMConfig fields (d_model, n_layers, ...)."""
     if texts is not None:
         if corpus is not None:
             raise ValueError("give corpus or texts, not both")
-        if isinstance(texts, (str, bytes)):
-            raise TypeError("texts must be an iterable of strings (a list of documents), not one string")
-        folder = os.path.join(out, "texts")
-        os.makedirs(folder, exist_ok=True)
-        count = 0
-        for i, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise TypeError(f"texts[{i}] is a {type(text).__name__}, not a string")
-            with open(os.path.join(folder, f"text-{i:06d}.txt"), "w", encoding="utf-8") as f:
-                f.write(text)
-            count += 1
-        if count == 0:
-            raise ValueError("texts is empty: give at least one document")
-        corpus = folder
+        _check_texts(texts)
+        corpus = os.path.join(out, "texts")
     s = settings(corpus, out=out, steps=steps, time_budget=time_budget, preset=preset, device=device,
                  progress=progress, **fields)
-    summary = run(s, resume=resume, callback=callback)
+    summary = run(s, resume=resume, callback=callback, force=force, texts=texts)
     if not summary:  # another rank of a mesh
         return TrainResult(s.out, {}, None, None)
     from palmcore.text import load  # noqa: PLC0415 (text imports checkpoint, which imports model)
@@ -201,9 +198,13 @@ def settings(corpus=None, *, out: str = "runs/default", steps: int | None = None
 
 
 def run(s: TrainSettings, resume: bool = False, log: Callable[[str], None] = tqdm.write,
-        callback: Callable[[int, dict], object] | None = None) -> dict:
+        callback: Callable[[int, dict], object] | None = None, force: bool = False,
+        texts: list[str] | None = None) -> dict:
     """Train as ``s`` says, writing checkpoints and metrics.jsonl under ``s.out``; with
-    ``resume``, continue from the newest checkpoint there (whatever mesh wrote it). Returns a
+    ``resume``, continue from the newest checkpoint there (whatever mesh wrote it); with
+    ``force``, replace the run there (a folder that holds one is refused otherwise: it stays
+    whole until the new run has its first checkpoint). ``texts``: documents held in memory,
+    written under the run's lock into a fresh ``s.out/texts`` (which ``s.corpus`` names). Returns a
     summary of the run (on the main rank; {} on the others): steps, tokens, wall_s, the last
     evaluation (val_loss, val_ppl, val_bpb at val_step), checkpoint, plot, stopped_by and the
     end-of-run sample (sample_prompt, sample).
@@ -213,8 +214,11 @@ def run(s: TrainSettings, resume: bool = False, log: Callable[[str], None] = tqd
 
     ``callback(step, metrics)`` is called on the main rank after every step with that step's
     metrics.jsonl line; returning False stops the run there, with a checkpoint (stopped_by
-    "callback")."""
+    "callback"); an exception it raises is re-raised once a checkpoint is saved."""
     s.check()
+    _check_callback(callback)
+    if resume and force:
+        raise ValueError("resume continues the run in the folder and force replaces it: give one of them")
     shape = MeshShape.parse(s.mesh)
     if s.batch_size % (s.accumulate * shape.data):
         raise ValueError(f"accumulate ({s.accumulate}) x the data axis ({shape.data}) must divide "
@@ -226,9 +230,32 @@ def run(s: TrainSettings, resume: bool = False, log: Callable[[str], None] = tqd
         s = dataclasses.replace(s, progress=False)
     os.makedirs(s.out, exist_ok=True)
     with RunLock(s.out) if main else contextlib.nullcontext():
-        training = _Run(s, mesh, log, callback if main else None)
-        with _StopRequests() as stop:
-            return training.train(resume, stop)
+        replacement = _claim(s.out, resume, force) if main else None
+        with replacement or contextlib.nullcontext():
+            if texts is not None and main:
+                _write_texts(os.path.join(s.out, "texts"), texts)
+            training = _Run(s, mesh, log, callback if main else None)
+            with _StopRequests() as stop:
+                model, opt, state = training.start(resume)
+                if replacement:
+                    replacement.discard()  # the new run has its first checkpoint
+                return training.train(model, opt, state, stop)
+
+
+def _claim(out: str, resume: bool, force: bool) -> runfolder.Replacement | None:
+    """The folder for this run (under its lock): a replacement a crash cut short is finished or
+    undone; a run already there (one with a checkpoint) is refused unless resumed or forced.
+    Replaced are a forced run and what a start that never reached its first checkpoint left
+    (a tokenizer, a token cache: never silently reused by a new run)."""
+    runfolder.recover(out)
+    if resume or not runfolder.run_entries(out):
+        return None
+    latest = checkpoint.latest(os.path.join(out, "checkpoints"))
+    if latest and not force:
+        raise RunFolderHoldsRun(f"{out} already holds a run (checkpoints up to {os.path.basename(latest)}): "
+                                "`palmcore train --resume` (resume=True) continues it, `--force` (force=True) "
+                                "replaces it, or choose another --out")
+    return runfolder.Replacement(out)
 
 
 class _Run:
@@ -250,9 +277,10 @@ class _Run:
         self.metrics = _Metrics(os.path.join(s.out, "metrics.jsonl") if self.main else None)
         self.plot_path = os.path.join(s.out, "loss.png")
 
-    def train(self, resume: bool, stop: "_StopRequests") -> dict:
+    def start(self, resume: bool):
+        """(model, optimizer, state): the newest checkpoint's with ``resume`` (when there is
+        one), else a new model's, saved at once as step 0 (a rollback target)."""
         s, log = self.s, self.log
-        self.stop = stop
         latest = checkpoint.latest(self.ckpt_dir) if resume else None
         if latest:
             model, opt, state = self._load(latest)
@@ -263,7 +291,12 @@ class _Run:
             state = {"step": 0, "data_step": 0, "loss_avg": None, "skipped": [],
                      "settings": {k: getattr(s, k) for k in ("seed", "batch_size", "seq_len", "optimizer",
                                                               "schedule", "lr", "max_grad_norm")}}
-            self._save(model, opt, state)  # a rollback target
+            self._save(model, opt, state)
+        return model, opt, state
+
+    def train(self, model: PaLM, opt, state: dict, stop: "_StopRequests") -> dict:
+        s, log = self.s, self.log
+        self.stop = stop
         start = time.perf_counter()
         stopped_by, rollbacks, last_eval = "steps", 0, {}
         idle = _IdleExperts(log)
@@ -326,8 +359,8 @@ class _Run:
                         log(f"step {step}: loss {out['loss']:.4f} val_loss {line['val_loss']:.4f} "
                             f"val_bpb {line['val_bpb']:.3f} lr {lr:.2e} {line['tokens_per_s']:,.0f} tok/s")
                 self.metrics.append(line)
-                if "val_loss" in line and self.main:
-                    write_loss_png(self.metrics.path, self.plot_path)
+                if "val_loss" in line:
+                    self._plot()
                 bar.update(min(bar.total, round(time.perf_counter() - start)) - bar.n if by_time else 1)
                 bar.set_postfix(step=step, loss=f"{out['loss']:.3f}", tok_s=f"{line['tokens_per_s']:,.0f}",
                                 **({"load": f"{line['expert_load_min']:.2f}-{line['expert_load_max']:.2f}"}
@@ -335,7 +368,13 @@ class _Run:
                 if step % s.checkpoint_every == 0:
                     self._save(model, opt, state)
                     rollbacks = 0
-                wanted_stop = self.callback is not None and self.callback(step, dict(line)) is False
+                try:
+                    wanted_stop = self.callback is not None and self.callback(step, dict(line)) is False
+                except Exception:
+                    log(f"the callback raised at step {step}: saving a checkpoint")
+                    self._save(model, opt, state)
+                    self._plot()
+                    raise
                 if _any_rank(self.mesh, wanted_stop):  # every rank stops at the same step
                     stopped_by = "callback"
                     log(f"stopping at step {step}: the callback asked to; saving a checkpoint")
@@ -356,9 +395,8 @@ class _Run:
                 self.metrics.append(dict(evaluation, step=state["step"], final=True))
                 log(f"step {state['step']}: val_loss {evaluation['val_loss']:.4f} "
                     f"val_bpb {evaluation['val_bpb']:.3f} (final)")
-                if self.main:
-                    write_loss_png(self.metrics.path, self.plot_path)
         path = self._save(model, opt, state)
+        self._plot()  # at every stop: steps, time budget, interrupt, callback
         summary = {"steps": state["step"], "tokens": state["step"] * s.batch_size * s.seq_len,
                    "wall_s": time.perf_counter() - start, "stopped_by": stopped_by, "checkpoint": path,
                    "plot": self.plot_path if os.path.exists(self.plot_path) else None, **last_eval}
@@ -379,6 +417,10 @@ class _Run:
         opt = _optimizer(self.s, ck.model)
         opt.load_state_dict(ck.optimizer_state)
         return ck.model, opt, _skip_forward(state)
+
+    def _plot(self) -> None:
+        if self.main and os.path.exists(self.metrics.path):
+            write_loss_png(self.metrics.path, self.plot_path)
 
     def _save(self, model: PaLM, opt, state: dict) -> str:
         return checkpoint.save(self.ckpt_dir, model, opt, state, step=state["step"], keep=self.s.keep,
@@ -597,6 +639,48 @@ def _tokenizer(s: TrainSettings, log) -> Tokenizer:
     log(f"training a {s.vocab_size}-token tokenizer on {len(files)} files"
         + (f" ({len(skipped)} binary files left out)" if skipped else ""))
     return Tokenizer.train_on_files(files, s.vocab_size, path)
+
+
+def _check_texts(texts) -> None:
+    """texts: a non-empty list (or tuple) of strings."""
+    if not isinstance(texts, (list, tuple)):
+        raise TypeError(f"texts must be a list of strings (the documents), got a {type(texts).__name__}")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"texts[{i}] is a {type(text).__name__}, not a string")
+    if not texts:
+        raise ValueError("texts is empty: give at least one document")
+
+
+def _write_texts(folder: str, texts: list[str]) -> None:
+    """``texts`` as the only files of ``folder``: written beside it, then put in its place."""
+    fresh = f"{folder}.tmp-{os.getpid()}"
+    if os.path.exists(fresh):
+        shutil.rmtree(fresh)
+    os.makedirs(fresh)
+    for i, text in enumerate(texts):
+        with open(os.path.join(fresh, f"text-{i:06d}.txt"), "w", encoding="utf-8") as f:
+            f.write(text)
+    if os.path.exists(folder):
+        shutil.rmtree(folder)
+    os.rename(fresh, folder)
+
+
+def _check_callback(callback) -> None:
+    """callback(step, metrics) must be callable so (checked before anything is trained)."""
+    if callback is None:
+        return
+    if not callable(callback):
+        raise TypeError(f"callback must be a function called as callback(step, metrics), got {callback!r}")
+    try:
+        signature = inspect.signature(callback)
+    except (TypeError, ValueError):  # no signature to read (some builtins): called as it is
+        return
+    try:
+        signature.bind(0, {})
+    except TypeError as e:
+        raise TypeError(f"callback must accept (step, metrics), but {getattr(callback, '__name__', callback)}"
+                        f"{signature} does not: {e}") from None
 
 
 def _optimizer(s: TrainSettings, model: PaLM):

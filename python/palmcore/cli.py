@@ -66,23 +66,19 @@ positive_real = _argument(float, lambda v: checks.real("value", v, low=0.0, low_
 fraction = _argument(float, lambda v: checks.real("value", v, 0.0, 1.0, low_open=True))
 
 
-class _Help(argparse.HelpFormatter):
-    """--help lists each flag's default (a training setting's is written into its help)."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if ("default" not in text and action.option_strings and action.default not in (None, False, argparse.SUPPRESS)
-                and action.nargs != 0):
-            text += " (default: %(default)s)"
-        return text
-
-
 class _Parser(argparse.ArgumentParser):
     """Every parser of the command line: long flags are never abbreviated (`--step` is not
-    `--steps`), and --help shows the defaults."""
+    `--steps`), and --help shows each flag's default (a training setting's is written into its help)."""
 
     def __init__(self, *args, **kwargs):
-        super().__init__(*args, **{"allow_abbrev": False, "formatter_class": _Help, **kwargs})
+        super().__init__(*args, **{"allow_abbrev": False, **kwargs})
+
+    def add_argument(self, *args, **kwargs):
+        default, text = kwargs.get("default"), kwargs.get("help") or ""
+        shown = not (default in (None, [], argparse.SUPPRESS) or default is False or "default" in text)
+        if shown and args[0].startswith("-"):
+            kwargs["help"] = f"{text} (default: %(default)s)".lstrip()
+        return super().add_argument(*args, **kwargs)
 
 
 def _setting_flag(parser: argparse.ArgumentParser):
@@ -156,7 +152,8 @@ def resume_command(settings) -> str:
     """The command that continues a run (its settings come from its checkpoint; where and how
     it runs are repeated)."""
     mesh = MeshShape.parse(settings.mesh)
-    return ((f"mpiexec -n {mesh.size} " if mesh.size > 1 else "") + f"palmcore train --resume --out {shlex.quote(settings.out)}"
+    return ((f"mpiexec -n {mesh.size} " if mesh.size > 1 else "")
+            + f"palmcore train --resume --out {shlex.quote(settings.out)}"
             + (f" --device {settings.device}" if settings.device != "cpu" else "")
             + (f" --mesh {settings.mesh}" if mesh.size > 1 else ""))
 
@@ -346,7 +343,8 @@ def info(args: argparse.Namespace) -> None:
               f"{cfg.flops_per_token(2048) / 1e9:>22.3f}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: its subcommands (``parser.subcommands``: name -> parser) and flags."""
     parser = _Parser(prog="palmcore", description="A PaLM runtime with a C++ core. `palmcore` alone runs the "
                      "default job: `palmcore train` with no arguments (the seed preset on the Python standard "
                      "library's sources for about 10 minutes, into runs/default).")
@@ -443,11 +441,23 @@ def main(argv: list[str] | None = None) -> int:
     p_plan.add_argument("--peak-tflops", type=positive_real, default=275.0, help="per device (TPU v4 bf16: 275)")
     p_plan.add_argument("--mfu", type=fraction, default=0.462, help="model FLOPs utilization (PaLM 540B: 0.462)")
     sub.add_parser("info", help="what was compiled in, GPUs found; presets, parameter counts, FLOPs per token")
+    parser.subcommands = sub.choices
+    return parser
+
+
+def parse_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """The arguments of ``argv`` (none: the default job's, `palmcore train`); a flag that is not
+    the subcommand's is an error with that subcommand's usage (SystemExit 2)."""
     args, unknown = parser.parse_known_args(argv)
-    if unknown:  # told with the usage of the subcommand they were given to
-        (sub.choices[args.command] if args.command else parser).error(f"unrecognized arguments: {' '.join(unknown)}")
-    if args.command is None:
-        args = parser.parse_args(["train"])
+    if unknown:
+        (parser.subcommands[args.command] if args.command else parser).error(
+            f"unrecognized arguments: {' '.join(unknown)}")
+    return args if args.command else parser.parse_args(["train"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parse_arguments(parser, argv)
     commands = {"demo": demo, "train": train, "generate": generate, "serve": serve, "export": export,
                 "import": import_run, "plan": plan, "info": info}
     try:

@@ -83,6 +83,16 @@ def test_a_callback_that_cannot_be_called_so_is_refused_before_anything_is_train
     assert not os.path.exists(tmp_path / "run")
 
 
+def test_a_two_string_corpus_trains_and_its_model_generates(tmp_path):
+    """The README's example: two strings got a 10,000-token tokenizer and "the train split has 0
+    tokens"; then a window of 1 token that was also the model's max_seq_len, so nothing could be generated."""
+    tiny = dict(d_model=32, n_layers=1, n_heads=2, batch_size=2, progress=False, sample_tokens=0)
+    result = palmcore.train(texts=["first document", "second"], out=str(tmp_path / "run"), steps=2, **tiny)
+    assert result.tokenizer.vocab_size < 10000
+    text = palmcore.generate(result, "Once upon a time", max_new_tokens=40, temperature=0.8, seed=0)
+    assert isinstance(text, str)
+
+
 def test_texts_are_written_under_the_lock_into_a_fresh_folder(tmp_path):
     """texts used to be written before the run lock (overwriting a running run's corpus) and
     into a folder that kept an earlier call's files (trained on, with that call's tokenizer)."""

@@ -313,14 +313,16 @@ class _Run:
         # the main rank trains the tokenizer and builds the token cache; the others then read them
         self.tokenizer = _main_first(mesh, lambda: _tokenizer(s, corpus, log))
         cache = _main_first(mesh, lambda: TokenCache.build(corpus, self.tokenizer, os.path.join(s.out, "data")))
+        context = s.seq_len  # the model's max_seq_len: the training window, or the default one if a corpus set it
         if s.seq_len is None:
             self.s = s = dataclasses.replace(s, seq_len=_fitting_seq_len(cache, s, log))
+            context = DEFAULT_SEQ_LEN  # a small corpus's short window must not bound generation
         self.train_data = PackedDataset(cache, s.seq_len, "train", seed=s.seed)
         self.val_data = PackedDataset(cache, s.seq_len, "val", seed=s.seed)
         if self.train_data.split_note:
             log(self.train_data.split_note)
         self.config = PaLMConfig.preset(s.preset, **{**s.overrides, "vocab_size": self.tokenizer.vocab_size,
-                                                     "max_seq_len": s.overrides.get("max_seq_len", s.seq_len)})
+                                                     "max_seq_len": s.overrides.get("max_seq_len", context)})
         self.lr_at = (schedules.palm(s.peak_lr) if s.schedule == "palm" else
                       schedules.cosine(s.peak_lr, s.warmup_steps, max(s.steps, s.warmup_steps + 1)))
         self.ckpt_dir = os.path.join(s.out, "checkpoints")

@@ -111,6 +111,7 @@ def test_ctrl_c_saves_and_resume_finishes(corpus, tmp_path, monkeypatch):
     run(settings(corpus, tmp_path, eval_every=100), log=lines.append)
     assert any("interrupted at step 2: saving a checkpoint" in line for line in lines)
     assert checkpoint.latest(str(tmp_path / "checkpoints")).endswith("step-00000002")
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # plotted at an interrupt too
     monkeypatch.undo()
     run(settings(corpus, tmp_path, eval_every=100), resume=True, log=lambda _: None)
     assert [r["step"] for r in metrics(tmp_path)] == list(range(1, 9))
@@ -177,3 +178,13 @@ def test_a_resume_takes_the_runs_settings_from_its_checkpoint(corpus, tmp_path, 
     assert (f"palmcore train: error: cannot resume {tmp_path / 'split'}: --seq-len 16 given, the run has 8; "
             "--optimizer adafactor given, the run has adamw; --set n_layers=2 given, the run has n_layers=1 "
             "(leave a setting out to take the run's)") in capsys.readouterr().err
+
+
+def test_the_default_run_evaluates_often_enough_for_a_curve(tmp_path):
+    """The default run (no corpus) evaluated every 100 steps: one point in its ~540 steps (~1 s a
+    step on a 2-core machine); it gets at least ten."""
+    from palmcore import training
+
+    s = training.settings(out=str(tmp_path / "run"))
+    assert s.corpus is None and s.time_budget == training.DEFAULT_RUN_SECONDS
+    assert training.DEFAULT_RUN_SECONDS / s.eval_every >= 10

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -78,7 +79,11 @@ def test_a_mixture_of_experts_plan():
     (MeshShape(1, 32), {}, r"the model axis \(32\) must divide n_heads \(48\)"),
     (MeshShape(3, 1), {}, r"the data axis \(3\) must divide the batch \(2048\)"),
     (MeshShape(1, 1), {"seq": 4096}, r"seq 4096 > max_seq_len 2048"),
-    (MeshShape(1, 1), {"mfu": 1.5}, r"mfu in \(0, 1\]"),
+    (MeshShape(1, 1), {"mfu": 1.5}, r"mfu must be in \(0, 1\], got 1.5"),
+    (MeshShape(1, 1), {"mfu": 0.0}, r"mfu must be in \(0, 1\], got 0.0"),
+    (MeshShape(1, 1), {"peak_flops": float("inf")}, r"peak_flops must be finite and > 0, got inf"),
+    (MeshShape(1, 1), {"peak_flops": float("nan")}, r"peak_flops must be finite and > 0, got nan"),
+    (MeshShape(1, 1), {"peak_flops": -1.0}, r"peak_flops must be finite and > 0, got -1.0"),
 ])
 def test_bad_plans(mesh, kw, match):
     with pytest.raises(ValueError, match=match):
@@ -108,3 +113,21 @@ def test_cli_prints_the_table():
     bad = subprocess.run([sys.executable, "-m", "palmcore", "plan", "--mesh", "data=1,model=5"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "must divide n_heads" in bad.stderr
+
+
+@pytest.mark.parametrize("flag,value,match", [
+    ("--peak-tflops", "inf", "must be finite and > 0, got inf"),
+    ("--peak-tflops", "nan", "must be finite and > 0, got nan"),
+    ("--peak-tflops", "0", "must be finite and > 0, got 0.0"),
+    ("--peak-tflops", "-5", "must be finite and > 0, got -5.0"),
+    ("--mfu", "1.5", r"must be in \(0, 1\], got 1.5"),
+    ("--mfu", "0", r"must be in \(0, 1\], got 0.0"),
+])
+def test_cli_refuses_a_rate_that_is_not_one(flag, value, match, capsys):
+    """--peak-tflops inf used to end in a ZeroDivisionError traceback, nan in an unnamed refusal."""
+    from palmcore.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plan", flag, value])
+    assert exit_info.value.code == 2
+    assert re.search(rf"palmcore plan: error: argument {flag}: {match}", capsys.readouterr().err)

@@ -9,6 +9,7 @@ import os
 import pytest
 
 import palmcore
+from palmcore import checkpoint
 from palmcore.cli import main
 
 TINY = dict(vocab_size=300, d_model=32, n_layers=1, n_heads=2, batch_size=4, seq_len=64, eval_every=2,
@@ -57,8 +58,66 @@ def test_a_callback_sees_every_step_and_can_stop_the_run(tmp_path):
     assert resumed.metrics["steps"] == 3
 
 
+def test_a_callback_that_raises_keeps_its_steps(tmp_path):
+    """The steps since the last checkpoint used to be lost (Ctrl-C saved them; an exception
+    did not): the run saves a checkpoint, then the exception goes on."""
+    def callback(step, metrics):
+        if step == 3:
+            raise RuntimeError("the notebook's plotting failed")
+
+    out = str(tmp_path / "run")
+    with pytest.raises(RuntimeError, match="the notebook's plotting failed"):
+        palmcore.train(texts=DOCS, out=out, steps=10, callback=callback, **{**TINY, "eval_every": 100})
+    assert checkpoint.latest(os.path.join(out, "checkpoints")).endswith("step-00000003")
+    assert os.path.exists(os.path.join(out, "loss.png"))
+
+
+@pytest.mark.parametrize("callback,match", [
+    (42, r"callback must be a function called as callback\(step, metrics\), got 42"),
+    (lambda step: None, r"callback must accept \(step, metrics\), but <lambda>\(step\) does not"),
+    (lambda: None, r"callback must accept \(step, metrics\)"),
+])
+def test_a_callback_that_cannot_be_called_so_is_refused_before_anything_is_trained(tmp_path, callback, match):
+    with pytest.raises(TypeError, match=match):
+        palmcore.train(texts=DOCS, out=str(tmp_path / "run"), steps=2, callback=callback, **TINY)
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_a_two_string_corpus_trains_and_its_model_generates(tmp_path):
+    """The README's example: two strings got a 10,000-token tokenizer and "the train split has 0
+    tokens"; then a window of 1 token that was also the model's max_seq_len, so nothing could be generated."""
+    tiny = dict(d_model=32, n_layers=1, n_heads=2, batch_size=2, progress=False, sample_tokens=0)
+    result = palmcore.train(texts=["first document", "second"], out=str(tmp_path / "run"), steps=2, **tiny)
+    assert result.tokenizer.vocab_size < 10000
+    text = palmcore.generate(result, "Once upon a time", max_new_tokens=40, temperature=0.8, seed=0)
+    assert isinstance(text, str)
+
+
+def test_texts_are_written_under_the_lock_into_a_fresh_folder(tmp_path):
+    """texts used to be written before the run lock (overwriting a running run's corpus) and
+    into a folder that kept an earlier call's files (trained on, with that call's tokenizer)."""
+    from palmcore.runlock import RunFolderInUse, RunLock
+
+    out = tmp_path / "run"
+    palmcore.train(texts=DOCS, out=str(out), steps=2, **TINY)
+    corpus_before = sorted((p.name, p.read_text()) for p in (out / "texts").iterdir())
+    with RunLock(str(out)):
+        with pytest.raises(RunFolderInUse):
+            palmcore.train(texts=["another corpus"], out=str(out), steps=2, resume=True, **TINY)
+    assert sorted((p.name, p.read_text()) for p in (out / "texts").iterdir()) == corpus_before
+    tokenizer_before = (out / "tokenizer.model").read_bytes()
+    other = [f"SELECT column_{i} FROM table_{i} WHERE id = {i};\n" * 3 for i in range(5)]
+    replaced = palmcore.train(texts=other, out=str(out), steps=2, force=True, **TINY)
+    assert sorted((p.name, p.read_text()) for p in (out / "texts").iterdir()) == [
+        (f"text-{i:06d}.txt", text) for i, text in enumerate(other)]
+    assert (out / "tokenizer.model").read_bytes() != tokenizer_before          # trained on the new texts
+    assert replaced.metrics["steps"] == 2 and len(losses(str(out))) == 2      # a new metrics.jsonl
+
+
 @pytest.mark.parametrize("kwargs,error,match", [
-    (dict(texts="one document"), TypeError, "texts must be an iterable of strings"),
+    (dict(texts="one document"), TypeError, "texts must be a list of strings .*, got a str"),
+    (dict(texts={"a": 1}), TypeError, "texts must be a list of strings .*, got a dict"),
+    (dict(texts=["x"], callback=print, resume=True, force=True), ValueError, "give one of them"),
     (dict(texts=[]), ValueError, "texts is empty"),
     (dict(texts=["ok", 3]), TypeError, r"texts\[1\] is a int"),
     (dict(texts=["x"], corpus="somewhere"), ValueError, "give corpus or texts, not both"),
@@ -95,6 +154,9 @@ def test_stop_strings_and_tokens(result):
     ("result", 7, {}, TypeError, "prompt must be a string or a list of strings"),
     ("result", ["a", "b"], dict(stream=True), TypeError, "stream=True takes one prompt"),
     ("result", "x", dict(stop=[""]), TypeError, "stop must be a non-empty string"),
+    ("result", "x", dict(stop=1.5), TypeError, r"stop must be a non-empty string, a token id, or a list of them, "
+                                               r"got 1.5"),
+    ("result", "x", dict(stop={"a": 1}), TypeError, r"stop must be .*, got \{'a': 1\}"),
     ("result", "x", dict(top_p=0.0), ValueError, "top_p must be in"),
 ])
 def test_bad_generation_arguments(result, model, prompt, kwargs, error, match):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -148,6 +149,59 @@ def test_a_second_run_on_the_same_folder_is_refused(corpus, tmp_path):
             run(settings(corpus, tmp_path), log=quiet)
     assert not os.path.exists(tmp_path / "metrics.jsonl")
     run(settings(corpus, tmp_path, steps=2), log=quiet)     # released: the folder is usable
+
+
+def test_a_second_run_into_a_folder_that_holds_one_is_refused(corpus, tmp_path, capsys, monkeypatch):
+    """A second `palmcore train` without --resume used to mix two runs: the old run's higher
+    step stayed `latest` and the new steps were appended to its metrics.jsonl as replays."""
+    from palmcore.cli import main
+
+    common = ["train", "--corpus", corpus, "--vocab-size", "300", "--set", "d_model=16", "--set", "n_layers=1",
+              "--set", "n_heads=2", "--batch-size", "2", "--seq-len", "8", "--eval-every", "2"]
+    assert main(common + ["--steps", "4", "--out", str(tmp_path / "run")]) == 0
+    before = (tmp_path / "run" / "metrics.jsonl").read_text(), weights_bytes(tmp_path / "run")
+    with pytest.raises(SystemExit) as exit_info:
+        main(common + ["--steps", "2", "--out", str(tmp_path / "run")])
+    assert exit_info.value.code == 2
+    assert (f"palmcore train: error: {tmp_path / 'run'} already holds a run (checkpoints up to step-00000004): "
+            "`palmcore train --resume` (resume=True) continues it, `--force` (force=True) replaces it, or choose "
+            "another --out") in capsys.readouterr().err
+    assert ((tmp_path / "run" / "metrics.jsonl").read_text(), weights_bytes(tmp_path / "run")) == before
+    assert main(common + ["--steps", "2", "--out", str(tmp_path / "run"), "--force"]) == 0
+    assert [r["step"] for r in metrics(tmp_path / "run")] == [1, 2]          # the new run alone
+    assert checkpoint.latest(str(tmp_path / "run" / "checkpoints")).endswith("step-00000002")
+    assert sorted(os.listdir(tmp_path / "run")) == [".lock", "checkpoints", "data", "loss.png", "metrics.jsonl",
+                                                   "tokenizer.model", "tokenizer.vocab"]
+    # the default job (`palmcore` alone) a second time: the same message, nothing trained
+    monkeypatch.chdir(tmp_path)
+    assert main(common + ["--steps", "2", "--out", "runs/default"]) == 0
+    with pytest.raises(SystemExit):
+        main([])
+    assert "runs/default already holds a run (checkpoints up to step-00000002): `palmcore train --resume`" \
+        in capsys.readouterr().err
+
+
+def test_a_replacement_that_fails_or_crashes_leaves_a_whole_run(corpus, tmp_path):
+    """--force keeps the old run until the new one has its first checkpoint: a new run that
+    fails before that puts it back; a crash at either side of that point is repaired by the
+    next start in the folder (the old run back, or the new one kept)."""
+    from palmcore import runfolder
+
+    out = tmp_path / "run"
+    run(settings(corpus, out, steps=4), log=quiet)
+    before = sorted(os.listdir(out)), (out / "metrics.jsonl").read_text(), weights_bytes(out)
+    with pytest.raises(ValueError, match="matches no file"):                  # fails while starting
+        run(settings(str(tmp_path / "nothing-here"), out), force=True, log=quiet)
+    assert (sorted(os.listdir(out)), (out / "metrics.jsonl").read_text(), weights_bytes(out)) == before
+    runfolder.Replacement(str(out)).__enter__()                              # killed after moving aside
+    assert runfolder.run_entries(str(out)) == []
+    summary = run(settings(corpus, out, steps=6), resume=True, log=quiet)     # the old run is back
+    assert summary["steps"] == 6 and [r["step"] for r in metrics(out)] == list(range(1, 7))
+    run(settings(corpus, tmp_path / "new", steps=2), log=quiet)
+    runfolder.Replacement(str(out)).__enter__()                              # killed after the new start
+    shutil.copytree(tmp_path / "new" / "checkpoints", out / "checkpoints")
+    run(settings(corpus, out, steps=3), resume=True, log=quiet)
+    assert checkpoint.load(str(out / "checkpoints")).trainer["step"] == 3 and not os.path.exists(out / ".replaced-run")
 
 
 def test_the_lock_dies_with_its_process(corpus, tmp_path):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import shlex
 
 import numpy as np
 import pytest
@@ -109,6 +111,7 @@ def test_ctrl_c_saves_and_resume_finishes(corpus, tmp_path, monkeypatch):
     run(settings(corpus, tmp_path, eval_every=100), log=lines.append)
     assert any("interrupted at step 2: saving a checkpoint" in line for line in lines)
     assert checkpoint.latest(str(tmp_path / "checkpoints")).endswith("step-00000002")
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # plotted at an interrupt too
     monkeypatch.undo()
     run(settings(corpus, tmp_path, eval_every=100), resume=True, log=lambda _: None)
     assert [r["step"] for r in metrics(tmp_path)] == list(range(1, 9))
@@ -127,9 +130,61 @@ def test_micro_batches_match_one_batch(corpus, tmp_path):
 
 def test_resume_refuses_other_settings_and_time_budget_evaluates(corpus, tmp_path):
     run(settings(corpus, tmp_path, steps=2), log=lambda _: None)
-    with pytest.raises(ValueError, match=r"cannot resume .* with seed=1: it was trained with seed=0"):
+    with pytest.raises(ValueError, match=r"cannot resume .*step-00000002: --seed 1 given, the run has 0"):
         run(settings(corpus, tmp_path, steps=4, seed=1), resume=True, log=lambda _: None)
     lines = []
     summary = run(settings(corpus, tmp_path / "budget", steps=50, eval_every=100, time_budget=0.0),
                   log=lines.append)
     assert "loss" not in summary and any("time budget" in line for line in lines)
+
+
+def test_a_resume_takes_the_runs_settings_from_its_checkpoint(corpus, tmp_path, capsys, monkeypatch):
+    """--resume used to need every original flag again (else it trained on the defaults:
+    another corpus, shape or optimizer), and refused naming fields without values. Now the
+    interrupted run prints the exact command that continues it, that command alone gives the
+    straight run's losses, and a flag given again that disagrees is refused with both values."""
+    from palmcore.cli import main
+
+    common = ["train", "--corpus", corpus, "--vocab-size", "300", "--set", "d_model=16", "--set", "n_layers=1",
+              "--set", "n_heads=2", "--batch-size", "2", "--seq-len", "8", "--eval-every", "2", "--optimizer",
+              "adamw", "--lr", "0.003", "--seed", "5", "--steps", "6"]
+    assert main(common + ["--out", str(tmp_path / "straight")]) == 0
+    real, calls = palmcore.PaLM.forward_backward, {"n": 0}
+
+    def interrupted(self, tokens, targets, total_tokens=None):
+        calls["n"] += total_tokens is not None        # training calls pass the total (evaluation does not)
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(self, tokens, targets, total_tokens)
+
+    monkeypatch.setattr(palmcore.PaLM, "forward_backward", interrupted)
+    assert main(common + ["--out", str(tmp_path / "split")]) == 130
+    monkeypatch.undo()
+    out = capsys.readouterr().out
+    assert "trained to step 3 " in out and "stopped by the interrupt" in out
+    resume = re.search(r"^resume: +(.*)$", out, re.M).group(1)
+    assert resume == f"palmcore train --resume --out {tmp_path / 'split'}"
+    assert main(shlex.split(resume)[1:]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"trained to step 6 \(96 tokens\) in \d+m \d+s \(the whole run; \d+m \d+s since resuming at "
+                     r"step 3\)\n", out), out
+    assert "resume:" not in out
+    assert [(r["step"], r["loss"]) for r in metrics(tmp_path / "split")] == \
+        [(r["step"], r["loss"]) for r in metrics(tmp_path / "straight")]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--resume", "--out", str(tmp_path / "split"), "--seq-len", "16", "--optimizer", "adafactor",
+              "--set", "n_layers=2", "--steps", "8"])
+    assert exit_info.value.code == 2
+    assert (f"palmcore train: error: cannot resume {tmp_path / 'split'}: --seq-len 16 given, the run has 8; "
+            "--optimizer adafactor given, the run has adamw; --set n_layers=2 given, the run has n_layers=1 "
+            "(leave a setting out to take the run's)") in capsys.readouterr().err
+
+
+def test_the_default_run_evaluates_often_enough_for_a_curve(tmp_path):
+    """The default run (no corpus) evaluated every 100 steps: one point in its ~540 steps (~1 s a
+    step on a 2-core machine); it gets at least ten."""
+    from palmcore import training
+
+    s = training.settings(out=str(tmp_path / "run"))
+    assert s.corpus is None and s.time_budget == training.DEFAULT_RUN_SECONDS
+    assert training.DEFAULT_RUN_SECONDS / s.eval_every >= 10

@@ -27,6 +27,8 @@ from palmcore import checks
 from palmcore.config import PaLMConfig
 from palmcore.data import stdlib_files
 from palmcore.generation import sampling_settings
+from palmcore.plan import MeshShape
+from palmcore.training import DEFAULTS as TRAINING_DEFAULTS
 from palmcore.training import run
 from palmcore.training import settings as training_settings
 
@@ -60,6 +62,35 @@ nonnegative_int = _argument(int, lambda v: checks.integer("value", v, 0))
 seed_int = _argument(int, lambda v: checks.integer("value", v, 0, 2**64 - 1))
 thread_count = _argument(int, lambda v: checks.integer("value", v, 0, 1024))
 nonnegative_real = _argument(float, lambda v: checks.real("value", v, low=0.0))
+positive_real = _argument(float, lambda v: checks.real("value", v, low=0.0, low_open=True))
+fraction = _argument(float, lambda v: checks.real("value", v, 0.0, 1.0, low_open=True))
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every parser of the command line: long flags are never abbreviated (`--step` is not
+    `--steps`), and --help shows each flag's default (a training setting's is written into its help)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{"allow_abbrev": False, **kwargs})
+
+    def add_argument(self, *args, **kwargs):
+        default, text = kwargs.get("default"), kwargs.get("help") or ""
+        shown = not (default in (None, [], argparse.SUPPRESS) or default is False or "default" in text)
+        if shown and args[0].startswith("-"):
+            kwargs["help"] = f"{text} (default: %(default)s)".lstrip()
+        return super().add_argument(*args, **kwargs)
+
+
+def _setting_flag(parser: argparse.ArgumentParser):
+    """add_argument for a training setting: absent from the parsed arguments unless given (so
+    that palmcore.training.settings applies its defaults, or a resume the run's own), with the
+    default named in its help."""
+    def add(flag: str, help: str, **kwargs) -> None:
+        name = flag[2:].replace("-", "_")
+        if "default" not in help and name in TRAINING_DEFAULTS:
+            help += f" (default: {TRAINING_DEFAULTS[name]})"
+        parser.add_argument(flag, default=argparse.SUPPRESS, help=help, **kwargs)
+    return add
 
 
 def demo(args: argparse.Namespace) -> None:
@@ -107,22 +138,34 @@ def config_overrides(pairs: list[str]) -> dict:
 def train(args: argparse.Namespace) -> None:
     if args.threads:
         palmcore.set_num_threads(args.threads)
-    settings = training_settings(
-        args.corpus, out=args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size, preset=args.preset,
-        overrides=config_overrides(args.set), batch_size=args.batch_size, accumulate=args.accumulate,
-        seq_len=args.seq_len, steps=args.steps, time_budget=args.time_budget, optimizer=args.optimizer, lr=args.lr,
-        schedule=args.schedule, eval_every=args.eval_every, seed=args.seed, mesh=args.mesh,
-        precision=args.precision, device=args.device)
-    summary = run(settings, resume=args.resume)
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "threads", "out", "resume", "force")}
+    corpus, overrides = given.pop("corpus", None), config_overrides(given.pop("set", []))
+    settings = training_settings(corpus, out=args.out, overrides=overrides, resume=args.resume, **given)
+    summary = run(settings, resume=args.resume, force=args.force)
     if summary:  # the main rank
-        print_summary(summary, settings.out)
+        print_summary(summary, settings.out, resume_command(settings))
     if summary.get("stopped_by") == "interrupt":
         raise KeyboardInterrupt  # saved; the exit status says it was cut short
 
 
-def print_summary(summary: dict, out: str) -> None:
+def resume_command(settings) -> str:
+    """The command that continues a run (its settings come from its checkpoint; where and how
+    it runs are repeated)."""
+    mesh = MeshShape.parse(settings.mesh)
+    return ((f"mpiexec -n {mesh.size} " if mesh.size > 1 else "")
+            + f"palmcore train --resume --out {shlex.quote(settings.out)}"
+            + (f" --device {settings.device}" if settings.device != "cpu" else "")
+            + (f" --mesh {settings.mesh}" if mesh.size > 1 else ""))
+
+
+def _minutes(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    return f"{minutes}m {seconds}s"
+
+
+def print_summary(summary: dict, out: str, resume: str) -> None:
     """The end of a training run, for a person: the sample, what was trained, where it is, and
-    the command to try next."""
+    the command to try next (or the one that continues a run stopped early)."""
     if "sample" in summary:
         settings = ", ".join(f"{k.replace('_', '-')} {v}" for k, v in summary["sample_settings"].items())
         print(f"\nsample ({settings}), continuing a held-out prompt:")
@@ -130,8 +173,9 @@ def print_summary(summary: dict, out: str) -> None:
             print(f"\033[2m{summary['sample_prompt']}\033[0m\033[1m{summary['sample']}\033[0m")
         else:
             print(f"{summary['sample_prompt']}\n----- the model's continuation -----\n{summary['sample']}")
-    minutes, seconds = divmod(round(summary["wall_s"]), 60)
-    print(f"\ntrained to step {summary['steps']:,} ({summary['tokens']:,} tokens) in {minutes}m {seconds}s"
+    print(f"\ntrained to step {summary['steps']:,} ({summary['tokens']:,} tokens) in {_minutes(summary['wall_s'])}"
+          + (f" (the whole run; {_minutes(summary['session_s'])} since resuming at step {summary['resumed_from']:,})"
+             if "resumed_from" in summary else "")
           + ("" if summary["stopped_by"] == "steps" else f", stopped by the {summary['stopped_by']}"))
     if "val_loss" in summary:
         print(f"validation at step {summary['val_step']:,}: loss {summary['val_loss']:.4f}, "
@@ -139,6 +183,8 @@ def print_summary(summary: dict, out: str) -> None:
     print(f"checkpoint: {summary['checkpoint']}")
     if summary["plot"]:
         print(f"loss plot:  {summary['plot']}")
+    if summary["stopped_by"] != "steps":
+        print(f"resume:     {resume}")
     print(f"try:        palmcore generate --checkpoint {shlex.quote(out)} --prompt 'def fibonacci('")
 
 
@@ -297,9 +343,12 @@ def info(args: argparse.Namespace) -> None:
               f"{cfg.flops_per_token(2048) / 1e9:>22.3f}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="palmcore", description="A PaLM runtime with a C++ core.")
-    sub = parser.add_subparsers(dest="command")
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: its subcommands (``parser.subcommands``: name -> parser) and flags."""
+    parser = _Parser(prog="palmcore", description="A PaLM runtime with a C++ core. `palmcore` alone runs the "
+                     "default job: `palmcore train` with no arguments (the seed preset on the Python standard "
+                     "library's sources for about 10 minutes, into runs/default).")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     p_demo = sub.add_parser("demo", help="forward + backward of a preset on the stdlib's text")
     p_demo.add_argument("--preset", default="seed", choices=["seed"])
     p_demo.add_argument("--batch-size", type=positive_int, default=8)
@@ -307,34 +356,37 @@ def main(argv: list[str] | None = None) -> int:
     p_demo.add_argument("--steps", type=positive_int, default=5)
     p_demo.add_argument("--threads", type=thread_count, default=0, help="0: PALMCORE_NUM_THREADS or all cores")
     p_demo.add_argument("--seed", type=seed_int, default=0)
-    p_train = sub.add_parser("train", help="train on text files (default: the stdlib's sources)")
-    p_train.add_argument("--corpus", nargs="+", help="files, folders or globs (default: the stdlib)")
-    p_train.add_argument("--tokenizer", help="a SentencePiece .model to reuse (default: train one)")
-    p_train.add_argument("--vocab-size", type=positive_int, default=10000)
-    p_train.add_argument("--preset", default="seed", choices=PaLMConfig.presets())
-    p_train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                         help="config override, e.g. --set n_layers=4 (repeatable)")
-    p_train.add_argument("--batch-size", type=positive_int, default=8)
-    p_train.add_argument("--seq-len", type=positive_int, default=256)
-    p_train.add_argument("--accumulate", type=positive_int, default=1,
-                         help="micro-batches per step (must divide --batch-size)")
-    p_train.add_argument("--steps", type=positive_int, default=100000)
-    p_train.add_argument("--time-budget", type=nonnegative_real, default=None,
-                         help="seconds (default: none, or 540 for the default run)")
-    p_train.add_argument("--optimizer", choices=["adafactor", "adamw"], default="adafactor")
-    p_train.add_argument("--lr", type=nonnegative_real, default=None,
-                         help="peak learning rate (default 1e-2 for adafactor, 3e-4 for adamw)")
-    p_train.add_argument("--schedule", choices=["palm", "cosine"], default="palm")
-    p_train.add_argument("--eval-every", type=positive_int, default=100)
-    p_train.add_argument("--seed", type=seed_int, default=0)
-    p_train.add_argument("--out", default="runs/default")
-    p_train.add_argument("--resume", action="store_true")
-    p_train.add_argument("--threads", type=thread_count, default=0)
+    p_train = sub.add_parser("train", help="train on text files (default: the stdlib's sources)",
+                             description="Train a PaLM on text files. With --resume the run's settings come from "
+                                         "its checkpoint: a flag given again must agree with it (--steps, "
+                                         "--time-budget, --corpus, evaluation and execution flags may change).")
+    setting = _setting_flag(p_train)
+    setting("--corpus", nargs="+", help="files, folders or globs (default: the Python standard library's sources)")
+    setting("--tokenizer", help="a SentencePiece .model to reuse (default: train one into --out)")
+    setting("--vocab-size", type=positive_int, help="of a tokenizer trained here (at most: a small corpus gets fewer)")
+    setting("--preset", choices=PaLMConfig.presets(), help="the model's shape")
+    setting("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. --set n_layers=4 (repeatable)")
+    setting("--batch-size", type=positive_int, help="sequences per step")
+    setting("--seq-len", type=positive_int, help="tokens per sequence (a corpus too small for it gets what fits)")
+    setting("--accumulate", type=positive_int, help="micro-batches per step (must divide --batch-size)")
+    setting("--steps", type=positive_int, help="optimizer steps")
+    setting("--time-budget", type=nonnegative_real, help="seconds (default: none, or 540 for the default run)")
+    setting("--optimizer", choices=["adafactor", "adamw"], help="the optimizer")
+    setting("--lr", type=nonnegative_real, help="peak learning rate (default: 1e-2 for adafactor, 3e-4 for adamw)")
+    setting("--schedule", choices=["palm", "cosine"], help="the learning-rate schedule")
+    setting("--eval-every", type=positive_int, help="steps between evaluations and checkpoints (default: 100, or "
+                                                    "what gives the default run a curve)")
+    setting("--seed", type=seed_int, help="of the initial weights and the data order")
+    setting("--precision", choices=["fp32", "bf16"],
+            help="bf16: mixed precision as PALM_SPEC says (float32 master weights and checkpoints)")
+    p_train.add_argument("--out", default="runs/default", help="the run folder")
+    p_train.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p_train.add_argument("--force", action="store_true",
+                         help="replace the run in --out (it is kept until the new one has its first checkpoint)")
+    p_train.add_argument("--threads", type=thread_count, default=0, help="0: PALMCORE_NUM_THREADS or all cores")
     p_train.add_argument("--device", default="cpu",
                          help="cpu, cuda or cuda:N (see palmcore info); under mpiexec, cuda is each rank's own "
                               "GPU (cuda:<its rank on the node>) and the mesh's collectives use NCCL")
-    p_train.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                         help="bf16: mixed precision as PALM_SPEC says (float32 master weights and checkpoints)")
     p_train.add_argument("--mesh", default="data=1,model=1",
                          help="data=D,model=M: data- and tensor-parallel over D·M ranks "
                               "(mpiexec -n D·M palmcore train --mesh ...)")
@@ -386,12 +438,26 @@ def main(argv: list[str] | None = None) -> int:
     p_plan.add_argument("--mesh", default="data=1,model=1", help="data=D,model=M")
     p_plan.add_argument("--batch", type=positive_int, default=2048, help="sequences per step, whole mesh")
     p_plan.add_argument("--seq", type=positive_int, default=2048)
-    p_plan.add_argument("--peak-tflops", type=float, default=275.0, help="per device (TPU v4 bf16: 275)")
-    p_plan.add_argument("--mfu", type=float, default=0.462, help="model FLOPs utilization (PaLM 540B: 0.462)")
+    p_plan.add_argument("--peak-tflops", type=positive_real, default=275.0, help="per device (TPU v4 bf16: 275)")
+    p_plan.add_argument("--mfu", type=fraction, default=0.462, help="model FLOPs utilization (PaLM 540B: 0.462)")
     sub.add_parser("info", help="what was compiled in, GPUs found; presets, parameter counts, FLOPs per token")
-    args = parser.parse_args(argv)
-    if args.command is None:
-        args = parser.parse_args(["train"])
+    parser.subcommands = sub.choices
+    return parser
+
+
+def parse_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """The arguments of ``argv`` (none: the default job's, `palmcore train`); a flag that is not
+    the subcommand's is an error with that subcommand's usage (SystemExit 2)."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        (parser.subcommands[args.command] if args.command else parser).error(
+            f"unrecognized arguments: {' '.join(unknown)}")
+    return args if args.command else parser.parse_args(["train"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parse_arguments(parser, argv)
     commands = {"demo": demo, "train": train, "generate": generate, "serve": serve, "export": export,
                 "import": import_run, "plan": plan, "info": info}
     try:

@@ -200,6 +200,21 @@ class PackedDataset:
         return np.stack(rows)
 
 
+def fitting_seq_len(cache: TokenCache, wanted: int, seed: int = 0) -> int:
+    """The largest of ``wanted``, wanted // 2, wanted // 4, ... for which both splits of the
+    cache hold a window; a corpus too small even for seq_len 1 is a ValueError saying so."""
+    seq_len = wanted
+    while True:
+        try:
+            PackedDataset(cache, seq_len, "train", seed=seed)
+            PackedDataset(cache, seq_len, "val", seed=seed)
+            return seq_len
+        except ValueError:
+            if seq_len == 1:
+                raise
+            seq_len //= 2
+
+
 def _held_out_documents(cache: TokenCache, seq_len: int, seed: int, val_fraction: float):
     """A boolean mask of the held-out documents, or None when whole documents cannot give
     both splits a window."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from palmcore import checks
 from palmcore.config import PaLMConfig
 
 FLOAT_BYTES = 4          # this runtime stores parameters, gradients, state and activations in float32
@@ -155,8 +156,8 @@ def plan(cfg: PaLMConfig, mesh: MeshShape, batch: int, seq: int, peak_flops: flo
         raise ValueError(f"the data axis ({mesh.data}) must divide the batch ({batch})")
     if seq > cfg.max_seq_len:
         raise ValueError(f"seq {seq} > max_seq_len {cfg.max_seq_len}")
-    if not (peak_flops > 0 and 0 < mfu <= 1):
-        raise ValueError("peak_flops must be positive and mfu in (0, 1]")
+    checks.real("peak_flops", peak_flops, low=0.0, low_open=True)
+    checks.real("mfu", mfu, 0.0, 1.0, low_open=True)
     M, Dp, L, D = mesh.model, mesh.data, cfg.n_layers, cfg.d_model
     # The vocabulary is padded to a multiple of the model axis (PaLM's 256k over 12 ways needs
     # it); the padded rows are never looked up and are masked out of the softmax.

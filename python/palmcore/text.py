@@ -110,11 +110,11 @@ def resolve_model(model_or_run, device: str = "cpu", precision: str = "fp32"):
 
 def _stops(stop) -> tuple[tuple[str, ...], tuple[int, ...]]:
     """(stop strings, stop token ids) from None, one of them, or a list of them."""
-    items = () if stop is None else (stop,) if isinstance(stop, (str, int)) else tuple(stop)
+    items = () if stop is None else tuple(stop) if isinstance(stop, (list, tuple)) else (stop,)
     strings = tuple(s for s in items if isinstance(s, str))
     tokens = tuple(t for t in items if isinstance(t, int) and not isinstance(t, bool))
     if len(strings) + len(tokens) != len(items) or any(s == "" for s in strings):
-        raise TypeError("stop must be a non-empty string, a token id, or a list of them")
+        raise TypeError(f"stop must be a non-empty string, a token id, or a list of them, got {stop!r}")
     return strings, tokens
 
 

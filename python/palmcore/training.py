@@ -5,7 +5,9 @@ checkpoints, resume and the loss-spike guard, around the C++ model and optimizer
     summary = run(settings("notes/", out="runs/notes", steps=500))         # what it (and the CLI) call
 
 Nothing is lost and nothing is done twice:
-- One run per folder: the run holds an exclusive lock on ``<out>/.lock`` (runlock.py).
+- One run per folder: the run holds an exclusive lock on ``<out>/.lock`` (runlock.py). A folder
+  that holds a run is refused unless ``resume`` continues it or ``force`` replaces it (the old
+  run stays whole until the new one has its first checkpoint: runfolder.py).
 - A step is atomic: Ctrl-C or SIGTERM only sets a flag, which the loop reads between steps (on
   a mesh, every rank reads it at the same step). The run then saves a checkpoint and stops, so
   ``--resume`` continues exactly where it left off.
@@ -20,9 +22,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import json
 import math
 import os
+import shutil
 import signal
 import threading
 import time
@@ -31,9 +35,9 @@ from typing import Callable
 import numpy as np
 from tqdm import tqdm
 
-from palmcore import _core, checkpoint, checks, schedules
+from palmcore import _core, checkpoint, checks, runfolder, schedules
 from palmcore.config import PaLMConfig
-from palmcore.data import PackedDataset, TokenCache, stdlib_files, text_files
+from palmcore.data import PackedDataset, TokenCache, fitting_seq_len, stdlib_files, text_files
 from palmcore.distributed import Mesh, launched_by_mpi
 from palmcore.model import PaLM
 from palmcore.optim import Adafactor, AdamW
@@ -47,15 +51,15 @@ SAMPLING = dict(temperature=0.8, top_k=40, top_p=0.95)  # the end-of-run sample'
 
 @dataclasses.dataclass
 class TrainSettings:
-    corpus: list[str]
+    corpus: list[str] | None          # files, folders or globs; None: the Python standard library's sources
     out: str
     tokenizer: str | None = None      # a .model to reuse; default: train one into out/
-    vocab_size: int = 10000           # for a tokenizer trained here
+    vocab_size: int = 10000           # for a tokenizer trained here (at most: SentencePiece may make fewer)
     preset: str = "seed"
     overrides: dict = dataclasses.field(default_factory=dict)
     batch_size: int = 8
     accumulate: int = 1               # micro-batches per step (batch_size rows split evenly)
-    seq_len: int = 256
+    seq_len: int | None = 256         # None: 256, or what fits a corpus too small for it
     steps: int = 1000
     time_budget: float | None = None  # seconds; stops early (with a checkpoint) when spent
     optimizer: str = "adafactor"      # or "adamw"
@@ -79,9 +83,11 @@ class TrainSettings:
 
     def check(self) -> None:
         """Every setting's kind and range (TypeError / ValueError naming it)."""
-        for name in ("vocab_size", "batch_size", "accumulate", "seq_len", "eval_every", "eval_batches",
+        for name in ("vocab_size", "batch_size", "accumulate", "eval_every", "eval_batches",
                      "checkpoint_every", "keep", "warmup_steps"):
             checks.integer(name, getattr(self, name), 1)
+        if self.seq_len is not None:
+            checks.integer("seq_len", self.seq_len, 1)
         for name in ("steps", "spike_warmup", "max_rollbacks", "sample_tokens"):
             checks.integer(name, getattr(self, name), 0)
         checks.integer("seed", self.seed, 0, 2**64 - 1)
@@ -101,7 +107,7 @@ class TrainSettings:
             raise ValueError(f"the output folder {self.out} is a file")
         _check_batch_memory(self)
         explicit = self.overrides.get("max_seq_len")
-        if explicit is not None and not (isinstance(explicit, int) and explicit >= self.seq_len):
+        if explicit is not None and not (isinstance(explicit, int) and explicit >= (self.seq_len or 1)):
             raise ValueError(f"seq_len {self.seq_len} does not fit the max_seq_len {explicit!r} that was "
                              "set explicitly: lower the sequence length or raise max_seq_len")
 
@@ -116,7 +122,24 @@ class TrainingDiverged(RuntimeError):
     """The loss kept spiking: rolling back further would loop forever."""
 
 
+class RunFolderHoldsRun(ValueError):
+    """A new run was asked for in a folder that already holds one (neither resume nor force)."""
+
+
 DEFAULT_RUN_SECONDS = 540.0  # the embedded default run (no corpus given) stops after this
+# ... evaluating every 40 steps on 2 batches: ~12 points of its curve on a 2-core machine (~1 s a
+# step, ~0.9 s an evaluation batch), for ~4% of its time
+DEFAULT_RUN_EVALUATION = dict(eval_every=40, eval_batches=2)
+DEFAULT_SEQ_LEN = 256
+DEFAULTS = {**{f.name: f.default for f in dataclasses.fields(TrainSettings) if f.default is not dataclasses.MISSING},
+            "steps": 100_000, "seq_len": DEFAULT_SEQ_LEN}  # what settings() gives a setting not given
+
+# What a resume takes from the run's checkpoint when not given: FIXED settings must agree with
+# it when given again; CARRIED ones may change (and the checkpoints then record the new value).
+FIXED = ("preset", "tokenizer", "vocab_size", "seq_len", "batch_size", "optimizer", "lr", "schedule", "warmup_steps",
+         "max_grad_norm", "seed")
+CARRIED = ("corpus", "steps", "accumulate", "precision", "eval_every", "eval_batches", "checkpoint_every", "keep",
+           "spike_factor", "spike_warmup", "max_rollbacks", "sample_tokens")
 
 
 @dataclasses.dataclass
@@ -132,9 +155,9 @@ class TrainResult:
     tokenizer: Tokenizer | None
 
 
-def train(corpus=None, *, texts=None, preset: str = "seed", out: str = "runs/default", steps: int | None = None,
+def train(corpus=None, *, texts=None, out: str = "runs/default", steps: int | None = None,
           time_budget: float | None = None, device: str = "cpu", progress: bool = True, callback=None,
-          resume: bool = False, **fields) -> TrainResult:
+          resume: bool = False, force: bool = False, **fields) -> TrainResult:
     """Train a PaLM, as `palmcore train` does (the same defaults and checks), from Python:
 
         result = palmcore.train("my_notes/", steps=500, d_model=128)
@@ -142,31 +165,20 @@ def train(corpus=None, *, texts=None, preset: str = "seed", out: str = "runs/def
         print(result.metrics["val_bpb"]); palmcore.generate(result, "Once upon")
 
     ``corpus``: files, folders or globs (a string or a list; None and no ``texts``: the Python
-    standard library, for at most DEFAULT_RUN_SECONDS). ``texts``: an iterable of documents held
-    in memory (written once under ``out/texts``). ``callback(step, metrics)`` is called after
-    every step; returning False stops with a checkpoint. ``resume`` continues the run in ``out``.
-    Other keywords: TrainSettings fields (batch_size, seq_len, lr, precision, ...) or PaLMConfig
-    fields (d_model, n_layers, n_experts, ...)."""
+    standard library, for at most DEFAULT_RUN_SECONDS). ``texts``: a list of documents held in
+    memory (written, once the run folder is locked, into a fresh ``out/texts``).
+    ``callback(step, metrics)`` is called after every step; returning False stops with a
+    checkpoint, raising saves one and re-raises. A folder that holds a run is refused unless
+    ``resume`` continues it or ``force`` replaces it. Other keywords: TrainSettings fields
+    (batch_size, seq_len, lr, precision, ...) or PaLMConfig fields (d_model, n_layers, ...)."""
     if texts is not None:
         if corpus is not None:
             raise ValueError("give corpus or texts, not both")
-        if isinstance(texts, (str, bytes)):
-            raise TypeError("texts must be an iterable of strings (a list of documents), not one string")
-        folder = os.path.join(out, "texts")
-        os.makedirs(folder, exist_ok=True)
-        count = 0
-        for i, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise TypeError(f"texts[{i}] is a {type(text).__name__}, not a string")
-            with open(os.path.join(folder, f"text-{i:06d}.txt"), "w", encoding="utf-8") as f:
-                f.write(text)
-            count += 1
-        if count == 0:
-            raise ValueError("texts is empty: give at least one document")
-        corpus = folder
-    s = settings(corpus, out=out, steps=steps, time_budget=time_budget, preset=preset, device=device,
-                 progress=progress, **fields)
-    summary = run(s, resume=resume, callback=callback)
+        _check_texts(texts)
+        corpus = os.path.join(out, "texts")
+    s = settings(corpus, out=out, steps=steps, time_budget=time_budget, device=device, progress=progress,
+                 resume=resume, **fields)
+    summary = run(s, resume=resume, callback=callback, force=force, texts=texts)
     if not summary:  # another rank of a mesh
         return TrainResult(s.out, {}, None, None)
     from palmcore.text import load  # noqa: PLC0415 (text imports checkpoint, which imports model)
@@ -176,13 +188,17 @@ def train(corpus=None, *, texts=None, preset: str = "seed", out: str = "runs/def
 
 
 def settings(corpus=None, *, out: str = "runs/default", steps: int | None = None,
-             time_budget: float | None = None, overrides: dict | None = None, **fields) -> TrainSettings:
+             time_budget: float | None = None, overrides: dict | None = None, resume: bool = False,
+             **fields) -> TrainSettings:
     """TrainSettings with the CLI's defaults, for `palmcore train` and palmcore.train alike:
     ``corpus`` is files, folders or globs (a string or a list; None: the Python standard
-    library, stopped after DEFAULT_RUN_SECONDS unless time_budget says otherwise); ``steps``
-    defaults to 100,000; evaluation and checkpoints share ``eval_every``. ``fields`` are
-    TrainSettings fields (batch_size, lr, device, ...) or PaLMConfig fields (d_model, n_experts,
-    ...: overrides of the preset); anything else is a TypeError naming it."""
+    library, stopped after DEFAULT_RUN_SECONDS unless time_budget says otherwise, and evaluated
+    as DEFAULT_RUN_EVALUATION says); ``steps`` defaults to 100,000; evaluation and checkpoints
+    share ``eval_every``; ``seq_len`` defaults to 256, or less for a corpus too small for it.
+    ``fields`` are TrainSettings fields (batch_size, lr, device, ...) or PaLMConfig fields
+    (d_model, n_experts, ...: overrides of the preset); anything else is a TypeError naming it.
+    With ``resume``, the run in ``out`` (once it has a checkpoint) gives its model configuration
+    and every FIXED or CARRIED setting not given here; a FIXED one given must agree with it."""
     known = {f.name for f in dataclasses.fields(TrainSettings)} - {"corpus", "out", "steps", "time_budget", "overrides"}
     config_fields = {f.name for f in dataclasses.fields(PaLMConfig)}
     unknown = sorted(set(fields) - known - config_fields)
@@ -190,20 +206,52 @@ def settings(corpus=None, *, out: str = "runs/default", steps: int | None = None
         raise TypeError(f"unknown training setting(s): {', '.join(unknown)} (TrainSettings or PaLMConfig fields)")
     run_fields = {k: v for k, v in fields.items() if k in known}
     model_fields = {**(overrides or {}), **{k: v for k, v in fields.items() if k not in known}}
-    default_run = corpus is None
-    if isinstance(corpus, (str, os.PathLike)):
-        corpus = [corpus]
-    eval_every = run_fields.get("eval_every", 100)
-    return TrainSettings(corpus=[os.fspath(c) for c in corpus] if corpus is not None else stdlib_files(), out=out,
-                         steps=100_000 if steps is None else steps,
-                         time_budget=DEFAULT_RUN_SECONDS if default_run and time_budget is None else time_budget,
-                         overrides=model_fields, **{"checkpoint_every": eval_every, **run_fields})
+    if corpus is not None:
+        run_fields["corpus"] = [os.fspath(c) for c in ([corpus] if isinstance(corpus, (str, os.PathLike)) else corpus)]
+    if steps is not None:
+        run_fields["steps"] = steps
+    if resume:
+        run_fields, model_fields = _with_the_runs_settings(out, run_fields, model_fields)
+    default_run = run_fields.get("corpus") is None
+    defaults = {"corpus": None, "steps": DEFAULTS["steps"], "seq_len": None, **(DEFAULT_RUN_EVALUATION if default_run
+                                                                                else {})}
+    run_fields = {**defaults, **run_fields}
+    return TrainSettings(out=out, time_budget=DEFAULT_RUN_SECONDS if default_run and time_budget is None else time_budget,
+                         overrides=model_fields, **{"checkpoint_every": run_fields.get("eval_every", 100), **run_fields})
+
+
+def _with_the_runs_settings(out: str, run_fields: dict, model_fields: dict) -> tuple[dict, dict]:
+    """(run_fields, model_fields) completed from the newest checkpoint in ``out`` (unchanged
+    when there is none); a FIXED setting or a model field given that differs from the run's is
+    refused, naming both values."""
+    latest = checkpoint.latest(os.path.join(out, "checkpoints"))
+    if latest is None:
+        return run_fields, model_fields
+    stored = _trainer_state(checkpoint._read_json_object(os.path.join(latest, "trainer.json")),
+                            os.path.join(latest, "trainer.json"))["settings"]
+    config = PaLMConfig.from_dict(checkpoint._read_json_object(os.path.join(latest, "config.json"))).to_dict()
+    differences = _differences(stored, run_fields) + [
+        f"--set {k}={json.dumps(v)} given, the run has {k}={json.dumps(config[k])}"
+        for k, v in model_fields.items() if k in config and config[k] != v]
+    if differences:
+        raise ValueError(f"cannot resume {out}: {'; '.join(differences)} (leave a setting out to take the run's)")
+    return {**{k: stored[k] for k in FIXED + CARRIED if k in stored}, **run_fields}, {**model_fields, **config}
+
+
+def _differences(stored: dict, given: dict) -> list[str]:
+    """'--seq-len 128 given, the run has 256' for each FIXED setting given that differs from the run's."""
+    return [f"--{k.replace('_', '-')} {given[k]} given, the run has {stored[k]}"
+            for k in FIXED if k in stored and k in given and given[k] != stored[k]]
 
 
 def run(s: TrainSettings, resume: bool = False, log: Callable[[str], None] = tqdm.write,
-        callback: Callable[[int, dict], object] | None = None) -> dict:
+        callback: Callable[[int, dict], object] | None = None, force: bool = False,
+        texts: list[str] | None = None) -> dict:
     """Train as ``s`` says, writing checkpoints and metrics.jsonl under ``s.out``; with
-    ``resume``, continue from the newest checkpoint there (whatever mesh wrote it). Returns a
+    ``resume``, continue from the newest checkpoint there (whatever mesh wrote it); with
+    ``force``, replace the run there (a folder that holds one is refused otherwise: it stays
+    whole until the new run has its first checkpoint). ``texts``: documents held in memory,
+    written under the run's lock into a fresh ``s.out/texts`` (which ``s.corpus`` names). Returns a
     summary of the run (on the main rank; {} on the others): steps, tokens, wall_s, the last
     evaluation (val_loss, val_ppl, val_bpb at val_step), checkpoint, plot, stopped_by and the
     end-of-run sample (sample_prompt, sample).
@@ -213,8 +261,11 @@ def run(s: TrainSettings, resume: bool = False, log: Callable[[str], None] = tqd
 
     ``callback(step, metrics)`` is called on the main rank after every step with that step's
     metrics.jsonl line; returning False stops the run there, with a checkpoint (stopped_by
-    "callback")."""
+    "callback"); an exception it raises is re-raised once a checkpoint is saved."""
     s.check()
+    _check_callback(callback)
+    if resume and force:
+        raise ValueError("resume continues the run in the folder and force replaces it: give one of them")
     shape = MeshShape.parse(s.mesh)
     if s.batch_size % (s.accumulate * shape.data):
         raise ValueError(f"accumulate ({s.accumulate}) x the data axis ({shape.data}) must divide "
@@ -226,33 +277,64 @@ def run(s: TrainSettings, resume: bool = False, log: Callable[[str], None] = tqd
         s = dataclasses.replace(s, progress=False)
     os.makedirs(s.out, exist_ok=True)
     with RunLock(s.out) if main else contextlib.nullcontext():
-        training = _Run(s, mesh, log, callback if main else None)
-        with _StopRequests() as stop:
-            return training.train(resume, stop)
+        replacement = _claim(s.out, resume, force) if main else None
+        with replacement or contextlib.nullcontext():
+            if texts is not None and main:
+                _write_texts(os.path.join(s.out, "texts"), texts)
+            training = _Run(s, mesh, log, callback if main else None)
+            with _StopRequests() as stop:
+                model, opt, state = training.start(resume)
+                if replacement:
+                    replacement.discard()  # the new run has its first checkpoint
+                return training.train(model, opt, state, stop)
+
+
+def _claim(out: str, resume: bool, force: bool) -> runfolder.Replacement | None:
+    """The folder for this run (under its lock): a replacement a crash cut short is finished or
+    undone; a run already there (one with a checkpoint) is refused unless resumed or forced.
+    Replaced are a forced run and what a start that never reached its first checkpoint left
+    (a tokenizer, a token cache: never silently reused by a new run)."""
+    runfolder.recover(out)
+    if resume or not runfolder.run_entries(out):
+        return None
+    latest = checkpoint.latest(os.path.join(out, "checkpoints"))
+    if latest and not force:
+        raise RunFolderHoldsRun(f"{out} already holds a run (checkpoints up to {os.path.basename(latest)}): "
+                                "`palmcore train --resume` (resume=True) continues it, `--force` (force=True) "
+                                "replaces it, or choose another --out")
+    return runfolder.Replacement(out)
 
 
 class _Run:
     def __init__(self, s: TrainSettings, mesh, log, callback=None):
         self.s, self.mesh, self.log, self.callback = s, mesh, log, callback
         self.main = mesh is None or mesh.is_main
+        corpus = stdlib_files() if s.corpus is None else s.corpus
         # the main rank trains the tokenizer and builds the token cache; the others then read them
-        self.tokenizer = _main_first(mesh, lambda: _tokenizer(s, log))
-        cache = _main_first(mesh, lambda: TokenCache.build(s.corpus, self.tokenizer, os.path.join(s.out, "data")))
+        self.tokenizer = _main_first(mesh, lambda: _tokenizer(s, corpus, log))
+        cache = _main_first(mesh, lambda: TokenCache.build(corpus, self.tokenizer, os.path.join(s.out, "data")))
+        context = s.seq_len  # the model's max_seq_len: the training window, or the default one if a corpus set it
+        if s.seq_len is None:
+            self.s = s = dataclasses.replace(s, seq_len=_fitting_seq_len(cache, s, log))
+            context = DEFAULT_SEQ_LEN  # a small corpus's short window must not bound generation
         self.train_data = PackedDataset(cache, s.seq_len, "train", seed=s.seed)
         self.val_data = PackedDataset(cache, s.seq_len, "val", seed=s.seed)
         if self.train_data.split_note:
             log(self.train_data.split_note)
         self.config = PaLMConfig.preset(s.preset, **{**s.overrides, "vocab_size": self.tokenizer.vocab_size,
-                                                     "max_seq_len": s.overrides.get("max_seq_len", s.seq_len)})
+                                                     "max_seq_len": s.overrides.get("max_seq_len", context)})
         self.lr_at = (schedules.palm(s.peak_lr) if s.schedule == "palm" else
                       schedules.cosine(s.peak_lr, s.warmup_steps, max(s.steps, s.warmup_steps + 1)))
         self.ckpt_dir = os.path.join(s.out, "checkpoints")
         self.metrics = _Metrics(os.path.join(s.out, "metrics.jsonl") if self.main else None)
         self.plot_path = os.path.join(s.out, "loss.png")
+        self.elapsed = lambda: 0.0  # seconds of the whole run (every session of it)
+        self.record = {k: getattr(s, k) for k in FIXED + CARRIED}  # what a resume takes from a checkpoint
 
-    def train(self, resume: bool, stop: "_StopRequests") -> dict:
+    def start(self, resume: bool):
+        """(model, optimizer, state): the newest checkpoint's with ``resume`` (when there is
+        one), else a new model's, saved at once as step 0 (a rollback target)."""
         s, log = self.s, self.log
-        self.stop = stop
         latest = checkpoint.latest(self.ckpt_dir) if resume else None
         if latest:
             model, opt, state = self._load(latest)
@@ -260,11 +342,15 @@ class _Run:
         else:
             model = PaLM(self.config, seed=s.seed, mesh=self.mesh, device=s.device, precision=s.precision)
             opt = _optimizer(s, model)
-            state = {"step": 0, "data_step": 0, "loss_avg": None, "skipped": [],
-                     "settings": {k: getattr(s, k) for k in ("seed", "batch_size", "seq_len", "optimizer",
-                                                              "schedule", "lr", "max_grad_norm")}}
-            self._save(model, opt, state)  # a rollback target
-        start = time.perf_counter()
+            state = {"step": 0, "data_step": 0, "loss_avg": None, "skipped": []}
+            self._save(model, opt, state)
+        return model, opt, state
+
+    def train(self, model: PaLM, opt, state: dict, stop: "_StopRequests") -> dict:
+        s, log = self.s, self.log
+        self.stop = stop
+        start, resumed_from, earlier = time.perf_counter(), state["step"], state.get("wall_s", 0.0)
+        self.elapsed = lambda: earlier + time.perf_counter() - start
         stopped_by, rollbacks, last_eval = "steps", 0, {}
         idle = _IdleExperts(log)
         # With a time budget the bar counts seconds (its ETA is then the budget's end), else steps.
@@ -326,8 +412,8 @@ class _Run:
                         log(f"step {step}: loss {out['loss']:.4f} val_loss {line['val_loss']:.4f} "
                             f"val_bpb {line['val_bpb']:.3f} lr {lr:.2e} {line['tokens_per_s']:,.0f} tok/s")
                 self.metrics.append(line)
-                if "val_loss" in line and self.main:
-                    write_loss_png(self.metrics.path, self.plot_path)
+                if "val_loss" in line:
+                    self._plot()
                 bar.update(min(bar.total, round(time.perf_counter() - start)) - bar.n if by_time else 1)
                 bar.set_postfix(step=step, loss=f"{out['loss']:.3f}", tok_s=f"{line['tokens_per_s']:,.0f}",
                                 **({"load": f"{line['expert_load_min']:.2f}-{line['expert_load_max']:.2f}"}
@@ -335,7 +421,13 @@ class _Run:
                 if step % s.checkpoint_every == 0:
                     self._save(model, opt, state)
                     rollbacks = 0
-                wanted_stop = self.callback is not None and self.callback(step, dict(line)) is False
+                try:
+                    wanted_stop = self.callback is not None and self.callback(step, dict(line)) is False
+                except Exception:
+                    log(f"the callback raised at step {step}: saving a checkpoint")
+                    self._save(model, opt, state)
+                    self._plot()
+                    raise
                 if _any_rank(self.mesh, wanted_stop):  # every rank stops at the same step
                     stopped_by = "callback"
                     log(f"stopping at step {step}: the callback asked to; saving a checkpoint")
@@ -356,11 +448,11 @@ class _Run:
                 self.metrics.append(dict(evaluation, step=state["step"], final=True))
                 log(f"step {state['step']}: val_loss {evaluation['val_loss']:.4f} "
                     f"val_bpb {evaluation['val_bpb']:.3f} (final)")
-                if self.main:
-                    write_loss_png(self.metrics.path, self.plot_path)
         path = self._save(model, opt, state)
+        self._plot()  # at every stop: steps, time budget, interrupt, callback
         summary = {"steps": state["step"], "tokens": state["step"] * s.batch_size * s.seq_len,
-                   "wall_s": time.perf_counter() - start, "stopped_by": stopped_by, "checkpoint": path,
+                   "wall_s": self.elapsed(), "stopped_by": stopped_by, "checkpoint": path,
+                   **({"resumed_from": resumed_from, "session_s": time.perf_counter() - start} if resumed_from else {}),
                    "plot": self.plot_path if os.path.exists(self.plot_path) else None, **last_eval}
         if s.sample_tokens and stopped_by != "interrupt":
             summary.update(self._sample(model))
@@ -370,17 +462,21 @@ class _Run:
         ck = checkpoint.load(path, config=self.config, mesh=self.mesh, device=self.s.device,
                              precision=self.s.precision)
         state = _trainer_state(ck.trainer, os.path.join(path, "trainer.json"))
-        for key in ("seed", "batch_size", "seq_len", "optimizer", "schedule"):
-            if key in state["settings"] and state["settings"][key] != getattr(self.s, key):
-                raise ValueError(f"cannot resume {path} with {key}={getattr(self.s, key)!r}: it was "
-                                 f"trained with {key}={state['settings'][key]!r}")
+        differences = _differences(state["settings"], {k: getattr(self.s, k) for k in FIXED})
+        if differences:
+            raise ValueError(f"cannot resume {path}: {'; '.join(differences)}")
         if ck.optimizer_state is None:
             raise ValueError(f"cannot resume from {path}: it holds no optimizer state")
         opt = _optimizer(self.s, ck.model)
         opt.load_state_dict(ck.optimizer_state)
         return ck.model, opt, _skip_forward(state)
 
+    def _plot(self) -> None:
+        if self.main and os.path.exists(self.metrics.path):
+            write_loss_png(self.metrics.path, self.plot_path)
+
     def _save(self, model: PaLM, opt, state: dict) -> str:
+        state.update(wall_s=self.elapsed(), settings=self.record)
         return checkpoint.save(self.ckpt_dir, model, opt, state, step=state["step"], keep=self.s.keep,
                                tokenizer_path=self.tokenizer.model_path)
 
@@ -490,10 +586,11 @@ def _check_batch_memory(s: TrainSettings) -> None:
     """A batch's token windows (int32, and the copies the steps make of them) must fit: an
     absurd --batch-size is refused here, before NumPy runs out of memory building one. The
     model's own tensors are checked by its memory guard when it sizes them."""
-    need = 3 * s.batch_size * (s.seq_len + 1) * 4
+    seq_len = s.seq_len or DEFAULT_SEQ_LEN
+    need = 3 * s.batch_size * (seq_len + 1) * 4
     available = _core.available_memory()
     if need > available:
-        raise ValueError(f"out of memory: a batch of {s.batch_size} x {s.seq_len + 1} tokens needs "
+        raise ValueError(f"out of memory: a batch of {s.batch_size} x {seq_len + 1} tokens needs "
                          f"{need / 2**30:.2f} GiB ({need} bytes) but {available / 2**30:.2f} GiB "
                          f"({available} bytes) are available")
 
@@ -512,7 +609,9 @@ def _trainer_state(trainer: dict, path: str) -> dict:
             field("loss_avg", (int, float), math.isfinite),
             "skipped": [int(b) for b in field("skipped", list, lambda v: all(
                 isinstance(b, int) and not isinstance(b, bool) and 0 <= b < 2**62 for b in v))],
-            "settings": field("settings", dict)}
+            "settings": field("settings", dict),
+            "wall_s": 0.0 if trainer.get("wall_s") is None else field("wall_s", (int, float),
+                                                                      lambda v: math.isfinite(v) and v >= 0)}
 
 
 class _IdleExperts:
@@ -587,16 +686,72 @@ def _data_share(mesh, rows: np.ndarray) -> np.ndarray:
     return rows[mesh.data_index * n:(mesh.data_index + 1) * n]
 
 
-def _tokenizer(s: TrainSettings, log) -> Tokenizer:
+def _tokenizer(s: TrainSettings, corpus: list[str], log) -> Tokenizer:
     path = s.tokenizer or os.path.join(s.out, "tokenizer.model")
     if os.path.exists(path):
         return Tokenizer(path)
     if s.tokenizer:
         raise ValueError(f"no tokenizer model at {s.tokenizer}")
-    files, skipped = text_files(s.corpus)
+    files, skipped = text_files(corpus)
     log(f"training a {s.vocab_size}-token tokenizer on {len(files)} files"
         + (f" ({len(skipped)} binary files left out)" if skipped else ""))
-    return Tokenizer.train_on_files(files, s.vocab_size, path)
+    tokenizer = Tokenizer.train_on_files(files, s.vocab_size, path)
+    if tokenizer.vocab_size < s.vocab_size:
+        log(f"the corpus is small: its tokenizer has {tokenizer.vocab_size} tokens (of the {s.vocab_size} asked)")
+    return tokenizer
+
+
+def _fitting_seq_len(cache: TokenCache, s: TrainSettings, log) -> int:
+    """DEFAULT_SEQ_LEN (or an explicit max_seq_len below it), halved until both splits of the
+    corpus hold a window: a small corpus trains, on shorter sequences (said in the log)."""
+    wanted = min(DEFAULT_SEQ_LEN, s.overrides.get("max_seq_len", DEFAULT_SEQ_LEN))
+    seq_len = fitting_seq_len(cache, wanted, s.seed)
+    if seq_len < wanted:
+        log(f"the corpus is small ({len(cache.tokens)} tokens): training on sequences of {seq_len} tokens "
+            f"(--seq-len) instead of {wanted}")
+    return seq_len
+
+
+def _check_texts(texts) -> None:
+    """texts: a non-empty list (or tuple) of strings."""
+    if not isinstance(texts, (list, tuple)):
+        raise TypeError(f"texts must be a list of strings (the documents), got a {type(texts).__name__}")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"texts[{i}] is a {type(text).__name__}, not a string")
+    if not texts:
+        raise ValueError("texts is empty: give at least one document")
+
+
+def _write_texts(folder: str, texts: list[str]) -> None:
+    """``texts`` as the only files of ``folder``: written beside it, then put in its place."""
+    fresh = f"{folder}.tmp-{os.getpid()}"
+    if os.path.exists(fresh):
+        shutil.rmtree(fresh)
+    os.makedirs(fresh)
+    for i, text in enumerate(texts):
+        with open(os.path.join(fresh, f"text-{i:06d}.txt"), "w", encoding="utf-8") as f:
+            f.write(text)
+    if os.path.exists(folder):
+        shutil.rmtree(folder)
+    os.rename(fresh, folder)
+
+
+def _check_callback(callback) -> None:
+    """callback(step, metrics) must be callable so (checked before anything is trained)."""
+    if callback is None:
+        return
+    if not callable(callback):
+        raise TypeError(f"callback must be a function called as callback(step, metrics), got {callback!r}")
+    try:
+        signature = inspect.signature(callback)
+    except (TypeError, ValueError):  # no signature to read (some builtins): called as it is
+        return
+    try:
+        signature.bind(0, {})
+    except TypeError as e:
+        raise TypeError(f"callback must accept (step, metrics), but {getattr(callback, '__name__', callback)}"
+                        f"{signature} does not: {e}") from None
 
 
 def _optimizer(s: TrainSettings, model: PaLM):

@@ -39,6 +39,7 @@ from palmcore import _core, checkpoint, checks, runfolder, schedules
 from palmcore.config import PaLMConfig
 from palmcore.data import PackedDataset, TokenCache, fitting_seq_len, stdlib_files, text_files
 from palmcore.distributed import Mesh, launched_by_mpi
+from palmcore.files import read_json_object
 from palmcore.model import PaLM
 from palmcore.optim import Adafactor, AdamW
 from palmcore.plan import MeshShape
@@ -227,9 +228,9 @@ def _with_the_runs_settings(out: str, run_fields: dict, model_fields: dict) -> t
     latest = checkpoint.latest(os.path.join(out, "checkpoints"))
     if latest is None:
         return run_fields, model_fields
-    stored = _trainer_state(checkpoint._read_json_object(os.path.join(latest, "trainer.json")),
+    stored = _trainer_state(read_json_object(os.path.join(latest, "trainer.json")),
                             os.path.join(latest, "trainer.json"))["settings"]
-    config = PaLMConfig.from_dict(checkpoint._read_json_object(os.path.join(latest, "config.json"))).to_dict()
+    config = PaLMConfig.from_dict(read_json_object(os.path.join(latest, "config.json"))).to_dict()
     differences = _differences(stored, run_fields) + [
         f"--set {k}={json.dumps(v)} given, the run has {k}={json.dumps(config[k])}"
         for k, v in model_fields.items() if k in config and config[k] != v]

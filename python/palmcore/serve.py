@@ -458,6 +458,18 @@ def serve(checkpoint_path: str, host: str = "127.0.0.1", port: int = 8000, slots
         raise RuntimeError("palmcore serve needs FastAPI and uvicorn: pip install 'palmcore[serve]'")
     from palmcore.text import load  # noqa: PLC0415
 
+    api_key = resolve_api_key(api_key, host)
+    template = ChatTemplate.from_file(chat_template) if chat_template is not None else None
+    model, tokenizer = on_passing_thread(load, checkpoint_path, device, precision)
+    template = template or run_template(os.path.dirname(tokenizer.model_path))
+    name = os.path.basename(os.path.normpath(checkpoint_path))
+    uvicorn.run(make_app(model, tokenizer, name, slots, queue, template, api_key), host=host, port=port,
+                log_level="warning")
+
+
+def resolve_api_key(api_key: str | None, host: str) -> str | None:
+    """The key to require: ``api_key``, else $PALMCORE_API_KEY, else None, with a warning on stderr
+    when ``host`` reaches beyond loopback without one."""
     if api_key is None and "PALMCORE_API_KEY" in os.environ:
         try:
             api_key = check_api_key(os.environ["PALMCORE_API_KEY"])
@@ -468,12 +480,7 @@ def serve(checkpoint_path: str, host: str = "127.0.0.1", port: int = 8000, slots
     if api_key is None and not _loopback(host):
         print(f"palmcore serve: warning: listening on {host} without an API key: anyone who can reach it can use "
               "it (--api-key or PALMCORE_API_KEY)", file=sys.stderr)
-    template = ChatTemplate.from_file(chat_template) if chat_template is not None else None
-    model, tokenizer = on_passing_thread(load, checkpoint_path, device, precision)
-    template = template or run_template(os.path.dirname(tokenizer.model_path))
-    name = os.path.basename(os.path.normpath(checkpoint_path))
-    uvicorn.run(make_app(model, tokenizer, name, slots, queue, template, api_key), host=host, port=port,
-                log_level="warning")
+    return api_key
 
 
 def _loopback(host: str) -> bool:

@@ -41,9 +41,9 @@ def reference(run_dir):
 
 
 class Server:
-    def __init__(self, run_dir, slots, queue):
+    def __init__(self, run_dir, slots, queue, **options):
         model, tokenizer = palmcore.load(run_dir)
-        self.app = make_app(model, tokenizer, "tiny", slots, queue)
+        self.app = make_app(model, tokenizer, "tiny", slots, queue, **options)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]

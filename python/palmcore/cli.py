@@ -231,7 +231,8 @@ def serve(args: argparse.Namespace) -> None:
         raise RuntimeError("palmcore serve needs FastAPI and uvicorn: pip install 'palmcore[serve]'")
     if args.threads:
         palmcore.set_num_threads(args.threads)
-    server.serve(args.checkpoint, args.host, args.port, args.slots, args.queue, args.device, args.precision)
+    server.serve(args.checkpoint, args.host, args.port, args.slots, args.queue, args.device, args.precision,
+                 args.chat_template, args.api_key)
 
 
 _SIZE_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
@@ -415,6 +416,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_srv.add_argument("--threads", type=thread_count, default=0)
     p_srv.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (see palmcore info)")
     p_srv.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p_srv.add_argument("--chat-template", metavar="FILE",
+                       help="a Jinja chat template for /v1/chat/completions (default: the run's, else a plain one)")
+    p_srv.add_argument("--api-key", metavar="KEY",
+                       help="require 'Authorization: Bearer KEY' (default: $PALMCORE_API_KEY, if set)")
     p_exp = sub.add_parser("export", help="a checkpoint as a Hugging Face model directory (CohereForCausalLM)")
     p_exp.add_argument("--checkpoint", default="runs/default",
                        help="a run folder, its checkpoints folder or one checkpoint (default: runs/default)")

@@ -42,6 +42,7 @@ import shutil
 import numpy as np
 
 from palmcore import checkpoint
+from palmcore.chat import DEFAULT_TEMPLATE, MAX_TEMPLATE_BYTES, RUN_TEMPLATE, ChatTemplate, run_template
 from palmcore.config import PaLMConfig
 from palmcore.files import publish_directory, read_json_object, recover_directory
 from palmcore.tensorfile import load_file, read_header, save_file
@@ -168,7 +169,7 @@ def _refuse_sparse(fields, where: str) -> None:
 
 
 def export_hf(model, tokenizer, out: str, dtype: str = "float32", max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-              overwrite: bool = False) -> str:
+              overwrite: bool = False, chat_template: str | None = None) -> str:
     """Write ``model`` (a palmcore.PaLM) and ``tokenizer`` (a palmcore.Tokenizer, or None for the
     weights alone) to the directory ``out`` as a Hugging Face ``CohereForCausalLM`` that
     ``transformers.AutoModelForCausalLM.from_pretrained(out)`` and
@@ -176,7 +177,8 @@ def export_hf(model, tokenizer, out: str, dtype: str = "float32", max_shard_byte
     (exact) or "bf16" (rounded to nearest even). Weights above ``max_shard_bytes`` are split
     into shards with an index. An existing non-empty ``out`` is refused unless ``overwrite``, and
     so is an ``out`` that is, contains or lies inside the run the tokenizer belongs to (or its
-    file). Returns ``out``."""
+    file). ``chat_template``: the Jinja source stored as tokenizer_config.json's ``chat_template``
+    (None: palmcore.chat's default). Returns ``out``."""
     from palmcore.model import PaLM  # noqa: PLC0415
 
     if not isinstance(model, PaLM):
@@ -204,7 +206,7 @@ def export_hf(model, tokenizer, out: str, dtype: str = "float32", max_shard_byte
         _write_json(os.path.join(tmp, "generation_config.json"),
                     {"bos_token_id": BOS_ID, "eos_token_id": EOD_ID, "pad_token_id": PAD_ID, **_SAMPLING})
         if tokenizer is not None:
-            write_tokenizer(tokenizer, tmp, config.max_seq_len)
+            write_tokenizer(tokenizer, tmp, config.max_seq_len, chat_template or DEFAULT_TEMPLATE)
 
     _write_directory(out, write, overwrite)
     return out
@@ -213,8 +215,9 @@ def export_hf(model, tokenizer, out: str, dtype: str = "float32", max_shard_byte
 def export_checkpoint(path: str, out: str, dtype: str = "float32", max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
                       overwrite: bool = False) -> str:
     """:func:`export_hf` of a palmcore checkpoint (a run folder, its checkpoints folder or one
-    checkpoint), with its tokenizer.model when it has one. An ``out`` that is, contains or lies
-    inside the run (symlinks resolved) is refused: replacing it would delete the run."""
+    checkpoint), with its tokenizer.model when it has one and its run's chat template. An ``out``
+    that is, contains or lies inside the run (symlinks resolved) is refused: replacing it would
+    delete the run."""
     found = _find_checkpoint(path)
     for source in (_run_of(found), path):
         _refuse_out_overlapping(out, source, "the run being exported")
@@ -223,7 +226,8 @@ def export_checkpoint(path: str, out: str, dtype: str = "float32", max_shard_byt
     ck = checkpoint.load(found, with_optimizer=False)
     tok_path = os.path.join(ck.path, "tokenizer.model")
     tokenizer = Tokenizer(tok_path) if os.path.exists(tok_path) else None
-    return export_hf(ck.model, tokenizer, out, dtype, max_shard_bytes, overwrite)
+    template = run_template(ck.path)
+    return export_hf(ck.model, tokenizer, out, dtype, max_shard_bytes, overwrite, template and template.source)
 
 
 def _find_checkpoint(path: str) -> str:
@@ -375,8 +379,9 @@ def tokenizer_json(tokenizer: Tokenizer) -> dict:
     }
 
 
-def write_tokenizer(tokenizer: Tokenizer, directory: str, max_length: int) -> None:
-    """tokenizer.json, tokenizer_config.json, special_tokens_map.json and tokenizer.model."""
+def write_tokenizer(tokenizer: Tokenizer, directory: str, max_length: int, chat_template: str) -> None:
+    """tokenizer.json, tokenizer_config.json (with ``chat_template``), special_tokens_map.json and
+    tokenizer.model."""
     _write_json(os.path.join(directory, "tokenizer.json"), tokenizer_json(tokenizer))
     specials = {"bos_token": _SPECIALS[BOS_ID], "eos_token": _SPECIALS[EOD_ID], "unk_token": _SPECIALS[UNK_ID],
                 "pad_token": _SPECIALS[PAD_ID]}
@@ -390,6 +395,7 @@ def write_tokenizer(tokenizer: Tokenizer, directory: str, max_length: int) -> No
         "clean_up_tokenization_spaces": False,
         "model_max_length": max_length,
         "padding_side": "left",
+        "chat_template": chat_template,
         "palmcore": {"format": FORMAT, "note": "SentencePiece (tokenizer.model) with palmcore's U+2581 escape; "
                                                "texts are preceded by </s> (end of document) when "
                                                "add_special_tokens is on"},
@@ -608,6 +614,7 @@ def import_hf(path: str, out: str | None = None, tokenizer: str | None = None, o
     tensors = read_hf_tensors(path)
     _check_hf_tensors(path, config, tensors)
     params = from_hf_tensors(config, tensors)
+    chat_template = _hf_chat_template(path) if out is not None else None
     if factor != 1.0:
         params["final_norm.scale"] = (params["final_norm.scale"].astype(np.float64) * factor).astype(np.float32)
     model = PaLM(config, seed=0, device=device)
@@ -624,11 +631,38 @@ def import_hf(path: str, out: str | None = None, tokenizer: str | None = None, o
                 shutil.copyfile(tok.model_path, tok_copy)
             checkpoint.save(os.path.join(tmp, "checkpoints"), model, opt, trainer, step=0, keep=1,
                             tokenizer_path=tok_copy)
+            if chat_template is not None:
+                with open(os.path.join(tmp, RUN_TEMPLATE), "w", encoding="utf-8") as f:
+                    f.write(chat_template)
 
         _write_directory(out, write, overwrite=True)  # (an empty out only: checked above)
         if tok is not None:
             tok = Tokenizer(os.path.join(out, "tokenizer.model"))
     return model, tok
+
+
+def _hf_chat_template(path: str) -> str | None:
+    """The chat template a Hugging Face directory holds (chat_template.jinja, or tokenizer_config.json's
+    chat_template: a string, or the one named "default" of a list), verbatim; None if it has none."""
+    jinja = os.path.join(path, RUN_TEMPLATE)
+    if os.path.lexists(jinja):
+        return ChatTemplate.from_file(jinja).source
+    config_path = os.path.join(path, "tokenizer_config.json")
+    if not os.path.lexists(config_path):
+        return None
+    if not os.path.isfile(config_path) or os.path.getsize(config_path) > 64 * MAX_TEMPLATE_BYTES:
+        raise ValueError(f"{config_path} is not a regular file of at most {64 * MAX_TEMPLATE_BYTES} bytes")
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            template = json.load(f).get("chat_template")
+    except (ValueError, RecursionError, AttributeError) as e:
+        raise ValueError(f"{config_path} is damaged: not a JSON object ({type(e).__name__})") from None
+    if isinstance(template, list):  # transformers' named templates
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                        None)
+    if template is not None and not isinstance(template, str):
+        raise ValueError(f"{config_path}: chat_template must be a string or a list of named templates")
+    return template
 
 
 def finetune_command(config: PaLMConfig, out: str) -> str:

@@ -2,27 +2,34 @@
 
     palmcore serve --checkpoint runs/default --port 8000
 
-POST /v1/completions, GET /v1/models, GET /health, GET /metrics (Prometheus text). Needs the
-``serve`` extra (FastAPI, uvicorn). Handlers only check requests, decode text and relay the
-engine's tokens; the model runs on the engine's thread alone.
+POST /v1/completions, POST /v1/chat/completions (messages rendered by a chat template, palmcore.chat),
+GET /v1/models, GET /health, GET /metrics (Prometheus text). With an API key every path but /health
+needs ``Authorization: Bearer KEY``. Needs the ``serve`` extra (FastAPI, uvicorn, jinja2). Handlers
+only check requests, decode text and relay the engine's tokens; the model runs on the engine's
+thread alone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
+import ipaddress
 import json
 import os
 import secrets
+import sys
 import time
 import uuid
 
+from palmcore.chat import ChatTemplate, check_messages, run_template
 from palmcore.engine import Engine, QueueFull, Sequence, on_passing_thread
 from palmcore.generation import sampling_settings
 from palmcore.text import cut_at_stops, prompt_ids
 from palmcore.tokenizer import EOD_ID
 
 try:
+    import jinja2  # noqa: F401 (palmcore.chat's templates)
     import uvicorn
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -31,6 +38,7 @@ except ImportError:  # palmcore serve says which extra to install
 
 _FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "stop",
            "stop_token_ids", "seed", "n", "stream", "stream_options", "logprobs", "user"}
+_CHAT_FIELDS = (_FIELDS - {"prompt", "logprobs"}) | {"messages", "max_completion_tokens"}
 
 
 class BadRequest(Exception):
@@ -190,9 +198,103 @@ class Choice:
         return {k: v[start:] for k, v in self.lp.items()}
 
 
-def make_app(model, tokenizer, model_name: str, slots: int = 16, queue: int = 64):
+class TextForm:
+    """/v1/completions: the request as it comes, choices as texts."""
+    prefix, object, chunk_object = "cmpl", "text_completion", "text_completion"
+
+    def body(self, body: dict) -> dict:
+        return body
+
+    def choice(self, c: Choice) -> dict:
+        return {"index": c.index, "text": c.text, "logprobs": c.logprobs_since(0), "finish_reason": c.finish}
+
+    def opening(self, choices: list[Choice]) -> list[dict]:
+        return []
+
+    def delta(self, c: Choice, piece: str, start: int) -> dict | None:
+        if piece or c.finish or c.logprobs is not None:
+            return {"index": c.index, "text": piece, "logprobs": c.logprobs_since(start), "finish_reason": c.finish}
+        return None
+
+
+class ChatForm:
+    """/v1/chat/completions: the messages rendered by a chat template into a completions request;
+    choices as assistant messages, streamed as deltas (the role, then the content, then the
+    finish reason)."""
+    prefix, object, chunk_object = "chatcmpl", "chat.completion", "chat.completion.chunk"
+
+    def __init__(self, template: ChatTemplate):
+        self.template = template
+
+    def body(self, body: dict) -> dict:
+        unknown = sorted(set(body) - _CHAT_FIELDS)
+        if unknown:
+            raise BadRequest(f"unknown or unsupported field '{unknown[0]}'", unknown[0])
+        if "max_tokens" in body and "max_completion_tokens" in body:
+            raise BadRequest("give max_completion_tokens or max_tokens, not both", "max_completion_tokens")
+        try:
+            prompt = self.template.render(check_messages(body.get("messages")))
+        except ValueError as e:
+            raise BadRequest(str(e), "messages") from None
+        request = {k: v for k, v in body.items() if k not in ("messages", "max_completion_tokens")}
+        if "max_completion_tokens" in body:
+            request["max_tokens"] = body["max_completion_tokens"]
+        return {**request, "prompt": prompt}
+
+    def choice(self, c: Choice) -> dict:
+        return {"index": c.index, "message": {"role": "assistant", "content": c.text}, "logprobs": None,
+                "finish_reason": c.finish}
+
+    def opening(self, choices: list[Choice]) -> list[dict]:
+        return [{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                 "finish_reason": None} for c in choices]
+
+    def delta(self, c: Choice, piece: str, start: int) -> dict | None:
+        if piece or c.finish:
+            return {"index": c.index, "delta": {"content": piece} if piece else {}, "logprobs": None,
+                    "finish_reason": c.finish}
+        return None
+
+
+class RequireKey:
+    """ASGI middleware: every path but /health needs ``Authorization: Bearer KEY`` (compared in
+    constant time); otherwise 401 in OpenAI's format."""
+
+    def __init__(self, app, key: str):
+        self.app, self.key = app, key.encode("ascii")
+
+    def allows(self, headers) -> bool:
+        given = [v for k, v in headers if k.lower() == b"authorization"]
+        scheme, _, token = given[0].strip().partition(b" ") if len(given) == 1 else (b"", b"", b"")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] != "/health":
+            if not self.allows(scope["headers"]):
+                response = error_response("a valid API key is required: send the header 'Authorization: Bearer "
+                                          "KEY'", 401, code="invalid_api_key")
+                response.headers["WWW-Authenticate"] = "Bearer"
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def check_api_key(key: str) -> str:
+    """``key`` if it can travel in an Authorization header: non-empty printable ASCII, no spaces."""
+    if not isinstance(key, str) or not key or not all("!" <= ch <= "~" for ch in key):
+        raise ValueError("the API key must be a non-empty string of printable ASCII characters without spaces")
+    return key
+
+
+def make_app(model, tokenizer, model_name: str, slots: int = 16, queue: int = 64,
+             chat_template: ChatTemplate | None = None, api_key: str | None = None):
+    """The server's ASGI app. ``chat_template``: how /v1/chat/completions renders messages (None:
+    palmcore.chat's default); ``api_key``: the key requests must carry (None: none)."""
     if FastAPI is None:
         raise RuntimeError("palmcore serve needs FastAPI and uvicorn: pip install 'palmcore[serve]'")
+    if api_key is not None:
+        check_api_key(api_key)
+    text_form, chat_form = TextForm(), ChatForm(chat_template or ChatTemplate())
     engine = Engine(model, slots, queue)
 
     @contextlib.asynccontextmanager
@@ -200,7 +302,9 @@ def make_app(model, tokenizer, model_name: str, slots: int = 16, queue: int = 64
         yield
         await asyncio.to_thread(engine.close)  # after uvicorn's graceful shutdown: drain, then stop
 
-    app = FastAPI(title="palmcore", docs_url=None, redoc_url=None, lifespan=lifespan)
+    app = FastAPI(title="palmcore", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    if api_key is not None:
+        app.add_middleware(RequireKey, key=api_key)
     app.state.engine = engine
     created = int(time.time())
     max_seq_len = model.config.max_seq_len
@@ -220,6 +324,13 @@ def make_app(model, tokenizer, model_name: str, slots: int = 16, queue: int = 64
 
     @app.post("/v1/completions")
     async def completions(request: Request):
+        return await respond(request, text_form)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await respond(request, chat_form)
+
+    async def respond(request: Request, form):
         try:
             raw = await request.body()
             try:
@@ -230,7 +341,7 @@ def make_app(model, tokenizer, model_name: str, slots: int = 16, queue: int = 64
                 raise BadRequest(f"the request body is not valid JSON: {e}") from None
             if not isinstance(body, dict):
                 raise BadRequest("the request body must be a JSON object")
-            req = Completion(body, tokenizer, max_seq_len, model_name, slots + queue)
+            req = Completion(form.body(body), tokenizer, max_seq_len, model_name, slots + queue)
         except BadRequest as e:
             return error_response(str(e), e.status, e.kind, e.param, e.code)
         loop = asyncio.get_running_loop()
@@ -250,7 +361,7 @@ def make_app(model, tokenizer, model_name: str, slots: int = 16, queue: int = 64
             engine.submit(sequences)
         except QueueFull as e:
             return error_response(str(e), 429, "rate_limit_exceeded", code="rate_limit_exceeded")
-        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+        head = {"id": f"{form.prefix}-{uuid.uuid4().hex}", "object": form.object, "created": int(time.time()),
                 "model": model_name}
 
         def usage():
@@ -287,20 +398,19 @@ def make_app(model, tokenizer, model_name: str, slots: int = 16, queue: int = 64
                 return error_response(str(e), 500, "server_error")
             finally:
                 engine.cancel(sequences)  # a client gone before the end frees its slots
-            return {**head, "choices": [{"index": c.index, "text": c.text, "logprobs": c.logprobs_since(0),
-                                         "finish_reason": c.finish} for c in choices], "usage": usage()}
+            return {**head, "choices": [form.choice(c) for c in choices], "usage": usage()}
 
         async def stream():
+            chunk_head = {**head, "object": form.chunk_object}
             try:
+                for opening in form.opening(choices):
+                    yield f"data: {json.dumps({**chunk_head, 'choices': [opening]})}\n\n"
                 async for c, start in updates():
-                    piece = c.take()
-                    if piece or c.finish or c.logprobs is not None:
-                        chunk = {**head, "choices": [{"index": c.index, "text": piece,
-                                                      "logprobs": c.logprobs_since(start),
-                                                      "finish_reason": c.finish}]}
-                        yield f"data: {json.dumps(chunk)}\n\n"
+                    delta = form.delta(c, c.take(), start)
+                    if delta is not None:
+                        yield f"data: {json.dumps({**chunk_head, 'choices': [delta]})}\n\n"
                 if req.include_usage:
-                    yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage()})}\n\n"
+                    yield f"data: {json.dumps({**chunk_head, 'choices': [], 'usage': usage()})}\n\n"
                 yield "data: [DONE]\n\n"
             except RuntimeError as e:
                 error = {"error": {"message": str(e), "type": "server_error", "param": None, "code": None}}
@@ -338,14 +448,46 @@ def prometheus(engine: Engine) -> str:
 
 
 def serve(checkpoint_path: str, host: str = "127.0.0.1", port: int = 8000, slots: int = 16, queue: int = 64,
-          device: str = "cpu", precision: str = "fp32") -> None:
+          device: str = "cpu", precision: str = "fp32", chat_template: str | None = None,
+          api_key: str | None = None) -> None:
     """Serve a checkpoint until SIGINT/SIGTERM: uvicorn stops accepting, waits for the requests
-    in flight, the engine stops, and uvicorn re-raises the signal (the process ends by it)."""
+    in flight, the engine stops, and uvicorn re-raises the signal (the process ends by it).
+    ``chat_template``: a Jinja file (default: the run's chat_template.jinja, else palmcore.chat's
+    default); ``api_key``: required of every request (default: $PALMCORE_API_KEY, if set)."""
     if FastAPI is None:
         raise RuntimeError("palmcore serve needs FastAPI and uvicorn: pip install 'palmcore[serve]'")
     from palmcore.text import load  # noqa: PLC0415
 
+    api_key = resolve_api_key(api_key, host)
+    template = ChatTemplate.from_file(chat_template) if chat_template is not None else None
     model, tokenizer = on_passing_thread(load, checkpoint_path, device, precision)
+    template = template or run_template(os.path.dirname(tokenizer.model_path))
     name = os.path.basename(os.path.normpath(checkpoint_path))
-    uvicorn.run(make_app(model, tokenizer, name, slots, queue), host=host, port=port, log_level="warning")
+    uvicorn.run(make_app(model, tokenizer, name, slots, queue, template, api_key), host=host, port=port,
+                log_level="warning")
+
+
+def resolve_api_key(api_key: str | None, host: str) -> str | None:
+    """The key to require: ``api_key``, else $PALMCORE_API_KEY, else None, with a warning on stderr
+    when ``host`` reaches beyond loopback without one."""
+    if api_key is None and "PALMCORE_API_KEY" in os.environ:
+        try:
+            api_key = check_api_key(os.environ["PALMCORE_API_KEY"])
+        except ValueError as e:
+            raise ValueError(f"PALMCORE_API_KEY: {e}") from None
+    elif api_key is not None:
+        check_api_key(api_key)
+    if api_key is None and not _loopback(host):
+        print(f"palmcore serve: warning: listening on {host} without an API key: anyone who can reach it can use "
+              "it (--api-key or PALMCORE_API_KEY)", file=sys.stderr)
+    return api_key
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
 

@@ -133,7 +133,7 @@ def test_32_concurrent_streams_get_their_own_tokens(server, reference):
 
 
 def test_disconnect_frees_the_slot(server):
-    before = server.metrics()['palmcore_requests_total{outcome="cancelled"}']
+    before = server.metrics()['palmcore_sequences_total{outcome="cancelled"}']
     body = {"model": "tiny", "prompt": "def", "max_tokens": 25, "stream": True, "seed": 1}
     engine = server.app.state.engine
     gate = Gate(engine)
@@ -146,7 +146,7 @@ def test_disconnect_frees_the_slot(server):
     while server.metrics()["palmcore_slots_busy"] != 0:
         assert time.monotonic() < deadline, "the slot was not freed"
         time.sleep(0.01)
-    assert server.metrics()['palmcore_requests_total{outcome="cancelled"}'] == before + 1
+    assert server.metrics()['palmcore_sequences_total{outcome="cancelled"}'] == before + 1
 
 
 class Gate:
@@ -172,6 +172,72 @@ class Gate:
         self.opened = True
         self.engine.cache = self.cache
         self.allowed.release(100)
+
+
+def wait_for(condition, what: str, seconds: float = 10):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+def test_a_prefill_fault_fails_only_its_request(server, reference):
+    """One request's prefill trips the memory guard while another decodes: the healthy one
+    completes as generate makes it, the faulty one gets its own error, the server serves on."""
+    _, tokenizer = reference
+    texts, _ = want(reference, [1] + tokenizer.encode("def"), max_tokens=12, seed=5)
+    healthy = {"model": "tiny", "prompt": "def", "max_tokens": 12, "seed": 5, **SAMPLING}
+    faulty = {"model": "tiny", "prompt": [5] * (reference[0].config.max_seq_len - 2), "max_tokens": 1}
+    engine, errors = server.app.state.engine, server.metrics()['palmcore_sequences_total{outcome="error"}']
+    gate, results = Gate(engine), {}
+    threads = [threading.Thread(target=lambda: results.update(healthy=post(server, healthy))),
+               threading.Thread(target=lambda: results.update(faulty=post(server, faulty)))]
+    try:
+        threads[0].start()
+        wait_for(lambda: engine.busy_slots == 1, "the healthy request was not admitted")
+        made = engine.metrics.generated_tokens
+        gate.release_one()  # the healthy prefill, before the limit
+        wait_for(lambda: engine.metrics.generated_tokens > made, "the healthy prefill did not run")
+        palmcore.set_memory_limit(palmcore._core.allocated_bytes() + 48 * 1024)  # a decode step fits (~32 KiB), a prefill not (> 64 KiB)
+        threads[1].start()
+        wait_for(lambda: engine.busy_slots + engine.queue_length == 2, "the faulty request was not queued")
+        gate.open()
+        for t in threads:
+            t.join(30)
+    finally:
+        gate.open()
+        palmcore.set_memory_limit(None)
+    assert results["healthy"].status_code == 200, results["healthy"].text
+    assert results["healthy"].json()["choices"][0]["text"] == texts[0]
+    assert results["faulty"].status_code == 500
+    assert "out of memory" in results["faulty"].json()["error"]["message"]
+    assert server.metrics()['palmcore_sequences_total{outcome="error"}'] == errors + 1
+    assert engine.busy_slots == 0 and post(server, healthy).json()["choices"][0]["text"] == texts[0]
+
+
+def test_a_stop_string_counts_as_stop(server, reference):
+    _, tokenizer = reference
+    texts, _ = want(reference, [1] + tokenizer.encode("def"), max_tokens=28, seed=4)
+    assert texts[0], "the seed's text is empty: choose another"
+    before = server.metrics()
+    engine, results = server.app.state.engine, []
+    gate = Gate(engine)
+    body = {"model": "tiny", "prompt": "def", "max_tokens": 28, "seed": 4, "stop": texts[0][:1], **SAMPLING}
+    thread = threading.Thread(target=lambda: results.append(post(server, body)))
+    try:
+        thread.start()
+        while thread.is_alive():  # a step at a time: the stop string ends it long before max_tokens
+            made = engine.metrics.generated_tokens
+            gate.release_one()
+            wait_for(lambda: engine.metrics.generated_tokens > made or not thread.is_alive(), "no step was made")
+    finally:
+        gate.open()
+    assert results[0].json()["choices"][0]["finish_reason"] == "stop"
+    wait_for(lambda: engine.busy_slots == 0, "the slot was not freed")
+    after = server.metrics()
+    for outcome, added in (("stop", 1), ("length", 0), ("cancelled", 0)):
+        key = f'palmcore_sequences_total{{outcome="{outcome}"}}'
+        assert after[key] == before[key] + added, outcome
 
 
 def post(server, body, content=None):
@@ -219,7 +285,7 @@ def test_429_when_slots_and_queue_are_full(run_dir):
         second.join(10)
         assert [r.status_code for r in results] == [200, 200]
         assert results[0].json()["choices"] == results[1].json()["choices"]
-        assert server.metrics()['palmcore_requests_total{outcome="rejected"}'] == 1
+        assert server.metrics()['palmcore_sequences_total{outcome="rejected"}'] == 1
     finally:
         server.close()
 

@@ -8,6 +8,9 @@ a request equals row ``row`` of ``model.generate([prompt] * n, seed=seed, ...)``
 
 Callers (the HTTP handlers) :meth:`Engine.submit` sequences and :meth:`Engine.cancel` them;
 tokens come back through each sequence's ``emit`` callback, called on the engine thread.
+
+A fault in the model (the memory guard refusing a prefill, NaN logits) fails the sequences whose
+model call or logits row it is, with their error; every other sequence runs on.
 """
 
 from __future__ import annotations
@@ -55,17 +58,20 @@ class Sequence:
     seen: list[int] = field(default_factory=list)  # distinct prompt + output tokens (penalty only)
     slot: int = -1
     fed: int = 0                 # prompt tokens already in the cache
-    cancelled: bool = False
+    stopped: str | None = None   # why the handler stopped it: "stop" (a stop string) or "cancelled"
     submitted: float = 0.0
 
 
 class Metrics:
     """Counters the engine keeps for /metrics (written on the engine thread, read anywhere)."""
 
+    # stop: an end token or a stop string; length: max_tokens; cancelled: the client went away (or
+    # its request failed); error: a model fault; rejected: refused by a full queue (429)
+    OUTCOMES = ("stop", "length", "cancelled", "error", "rejected")
     TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
     def __init__(self):
-        self.requests = collections.Counter()   # by outcome: finished, cancelled, error, rejected
+        self.sequences = collections.Counter()  # by outcome: see OUTCOMES
         self.prompt_tokens = 0
         self.generated_tokens = 0
         self.ttft_buckets = [0] * len(self.TTFT_BUCKETS)
@@ -115,7 +121,7 @@ class Engine:
             if self._stopping:
                 raise QueueFull("the server is shutting down")
             if len(self._active) + len(self._pending) + len(sequences) > self.slots + self.queue_limit:
-                self.metrics.requests["rejected"] += 1
+                self.metrics.sequences["rejected"] += len(sequences)
                 raise QueueFull(f"all {self.slots} slots are busy and the queue of {self.queue_limit} is full")
             now = time.monotonic()
             for s in sequences:
@@ -123,11 +129,12 @@ class Engine:
             self._pending.extend(sequences)
             self._cond.notify()
 
-    def cancel(self, sequences: list[Sequence]) -> None:
-        """Stop sequences (a disconnect, a stop string): their slots are freed at the next step."""
+    def cancel(self, sequences: list[Sequence], outcome: str = "cancelled") -> None:
+        """Stop sequences ("cancelled": a disconnect; "stop": a stop string): their slots are freed
+        at the next step. A sequence already ended keeps its outcome."""
         with self._cond:
             for s in sequences:
-                s.cancelled = True
+                s.stopped = s.stopped or outcome
             self._cond.notify()
 
     @property
@@ -161,36 +168,44 @@ class Engine:
                     s.slot = self._free.pop()
                     self._active.append(s)
                     admitted.append(s)
-            try:
-                for s in admitted:
-                    self.cache.reset(s.slot)
-                self._prefill(admitted)
-                self._decode([s for s in self._active if s.tokens and s not in admitted])
-            except Exception as e:  # a model fault fails the running requests, not the server
-                with self._cond:
-                    for s in self._active:
-                        s.emit("error", str(e))
-                        self._release(s, "error")
+            self._prefill(admitted)
+            self._decode([s for s in self._active if s.tokens and s not in admitted])
 
     def _drop_cancelled(self) -> None:
-        for s in [s for s in self._active if s.cancelled]:
-            self._release(s, "cancelled")
-        if any(s.cancelled for s in self._pending):
-            for s in [s for s in self._pending if s.cancelled]:
+        for s in [s for s in self._active if s.stopped]:
+            self._release(s, s.stopped)
+        if any(s.stopped for s in self._pending):
+            for s in [s for s in self._pending if s.stopped]:
                 self._pending.remove(s)
-                self.metrics.requests["cancelled"] += 1
+                self.metrics.sequences[s.stopped] += 1
 
     def _release(self, s: Sequence, outcome: str) -> None:
         self._active.remove(s)
         self._free.append(s.slot)
-        self.metrics.requests[outcome] += 1
+        self.metrics.sequences[outcome] += 1
+
+    def _fail(self, sequences: list[Sequence], error: Exception) -> None:
+        """A model fault that belongs to these sequences: each gets the error and leaves its slot."""
+        with self._cond:
+            for s in sequences:
+                if s in self._active:
+                    s.emit("error", str(error))
+                    self._release(s, "error")
 
     def _prefill(self, admitted: list[Sequence]) -> None:
-        todo = [s for s in admitted if not s.cancelled]
+        todo = [s for s in admitted if not s.stopped]
         for s in todo:
             self.metrics.prompt_tokens += len(s.prompt)
             if s.sampling["repetition_penalty"] != 1.0:
                 s.seen = sorted(set(s.prompt))
+        self._feed_prompts(todo)
+
+    def _feed_prompts(self, todo: list[Sequence]) -> None:
+        """The prompts into their (fresh) slots, several a call. A call that fails is retried one
+        prompt at a time, so that a fault fails only the prompt it belongs to."""
+        for s in todo:
+            self.cache.reset(s.slot)
+            s.fed = 0
         while todo:
             tokens, slots, ends = [], [], []
             for s in todo:
@@ -201,18 +216,31 @@ class Engine:
                 slots += [s.slot] * take
                 s.fed += take
                 ends.append(s)
-            logits = self.cache.feed(np.array(tokens, np.int32), np.array(slots, np.int32))
+            try:
+                logits = self.cache.feed(np.array(tokens, np.int32), np.array(slots, np.int32))
+            except Exception as e:  # a model fault fails its requests, not the server
+                if len(ends) == 1:
+                    self._fail(ends, e)
+                else:
+                    for s in ends:
+                        self._feed_prompts([s])
+                todo = [s for s in todo if s not in ends]
+                continue
             # one logits row per slot fed, in order; a prompt cut by the chunk samples after its last chunk
             whole = [i for i, s in enumerate(ends) if s.fed == len(s.prompt)]
             self._sample([ends[i] for i in whole], logits[whole])
             todo = [s for s in todo if s.fed < len(s.prompt)]
 
     def _decode(self, running: list[Sequence]) -> None:
-        running = [s for s in running if not s.cancelled]
+        running = [s for s in running if not s.stopped]
         if not running:
             return
-        logits = self.cache.feed(np.array([s.tokens[-1] for s in running], np.int32),
-                                 np.array([s.slot for s in running], np.int32))
+        try:
+            logits = self.cache.feed(np.array([s.tokens[-1] for s in running], np.int32),
+                                     np.array([s.slot for s in running], np.int32))
+        except Exception as e:  # the step of every running sequence failed
+            self._fail(running, e)
+            return
         self._sample(running, logits)
 
     def _sample(self, sequences: list[Sequence], logits: np.ndarray) -> None:
@@ -221,11 +249,12 @@ class Engine:
             return
         chosen = _core.sample_rows(logits, [s.row for s in sequences], [len(s.tokens) for s in sequences],
                                            [s.seen for s in sequences], [s.sampling for s in sequences])
-        if chosen.min() < 0:
-            raise RuntimeError(f"the logits hold NaN (at token {-1 - chosen.min()})")
         now = time.monotonic()
-        self.metrics.tokens_made(len(sequences))
+        self.metrics.tokens_made(int((chosen >= 0).sum()))
         for s, token, row in zip(sequences, chosen.tolist(), logits):
+            if token < 0:  # this row's logits hold NaN
+                self._fail([s], RuntimeError(f"the logits hold NaN (at token {-1 - token})"))
+                continue
             if not s.tokens:
                 self.metrics.first_token(now - s.submitted)
             s.tokens.append(token)
@@ -233,9 +262,10 @@ class Engine:
                 s.seen.append(token)
             s.emit("token", (token, _log_softmax(row) if s.logprobs else None))
             if token in s.stop_tokens or len(s.tokens) >= s.max_tokens:
-                s.emit("done", "stop" if token in s.stop_tokens else "length")
+                reason = "stop" if token in s.stop_tokens else "length"
+                s.emit("done", reason)
                 with self._cond:
-                    self._release(s, "finished")
+                    self._release(s, reason)
 
 
 def _log_softmax(z: np.ndarray) -> np.ndarray:

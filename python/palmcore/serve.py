@@ -382,8 +382,8 @@ def make_app(model, tokenizer, model_name: str, slots: int = 16, queue: int = 64
                 start = len(c.lp["token_logprobs"])
                 if kind == "token":
                     c.add(*value)
-                    if c.finish is not None:
-                        engine.cancel([sequences[index]])
+                    if c.finish is not None:  # a stop string: the sequence need not go on
+                        engine.cancel([sequences[index]], "stop")
                 else:
                     c.end(value)
                 if c.finish is not None:
@@ -425,9 +425,10 @@ def make_app(model, tokenizer, model_name: str, slots: int = 16, queue: int = 64
 
 def prometheus(engine: Engine) -> str:
     m = engine.metrics
-    lines = ["# HELP palmcore_requests_total Sequences by outcome.", "# TYPE palmcore_requests_total counter"]
-    for outcome in ("finished", "cancelled", "error", "rejected"):
-        lines.append(f'palmcore_requests_total{{outcome="{outcome}"}} {m.requests[outcome]}')
+    lines = ["# HELP palmcore_sequences_total Sequences (choices) by outcome.",
+             "# TYPE palmcore_sequences_total counter"]
+    for outcome in m.OUTCOMES:
+        lines.append(f'palmcore_sequences_total{{outcome="{outcome}"}} {m.sequences[outcome]}')
     lines += ["# TYPE palmcore_prompt_tokens_total counter", f"palmcore_prompt_tokens_total {m.prompt_tokens}",
               "# TYPE palmcore_generated_tokens_total counter",
               f"palmcore_generated_tokens_total {m.generated_tokens}",

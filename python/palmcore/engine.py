@@ -248,7 +248,7 @@ class Engine:
         if not sequences:
             return
         chosen = _core.sample_rows(logits, [s.row for s in sequences], [len(s.tokens) for s in sequences],
-                                           [s.seen for s in sequences], [s.sampling for s in sequences])
+                                   [s.seen for s in sequences], [s.sampling for s in sequences])
         now = time.monotonic()
         self.metrics.tokens_made(int((chosen >= 0).sum()))
         for s, token, row in zip(sequences, chosen.tolist(), logits):

@@ -161,8 +161,8 @@ def train(corpus=None, *, texts=None, out: str = "runs/default", steps: int | No
           resume: bool = False, force: bool = False, **fields) -> TrainResult:
     """Train a PaLM, as `palmcore train` does (the same defaults and checks), from Python:
 
-        result = palmcore.train("my_notes/", steps=500, d_model=128)
-        result = palmcore.train(texts=["first document", "second document"], steps=50)
+        result = palmcore.train("my_notes/", out="runs/notes", steps=500, d_model=128)
+        result = palmcore.train(texts=["first document", "second document"], out="runs/two", steps=50)
         print(result.metrics["val_bpb"]); palmcore.generate(result, "Once upon")
 
     ``corpus``: files, folders or globs (a string or a list; None and no ``texts``: the Python

@@ -261,6 +261,9 @@ void Model::set_precision(Precision precision, DType storage) {
   require(storage == DType::F32 || storage == DType::BF16, "the bf16 mode stores float32 or bfloat16");
   require(storage == DType::F32 || !sharded(),
           "bfloat16 storage on a sharded model is not supported (its collectives move float32)");
+  require(precision == Precision::FP32 || weight_format_ == WeightFormat::F32,
+          std::string("the bf16 mode computes with bf16 weights of its own: set the weight format (now ") +
+              weight_format_name(weight_format_) + ") back to fp32 first");
   if (precision == precision_ && storage == storage_) return;
   gemm_params_ = precision == Precision::BF16 ? Tensor::zeros(params_.shape(), storage, device_) : params_;
   gemm_weights_ = views_of(gemm_params_);
@@ -272,17 +275,76 @@ void Model::set_precision(Precision precision, DType storage) {
 }
 
 void Model::params_changed() {
+  if (weight_format_ != WeightFormat::F32) return refresh_compact_weights();
   if (!bf16()) return;
   copy(params_, gemm_params_);
   round_bf16(gemm_params_);
 }
 
 void Model::param_changed(const std::string& name) {
+  if (weight_format_ != WeightFormat::F32) return refresh_compact_weights(&name);
   if (!bf16()) return;
   const ParamInfo& p = info(name);
   Tensor copy_of = gemm_params_.view(p.offset, p.shape);
   copy(param(name), copy_of);
   round_bf16(copy_of);
+}
+
+void Model::set_weight_format(WeightFormat format) {
+  if (format == weight_format_) return;
+  require(format == WeightFormat::F32 || device_ == Device::CPU,
+          "compact decode weights are a CPU feature (a GPU model computes with bf16 weights in its bf16 mode)");
+  require(format == WeightFormat::F32 || !sharded(), "compact decode weights need an unsharded model");
+  require(format == WeightFormat::F32 || !bf16(),
+          "compact decode weights are weight-only, with float32 activations: set the precision to fp32 first");
+  weight_format_ = format;
+  compact_ = CompactWeights{};
+  decode_recording_.reset();
+  if (format == WeightFormat::F32) {
+    gemm_params_ = params_;
+    gemm_weights_ = weights_;
+    return;
+  }
+  gemm_params_ = Tensor::zeros(params_.shape(), DType::F32, device_);
+  gemm_weights_ = views_of(gemm_params_);
+  refresh_compact_weights();
+}
+
+void Model::refresh_compact_weights(const std::string* name) {
+  if (!name) {
+    copy(params_, gemm_params_);  // norms, routers and experts: their float32 values
+  } else {
+    const ParamInfo& p = info(*name);
+    Tensor copy_of = gemm_params_.view(p.offset, p.shape);
+    copy(param(*name), copy_of);
+  }
+  const WeightFormat f = weight_format_;
+  // the compact copy of parameter `spec` (and its values in gemm_params_), when it is the one to refresh
+  auto refresh = [&](const std::string& spec, const Tensor& w, bool transposed, Tensor& values, CompactWeight& c) {
+    if (!name || *name == spec) c = make_compact_weight(w, f, transposed, values);
+  };
+  refresh("embed", weights_.embed, true, gemm_weights_.embed, compact_.embed);
+  compact_.layers.resize(config_.n_layers);
+  for (int64_t i = 0; i < config_.n_layers; ++i) {
+    const std::string p = "layers." + std::to_string(i) + ".";
+    const LayerWeights& w = weights_.layers[i];
+    LayerWeights& out = gemm_weights_.layers[i];
+    CompactLayer& c = compact_.layers[i];
+    refresh(p + "attn.wq", w.wq, false, out.wq, c.wq);
+    refresh(p + "attn.wk", w.wk, false, out.wk, c.wk);
+    refresh(p + "attn.wv", w.wv, false, out.wv, c.wv);
+    refresh(p + "attn.wo", w.wo, false, out.wo, c.wo);
+    if (config_.sparse(i)) continue;
+    refresh(p + "mlp.w_gate", w.w_gate, false, out.w_gate, c.w_gate);
+    refresh(p + "mlp.w_up", w.w_up, false, out.w_up, c.w_up);
+    refresh(p + "mlp.w_down", w.w_down, false, out.w_down, c.w_down);
+  }
+}
+
+void Model::product(const Tensor& a, const Tensor& w, bool transposed, const CompactWeight& compact, Tensor& c,
+                    float alpha, float beta) const {
+  if (compact.values.defined() && a.dim(0) <= kCompactMaxRows) return matmul_compact(a, compact, c, alpha, beta);
+  matmul(a, false, w, transposed, c, alpha, beta);
 }
 
 void Model::bf16_point(Tensor& t) const {
@@ -644,15 +706,17 @@ void Model::run_forward(Activations& act, KVCache* cache) {
   embedding_forward(gemm_weights_.embed, act.tokens, act.x, vocab_first());
   if (sharded()) all_reduce(act.x);
   if (act.moe_stats.defined()) fill_zero(act.moe_stats);
+  static const CompactLayer kNoCompact;
   for (int64_t i = 0, sparse_index = 0; i < config_.n_layers; ++i) {
     const LayerWeights& w = gemm_weights_.layers[i];
+    const CompactLayer& cw = compact_.layers.empty() ? kNoCompact : compact_.layers[i];
     const bool sparse = config_.sparse(i);
     LayerActivations& a = act.layers[cache ? (sparse ? 1 : 0) : i];
     layernorm_forward(act.x, weights_.layers[i].norm, eps, a.h, a.xhat, a.rstd);
     bf16_point(a.h);
-    matmul(a.h, false, w.wq, false, a.q);
-    matmul(a.h, false, w.wk, false, a.k);
-    matmul(a.h, false, w.wv, false, a.v);
+    product(a.h, w.wq, false, cw.wq, a.q);
+    product(a.h, w.wk, false, cw.wk, a.k);
+    product(a.h, w.wv, false, cw.wv, a.v);
     bf16_point(a.q);
     bf16_point(a.k);
     bf16_point(a.v);
@@ -672,22 +736,22 @@ void Model::run_forward(Activations& act, KVCache* cache) {
     bf16_point(a.attn);
     if (sparse) {  // the parallel block with a mixture of experts: both branches add to x
       Tensor& out = sharded() ? act.branches : act.x;
-      matmul(a.attn, false, w.wo, false, out, 1.0f, sharded() ? 0.0f : 1.0f);
+      product(a.attn, w.wo, false, cw.wo, out, 1.0f, sharded() ? 0.0f : 1.0f);
       moe_forward(act, a, w, weights_.layers[i], sparse_index++, out);
       if (!sharded()) continue;
       all_reduce(act.branches);
       add_to(act.x, act.branches);
       continue;
     }
-    matmul(a.h, false, w.w_gate, false, a.gate);
-    matmul(a.h, false, w.w_up, false, a.up);
+    product(a.h, w.w_gate, false, cw.w_gate, a.gate);
+    product(a.h, w.w_up, false, cw.w_up, a.up);
     bf16_point(a.gate);
     bf16_point(a.up);
     swiglu_forward(a.gate, a.up, act.swiglu);
     bf16_point(act.swiglu);
     if (!sharded()) {
-      matmul(a.attn, false, w.wo, false, act.x, 1.0f, 1.0f);        // parallel block:
-      matmul(act.swiglu, false, w.w_down, false, act.x, 1.0f, 1.0f);  // both branches add to x
+      product(a.attn, w.wo, false, cw.wo, act.x, 1.0f, 1.0f);        // parallel block:
+      product(act.swiglu, w.w_down, false, cw.w_down, act.x, 1.0f, 1.0f);  // both branches add to x
       continue;
     }
     matmul(a.attn, false, w.wo, false, act.branches);
@@ -708,7 +772,7 @@ void Model::forward(const Tensor& tokens, Tensor& logits) {
   const float scale = 1.0f / std::sqrt(static_cast<float>(config_.d_model));
   if (!sharded()) {  // into the caller's tensor, through a device one when it lives elsewhere
     Tensor out = logits.device() == device_ ? logits : Tensor::zeros(logits.shape(), DType::F32, device_);
-    matmul(act_.final_h, false, gemm_weights_.embed, true, out, scale);
+    product(act_.final_h, gemm_weights_.embed, true, compact_.embed, out, scale);
     if (out.raw_data() != logits.raw_data()) copy(out, logits);
     return;
   }
@@ -923,7 +987,7 @@ Tensor Model::forward_cached(KVCache& cache, const Tensor& tokens, const Tensor&
     run_forward(a, &cache);
     // z = LN(x) @ embed^T / sqrt(D), for the wanted rows only (gathered like an embedding lookup)
     embedding_forward(a.final_h, wanted, h);
-    matmul(h, false, gemm_weights_.embed, true, logits, 1.0f / std::sqrt(static_cast<float>(config_.d_model)));
+    product(h, gemm_weights_.embed, true, compact_.embed, logits, 1.0f / std::sqrt(static_cast<float>(config_.d_model)));
   };
   const std::tuple<int64_t, int64_t, uint64_t, DType, KernelChoice> recorded_for{rows, n, cache.id, activation_dtype(),
                                                                                   kernel_choice()};

@@ -21,6 +21,7 @@ const char* dtype_name(DType dtype) {
     case DType::I32: return "int32";
     case DType::BF16: return "bfloat16";
     case DType::F64: return "float64";
+    case DType::I8: return "int8";
   }
   return "?";
 }
@@ -31,6 +32,7 @@ size_t dtype_size(DType dtype) {
     case DType::I32: return sizeof(int32_t);
     case DType::BF16: return sizeof(bf16);
     case DType::F64: return sizeof(double);
+    case DType::I8: return sizeof(int8_t);
   }
   return 0;
 }

@@ -58,6 +58,7 @@ py::array to_numpy(const Tensor& t) {
     case DType::I32: out = py::array_t<int32_t>(t.shape()); break;
     case DType::BF16: out = py::array_t<uint16_t>(t.shape()); break;
     case DType::F64: out = py::array_t<double>(t.shape()); break;
+    case DType::I8: out = py::array_t<int8_t>(t.shape()); break;
   }
   if (t.device() != Device::CPU) throw std::logic_error("to_numpy: the tensor is not on the host");
   std::memcpy(out.mutable_data(), t.raw_data(), t.nbytes());

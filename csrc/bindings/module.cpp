@@ -262,6 +262,19 @@ static void bind_model(py::module_& m) {
           py::arg("precision"), py::arg("storage") = py::none())
       .def("precision",
            [](LockedModel& self) { return self.model.precision() == Precision::BF16 ? "bf16" : "fp32"; })
+      // "fp32", "bf16" or "int8": the GEMM weights' form for decoding (palmcore/compact_weights.h)
+      .def("set_weight_format",
+           [](LockedModel& self, const std::string& name) {
+             WeightFormat format = WeightFormat::F32;
+             if (name == "bf16")
+               format = WeightFormat::BF16;
+             else if (name == "int8")
+               format = WeightFormat::Q8;
+             else if (name != "fp32")
+               throw std::invalid_argument("weights must be 'fp32', 'bf16' or 'int8', got '" + name + "'");
+             run_locked(self, [&] { self.model.set_weight_format(format); });
+           })
+      .def("weight_format", [](LockedModel& self) { return std::string(weight_format_name(self.model.weight_format())); })
       .def("activation_dtype", [](LockedModel& self) { return std::string(dtype_name(self.model.activation_dtype())); })
       .def("forward",
            [](LockedModel& self, const IntArray& tokens) {

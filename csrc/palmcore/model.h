@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "palmcore/communicator.h"
+#include "palmcore/compact_weights.h"
 #include "palmcore/ops.h"
 #include "palmcore/recording.h"
 #include "palmcore/tensor.h"
@@ -133,6 +134,17 @@ class Model {
   // or null in fp32. An optimizer that writes it in its update pass need not call params_changed().
   Tensor* rounded_params() { return bf16() ? &gemm_params_ : nullptr; }
 
+  // The GEMM weights' form for decoding (palmcore/compact_weights.h): F32, or a compact copy
+  // (BF16, Q8) of every dense layer's wq, wk, wv, wo, w_gate, w_up, w_down and of the embedding,
+  // kept beside the float32 parameters (which stay the master: training and state_dict see
+  // them). The model then computes with the weights' compact values w': products of a few rows
+  // (decode steps) read the compact copy, larger ones (prefill, training) a float32 copy of w'
+  // (the same values). Refreshed by params_changed / param_changed. CPU, unsharded, fp32
+  // precision only (the formats are weight-only: activations stay float32); a sparse layer's
+  // experts and router stay float32.
+  void set_weight_format(WeightFormat format);
+  WeightFormat weight_format() const { return weight_format_; }
+
   // An empty cache of `slots` sequences of up to `capacity` <= max_seq_len positions.
   KVCache make_cache(int64_t slots, int64_t capacity) const;
   // Incremental forward (prefill and decode alike). Row r of tokens [rows] (int32) continues the
@@ -152,6 +164,14 @@ class Model {
   struct Weights {
     Tensor embed, final_norm;
     std::vector<LayerWeights> layers;
+  };
+  // The compact copies of set_weight_format (a sparse layer's MLP weights are left empty).
+  struct CompactLayer {
+    CompactWeight wq, wk, wv, wo, w_gate, w_up, w_down;
+  };
+  struct CompactWeights {
+    CompactWeight embed;  // transposed: the logits are h Eᵀ
+    std::vector<CompactLayer> layers;
   };
   struct LayerActivations {
     Tensor xhat, rstd, h, q, k, v, attn, lse, gate, up;
@@ -188,6 +208,13 @@ class Model {
   };
 
   Weights views_of(const Tensor& flat) const;
+  // C = alpha · A @ op(W) + beta · C (op(W) = Wᵀ when transposed), W one of gemm_weights_:
+  // through its compact copy (when there is one) for a few rows of A, else the float32 GEMM.
+  void product(const Tensor& a, const Tensor& w, bool transposed, const CompactWeight& compact, Tensor& c,
+               float alpha = 1.0f, float beta = 0.0f) const;
+  // The compact copies and their float32 values in gemm_params_, made again from the parameters
+  // (from parameter *name alone when given).
+  void refresh_compact_weights(const std::string* name = nullptr);
   void prepare(int64_t batch, int64_t seq);
   // A new zero tensor on the model's device: float32, or of the bf16 mode's storage (the
   // activations run_forward rounds: bfloat16 or float32, activation_dtype()).
@@ -245,6 +272,8 @@ class Model {
   DType storage_ = DType::F32;
   Tensor gemm_params_;
   Weights gemm_weights_;
+  WeightFormat weight_format_ = WeightFormat::F32;
+  CompactWeights compact_;
   Tensor rope_cos_, rope_sin_;
   Activations act_, infer_;
   // forward_cached's device work (the layers and the logits), replayed as a CUDA graph while

@@ -17,7 +17,7 @@
 namespace palmcore {
 
 enum class Device { CPU, CUDA };
-enum class DType { F32, I32, BF16, F64 };
+enum class DType { F32, I32, BF16, F64, I8 };
 
 const char* device_name(Device device);
 const char* dtype_name(DType dtype);
@@ -34,6 +34,8 @@ template <>
 constexpr DType dtype_of<bf16>() { return DType::BF16; }
 template <>
 constexpr DType dtype_of<double>() { return DType::F64; }
+template <>
+constexpr DType dtype_of<int8_t>() { return DType::I8; }
 
 // One allocation on one device, freed when the last tensor viewing it goes away.
 class Buffer {

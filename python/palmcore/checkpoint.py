@@ -163,12 +163,12 @@ def latest(root: str) -> str | None:
 
 
 def load(path: str, config: PaLMConfig | None = None, mesh=None, with_optimizer: bool = True,
-         device: str = "cpu", precision: str = "fp32") -> Checkpoint:
+         device: str = "cpu", precision: str = "fp32", weights: str = "fp32") -> Checkpoint:
     """Load a checkpoint directory (or the newest complete one under a run's checkpoints
     folder). With ``config``, the checkpoint must have been written for that configuration.
     With ``mesh``, the model is laid out on it (whatever mesh wrote the checkpoint); it lives on
-    ``device`` and computes in ``precision`` (checkpoints hold float32 weights whatever device
-    and precision wrote them). A damaged
+    ``device`` and computes in ``precision`` with ``weights`` (PaLM.set_weights; checkpoints
+    hold float32 weights whatever device, precision and weights wrote them). A damaged
     or mismatched checkpoint raises ValueError naming the file and the problem, before any
     model is built."""
     if not os.path.exists(os.path.join(path, "model.safetensors")) and latest(path):
@@ -188,6 +188,7 @@ def load(path: str, config: PaLMConfig | None = None, mesh=None, with_optimizer:
     optimizer_state = _read_optimizer(opt_path, saved) if with_optimizer and os.path.exists(opt_path) else None
     model = PaLM(saved, seed=0, mesh=mesh, device=device, precision=precision)
     model.load_state_dict(tensors)
+    model.set_weights(weights)  # after the load: compacted once
     return Checkpoint(path, model, optimizer_state, trainer)
 
 

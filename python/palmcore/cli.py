@@ -196,7 +196,7 @@ def generate(args: argparse.Namespace) -> None:
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     repetition_penalty=args.repetition_penalty, seed=args.seed)
     sampling_settings(args.max_new_tokens, stop_tokens=(), **sampling)  # checked before anything is read
-    model, tokenizer = load_cached(args.checkpoint, args.device, args.precision)
+    model, tokenizer = load_cached(args.checkpoint, args.device, args.precision, args.weights)
 
     def continue_prompt(text: str) -> None:
         pieces = stream_text(model, tokenizer, text, args.max_new_tokens, **sampling)  # checks first
@@ -406,6 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_gen.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (see palmcore info)")
     p_gen.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                        help="bf16: PALM_SPEC mixed precision (bfloat16 activations and cache on a GPU)")
+    p_gen.add_argument("--weights", choices=["fp32", "bf16", "int8"], default="fp32",
+                       help="compact decode weights on the CPU (weight-only; activations float32): bf16 halves "
+                            "the bytes a decode step reads, int8 (per-32 scales, like Q8_0) nearly quarters them")
     p_srv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (continuous batching)")
     p_srv.add_argument("--checkpoint", default="runs/default",
                        help="a run folder, its checkpoints folder or one checkpoint (default: runs/default)")

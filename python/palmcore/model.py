@@ -26,12 +26,13 @@ class PaLM:
     """
 
     def __init__(self, config: PaLMConfig, seed: int = 0, mesh=None, device: str = "cpu",
-                 precision: str = "fp32"):
+                 precision: str = "fp32", weights: str = "fp32"):
         """``device``: "cpu", "cuda" (device 0, or on a ``mesh`` on GPUs this rank's GPU) or
         "cuda:N". A CUDA device that cannot be used raises RuntimeError saying why (palmcore
         built without CUDA, no driver, no device); so does a mesh whose communicators cannot
         work there (MPI for a model on the CPU, NCCL on GPUs: palmcore.Mesh's ``device``).
-        ``precision``: "fp32", or "bf16" (PALM_SPEC "Precision")."""
+        ``precision``: "fp32", or "bf16" (PALM_SPEC "Precision"). ``weights``: the GEMM
+        weights' form for decoding, "fp32", "bf16" or "int8" (see :meth:`set_weights`)."""
         if not isinstance(config, PaLMConfig):
             raise TypeError(f"config must be a PaLMConfig, got {type(config).__name__}")
         if not isinstance(device, str):
@@ -51,6 +52,7 @@ class PaLM:
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
         self._model.set_precision(precision)
+        self.set_weights(weights)
         self._names = self._model.param_names()
         # name -> (full shape, split axis or -1, offset of this rank's slice along it, offset in the flat buffer)
         self._layout = {n: tuple(self._model.param_layout(n)) for n in self._names}
@@ -70,6 +72,26 @@ class PaLM:
         """'fp32', or 'bf16': PALM_SPEC "Precision" mixed precision (float32 master weights,
         bf16 GEMM inputs, float32 accumulation); parameters and state_dict stay float32."""
         return self._model.precision()
+
+    @property
+    def weights(self) -> str:
+        """The GEMM weights' form for decoding: "fp32", "bf16" or "int8" (:meth:`set_weights`)."""
+        return self._model.weight_format()
+
+    def set_weights(self, weights: str) -> None:
+        """Compute with compact GEMM weights (weight-only: activations and sums stay float32):
+        "bf16" rounds each weight to bfloat16 (2 bytes), "int8" stores it as q · s with one
+        float32 scale s = max|w| / 127 per 32 weights along the reduction axis (1.125 bytes;
+        ggml's Q8_0 with a float32 scale), "fp32" (the default) is the weights themselves.
+        Decoding reads the compact copy, which is what makes it faster (a decode step reads
+        every weight once); prefill and training compute with the same values in float32. The
+        float32 parameters stay the master copy: :meth:`state_dict`, checkpoints and optimizer
+        steps see them, and every change is compacted again. CPU, unsharded and fp32 precision
+        only; a mixture of experts' experts and router stay float32. PALM_SPEC "Precision" is
+        unchanged: this is an inference option on top of it."""
+        if not isinstance(weights, str):
+            raise TypeError(f"weights must be 'fp32', 'bf16' or 'int8', got {type(weights).__name__}")
+        self._model.set_weight_format(weights)
 
     @property
     def device(self) -> str:

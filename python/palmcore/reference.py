@@ -57,6 +57,33 @@ def round_bf16(x):
     return np.where(np.isnan(f), f, out).astype(np.float64)
 
 
+def quantize_q8(w, transposed: bool = False):
+    """w' = q · s of the int8 decode weights (palmcore/compact_weights.h), as float32: per block of
+    32 consecutive weights along the reduction axis (down the rows of w [k, n]; along the rows of
+    w [n, k] when transposed), s = max|w| / 127 and q = round(w / s) in [-127, 127], ties to even,
+    all in float32 as the runtime computes them (an all-zero block gives zeros)."""
+    w = np.asarray(w, dtype=np.float32)
+    w = w.T if transposed else w
+    out = np.zeros_like(w)
+    for first in range(0, w.shape[0], 32):
+        block = w[first:first + 32]
+        scale = np.abs(block).max(axis=0) / np.float32(127)
+        safe = np.where(scale == 0, np.float32(1), scale)
+        q = np.clip(np.rint(block / safe), -127, 127).astype(np.float32)
+        out[first:first + 32] = np.where(scale == 0, np.float32(0), q * scale)
+    return out.T if transposed else out
+
+
+def compact_weights(params: dict, weights: str) -> dict:
+    """The float32 parameters as PaLM.set_weights(weights) computes with them: the dense layers'
+    GEMM weights and the embedding through bf16 rounding or quantize_q8, the rest unchanged."""
+    gemm = ("attn.wq", "attn.wk", "attn.wv", "attn.wo", "mlp.w_gate", "mlp.w_up", "mlp.w_down")
+    convert = {"fp32": lambda w, t: np.asarray(w, np.float32),
+               "bf16": lambda w, t: round_bf16(w).astype(np.float32), "int8": quantize_q8}[weights]
+    return {n: convert(w, n == "embed") if n == "embed" or n.endswith(gemm) else np.asarray(w, np.float32)
+            for n, w in params.items()}
+
+
 def _identity(x):
     return x
 

@@ -18,12 +18,13 @@ from palmcore.generation import sampling_settings
 from palmcore.tokenizer import EOD_ID, Tokenizer
 
 
-def load(path: str, device: str = "cpu", precision: str = "fp32"):
+def load(path: str, device: str = "cpu", precision: str = "fp32", weights: str = "fp32"):
     """(model, tokenizer) from a run folder, its checkpoints folder or one checkpoint; the model
-    on ``device`` ("cpu", "cuda", "cuda:N"), computing in ``precision`` ("fp32" or "bf16")."""
+    on ``device`` ("cpu", "cuda", "cuda:N"), computing in ``precision`` ("fp32" or "bf16") with
+    ``weights`` ("fp32", or compact decode weights "bf16" / "int8": PaLM.set_weights)."""
     for candidate in (path, os.path.join(path, "checkpoints")):
         if checkpoint.is_checkpoint(candidate) or checkpoint.latest(candidate):
-            ck = checkpoint.load(candidate, with_optimizer=False, device=device, precision=precision)
+            ck = checkpoint.load(candidate, with_optimizer=False, device=device, precision=precision, weights=weights)
             tok_path = os.path.join(ck.path, "tokenizer.model")
             if not os.path.exists(tok_path):
                 raise ValueError(f"checkpoint {ck.path} holds no tokenizer.model")
@@ -40,16 +41,17 @@ def load(path: str, device: str = "cpu", precision: str = "fp32"):
 _loaded: dict = {}
 
 
-def load_cached(path: str, device: str = "cpu", precision: str = "fp32"):
-    """load(path, device, precision), kept while the newest checkpoint under path stays the same."""
+def load_cached(path: str, device: str = "cpu", precision: str = "fp32", weights: str = "fp32"):
+    """load(path, device, precision, weights), kept while the newest checkpoint under path stays
+    the same."""
     key = os.path.realpath(path)
     if not os.path.exists(key):
         raise ValueError(f"no palmcore checkpoint at {path}: it does not exist")
     newest = checkpoint.latest(key) or checkpoint.latest(os.path.join(key, "checkpoints")) or key
-    stamp = (newest, os.path.getmtime(newest), device, precision)
+    stamp = (newest, os.path.getmtime(newest), device, precision, weights)
     if _loaded.get(key, (None,))[0] != stamp:
         _loaded.clear()
-        _loaded[key] = (stamp, load(key, device, precision))
+        _loaded[key] = (stamp, load(key, device, precision, weights))
     return _loaded[key][1]
 
 
@@ -60,7 +62,7 @@ def prompt_ids(tokenizer: Tokenizer, text: str) -> list[int]:
 
 def generate(model_or_run, prompt, *, max_new_tokens: int = 80, temperature: float = 0.8, top_k: int = 40,
              top_p: float = 0.95, repetition_penalty: float = 1.0, stop=None, seed: int = 0, stream: bool = False,
-             device: str = "cpu", precision: str = "fp32"):
+             device: str = "cpu", precision: str = "fp32", weights: str = "fp32"):
     """Continue text with a trained model: a string in, a string out (a list for a list).
 
         palmcore.generate("runs/default", "def fibonacci(")               # a run folder
@@ -68,13 +70,13 @@ def generate(model_or_run, prompt, *, max_new_tokens: int = 80, temperature: flo
         for piece in palmcore.generate((model, tokenizer), "x = ", stream=True): print(piece, end="")
 
     ``model_or_run``: a run folder, its checkpoints folder or one checkpoint (loaded on ``device``
-    in ``precision``, and kept while its newest checkpoint stays the same), a palmcore.train
+    in ``precision`` with ``weights``, and kept while its newest checkpoint stays the same), a palmcore.train
     result, or a ``(model, tokenizer)`` pair. Sampling follows PALM_SPEC "Sampling"
     (``temperature=0``: greedy; row i of a list draws from (seed, i, step)). A continuation ends
     at the end-of-document token, at ``max_new_tokens``, or at ``stop``: a string, a token id,
     or a list of them (the stop itself is not returned; strings are cut from the text).
     ``stream=True`` (one prompt) yields the text as it is made, in whole characters."""
-    model, tokenizer = resolve_model(model_or_run, device, precision)
+    model, tokenizer = resolve_model(model_or_run, device, precision, weights)
     stop_strings, stop_tokens = _stops(stop)
     settings = sampling_settings(max_new_tokens, temperature, top_k, top_p, repetition_penalty,
                                  (EOD_ID, *stop_tokens), seed)
@@ -93,13 +95,13 @@ def generate(model_or_run, prompt, *, max_new_tokens: int = 80, temperature: flo
     return decoded[0] if single else decoded
 
 
-def resolve_model(model_or_run, device: str = "cpu", precision: str = "fp32"):
+def resolve_model(model_or_run, device: str = "cpu", precision: str = "fp32", weights: str = "fp32"):
     """(model, tokenizer) from a run folder or checkpoint path, a palmcore.train result or a
     (model, tokenizer) pair."""
     from palmcore.model import PaLM  # noqa: PLC0415
 
     if isinstance(model_or_run, (str, os.PathLike)):
-        return load_cached(os.fspath(model_or_run), device, precision)
+        return load_cached(os.fspath(model_or_run), device, precision, weights)
     pair = (model_or_run.model, model_or_run.tokenizer) if hasattr(model_or_run, "tokenizer") else model_or_run
     if (isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[0], PaLM)
             and isinstance(pair[1], Tokenizer)):

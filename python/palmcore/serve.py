@@ -23,6 +23,7 @@ import sys
 import time
 import uuid
 
+from palmcore import checks
 from palmcore.chat import ChatTemplate, check_messages, run_template
 from palmcore.engine import Engine, QueueFull, Sequence, on_passing_thread
 from palmcore.generation import sampling_settings
@@ -33,8 +34,9 @@ try:
     import jinja2  # noqa: F401 (palmcore.chat's templates)
     import uvicorn
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+    from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.requests import ClientDisconnect
 except ImportError:  # palmcore serve says which extra to install
     FastAPI = None
 
@@ -322,6 +324,7 @@ def make_app(model, tokenizer, model_name: str, slots: int = 16, queue: int = 64
         raise RuntimeError("palmcore serve needs FastAPI and uvicorn: pip install 'palmcore[serve]'")
     if api_key is not None:
         check_api_key(api_key)
+    checks.integer("max_request_bytes", max_request_bytes, 1)
     text_form, chat_form = TextForm(), ChatForm(chat_template or ChatTemplate())
     max_seq_len = model.config.max_seq_len
     token_chars = tokenizer.max_token_chars()
@@ -344,8 +347,9 @@ def make_app(model, tokenizer, model_name: str, slots: int = 16, queue: int = 64
     created = int(time.time())
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_request, e: StarletteHTTPException):  # an unknown path (404), a wrong method (405)
-        response = error_response(e.detail, e.status_code, code="not_found" if e.status_code == 404 else None)
+    async def http_error(request: Request, e: StarletteHTTPException):  # an unknown path (404), a wrong method (405)
+        response = error_response(f"{e.detail}: {request.method} {request.url.path}", e.status_code,
+                                  code="not_found" if e.status_code == 404 else None)
         response.headers.update(e.headers or {})
         return response
 
@@ -396,6 +400,8 @@ def make_app(model, tokenizer, model_name: str, slots: int = 16, queue: int = 64
             req = await loop.run_in_executor(preparing, prepare, raw, form)
         except BadRequest as e:
             return error_response(str(e), e.status, e.kind, e.param, e.code)
+        except ClientDisconnect:  # gone before its body was whole
+            return _gone()
         events: asyncio.Queue = asyncio.Queue()
         sequences, choices = [], []
         for p, prompt in enumerate(req.prompts):
@@ -450,7 +456,7 @@ def make_app(model, tokenizer, model_name: str, slots: int = 16, queue: int = 64
             try:
                 await asyncio.wait((finished, gone), return_when=asyncio.FIRST_COMPLETED)
                 if not finished.done():
-                    return error_response("the client went away", 499)  # nobody reads it
+                    return _gone()
                 finished.result()
             except RuntimeError as e:
                 return error_response(str(e), 500, "server_error")
@@ -481,6 +487,11 @@ def make_app(model, tokenizer, model_name: str, slots: int = 16, queue: int = 64
         return StreamingResponse(stream(), media_type="text/event-stream")
 
     return app
+
+
+def _gone() -> Response:
+    """The answer to a client that went away (nobody reads it)."""
+    return Response(status_code=499)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -549,6 +560,7 @@ def serve(checkpoint_path: str, host: str = "127.0.0.1", port: int = 8000, slots
         raise RuntimeError("palmcore serve needs FastAPI and uvicorn: pip install 'palmcore[serve]'")
     from palmcore.text import load  # noqa: PLC0415
 
+    checks.real("shutdown_timeout", shutdown_timeout, low=0.0)
     api_key = resolve_api_key(api_key, host)
     template = ChatTemplate.from_file(chat_template) if chat_template is not None else None
     model, tokenizer = on_passing_thread(load, checkpoint_path, device, precision)

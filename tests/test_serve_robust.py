@@ -21,7 +21,7 @@ httpx = pytest.importorskip("httpx")
 from palmcore import engine as engine_module  # noqa: E402
 from palmcore.cli import build_parser, main  # noqa: E402
 from palmcore.engine import Engine, Sequence  # noqa: E402
-from palmcore.serve import MAX_REQUEST_BYTES  # noqa: E402
+from palmcore.serve import MAX_REQUEST_BYTES, make_app, serve  # noqa: E402
 from palmcore.tokenizer import Tokenizer  # noqa: E402
 from palmcore.training import run  # noqa: E402
 
@@ -339,7 +339,7 @@ def test_a_bad_port_is_refused_before_the_model_loads(tmp_path, capsys, port):
     assert "--port" in err and "absent" not in err, err
 
 
-def test_serve_flags_defaults():
+def test_serve_flags_defaults(tmp_path):
     args = build_parser().parse_args(["serve"])
     assert args.max_request_bytes == MAX_REQUEST_BYTES and args.shutdown_timeout == 30.0 and args.port == 8000
     args = build_parser().parse_args(["serve", "--max-request-bytes", "64K", "--shutdown-timeout", "0"])
@@ -347,3 +347,7 @@ def test_serve_flags_defaults():
     for flag, value in (("--max-request-bytes", "0"), ("--shutdown-timeout", "-1"), ("--shutdown-timeout", "inf")):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["serve", flag, value])
+    with pytest.raises(ValueError, match="max_request_bytes"):
+        make_app(None, None, "x", max_request_bytes=0)
+    with pytest.raises(ValueError, match="shutdown_timeout"):  # before the (absent) checkpoint is read
+        serve(str(tmp_path / "absent"), shutdown_timeout=-1.0)

@@ -39,6 +39,30 @@ def server(run_dir):
 
 def test_default_template_is_a_plain_transcript():
     assert ChatTemplate().render(check_messages(MESSAGES)) == "System: A\n\nUser: Hi\n\nAssistant:"
+    # its replies end where its next turn would begin; the same source from a file keeps that
+    assert ChatTemplate().stops == ChatTemplate(ChatTemplate().source, "a file").stops == ("\n\nUser:",)
+    assert ChatTemplate("{{ messages[0]['content'] }}").stops == ()
+
+
+def test_a_reply_ends_at_the_templates_stop(run_dir, reference):  # noqa: F811
+    """The template's stops reach the request: the reply is cut at the first one, finish_reason
+    "stop" (here a stop the model is known to write, as the default template's would be)."""
+    _, tokenizer = reference
+    ids = [1] + tokenizer.encode("System: A\n\nUser: Hi\n\nAssistant:")
+    text = want(reference, ids, max_tokens=10, seed=5)[0][0]
+    assert len(text) >= 3, "the seed's reply is too short: choose another"
+    template = ChatTemplate()
+    template.stops = (text[1:3],)
+    server = Server(run_dir, slots=1, queue=1, chat_template=template)
+    try:
+        for stop in (None, ["never written"]):  # the template's stop holds beside the request's own
+            got = server.client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=10, seed=5,
+                                                        stop=stop, temperature=0.9, top_p=0.9,
+                                                        extra_body={"top_k": 20})
+            assert got.choices[0].message.content == text[:text.index(text[1:3])]
+            assert got.choices[0].finish_reason == "stop"
+    finally:
+        server.close()
 
 
 def test_chat_equals_generate_of_the_rendered_prompt(server, reference):  # noqa: F811
@@ -145,7 +169,9 @@ def test_api_key(run_dir):  # noqa: F811
         good = openai.OpenAI(base_url=server.url + "/v1", api_key="s3cret", max_retries=0)
         assert good.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2).choices
         assert post(server, body, {"Authorization": "bearer s3cret"}).status_code == 200
-        assert httpx.get(server.url + "/openapi.json", headers={"Authorization": "Bearer s3cret"}).status_code == 404
+        r = httpx.get(server.url + "/openapi.json", headers={"Authorization": "Bearer s3cret"})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"  # a path it has not
+        assert httpx.get(server.url + "/nope").status_code == 401  # the key first, whatever the path
     finally:
         server.close()
 

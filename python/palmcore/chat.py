@@ -18,6 +18,11 @@ followed by a blank line, then ``Assistant:``::
     User: Hi!
 
     Assistant:
+
+A reply made with the default template ends at its next turn's marker, ``"\n\nUser:"``
+(:attr:`ChatTemplate.stops`; cut from the text, as a request's own ``stop`` strings are): a model
+trained on such transcripts would otherwise write the user's next turn too. Other templates mark
+turns their own way and get no such stop.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ ROLES = ("system", "user", "assistant")
 
 DEFAULT_TEMPLATE = ("{% for message in messages %}{{ message.role | capitalize }}: {{ message.content }}\n\n"
                     "{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}")
+DEFAULT_STOPS = ("\n\nUser:",)  # where the default template's next turn begins
 
 
 RUN_TEMPLATE = "chat_template.jinja"  # a run's own template: beside its checkpoint, or in the run folder
@@ -77,7 +83,8 @@ def _content(content, where: str) -> str:
 
 
 class ChatTemplate:
-    """A compiled chat template (the default one without ``source``)."""
+    """A compiled chat template (the default one without ``source``). ``stops``: the strings that
+    end a reply (the default template's next-turn marker; none for another template)."""
 
     def __init__(self, source: str = DEFAULT_TEMPLATE, where: str = "the default chat template",
                  bos_token: str = "<s>", eos_token: str = "</s>"):
@@ -85,6 +92,7 @@ class ChatTemplate:
         from jinja2.sandbox import ImmutableSandboxedEnvironment  # noqa: PLC0415
 
         self.source, self.where = source, where
+        self.stops = DEFAULT_STOPS if source == DEFAULT_TEMPLATE else ()
         self._tokens = {"bos_token": bos_token, "eos_token": eos_token}
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = _raise_exception

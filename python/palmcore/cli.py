@@ -61,6 +61,7 @@ positive_int = _argument(int, lambda v: checks.integer("value", v, 1))
 nonnegative_int = _argument(int, lambda v: checks.integer("value", v, 0))
 seed_int = _argument(int, lambda v: checks.integer("value", v, 0, 2**64 - 1))
 thread_count = _argument(int, lambda v: checks.integer("value", v, 0, 1024))
+port_number = _argument(int, lambda v: checks.integer("value", v, 1, 65535))
 nonnegative_real = _argument(float, lambda v: checks.real("value", v, low=0.0))
 positive_real = _argument(float, lambda v: checks.real("value", v, low=0.0, low_open=True))
 fraction = _argument(float, lambda v: checks.real("value", v, 0.0, 1.0, low_open=True))
@@ -232,7 +233,7 @@ def serve(args: argparse.Namespace) -> None:
     if args.threads:
         palmcore.set_num_threads(args.threads)
     server.serve(args.checkpoint, args.host, args.port, args.slots, args.queue, args.device, args.precision,
-                 args.chat_template, args.api_key)
+                 args.chat_template, args.api_key, args.max_request_bytes, args.shutdown_timeout)
 
 
 _SIZE_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
@@ -413,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_srv.add_argument("--checkpoint", default="runs/default",
                        help="a run folder, its checkpoints folder or one checkpoint (default: runs/default)")
     p_srv.add_argument("--host", default="127.0.0.1")
-    p_srv.add_argument("--port", type=nonnegative_int, default=8000)
+    p_srv.add_argument("--port", type=port_number, default=8000)
     p_srv.add_argument("--slots", type=positive_int, default=16, help="sequences decoded together")
     p_srv.add_argument("--queue", type=nonnegative_int, default=64, help="sequences waiting; beyond: 429")
     p_srv.add_argument("--threads", type=thread_count, default=0)
@@ -423,6 +424,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a Jinja chat template for /v1/chat/completions (default: the run's, else a plain one)")
     p_srv.add_argument("--api-key", metavar="KEY",
                        help="require 'Authorization: Bearer KEY' (default: $PALMCORE_API_KEY, if set)")
+    p_srv.add_argument("--max-request-bytes", type=_size, default="1M",
+                       help="a larger request body gets 413 (bytes, or with K, M, G)")
+    p_srv.add_argument("--shutdown-timeout", type=nonnegative_real, default=30.0,
+                       help="seconds SIGTERM waits for requests in flight before cutting them off")
     p_exp = sub.add_parser("export", help="a checkpoint as a Hugging Face model directory (CohereForCausalLM)")
     p_exp.add_argument("--checkpoint", default="runs/default",
                        help="a run folder, its checkpoints folder or one checkpoint (default: runs/default)")

@@ -10,7 +10,8 @@ Callers (the HTTP handlers) :meth:`Engine.submit` sequences and :meth:`Engine.ca
 tokens come back through each sequence's ``emit`` callback, called on the engine thread.
 
 A fault in the model (the memory guard refusing a prefill, NaN logits) fails the sequences whose
-model call or logits row it is, with their error; every other sequence runs on.
+model call or logits row it is, with their error; every other sequence runs on. Any other error
+in a step (a bug) fails every sequence in a slot, and the engine serves on.
 """
 
 from __future__ import annotations
@@ -146,30 +147,45 @@ class Engine:
         return len(self._active)
 
     def close(self) -> None:
-        """Finish every queued and running sequence, then end the engine thread."""
+        """End the engine thread, cancelling the sequences still queued or running. The server
+        closes its engine after its graceful shutdown, when no handler waits for them any more
+        (a handler cut off by the shutdown timeout may not have cancelled its own yet)."""
         with self._cond:
             self._stopping = True
+            for s in [*self._pending, *self._active]:
+                s.stopped = s.stopped or "cancelled"
             self._cond.notify()
         self._thread.join()
 
     # --- the engine thread -----------------------------------------------------------------
     def _loop(self) -> None:
         while True:
-            with self._cond:
+            try:
+                if not self._step():
+                    return
+            except Exception as e:  # not a model fault (those fail their own sequences): where it
+                # struck is unknown, so every sequence in a slot fails; the waiting ones run next
+                self._fail(list(self._active), RuntimeError(f"internal error in the engine: {type(e).__name__}: {e}"))
+
+    def _step(self) -> bool:
+        """Admit waiting sequences, prefill them, decode one token for the others; False when
+        the engine is closed and nothing is left."""
+        with self._cond:
+            self._drop_cancelled()
+            while not self._active and not self._pending:
+                if self._stopping:
+                    return False
+                self._cond.wait()
                 self._drop_cancelled()
-                while not self._active and not self._pending:
-                    if self._stopping:
-                        return
-                    self._cond.wait()
-                    self._drop_cancelled()
-                admitted = []
-                while self._free and self._pending:
-                    s = self._pending.popleft()
-                    s.slot = self._free.pop()
-                    self._active.append(s)
-                    admitted.append(s)
-            self._prefill(admitted)
-            self._decode([s for s in self._active if s.tokens and s not in admitted])
+            admitted = []
+            while self._free and self._pending:
+                s = self._pending.popleft()
+                s.slot = self._free.pop()
+                self._active.append(s)
+                admitted.append(s)
+        self._prefill(admitted)
+        self._decode([s for s in self._active if s.tokens and s not in admitted])
+        return True
 
     def _drop_cancelled(self) -> None:
         for s in [s for s in self._active if s.stopped]:

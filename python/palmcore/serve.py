@@ -12,6 +12,7 @@ thread alone.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import hmac
 import ipaddress
@@ -22,6 +23,7 @@ import sys
 import time
 import uuid
 
+from palmcore import checks
 from palmcore.chat import ChatTemplate, check_messages, run_template
 from palmcore.engine import Engine, QueueFull, Sequence, on_passing_thread
 from palmcore.generation import sampling_settings
@@ -32,7 +34,9 @@ try:
     import jinja2  # noqa: F401 (palmcore.chat's templates)
     import uvicorn
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+    from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.requests import ClientDisconnect
 except ImportError:  # palmcore serve says which extra to install
     FastAPI = None
 
@@ -54,16 +58,20 @@ def error_response(message: str, status: int, kind: str = "invalid_request_error
 
 
 class Completion:
-    """One checked /v1/completions request: its prompts as token ids and its sequences."""
+    """One checked /v1/completions request: its prompts as token ids and its sequences.
+    ``max_prompt_chars``: a text prompt longer than this cannot fit the context (None: no bound
+    known), refused before it is tokenized; ``stops``: strings that end every choice besides the
+    request's own ``stop``."""
 
-    def __init__(self, body: dict, tokenizer, max_seq_len: int, model_name: str, max_sequences: int):
+    def __init__(self, body: dict, tokenizer, max_seq_len: int, model_name: str, max_sequences: int,
+                 max_prompt_chars: int | None = None, stops: tuple = ()):
         unknown = sorted(set(body) - _FIELDS)
         if unknown:
             raise BadRequest(f"unknown or unsupported field '{unknown[0]}'", unknown[0])
         if body.get("model", model_name) != model_name:
             raise BadRequest(f"the model '{body['model']}' does not exist; this server has '{model_name}'",
                              "model", 404, code="model_not_found")
-        self.prompts = self._prompts(body.get("prompt"), tokenizer)
+        self.prompts = self._prompts(body.get("prompt"), _TextPrompts(tokenizer, max_seq_len, max_prompt_chars))
         self.n = _int(body, "n", 1, 1, max_sequences)
         if self.n * len(self.prompts) > max_sequences:
             raise BadRequest(f"n × prompts is {self.n * len(self.prompts)}; this server runs at most "
@@ -77,7 +85,7 @@ class Completion:
                 raise BadRequest(f"this model's maximum context length is {max_seq_len} tokens; prompt {i} has "
                                  f"{len(p)} tokens and max_tokens is {self.max_tokens}", "prompt",
                                  code="context_length_exceeded")
-        self.stop = self._stops(body.get("stop"))
+        self.stop = self._stops(body.get("stop")) + list(stops)
         stop_ids = body.get("stop_token_ids") or []
         vocab = tokenizer.vocab_size
         if not isinstance(stop_ids, list) or not all(type(t) is int and 0 <= t < vocab for t in stop_ids):
@@ -103,13 +111,13 @@ class Completion:
         self.logprobs = None if logprobs is None else _int(body, "logprobs", 0, 0, 5)
 
     @staticmethod
-    def _prompts(prompt, tokenizer) -> list[list[int]]:
+    def _prompts(prompt, text_ids) -> list[list[int]]:
         if isinstance(prompt, str):
-            return [_text_ids(tokenizer, prompt)]
+            return text_ids([prompt])
         if isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt):
             return [prompt]
         if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-            return [_text_ids(tokenizer, p) for p in prompt]
+            return text_ids(prompt)
         if (isinstance(prompt, list) and prompt and
                 all(isinstance(p, list) and p and all(type(t) is int for t in p) for p in prompt)):
             return prompt
@@ -124,12 +132,25 @@ class Completion:
         return stops
 
 
-def _text_ids(tokenizer, text: str) -> list[int]:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise BadRequest("the prompt is not valid UTF-8 (it holds a lone surrogate)", "prompt") from None
-    return prompt_ids(tokenizer, text)
+class _TextPrompts:
+    """Text prompts' token ids; a text too long for the context is refused before any is
+    tokenized (tokenizing takes about 45 bytes of memory per character)."""
+
+    def __init__(self, tokenizer, max_seq_len: int, max_chars: int | None):
+        self.tokenizer, self.max_seq_len, self.max_chars = tokenizer, max_seq_len, max_chars
+
+    def __call__(self, texts: list[str]) -> list[list[int]]:
+        for i, text in enumerate(texts):
+            if self.max_chars is not None and len(text) > self.max_chars:
+                raise BadRequest(f"prompt {i} has {len(text)} characters; this model's maximum context length is "
+                                 f"{self.max_seq_len} tokens of at most {self.max_chars // self.max_seq_len} "
+                                 f"characters each, so a prompt of more than {self.max_chars} characters cannot fit",
+                                 "prompt", code="context_length_exceeded")
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise BadRequest(f"prompt {i} is not valid UTF-8 (it holds a lone surrogate)", "prompt") from None
+        return [prompt_ids(self.tokenizer, text) for text in texts]
 
 
 def _int(body: dict, name: str, default: int, low: int, high: int) -> int:
@@ -201,6 +222,7 @@ class Choice:
 class TextForm:
     """/v1/completions: the request as it comes, choices as texts."""
     prefix, object, chunk_object = "cmpl", "text_completion", "text_completion"
+    stops = ()
 
     def body(self, body: dict) -> dict:
         return body
@@ -224,7 +246,7 @@ class ChatForm:
     prefix, object, chunk_object = "chatcmpl", "chat.completion", "chat.completion.chunk"
 
     def __init__(self, template: ChatTemplate):
-        self.template = template
+        self.template, self.stops = template, template.stops
 
     def body(self, body: dict) -> dict:
         unknown = sorted(set(body) - _CHAT_FIELDS)
@@ -286,20 +308,36 @@ def check_api_key(key: str) -> str:
     return key
 
 
+# A request body's bound. A prompt that fits a context is far smaller: 2,048 tokens of text are
+# tens of KB, as token ids about 15 KB; 1 MiB leaves room for a list of prompts or a long chat
+# while parsing one request stays within tens of MB (a JSON value costs Python about 50 bytes).
+MAX_REQUEST_BYTES = 1 << 20
+
+
 def make_app(model, tokenizer, model_name: str, slots: int = 16, queue: int = 64,
-             chat_template: ChatTemplate | None = None, api_key: str | None = None):
+             chat_template: ChatTemplate | None = None, api_key: str | None = None,
+             max_request_bytes: int = MAX_REQUEST_BYTES):
     """The server's ASGI app. ``chat_template``: how /v1/chat/completions renders messages (None:
-    palmcore.chat's default); ``api_key``: the key requests must carry (None: none)."""
+    palmcore.chat's default); ``api_key``: the key requests must carry (None: none); a request
+    body over ``max_request_bytes`` gets 413."""
     if FastAPI is None:
         raise RuntimeError("palmcore serve needs FastAPI and uvicorn: pip install 'palmcore[serve]'")
     if api_key is not None:
         check_api_key(api_key)
+    checks.integer("max_request_bytes", max_request_bytes, 1)
     text_form, chat_form = TextForm(), ChatForm(chat_template or ChatTemplate())
+    max_seq_len = model.config.max_seq_len
+    token_chars = tokenizer.max_token_chars()
+    max_prompt_chars = None if token_chars is None else token_chars * max_seq_len
     engine = Engine(model, slots, queue)
+    # Parsing, rendering and tokenizing a request run here, off the event loop: a large request
+    # does not hold up the others (or /health).
+    preparing = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="palmcore-prepare")
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
         yield
+        preparing.shutdown(wait=False, cancel_futures=True)
         await asyncio.to_thread(engine.close)  # after uvicorn's graceful shutdown: drain, then stop
 
     app = FastAPI(title="palmcore", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
@@ -307,7 +345,17 @@ def make_app(model, tokenizer, model_name: str, slots: int = 16, queue: int = 64
         app.add_middleware(RequireKey, key=api_key)
     app.state.engine = engine
     created = int(time.time())
-    max_seq_len = model.config.max_seq_len
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):  # an unknown path (404), a wrong method (405)
+        response = error_response(f"{e.detail}: {request.method} {request.url.path}", e.status_code,
+                                  code="not_found" if e.status_code == 404 else None)
+        response.headers.update(e.headers or {})
+        return response
+
+    @app.exception_handler(Exception)
+    async def server_error(_request, e: Exception):  # a bug: the log has its traceback
+        return error_response(f"internal server error: {type(e).__name__}: {e}", 500, "server_error")
 
     @app.get("/health")
     async def health():
@@ -330,21 +378,30 @@ def make_app(model, tokenizer, model_name: str, slots: int = 16, queue: int = 64
     async def chat_completions(request: Request):
         return await respond(request, chat_form)
 
-    async def respond(request: Request, form):
+    def prepare(raw: bytes, form) -> Completion:
+        """The checked request of a body (on a thread of ``preparing``)."""
         try:
-            raw = await request.body()
-            try:
-                body = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                raise BadRequest("the request body is not valid UTF-8") from None
-            except json.JSONDecodeError as e:
-                raise BadRequest(f"the request body is not valid JSON: {e}") from None
-            if not isinstance(body, dict):
-                raise BadRequest("the request body must be a JSON object")
-            req = Completion(form.body(body), tokenizer, max_seq_len, model_name, slots + queue)
+            body = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise BadRequest("the request body is not valid UTF-8") from None
+        except json.JSONDecodeError as e:
+            raise BadRequest(f"the request body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise BadRequest("the request body nests arrays or objects too deeply") from None
+        if not isinstance(body, dict):
+            raise BadRequest("the request body must be a JSON object")
+        return Completion(form.body(body), tokenizer, max_seq_len, model_name, slots + queue, max_prompt_chars,
+                          form.stops)
+
+    async def respond(request: Request, form):
+        loop = asyncio.get_running_loop()
+        try:
+            raw = await read_body(request, max_request_bytes)
+            req = await loop.run_in_executor(preparing, prepare, raw, form)
         except BadRequest as e:
             return error_response(str(e), e.status, e.kind, e.param, e.code)
-        loop = asyncio.get_running_loop()
+        except ClientDisconnect:  # gone before its body was whole
+            return _gone()
         events: asyncio.Queue = asyncio.Queue()
         sequences, choices = [], []
         for p, prompt in enumerate(req.prompts):
@@ -391,12 +448,21 @@ def make_app(model, tokenizer, model_name: str, slots: int = 16, queue: int = 64
                 yield c, start
 
         if not req.stream:
-            try:
+            async def finish():
                 async for _ in updates():
                     pass
+
+            finished, gone = asyncio.ensure_future(finish()), asyncio.ensure_future(disconnect(request))
+            try:
+                await asyncio.wait((finished, gone), return_when=asyncio.FIRST_COMPLETED)
+                if not finished.done():
+                    return _gone()
+                finished.result()
             except RuntimeError as e:
                 return error_response(str(e), 500, "server_error")
             finally:
+                finished.cancel()
+                gone.cancel()
                 engine.cancel(sequences)  # a client gone before the end frees its slots
             return {**head, "choices": [form.choice(c) for c in choices], "usage": usage()}
 
@@ -421,6 +487,38 @@ def make_app(model, tokenizer, model_name: str, slots: int = 16, queue: int = 64
         return StreamingResponse(stream(), media_type="text/event-stream")
 
     return app
+
+
+def _gone() -> Response:
+    """The answer to a client that went away (nobody reads it)."""
+    return Response(status_code=499)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request's body, or BadRequest 413 as soon as it is known to exceed ``limit`` bytes:
+    from Content-Length before reading, else (a chunked upload) while reading."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise _too_large(limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(limit: int) -> BadRequest:
+    return BadRequest(f"the request body is larger than this server's limit of {limit} bytes "
+                      "(palmcore serve --max-request-bytes)", status=413, code="request_too_large")
+
+
+async def disconnect(request: Request) -> None:
+    """Returns when the client goes away (the body already read, the next message uvicorn
+    gives is http.disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def prometheus(engine: Engine) -> str:
@@ -450,22 +548,26 @@ def prometheus(engine: Engine) -> str:
 
 def serve(checkpoint_path: str, host: str = "127.0.0.1", port: int = 8000, slots: int = 16, queue: int = 64,
           device: str = "cpu", precision: str = "fp32", chat_template: str | None = None,
-          api_key: str | None = None) -> None:
-    """Serve a checkpoint until SIGINT/SIGTERM: uvicorn stops accepting, waits for the requests
-    in flight, the engine stops, and uvicorn re-raises the signal (the process ends by it).
-    ``chat_template``: a Jinja file (default: the run's chat_template.jinja, else palmcore.chat's
-    default); ``api_key``: required of every request (default: $PALMCORE_API_KEY, if set)."""
+          api_key: str | None = None, max_request_bytes: int = MAX_REQUEST_BYTES,
+          shutdown_timeout: float = 30.0) -> None:
+    """Serve a checkpoint until SIGINT/SIGTERM: uvicorn stops accepting, waits up to
+    ``shutdown_timeout`` seconds for the requests in flight, then cancels those still running (a
+    client sending its body slowly, a stream nobody reads), the engine stops, and uvicorn
+    re-raises the signal (the process ends by it). ``chat_template``: a Jinja file (default: the
+    run's chat_template.jinja, else palmcore.chat's default); ``api_key``: required of every
+    request (default: $PALMCORE_API_KEY, if set)."""
     if FastAPI is None:
         raise RuntimeError("palmcore serve needs FastAPI and uvicorn: pip install 'palmcore[serve]'")
     from palmcore.text import load  # noqa: PLC0415
 
+    checks.real("shutdown_timeout", shutdown_timeout, low=0.0)
     api_key = resolve_api_key(api_key, host)
     template = ChatTemplate.from_file(chat_template) if chat_template is not None else None
     model, tokenizer = on_passing_thread(load, checkpoint_path, device, precision)
     template = template or run_template(os.path.dirname(tokenizer.model_path))
     name = os.path.basename(os.path.normpath(checkpoint_path))
-    uvicorn.run(make_app(model, tokenizer, name, slots, queue, template, api_key), host=host, port=port,
-                log_level="warning")
+    uvicorn.run(make_app(model, tokenizer, name, slots, queue, template, api_key, max_request_bytes), host=host,
+                port=port, log_level="warning", timeout_graceful_shutdown=shutdown_timeout)
 
 
 def resolve_api_key(api_key: str | None, host: str) -> str | None:

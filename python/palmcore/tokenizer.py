@@ -136,6 +136,18 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._sp.GetPieceSize()
 
+    def max_token_chars(self) -> int | None:
+        """The most characters of text one token can stand for, so that a text of C characters
+        encodes to at least C / max_token_chars() tokens: the longest piece (measured escaped,
+        which is never shorter than the text it stands for); a byte token stands for at most one
+        character. None without byte fallback: a run of characters outside the vocabulary becomes
+        one unknown token, however long."""
+        sp = self._sp
+        if sum(sp.IsByte(i) for i in range(self.vocab_size)) < 256:
+            return None
+        return max(1 if sp.IsByte(i) else len(sp.IdToPiece(i)) for i in range(self.vocab_size)
+                   if not (sp.IsControl(i) or sp.IsUnknown(i) or sp.IsUnused(i)))
+
     def encode(self, text: str) -> list[int]:
         return self._sp.EncodeAsIds(_escape(check_text(text)))
 

@@ -233,8 +233,12 @@ def serve(args: argparse.Namespace) -> None:
     if args.threads:
         palmcore.set_num_threads(args.threads)
     server.serve(args.checkpoint, args.host, args.port, args.slots, args.queue, args.device, args.precision,
-                 args.chat_template, args.api_key, args.max_request_bytes, args.shutdown_timeout)
+                 args.chat_template, args.api_key, args.max_request_bytes, args.shutdown_timeout, args.weights)
 
+
+WEIGHT_FORMATS = ["fp32", "bf16", "int8"]
+WEIGHTS_HELP = ("compact decode weights on the CPU (weight-only; activations float32): bf16 halves the bytes a "
+                "decode step reads, int8 (a float32 scale per 32 weights, like Q8_0) nearly quarters them")
 
 _SIZE_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
@@ -407,9 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_gen.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (see palmcore info)")
     p_gen.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                        help="bf16: PALM_SPEC mixed precision (bfloat16 activations and cache on a GPU)")
-    p_gen.add_argument("--weights", choices=["fp32", "bf16", "int8"], default="fp32",
-                       help="compact decode weights on the CPU (weight-only; activations float32): bf16 halves "
-                            "the bytes a decode step reads, int8 (per-32 scales, like Q8_0) nearly quarters them")
+    p_gen.add_argument("--weights", choices=WEIGHT_FORMATS, default="fp32", help=WEIGHTS_HELP)
     p_srv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (continuous batching)")
     p_srv.add_argument("--checkpoint", default="runs/default",
                        help="a run folder, its checkpoints folder or one checkpoint (default: runs/default)")
@@ -420,6 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_srv.add_argument("--threads", type=thread_count, default=0)
     p_srv.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (see palmcore info)")
     p_srv.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p_srv.add_argument("--weights", choices=WEIGHT_FORMATS, default="fp32", help=WEIGHTS_HELP)
     p_srv.add_argument("--chat-template", metavar="FILE",
                        help="a Jinja chat template for /v1/chat/completions (default: the run's, else a plain one)")
     p_srv.add_argument("--api-key", metavar="KEY",

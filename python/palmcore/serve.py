@@ -549,13 +549,14 @@ def prometheus(engine: Engine) -> str:
 def serve(checkpoint_path: str, host: str = "127.0.0.1", port: int = 8000, slots: int = 16, queue: int = 64,
           device: str = "cpu", precision: str = "fp32", chat_template: str | None = None,
           api_key: str | None = None, max_request_bytes: int = MAX_REQUEST_BYTES,
-          shutdown_timeout: float = 30.0) -> None:
+          shutdown_timeout: float = 30.0, weights: str = "fp32") -> None:
     """Serve a checkpoint until SIGINT/SIGTERM: uvicorn stops accepting, waits up to
     ``shutdown_timeout`` seconds for the requests in flight, then cancels those still running (a
     client sending its body slowly, a stream nobody reads), the engine stops, and uvicorn
     re-raises the signal (the process ends by it). ``chat_template``: a Jinja file (default: the
     run's chat_template.jinja, else palmcore.chat's default); ``api_key``: required of every
-    request (default: $PALMCORE_API_KEY, if set)."""
+    request (default: $PALMCORE_API_KEY, if set); ``weights``: compact decode weights
+    (PaLM.set_weights)."""
     if FastAPI is None:
         raise RuntimeError("palmcore serve needs FastAPI and uvicorn: pip install 'palmcore[serve]'")
     from palmcore.text import load  # noqa: PLC0415
@@ -563,7 +564,7 @@ def serve(checkpoint_path: str, host: str = "127.0.0.1", port: int = 8000, slots
     checks.real("shutdown_timeout", shutdown_timeout, low=0.0)
     api_key = resolve_api_key(api_key, host)
     template = ChatTemplate.from_file(chat_template) if chat_template is not None else None
-    model, tokenizer = on_passing_thread(load, checkpoint_path, device, precision)
+    model, tokenizer = on_passing_thread(load, checkpoint_path, device, precision, weights)
     template = template or run_template(os.path.dirname(tokenizer.model_path))
     name = os.path.basename(os.path.normpath(checkpoint_path))
     uvicorn.run(make_app(model, tokenizer, name, slots, queue, template, api_key, max_request_bytes), host=host,

@@ -18,7 +18,10 @@ dtype, the checkpoint is exported with ``palmcore export --format gguf`` and rea
   cache, with flash attention off and a float32 KV cache, against palmcore's float32 forward;
 - perplexity of those tokens from either's logits;
 - greedy: --prompts prompts (the start of held-out files), --new-tokens tokens by llama.cpp's
-  greedy sampler against palmcore's ``generate(temperature=0)``.
+  greedy sampler against palmcore's ``generate(temperature=0)``;
+- the same logits and greedy tokens against palmcore running the file's own weights (read back
+  with the gguf package and dequantized), which leaves llama.cpp's arithmetic alone (for q8_0 it
+  also rounds the activations to 8 bits inside its matrix products).
 
 It prints one table. PROBE_NO_REPACK=1 runs llama.cpp without weight repacking (its -nr; needed
 on AMX CPUs, where llama.cpp's Q8_0 repacking crashes).
@@ -36,10 +39,13 @@ import tempfile
 import time
 
 import numpy as np
+from gguf import GGUFReader
+from gguf.quants import dequantize
 
 import palmcore
 from palmcore.data import stdlib_files
-from palmcore.gguf_export import export_checkpoint_gguf
+from palmcore.gguf_export import export_checkpoint_gguf, gguf_names
+from palmcore.interchange import from_hf_tensors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROBE_SOURCE = os.path.join(ROOT, "bench", "gguf_probe.cpp")
@@ -88,6 +94,17 @@ def nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     z = logits.astype(np.float64)
     z -= z.max(-1, keepdims=True)
     return np.log(np.exp(z).sum(-1)) - z[np.arange(len(targets)), targets]
+
+
+def model_of(path: str, config: palmcore.PaLMConfig) -> palmcore.PaLM:
+    """A palmcore model holding the weights of a GGUF export, dequantized (the export's mapping
+    undone)."""
+    hf_name = {g: hf for hf, g in gguf_names(config).items()}
+    tensors = {hf_name[t.name]: dequantize(t.data, t.tensor_type).reshape(tuple(reversed(t.shape.tolist())))
+               for t in GGUFReader(path).tensors}
+    model = palmcore.PaLM(config, seed=0)
+    model.load_state_dict(from_hf_tensors(config, tensors))
+    return model
 
 
 def main() -> int:
@@ -165,17 +182,23 @@ def main() -> int:
         with open(greedy_path) as f:
             theirs_greedy = [[int(x) for x in line.split()] for line in f]
         same = sum(a == b for a, b in zip(ours_greedy, theirs_greedy))
+        own = model_of(gguf_path, cfg)
+        own_diff = max(float(np.abs(theirs[s:s + len(w)] - own.forward(w[None].astype(np.int64))[0]).max())
+                       for s, w in zip(range(0, len(ids), args.n_ctx), windows))
+        own_same = sum(own.generate([p], max_new_tokens=args.new_tokens, temperature=0.0)[0] == b
+                       for p, b in zip(prompts, theirs_greedy))
         rows.append((dtype, os.path.getsize(gguf_path) / 2**20, diff.max(), diff.max() / np.abs(ours_all).max(),
-                     float(np.exp(theirs_nll.mean())), float(np.exp(ours_nll.mean())), same))
+                     float(np.exp(theirs_nll.mean())), float(np.exp(ours_nll.mean())), same, own_diff, own_same))
 
     print(f"\n{tokens_line}")
     print(f"logits: {len(windows)} windows of {args.n_ctx} held-out tokens; greedy: {len(prompts)} prompts, "
           f"{args.new_tokens} new tokens\n")
+    print(f"{'':<14} {'llama.cpp against palmcore (float32 weights)':<69} {'against palmcore on the file':<28}")
     print(f"{'dtype':<6} {'MiB':>7} {'max|dlogit|':>12} {'rel':>9} {'ppl llama.cpp':>14} {'ppl palmcore':>13} "
-          f"{'greedy same':>12}")
-    for dtype, mib, d, r, ppl_theirs, ppl_ours, same in rows:
+          f"{'greedy same':>12}   {'max|dlogit|':>12} {'greedy same':>12}")
+    for dtype, mib, d, r, ppl_theirs, ppl_ours, same, own_diff, own_same in rows:
         print(f"{dtype:<6} {mib:>7.1f} {d:>12.3g} {r:>9.2g} {ppl_theirs:>14.4f} {ppl_ours:>13.4f} "
-              f"{same:>7} of {len(prompts)}")
+              f"{same:>5} of {len(prompts)}   {own_diff:>12.3g} {own_same:>5} of {len(prompts)}")
     return 0
 
 

@@ -284,7 +284,7 @@ def export_gguf(args: argparse.Namespace, dtype: str) -> None:
     print(f"exported {args.checkpoint} as a GGUF file (llama.cpp's command-r architecture, {dtype}) to {out} "
           f"({os.path.getsize(out) / 2**20:.1f} MiB)")
     print("run it with llama.cpp (it adds </s> before the prompt, as palmcore does):\n"
-          f"  llama-completion -m {shlex.quote(out)} -p 'def fibonacci(' -n 40\n"
+          f"  llama-completion -m {shlex.quote(out)} -no-cnv -p 'def fibonacci(' -n 40   (-no-cnv: text, not chat)\n"
           f"  llama-server -m {shlex.quote(out)}")
 
 

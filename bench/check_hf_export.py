@@ -173,8 +173,8 @@ def main() -> int:
                         f"strings to palmcore's ids: {bad_ids} differ ({time.perf_counter() - t0:.1f} s)")
     check(bad_text == 0, f"AutoTokenizer decode(encode(s)) == s: {bad_text} differ")
     check(bad_special == 0, f"tokenizer(s).input_ids == [</s>] + palmcore ids (the prompt form): {bad_special} differ")
-    check(hf_tok.eos_token_id == 1 and hf_tok.pad_token_id == 0 and hf_tok.bos_token_id == 3
-          and hf_tok.unk_token_id == 2, "special ids: pad 0, eos 1, unk 2, bos 3")
+    check(hf_tok.eos_token_id == 1 and hf_tok.pad_token_id == 0 and hf_tok.bos_token_id == 1
+          and hf_tok.unk_token_id == 2, "special ids: pad 0, eos 1, unk 2, bos 1 (</s>, what palmcore feeds first)")
     text = hf_tok.decode(hf.generate(**hf_tok("def fibonacci(", return_tensors="pt"), max_new_tokens=8,
                                      do_sample=False)[0], skip_special_tokens=True)
     check(text.startswith("def fibonacci("), f"tokenizer -> generate -> decode: {text!r}")

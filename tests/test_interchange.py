@@ -115,9 +115,10 @@ def test_config_and_generation_config(tmp_path, tok):
     assert c["use_qk_norm"] is False and c["attention_bias"] is False and c["rope_scaling"] is None
     assert c["rope_theta"] == cfg.rope_base == c["rope_parameters"]["rope_theta"]
     assert c["layer_norm_eps"] == cfg.norm_eps and c["hidden_act"] == "silu"
-    assert (c["pad_token_id"], c["eos_token_id"], c["bos_token_id"]) == (0, 1, 3)
+    # BOS is </s> (1): the token palmcore feeds before a prompt, so converters put it first too
+    assert (c["pad_token_id"], c["eos_token_id"], c["bos_token_id"]) == (0, 1, 1)
     g = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
-    assert (g["pad_token_id"], g["eos_token_id"], g["bos_token_id"]) == (0, 1, 3)
+    assert (g["pad_token_id"], g["eos_token_id"], g["bos_token_id"]) == (0, 1, 1)
     names = read_safetensors(str(tmp_path / "hf" / "model.safetensors"))
     assert "lm_head.weight" not in names and len(names) == 2 + 8 * cfg.n_layers
     header = (tmp_path / "hf" / "model.safetensors").read_bytes()
@@ -245,7 +246,9 @@ def test_tokenizer_files(tmp_path, tok):
     config = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
     assert config["tokenizer_class"] == "PreTrainedTokenizerFast" and config["split_special_tokens"] is True
     assert (config["pad_token"], config["eos_token"], config["unk_token"], config["bos_token"]) == \
-        ("<pad>", "</s>", "<unk>", "<s>")
+        ("<pad>", "</s>", "<unk>", "</s>")
+    assert config["add_bos_token"] is True and config["add_eos_token"] is False
+    assert json.loads((tmp_path / "hf" / "special_tokens_map.json").read_text())["bos_token"] == "</s>"
     assert config["clean_up_tokenization_spaces"] is False and config["model_max_length"] == 64
     assert (tmp_path / "hf" / "tokenizer.model").read_bytes() == Path(tok.model_path).read_bytes()
     t = json.loads((tmp_path / "hf" / "tokenizer.json").read_text())

@@ -9,6 +9,7 @@
     result = palmcore.train(texts=["my documents", "..."], steps=100)   # see palmcore.training
     palmcore.pipeline("text-generation", model=result)("The quick brown fox", max_length=50)
     palmcore.export_hf(model, tokenizer, "hf-model")    # transformers' CohereForCausalLM
+    palmcore.export_gguf(model, tokenizer, "model.gguf", dtype="q8_0")   # llama.cpp
 """
 
 import os as _os
@@ -17,6 +18,7 @@ import warnings as _warnings
 from palmcore import _core, checks, schedules
 from palmcore.config import PaLMConfig
 from palmcore.distributed import Mesh
+from palmcore.gguf_export import export_gguf
 from palmcore.interchange import export_hf, import_hf
 from palmcore.model import PaLM
 from palmcore.optim import Adafactor, AdamW
@@ -25,7 +27,7 @@ from palmcore.text import generate, load
 from palmcore.training import TrainResult, train
 from palmcore.tokenizer import Tokenizer
 
-__all__ = ["train", "TrainResult", "load", "generate", "pipeline", "export_hf", "import_hf", "Mesh", "PaLMConfig", "PaLM", "Adafactor", "AdamW", "Tokenizer", "schedules",
+__all__ = ["train", "TrainResult", "load", "generate", "pipeline", "export_hf", "export_gguf", "import_hf", "Mesh", "PaLMConfig", "PaLM", "Adafactor", "AdamW", "Tokenizer", "schedules",
            "set_num_threads", "get_num_threads", "set_memory_limit", "get_memory_limit", "cuda_available",
            "set_kernels", "get_kernels", "set_cuda_graphs"]
 __version__ = "0.1.0"

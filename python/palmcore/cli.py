@@ -4,7 +4,7 @@
     palmcore demo       forward + backward of the `seed` preset on the Python standard library's text
     palmcore train      train a PaLM on text files (default: the `seed` preset on the stdlib)
     palmcore generate   continue a prompt with a trained checkpoint, printing as it goes
-    palmcore export     a checkpoint as a Hugging Face model directory (transformers' CohereForCausalLM)
+    palmcore export     a checkpoint as a Hugging Face model directory (transformers' CohereForCausalLM) or GGUF
     palmcore import     a Hugging Face CohereForCausalLM directory as a palmcore run (generate, fine-tune)
     palmcore plan       memory, FLOPs and communication per device of a sharded training step
     palmcore info       what was compiled in and which GPUs are here; presets, parameter counts, FLOPs per token
@@ -256,18 +256,41 @@ def _size(text: str) -> int:
     return size
 
 
-def export(args: argparse.Namespace) -> None:
-    from palmcore.interchange import export_checkpoint  # noqa: PLC0415
+_EXPORT_DTYPES = {"hf": ("float32", "bf16"), "gguf": ("f32", "float32", "f16", "bf16", "q8_0")}
 
-    out = export_checkpoint(args.checkpoint, args.out, dtype=args.dtype, max_shard_bytes=args.max_shard_size,
-                            overwrite=args.force)
+
+def export(args: argparse.Namespace) -> None:
+    dtype = args.dtype or _EXPORT_DTYPES[args.format][0]
+    if dtype not in _EXPORT_DTYPES[args.format]:
+        raise ValueError(f"--dtype {dtype} is not a --format {args.format} dtype: choose one of "
+                         f"{', '.join(_EXPORT_DTYPES[args.format])}")
+    if args.format == "gguf":
+        export_gguf(args, dtype)
+        return
+    from palmcore.interchange import DEFAULT_MAX_SHARD_BYTES, export_checkpoint  # noqa: PLC0415
+
+    out = export_checkpoint(args.checkpoint, args.out, dtype=dtype,
+                            max_shard_bytes=args.max_shard_size or DEFAULT_MAX_SHARD_BYTES, overwrite=args.force)
     files = sorted(os.listdir(out))
-    print(f"exported {args.checkpoint} as a Hugging Face CohereForCausalLM ({args.dtype}) to {out}:")
+    print(f"exported {args.checkpoint} as a Hugging Face CohereForCausalLM ({dtype}) to {out}:")
     print("  " + ", ".join(files))
     if "tokenizer.json" not in files:
         print("  (the checkpoint holds no tokenizer.model: weights only, no tokenizer)")
     print("load it with transformers (no custom code):\n"
           f"  AutoModelForCausalLM.from_pretrained({out!r}); AutoTokenizer.from_pretrained({out!r})")
+
+
+def export_gguf(args: argparse.Namespace, dtype: str) -> None:
+    from palmcore.gguf_export import export_checkpoint_gguf  # noqa: PLC0415
+
+    if args.max_shard_size is not None:
+        raise ValueError("--max-shard-size is for --format hf: a GGUF export is one file")
+    out = export_checkpoint_gguf(args.checkpoint, args.out, dtype=dtype, overwrite=args.force)
+    print(f"exported {args.checkpoint} as a GGUF file (llama.cpp's command-r architecture, {dtype}) to {out} "
+          f"({os.path.getsize(out) / 2**20:.1f} MiB)")
+    print("run it with llama.cpp (it adds </s> before the prompt, as palmcore does):\n"
+          f"  llama-completion -m {shlex.quote(out)} -no-cnv -p 'def fibonacci(' -n 40   (-no-cnv: text, not chat)\n"
+          f"  llama-server -m {shlex.quote(out)}")
 
 
 def import_run(args: argparse.Namespace) -> None:
@@ -431,17 +454,21 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a larger request body gets 413 (bytes, or with K, M, G)")
     p_srv.add_argument("--shutdown-timeout", type=nonnegative_real, default=30.0,
                        help="seconds SIGTERM waits for requests in flight before cutting them off")
-    p_exp = sub.add_parser("export", help="a checkpoint as a Hugging Face model directory (CohereForCausalLM)")
+    p_exp = sub.add_parser("export", help="a checkpoint as a Hugging Face model directory (CohereForCausalLM) "
+                                          "or a GGUF file (llama.cpp)")
     p_exp.add_argument("--checkpoint", default="runs/default",
                        help="a run folder, its checkpoints folder or one checkpoint (default: runs/default)")
-    p_exp.add_argument("--format", choices=["hf"], default="hf",
-                       help="hf: transformers' CohereForCausalLM layout, safetensors (the only format)")
-    p_exp.add_argument("--out", required=True, help="the directory to write (must not exist, or be empty)")
-    p_exp.add_argument("--dtype", choices=["float32", "bf16"], default="float32",
-                       help="weights' dtype (float32 is exact; bf16 rounds to nearest even)")
-    p_exp.add_argument("--max-shard-size", type=_size, default="4G",
-                       help="split the weights into shards with an index above this size (default 4G)")
-    p_exp.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p_exp.add_argument("--format", choices=["hf", "gguf"], default="hf",
+                       help="hf: transformers' CohereForCausalLM layout, safetensors; gguf: one file for llama.cpp "
+                            "(its command-r architecture)")
+    p_exp.add_argument("--out", required=True, help="hf: the directory to write (must not exist, or be empty); "
+                                                    "gguf: the file to write (must not exist)")
+    p_exp.add_argument("--dtype", choices=sorted({d for ds in _EXPORT_DTYPES.values() for d in ds}),
+                       help="weights' dtype; hf: float32 (default, exact) or bf16 (rounded to nearest even); gguf: "
+                            "f32 (default, exact), f16, bf16 or q8_0")
+    p_exp.add_argument("--max-shard-size", type=_size,
+                       help="hf: split the weights into shards with an index above this size (default 4G)")
+    p_exp.add_argument("--force", action="store_true", help="replace a non-empty --out (gguf: an existing file)")
     p_imp = sub.add_parser("import", help="a Hugging Face CohereForCausalLM directory as a palmcore run")
     p_imp.add_argument("--from", dest="source", required=True, help="the Hugging Face model directory")
     p_imp.add_argument("--out", required=True, help="the run folder to create (must not exist, or be empty)")

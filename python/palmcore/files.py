@@ -1,9 +1,9 @@
 """Small file-system helpers shared by the writers and readers of palmcore's files.
 
-Writers build a directory aside and rename it into place (:func:`publish_directory`); readers
-open only regular files of a bounded size (:func:`open_regular`, :func:`read_json_object`), so
-that a FIFO, a device or a huge file named like one of palmcore's files is refused before
-anything is read from it.
+Writers build a directory or a file aside and rename it into place (:func:`publish_directory`,
+:func:`publish_file`); readers open only regular files of a bounded size (:func:`open_regular`,
+:func:`read_json_object`), so that a FIFO, a device or a huge file named like one of palmcore's
+files is refused before anything is read from it.
 """
 
 from __future__ import annotations
@@ -64,6 +64,37 @@ def publish_directory(final: str, write: Callable[[str], None], tmp_prefix: str,
             shutil.rmtree(aside, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def publish_file(final: str, write: Callable[[str], None]) -> None:
+    """Make the file ``final`` whole or not at all: ``write(tmp)`` writes a hidden file beside it
+    (``.tmp-<name of final>-`` + random), which is made durable and renamed over ``final``
+    (os.replace: a reader sees the old file or the new one, never a part). On an error the hidden
+    file goes and ``final`` is as it was. What a killed publish of ``final`` left (hidden regular
+    files of exactly that name form) goes first."""
+    parent, name = os.path.dirname(final), os.path.basename(final)
+    prefix = f".tmp-{name}-"
+    mine = re.compile(rf"^{re.escape(prefix)}[a-z0-9_]{{8}}$")
+    for entry in sorted(os.listdir(parent)):
+        path = os.path.join(parent, entry)
+        if mine.match(entry) and not os.path.islink(path) and os.path.isfile(path):
+            os.unlink(path)
+    fd, tmp = tempfile.mkstemp(dir=parent, prefix=prefix)
+    os.close(fd)
+    try:
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes it 0600
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, final)
+        fsync_dir(parent)
+    except BaseException:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
         raise
 
 

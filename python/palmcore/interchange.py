@@ -25,10 +25,12 @@ with ``tokenizers``' own parts: normalizer Replace(U+E000 → U+E000 e), Replace
 Replace(" " → ▁); no pre-tokenizer (palmcore's pieces never cross a word boundary); a BPE model
 whose merges are SentencePiece's pieces in score order, with byte fallback; decoder Replace(▁ → " "),
 ByteFallback, Fuse, Replace(U+E000 s → ▁), Replace(U+E000 e → U+E000). The special tokens (pad 0,
-``</s>`` 1, unk 2, bos 3) are never read from text (``split_special_tokens``), as in SentencePiece.
+``</s>`` 1, unk 2, ``<s>`` 3) are never read from text (``split_special_tokens``), as in SentencePiece.
 With ``add_special_tokens`` (the default in transformers) a text is preceded by ``</s>``, the
 end-of-document token, as ``palmcore generate`` feeds prompts; ``add_special_tokens=False`` gives
-exactly ``palmcore.Tokenizer.encode``.
+exactly ``palmcore.Tokenizer.encode``. So the BOS that every file declares (config.json,
+generation_config.json, tokenizer_config.json) is ``</s>``, id 1: the token palmcore really puts
+first, not the unused ``<s>``.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ _ESCAPE = "\ue000"  # as palmcore.tokenizer
 _SPACE = "\u2581"
 _SPECIALS = {PAD_ID: "<pad>", EOD_ID: "</s>", UNK_ID: "<unk>", BOS_ID: "<s>"}
 # generation defaults: palmcore generate's
-_SAMPLING = {"do_sample": True, "temperature": 0.8, "top_k": 40, "top_p": 0.95}
+SAMPLING = {"do_sample": True, "temperature": 0.8, "top_k": 40, "top_p": 0.95}
 
 
 # ----------------------------------------------------------------------------- the mapping
@@ -151,7 +153,7 @@ def hf_config(config: PaLMConfig, dtype: str = "float32") -> dict:
         "use_cache": True,
         "pad_token_id": PAD_ID,
         "eos_token_id": EOD_ID,
-        "bos_token_id": BOS_ID,
+        "bos_token_id": EOD_ID,  # what palmcore feeds first (PALM_SPEC "Tokenizer"), not the unused <s>
         "torch_dtype": dtype,
         "dtype": dtype,
         "palmcore": {"format": FORMAT, "config": config.to_dict()},
@@ -160,12 +162,20 @@ def hf_config(config: PaLMConfig, dtype: str = "float32") -> dict:
 
 # ----------------------------------------------------------------------------- export
 
-def _refuse_sparse(fields, where: str) -> None:
+_SPARSE_REFUSALS = {
+    "hf": "the Hugging Face layout, since no transformers architecture matches PALM_SPEC's routing (softmax over "
+          "all experts, top-k renormalized, dropless) yet",
+    "gguf": "GGUF, since llama.cpp's command-r architecture, which the GGUF export writes, is dense",
+}
+
+
+def refuse_sparse(fields, where: str, target: str = "hf") -> None:
+    """ValueError for a mixture-of-experts model (a PaLMConfig, or a checkpoint's config.json
+    fields): no ``target`` format ("hf", "gguf") can hold one."""
     experts = fields.get("n_experts", 0) if isinstance(fields, dict) else getattr(fields, "n_experts", 0)
     if experts:
         raise ValueError(f"{where} is a mixture-of-experts model (n_experts={experts}): it does not export to "
-                         "the Hugging Face layout, since no transformers architecture matches PALM_SPEC's routing "
-                         "(softmax over all experts, top-k renormalized, dropless) yet; only dense models export")
+                         f"{_SPARSE_REFUSALS[target]}; only dense models export")
 
 
 def export_hf(model, tokenizer, out: str, dtype: str = "float32", max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
@@ -192,19 +202,19 @@ def export_hf(model, tokenizer, out: str, dtype: str = "float32", max_shard_byte
     if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
         raise ValueError(f"max_shard_bytes must be a positive integer, got {max_shard_bytes!r}")
     config = model.config
-    _refuse_sparse(config, "this model")
+    refuse_sparse(config, "this model")
     if tokenizer is not None and tokenizer.vocab_size != config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                          f"{config.vocab_size}")
     if tokenizer is not None:
-        _refuse_out_overlapping(out, *_source_of(tokenizer.model_path))
+        refuse_out_overlapping(out, *source_of(tokenizer.model_path))
     tensors = to_hf_tensors(config, model.state_dict())
 
     def write(tmp: str) -> None:
         _write_weights(tmp, tensors, dtype == "bfloat16", max_shard_bytes)
         _write_json(os.path.join(tmp, "config.json"), hf_config(config, dtype))
         _write_json(os.path.join(tmp, "generation_config.json"),
-                    {"bos_token_id": BOS_ID, "eos_token_id": EOD_ID, "pad_token_id": PAD_ID, **_SAMPLING})
+                    {"bos_token_id": EOD_ID, "eos_token_id": EOD_ID, "pad_token_id": PAD_ID, **SAMPLING})
         if tokenizer is not None:
             write_tokenizer(tokenizer, tmp, config.max_seq_len, chat_template or DEFAULT_TEMPLATE)
 
@@ -218,16 +228,26 @@ def export_checkpoint(path: str, out: str, dtype: str = "float32", max_shard_byt
     checkpoint), with its tokenizer.model when it has one and its run's chat template. An ``out``
     that is, contains or lies inside the run (symlinks resolved) is refused: replacing it would
     delete the run."""
+    model, tokenizer, template = load_for_export(path, out, "hf")
+    return export_hf(model, tokenizer, out, dtype, max_shard_bytes, overwrite, template)
+
+
+def load_for_export(path: str, out: str, target: str):
+    """(model, tokenizer or None, chat template source or None) of the palmcore checkpoint at
+    ``path`` (a run folder, its checkpoints folder or one checkpoint) that is to be exported to
+    ``out`` as ``target`` ("hf", "gguf"): its tokenizer.model when it has one, its run's chat
+    template when it has one. Refused first: an ``out`` that is, contains or lies inside the run
+    (symlinks resolved), and a mixture-of-experts checkpoint."""
     found = _find_checkpoint(path)
     for source in (_run_of(found), path):
-        _refuse_out_overlapping(out, source, "the run being exported")
+        refuse_out_overlapping(out, source, "the run being exported")
     fields = read_json_object(os.path.join(found, "config.json"))
-    _refuse_sparse(fields, f"checkpoint {found}")  # before PaLMConfig, which has no MoE fields yet
+    refuse_sparse(fields, f"checkpoint {found}", target)  # before PaLMConfig, which has no MoE fields yet
     ck = checkpoint.load(found, with_optimizer=False)
     tok_path = os.path.join(ck.path, "tokenizer.model")
     tokenizer = Tokenizer(tok_path) if os.path.exists(tok_path) else None
     template = run_template(ck.path)
-    return export_hf(ck.model, tokenizer, out, dtype, max_shard_bytes, overwrite, template and template.source)
+    return ck.model, tokenizer, template and template.source
 
 
 def _find_checkpoint(path: str) -> str:
@@ -250,7 +270,7 @@ def _run_of(found: str) -> str:
     return os.path.dirname(root) if os.path.basename(root) == "checkpoints" else root
 
 
-def _source_of(tokenizer_path: str) -> tuple[str, str]:
+def source_of(tokenizer_path: str) -> tuple[str, str]:
     """(path, what it is) that an export of a tokenizer must leave alone: the run it belongs
     to, else its file."""
     folder = os.path.dirname(os.path.abspath(tokenizer_path))
@@ -261,7 +281,7 @@ def _source_of(tokenizer_path: str) -> tuple[str, str]:
     return tokenizer_path, "the tokenizer's file"
 
 
-def _refuse_out_overlapping(out: str, source: str, what: str) -> None:
+def refuse_out_overlapping(out: str, source: str, what: str) -> None:
     """Refuse an ``out`` that is, contains or lies inside ``source`` (symlinks resolved): replacing
     it would delete the source (or the runs beside it), and an export inside a run mixes with it."""
     o, s = os.path.realpath(out), os.path.realpath(source)
@@ -383,11 +403,13 @@ def write_tokenizer(tokenizer: Tokenizer, directory: str, max_length: int, chat_
     """tokenizer.json, tokenizer_config.json (with ``chat_template``), special_tokens_map.json and
     tokenizer.model."""
     _write_json(os.path.join(directory, "tokenizer.json"), tokenizer_json(tokenizer))
-    specials = {"bos_token": _SPECIALS[BOS_ID], "eos_token": _SPECIALS[EOD_ID], "unk_token": _SPECIALS[UNK_ID],
+    specials = {"bos_token": _SPECIALS[EOD_ID], "eos_token": _SPECIALS[EOD_ID], "unk_token": _SPECIALS[UNK_ID],
                 "pad_token": _SPECIALS[PAD_ID]}
     _write_json(os.path.join(directory, "tokenizer_config.json"), {
         "tokenizer_class": "PreTrainedTokenizerFast",
         **specials,
+        "add_bos_token": True,  # as tokenizer.json's post-processor does: </s> first
+        "add_eos_token": False,
         "added_tokens_decoder": {str(i): {"content": p, "lstrip": False, "normalized": False, "rstrip": False,
                                           "single_word": False, "special": True}
                                  for i, p in sorted(_SPECIALS.items())},

@@ -12,6 +12,10 @@ logits), so tokens/s <= B · bandwidth / parameter bytes. Two bandwidths, both m
 buffer as large as the parameters (so they come from the memory level the weights live in):
 the copy bandwidth (memcpy, bytes read + written per second: the issue's bound) and the read
 bandwidth (a parallel sum: what a decode step actually does, and the tighter bound).
+
+--weights fp32,bf16,int8 times each compact decode format (PaLM.set_weights) side by side, the
+formats alternating run by run; a format's bound counts the bytes it reads (bf16 2 bytes a GEMM
+weight, int8 1 + 4/32, the norms 4).
 """
 
 from __future__ import annotations
@@ -87,6 +91,7 @@ def main():
     ap.add_argument("--new", type=int, default=None, help="new tokens per row (default 128 seed, 32 100m)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--weights", default="fp32", help="decode weight formats, e.g. fp32,bf16,int8")
     ap.add_argument("--torch", action="store_true", help="also time PyTorch eager (in a child process)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -102,41 +107,69 @@ def main():
         cfg = configs[name][0]
         new = args.new or (128 if name == "seed" else 32)
         model = palmcore.PaLM(cfg, seed=0)
-        param_bytes = 4 * cfg.num_params()
-        copy_gbps = palmcore._core.measure_copy_gbps(param_bytes, 5)
-        read_gbps = palmcore._core.measure_read_gbps(param_bytes, 5)
+        formats = args.weights.split(",")
+        format_bytes = {f: decode_bytes(model, f) for f in formats}
+        copy_gbps = {f: palmcore._core.measure_copy_gbps(b, 5) for f, b in format_bytes.items()}
+        read_gbps = {f: palmcore._core.measure_read_gbps(b, 5) for f, b in format_bytes.items()}
         sd = model.state_dict() if args.torch else None
         for batch in map(int, args.batches.split(",")):
             prompts = np.random.default_rng(batch).integers(0, cfg.vocab_size, (batch, args.prompt)).astype(np.int32)
-            runs = [palmcore_decode(palmcore, model, prompts, new) for _ in range(args.repeats)]
-            decode_s = statistics.median(r[2] for r in runs)
-            tps = batch * (new - 1) / decode_s
-            bound = batch * copy_gbps * 1e9 / param_bytes
-            read_bound = batch * read_gbps * 1e9 / param_bytes
-            row = dict(config=name, params=cfg.num_params(), B=batch, new=new, tps=tps,
-                       step_ms=decode_s / (new - 1) * 1e3, prefill_ms=statistics.median(r[1] for r in runs) * 1e3,
-                       copy_gbps=copy_gbps, bound=bound, read_gbps=read_gbps, read_bound=read_bound)
-            print(f"{name} B={batch}: {tps:,.1f} tok/s ({row['step_ms']:.2f} ms/step, prefill "
+            runs = {f: [] for f in formats}
+            for _ in range(args.repeats):  # the formats alternate, so a busy moment hits them alike
+                for f in formats:
+                    model.set_weights(f)
+                    runs[f].append(palmcore_decode(palmcore, model, prompts, new))
+            for f in formats:
+                rows.append(report(name, cfg, batch, new, f, runs[f], format_bytes[f], copy_gbps[f], read_gbps[f]))
+            if args.torch:
+                row = rows[-len(formats)]
+                t = torch_child(name, batch, prompts, new, args.repeats, args.threads, sd)
+                row.update(t_tps=batch * (new - 1) / t["decode_s"],
+                           same=bool(np.array_equal(np.array(t["tokens"]), runs[formats[0]][0][0])))
+                print(f"   torch {t['torch']}: {row['t_tps']:,.1f} tok/s -> palmcore/torch "
+                      f"{row['tps'] / row['t_tps']:.2f}x, same tokens: {row['same']}", flush=True)
+        model.set_weights("fp32")
+    print_table(rows, args.torch)
+
+
+def decode_bytes(model, weights: str) -> int:
+    """The bytes a decode step reads with `weights`: every parameter once (the embedding twice
+    would be the lookup of B rows: negligible), GEMM weights and the embedding in their format."""
+    per_weight = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0 + 4.0 / 32}[weights]
+    gemm = ("attn.wq", "attn.wk", "attn.wv", "attn.wo", "mlp.w_gate", "mlp.w_up", "mlp.w_down")
+    total = 0.0
+    for name in model.state_dict():
+        n = int(np.prod(model.param_shape(name)))
+        total += n * (per_weight if name == "embed" or name.endswith(gemm) else 4.0)
+    return int(total)
+
+
+def report(name, cfg, batch, new, weights, runs, param_bytes, copy_gbps, read_gbps) -> dict:
+    decode_s = statistics.median(r[2] for r in runs)
+    tps = batch * (new - 1) / decode_s
+    bound = batch * copy_gbps * 1e9 / param_bytes
+    read_bound = batch * read_gbps * 1e9 / param_bytes
+    row = dict(config=name, params=cfg.num_params(), B=batch, new=new, weights=weights, tps=tps,
+               step_ms=decode_s / (new - 1) * 1e3, prefill_ms=statistics.median(r[1] for r in runs) * 1e3,
+               copy_gbps=copy_gbps, bound=bound, read_gbps=read_gbps, read_bound=read_bound)
+    print(f"{name} {weights} B={batch}: {tps:,.1f} tok/s ({row['step_ms']:.2f} ms/step, prefill "
                   f"{row['prefill_ms']:.1f} ms); bound {bound:,.1f} tok/s at copy {copy_gbps:.1f} GB/s "
                   f"-> {tps / bound:.0%}; {read_bound:,.1f} tok/s at read {read_gbps:.1f} GB/s "
                   f"-> {tps / read_bound:.0%}", flush=True)
-            if args.torch:
-                t = torch_child(name, batch, prompts, new, args.repeats, args.threads, sd)
-                row.update(t_tps=batch * (new - 1) / t["decode_s"],
-                           same=bool(np.array_equal(np.array(t["tokens"]), runs[0][0])))
-                print(f"   torch {t['torch']}: {row['t_tps']:,.1f} tok/s -> palmcore/torch "
-                      f"{tps / row['t_tps']:.2f}x, same tokens: {row['same']}", flush=True)
-            rows.append(row)
-    head = ["config", "B", "palmcore tok/s", "ms/step", "copy bound tok/s", "of copy bound",
+    return row
+
+
+def print_table(rows, with_torch: bool) -> None:
+    head = ["config", "weights", "B", "palmcore tok/s", "ms/step", "copy bound tok/s", "of copy bound",
             "read bound tok/s", "of read bound"]
-    if args.torch:
+    if with_torch:
         head += ["torch eager tok/s", "palmcore/torch", "same tokens"]
     print("\n| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for r in rows:
-        cells = [f"{r['config']} ({r['params'] / 1e6:.1f}M)", str(r["B"]), f"{r['tps']:,.1f}", f"{r['step_ms']:.2f}",
+        cells = [f"{r['config']} ({r['params'] / 1e6:.1f}M)", r["weights"], str(r["B"]), f"{r['tps']:,.1f}", f"{r['step_ms']:.2f}",
                  f"{r['bound']:,.1f} ({r['copy_gbps']:.1f} GB/s)", f"{r['tps'] / r['bound']:.0%}",
                  f"{r['read_bound']:,.1f} ({r['read_gbps']:.1f} GB/s)", f"{r['tps'] / r['read_bound']:.0%}"]
-        if args.torch:
+        if with_torch and "t_tps" in r:
             cells += [f"{r['t_tps']:,.1f}", f"{r['tps'] / r['t_tps']:.2f}×", str(r["same"])]
         print("| " + " | ".join(cells) + " |")
 

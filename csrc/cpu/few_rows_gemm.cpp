@@ -10,6 +10,8 @@
 // B is read through a weight reader: float32, or a compact form (palmcore/compact_weights.h)
 // widened to float32 as it is loaded. Each reader gives the float32 value of the weight, so a
 // compact weight gives the bits of the float32 kernel over a float32 copy of its values.
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cstring>
 #include <stdexcept>
@@ -69,6 +71,23 @@ struct Bf16Weights {
   const void* address(int64_t row, int64_t col) const { return w + row * ld + col; }
 };
 
+// 16 int8 as float32 (GCC scalarizes a direct int8 -> float vector conversion)
+inline f32x16 widen16(const int8_t* p) {
+#ifdef __AVX512F__
+  const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  f32x16 out;
+  std::memcpy(&out, &v, sizeof out);
+  return out;
+#else
+  using i8x16 = int8_t __attribute__((vector_size(16)));
+  using i16x16 = int16_t __attribute__((vector_size(32)));
+  using i32x16 = int32_t __attribute__((vector_size(64)));
+  i8x16 v;
+  std::memcpy(&v, p, sizeof v);
+  return __builtin_convertvector(__builtin_convertvector(__builtin_convertvector(v, i16x16), i32x16), f32x16);
+#endif
+}
+
 // int8 q times its block's float32 scale s (one product, rounded once: w' = q · s). Blocks run
 // along k: down the rows of B [k, n] (scales [k / 32, n]), or along a row of B [n, k] (scales
 // [n, k / 32], where 16 consecutive columns at a multiple of 16 share one scale).
@@ -79,10 +98,7 @@ struct Q8Weights {
   const float* s;
   int64_t lds;
   f32x16 load16(int64_t row, int64_t col) const {
-    using i8x16 = int8_t __attribute__((vector_size(16)));
-    i8x16 v;
-    std::memcpy(&v, q + row * ld + col, sizeof v);
-    const f32x16 widened = __builtin_convertvector(v, f32x16);
+    const f32x16 widened = widen16(q + row * ld + col);
     if constexpr (kTransposed)
       return widened * s[row * lds + col / kQ8Block];
     else
@@ -157,6 +173,20 @@ void block_nt(const float* A, int64_t lda, const Weights& B, int64_t j, int64_t 
     }
 }
 
+// A piece of B widened to float32 once, for several groups of rows to read: rows
+// [first_row, first_row + rows) by `width` columns, row-major.
+struct WidenedPiece {
+  const float* w;
+  int64_t first_row, width;
+  f32x16 load16(int64_t row, int64_t col) const { return palmcore::cpu::load16(w + (row - first_row) * width + col); }
+  float at(int64_t row, int64_t col) const { return w[(row - first_row) * width + col]; }
+  const void* address(int64_t, int64_t) const { return w; }  // in L1 already: nothing to prefetch
+};
+
+template <typename Weights>
+constexpr bool kWidened = !std::is_same_v<Weights, Float32Weights>;
+constexpr int64_t kWidenMaxDepth = 2048;  // C = A Bᵀ: the rows of B widened at once, 4 · k floats
+
 // Calls block(R, i) for the rows of A in groups [i, i + R), R <= 4, as compile-time R.
 template <typename Block>
 void over_row_groups(int64_t m, Block&& block) {
@@ -180,11 +210,25 @@ void few_rows_product(bool transpose_b, int64_t m, int64_t n, int64_t k, float a
   if (transpose_b) {
     // C = A Bᵀ: blocks of NC rows of B (contiguous in memory); with one or two rows of A, 8 of
     // them give enough independent accumulators, with more rows 4 (registers run out).
+    // A compact B read by more than one group of rows is widened once per block of rows.
+    float widened[kWidened<Weights> ? 4 * kWidenMaxDepth : 1];
     auto columns = [&](auto NC) {
-      for (; j + NC <= n; j += NC)
+      for (; j + NC <= n; j += NC) {
+        if constexpr (kWidened<Weights>) {
+          if (m > 4 && k <= kWidenMaxDepth && k % 16 == 0) {
+            for (int c = 0; c < NC; ++c)
+              for (int64_t p = 0; p < k; p += 16) store16(widened + c * k + p, b.load16(j + c, p));
+            const WidenedPiece piece{widened, j, k};
+            over_row_groups(m, [&](auto R, int64_t i) {
+              block_nt<R, NC>(a + i * lda, lda, piece, j, k, alpha, beta, c + i * ldc + j, ldc);
+            });
+            continue;
+          }
+        }
         over_row_groups(m, [&](auto R, int64_t i) {
           block_nt<R, NC>(a + i * lda, lda, b, j, k, alpha, beta, c + i * ldc + j, ldc);
         });
+      }
     };
     if (m <= 2) columns(std::integral_constant<int, 8>{});
     columns(std::integral_constant<int, 4>{});
@@ -200,6 +244,18 @@ void few_rows_product(bool transpose_b, int64_t m, int64_t n, int64_t k, float a
     std::fill(partial, partial + m * kBlockColumns, 0.0f);
     for (int64_t p0 = 0; p0 < k; p0 += kDepthPiece) {
       const int64_t p1 = std::min(k, p0 + kDepthPiece);
+      if constexpr (kWidened<Weights>) {
+        if (m > 4) {  // a compact B read by several groups of rows: widened once per piece
+          float widened[kDepthPiece * kBlockColumns];
+          for (int64_t p = p0; p < p1; ++p)
+            for (int v = 0; v < V; ++v) store16(widened + (p - p0) * kBlockColumns + 16 * v, b.load16(p, j + 16 * v));
+          const WidenedPiece piece{widened, p0, kBlockColumns};
+          over_row_groups(m, [&](auto R, int64_t i) {
+            block_nn<R, V>(a + i * lda, lda, piece, 0, p0, p1, partial + kBlockColumns * i);
+          });
+          continue;
+        }
+      }
       over_row_groups(m, [&](auto R, int64_t i) {
         block_nn<R, V>(a + i * lda, lda, b, j, p0, p1, partial + kBlockColumns * i);
       });

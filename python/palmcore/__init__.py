@@ -15,7 +15,25 @@
 import os as _os
 import warnings as _warnings
 
-from palmcore import _core, checks, schedules
+# OpenMP's idle workers spin before they sleep (libgomp: 300,000 spins by default, about a
+# millisecond). A decode step opens dozens of parallel regions; on a machine whose cores other
+# processes keep busy, spinning workers take the time slices of the thread they wait for, and
+# decoding ran 7-30x slower. A shorter spin keeps the idle speed (the next region starts within
+# it) and yields the cores under load (bench/bench_contention.py measures both). libgomp reads
+# it once, as it loads with _core: the user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins, and
+# PALMCORE_OMP_DEFAULTS=0 keeps libgomp's. The variable is put back as it was after the load, so
+# that child processes inherit the user's environment.
+OMP_SPIN_COUNT = 10000
+_set_spin = (_os.environ.get("PALMCORE_OMP_DEFAULTS", "1") != "0"
+             and not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(_os.environ))
+if _set_spin:
+    _os.environ["GOMP_SPINCOUNT"] = str(OMP_SPIN_COUNT)
+try:
+    from palmcore import _core
+finally:
+    if _set_spin:
+        del _os.environ["GOMP_SPINCOUNT"]
+from palmcore import checks, schedules
 from palmcore.config import PaLMConfig
 from palmcore.distributed import Mesh
 from palmcore.gguf_export import export_gguf

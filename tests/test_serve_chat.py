@@ -237,8 +237,9 @@ def test_lone_surrogates_and_huge_numbers_get_400(server):
     message = b'"messages": [{"role": "user", "content": "a"}]'
     for path in ("/v1/chat/completions", "/v1/completions"):
         start = message if "chat" in path else b'"prompt": "a"'
-        for extra, param in ((b'"model": "\\ud800"', "model"), (b'"\\ud800": 1', "\\ud800"), (b'"stop": "\\ud800"', "stop"),
-                             (b'"user": "\\udfff"', "user"), (b'"n": ' + b"1" * 5000, None)):
+        for extra, param in ((b'"model": "\\ud800"', "model"), (b'"\\ud800": 1', "\\ud800"),
+                             (b'"stop": "\\ud800"', "stop"), (b'"user": "\\udfff"', "user"),
+                             (b'"n": ' + b"1" * 5000, None)):
             error = openai_error(raw(server, b"{%s, %s}" % (start, extra), path), 400)
             assert error["param"] == param and error["type"] == "invalid_request_error", (path, extra, error)
     assert "'\\ud800'" in openai_error(raw(server, b'{"prompt": "a", "\\ud800": 1}', "/v1/completions"), 400)["message"]
@@ -328,8 +329,8 @@ def test_templates_that_transformers_renders():
     messages = check_messages([{"role": "user", "content": "é"}, {"role": "assistant", "content": "b"},
                                {"role": "user", "content": "c"}])
     source = ("{% for m in messages %}{% if m.role == 'assistant' %}{% continue %}{% endif %}{{ m.content }}"
-              "{% if loop.index > 2 %}{% break %}{% endif %}{% endfor %}|{{ {'z': 1, 'a': messages[0].content} | tojson }}"
-              "|{% generation %}{{ messages[1].content }}{% endgeneration %}|{{ strftime_now('%Y') }}")
+              "{% if loop.index > 2 %}{% break %}{% endif %}{% endfor %}"
+              "|{{ {'z': 1, 'a': messages[0].content} | tojson }}|{% generation %}{{ messages[1].content }}{% endgeneration %}|{{ strftime_now('%Y') }}")
     import datetime  # noqa: PLC0415
 
     assert ChatTemplate(source).render(messages) == f'éc|{{"z": 1, "a": "é"}}|b|{datetime.date.today().year}'

@@ -3,10 +3,10 @@
     palmcore serve --checkpoint runs/default --port 8000
 
 POST /v1/completions, POST /v1/chat/completions (messages rendered by a chat template, palmcore.chat),
-GET /v1/models (and /v1/models/{id}), GET or HEAD /health, GET /metrics (Prometheus text). With an API key every path but /health
-needs ``Authorization: Bearer KEY``. Needs the ``serve`` extra (FastAPI, uvicorn, jinja2). Handlers
-only check requests, decode text and relay the engine's tokens; the model runs on the engine's
-thread alone.
+GET /v1/models (and /v1/models/{id}), GET or HEAD /health, GET /metrics (Prometheus text). With an
+API key every path but /health needs ``Authorization: Bearer KEY``. Needs the ``serve`` extra
+(FastAPI, uvicorn, jinja2). Handlers only check requests, decode text and relay the engine's
+tokens; the model runs on the engine's thread alone.
 """
 
 from __future__ import annotations
@@ -125,7 +125,8 @@ class Completion:
         max_tokens = _int(body, field, form.max_tokens or max(room, 1), 1, max_seq_len)
         for i, p in enumerate(self.prompts):
             if len(p) + max_tokens > max_seq_len:
-                rest = f"and {field} is {max_tokens}" if given else "which leaves no room for a reply"
+                rest = (f"and {field} is {max_tokens}{'' if given else ' (the default)'}" if given or form.max_tokens
+                        else "which leaves no room for a reply")
                 raise BadRequest(f"this model's maximum context length is {max_seq_len} tokens; "
                                  f"{form.prompt_name(i)} has {len(p)} tokens {rest}", form.prompt_field,
                                  code="context_length_exceeded")

@@ -45,6 +45,10 @@ class QueueFull(Exception):
     """Every slot is busy and the waiting queue is full."""
 
 
+class Closed(Exception):
+    """The engine is closing (the server shuts down): it takes no more sequences."""
+
+
 @dataclass(eq=False)
 class Sequence:
     """One choice of one request: a prompt continued in one cache slot."""
@@ -117,10 +121,10 @@ class Engine:
 
     # --- the handlers' side ---------------------------------------------------------------
     def submit(self, sequences: list[Sequence]) -> None:
-        """Queue a request's sequences together, or raise QueueFull (nothing queued)."""
+        """Queue a request's sequences together, or raise QueueFull or Closed (nothing queued)."""
         with self._cond:
             if self._stopping:
-                raise QueueFull("the server is shutting down")
+                raise Closed("the server is shutting down")
             if len(self._active) + len(self._pending) + len(sequences) > self.slots + self.queue_limit:
                 self.metrics.sequences["rejected"] += len(sequences)
                 raise QueueFull(f"all {self.slots} slots are busy and the queue of {self.queue_limit} is full")

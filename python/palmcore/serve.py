@@ -3,10 +3,10 @@
     palmcore serve --checkpoint runs/default --port 8000
 
 POST /v1/completions, POST /v1/chat/completions (messages rendered by a chat template, palmcore.chat),
-GET /v1/models, GET /health, GET /metrics (Prometheus text). With an API key every path but /health
-needs ``Authorization: Bearer KEY``. Needs the ``serve`` extra (FastAPI, uvicorn, jinja2). Handlers
-only check requests, decode text and relay the engine's tokens; the model runs on the engine's
-thread alone.
+GET /v1/models (and /v1/models/{id}), GET or HEAD /health, GET /metrics (Prometheus text). With an
+API key every path but /health needs ``Authorization: Bearer KEY``. Needs the ``serve`` extra
+(FastAPI, uvicorn, jinja2). Handlers only check requests, decode text and relay the engine's
+tokens; the model runs on the engine's thread alone.
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ import time
 import uuid
 
 from palmcore import checks
-from palmcore.chat import ChatTemplate, check_messages, run_template
-from palmcore.engine import Engine, QueueFull, Sequence, on_passing_thread
+from palmcore.chat import MAX_RENDER_CHARS, ChatTemplate, TemplateError, TooLong, check_messages, run_template
+from palmcore.engine import Closed, Engine, QueueFull, Sequence, on_passing_thread
 from palmcore.generation import sampling_settings
 from palmcore.text import cut_at_stops, prompt_ids
-from palmcore.tokenizer import EOD_ID
+from palmcore.tokenizer import EOD_ID, check_text
 
 try:
     import jinja2  # noqa: F401 (palmcore.chat's templates)
@@ -53,39 +53,43 @@ class BadRequest(Exception):
 
 
 def error_response(message: str, status: int, kind: str = "invalid_request_error", param=None, code=None):
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
-                        status_code=status)
+    """OpenAI's error form. A lone surrogate from a request (messages echo values with !r, which
+    escapes them; a field's name is echoed as given) is shown as its escape: the JSON must be UTF-8."""
+    return JSONResponse({"error": {"message": _escaped(message), "type": kind, "param": _escaped(param),
+                                   "code": code}}, status_code=status)
+
+
+def _escaped(text):
+    return text.encode("utf-8", "backslashreplace").decode("utf-8") if isinstance(text, str) else text
 
 
 class Completion:
-    """One checked /v1/completions request: its prompts as token ids and its sequences.
-    ``max_prompt_chars``: a text prompt longer than this cannot fit the context (None: no bound
-    known), refused before it is tokenized; ``stops``: strings that end every choice besides the
-    request's own ``stop``."""
+    """One checked request, /v1/completions' or /v1/chat/completions' (``form``): its prompts as
+    token ids and its sequences. ``max_prompt_chars``: a text prompt longer than this cannot fit
+    the context (None: no bound known), refused before it is tokenized. Errors name the fields
+    the client sent."""
 
-    def __init__(self, body: dict, tokenizer, max_seq_len: int, model_name: str, max_sequences: int,
-                 max_prompt_chars: int | None = None, stops: tuple = ()):
-        unknown = sorted(set(body) - _FIELDS)
+    def __init__(self, body: dict, form, tokenizer, max_seq_len: int, model_name: str, max_sequences: int,
+                 max_prompt_chars: int | None = None):
+        unknown = sorted(set(body) - form.fields)
         if unknown:
-            raise BadRequest(f"unknown or unsupported field '{unknown[0]}'", unknown[0])
-        if body.get("model", model_name) != model_name:
-            raise BadRequest(f"the model '{body['model']}' does not exist; this server has '{model_name}'",
-                             "model", 404, code="model_not_found")
-        self.prompts = self._prompts(body.get("prompt"), _TextPrompts(tokenizer, max_seq_len, max_prompt_chars))
-        self.n = _int(body, "n", 1, 1, max_sequences)
-        if self.n * len(self.prompts) > max_sequences:
-            raise BadRequest(f"n × prompts is {self.n * len(self.prompts)}; this server runs at most "
-                             f"{max_sequences} sequences (slots + queue)", "n")
-        self.max_tokens = _int(body, "max_tokens", 16, 1, max_seq_len)
+            raise BadRequest(f"unknown or unsupported field {unknown[0]!r}", unknown[0])
+        model = _string(body, "model")
+        if model is not None and model != model_name:
+            raise BadRequest(f"the model {model!r} does not exist; this server has {model_name!r}", "model", 404,
+                             code="model_not_found")
+        _string(body, "user")
+        self.prompts = form.prompts(body, _TextPrompts(tokenizer, max_seq_len, max_prompt_chars, form))
         for i, p in enumerate(self.prompts):
             if any(not 0 <= t < tokenizer.vocab_size for t in p):
                 raise BadRequest(f"prompt {i} holds a token id outside the vocabulary [0, {tokenizer.vocab_size})",
                                  "prompt")
-            if len(p) + self.max_tokens > max_seq_len:
-                raise BadRequest(f"this model's maximum context length is {max_seq_len} tokens; prompt {i} has "
-                                 f"{len(p)} tokens and max_tokens is {self.max_tokens}", "prompt",
-                                 code="context_length_exceeded")
-        self.stop = self._stops(body.get("stop")) + list(stops)
+        self.n = _int(body, "n", 1, 1, max_sequences)
+        if self.n * len(self.prompts) > max_sequences:
+            raise BadRequest(f"n × prompts is {self.n * len(self.prompts)}; this server runs at most "
+                             f"{max_sequences} sequences (slots + queue)", "n")
+        self.max_tokens = self._max_tokens(body, form, max_seq_len)
+        self.stop = self._stops(body.get("stop")) + list(form.stops)
         stop_ids = body.get("stop_token_ids") or []
         vocab = tokenizer.vocab_size
         if not isinstance(stop_ids, list) or not all(type(t) is int and 0 <= t < vocab for t in stop_ids):
@@ -100,57 +104,99 @@ class Completion:
         except (TypeError, ValueError) as e:
             raise BadRequest(str(e), str(e).split(" ")[0]) from None
         self.sampling = {k: s[k] for k in ("temperature", "top_k", "top_p", "repetition_penalty", "seed")}
-        self.stream = body.get("stream", False)
-        if not isinstance(self.stream, bool):
-            raise BadRequest("stream must be true or false", "stream")
-        options = body.get("stream_options") or {}
-        if not isinstance(options, dict) or set(options) - {"include_usage"}:
+        self.stream = _bool("stream", body.get("stream"))
+        options = body.get("stream_options")
+        if options is not None and not self.stream:
+            raise BadRequest("stream_options is only allowed with stream: true", "stream_options")
+        if options is not None and (not isinstance(options, dict) or set(options) - {"include_usage"}):
             raise BadRequest("stream_options may hold only include_usage", "stream_options")
-        self.include_usage = bool(options.get("include_usage"))
+        self.include_usage = _bool("stream_options.include_usage", (options or {}).get("include_usage"))
         logprobs = body.get("logprobs")
         self.logprobs = None if logprobs is None else _int(body, "logprobs", 0, 0, 5)
 
-    @staticmethod
-    def _prompts(prompt, text_ids) -> list[list[int]]:
-        if isinstance(prompt, str):
-            return text_ids([prompt])
-        if isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt):
-            return [prompt]
-        if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-            return text_ids(prompt)
-        if (isinstance(prompt, list) and prompt and
-                all(isinstance(p, list) and p and all(type(t) is int for t in p) for p in prompt)):
-            return prompt
-        raise BadRequest("prompt must be a string, a list of strings, a list of token ids or a list of "
-                         "token-id lists (none empty)", "prompt")
+    def _max_tokens(self, body: dict, form, max_seq_len: int) -> int:
+        """The tokens to make: the client's max_completion_tokens or max_tokens, else the form's
+        default (None: as many as fit the context after the longest prompt)."""
+        field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        if field == "max_completion_tokens" and body.get("max_tokens") is not None:
+            raise BadRequest("give max_completion_tokens or max_tokens, not both", "max_completion_tokens")
+        given = body.get(field) is not None
+        room = max_seq_len - max(len(p) for p in self.prompts)
+        max_tokens = _int(body, field, form.max_tokens or max(room, 1), 1, max_seq_len)
+        for i, p in enumerate(self.prompts):
+            if len(p) + max_tokens > max_seq_len:
+                rest = (f"and {field} is {max_tokens}{'' if given else ' (the default)'}" if given or form.max_tokens
+                        else "which leaves no room for a reply")
+                raise BadRequest(f"this model's maximum context length is {max_seq_len} tokens; "
+                                 f"{form.prompt_name(i)} has {len(p)} tokens {rest}", form.prompt_field,
+                                 code="context_length_exceeded")
+        return max_tokens
 
     @staticmethod
     def _stops(stop) -> list[str]:
         stops = [stop] if isinstance(stop, str) else (stop or [])
         if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(s, str) and s for s in stops):
             raise BadRequest("stop must be a non-empty string or a list of up to 4 of them", "stop")
-        return stops
+        try:
+            return [check_text(s, "stop") for s in stops]
+        except ValueError as e:
+            raise BadRequest(str(e), "stop") from None
+
+
+def _prompts(prompt, text_ids) -> list[list[int]]:
+    """/v1/completions' prompt as token ids."""
+    if isinstance(prompt, str):
+        return text_ids([prompt])
+    if isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt):
+        return [prompt]
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        return text_ids(prompt)
+    if (isinstance(prompt, list) and prompt and
+            all(isinstance(p, list) and p and all(type(t) is int for t in p) for p in prompt)):
+        return prompt
+    raise BadRequest("prompt must be a string, a list of strings, a list of token ids or a list of "
+                     "token-id lists (none empty)", "prompt")
 
 
 class _TextPrompts:
     """Text prompts' token ids; a text too long for the context is refused before any is
     tokenized (tokenizing takes about 45 bytes of memory per character)."""
 
-    def __init__(self, tokenizer, max_seq_len: int, max_chars: int | None):
-        self.tokenizer, self.max_seq_len, self.max_chars = tokenizer, max_seq_len, max_chars
+    def __init__(self, tokenizer, max_seq_len: int, max_chars: int | None, form):
+        self.tokenizer, self.max_seq_len, self.max_chars, self.form = tokenizer, max_seq_len, max_chars, form
 
     def __call__(self, texts: list[str]) -> list[list[int]]:
         for i, text in enumerate(texts):
             if self.max_chars is not None and len(text) > self.max_chars:
-                raise BadRequest(f"prompt {i} has {len(text)} characters; this model's maximum context length is "
-                                 f"{self.max_seq_len} tokens of at most {self.max_chars // self.max_seq_len} "
-                                 f"characters each, so a prompt of more than {self.max_chars} characters cannot fit",
-                                 "prompt", code="context_length_exceeded")
+                raise BadRequest(f"{self.form.prompt_name(i)} has {len(text)} characters; this model's maximum "
+                                 f"context length is {self.max_seq_len} tokens of at most "
+                                 f"{self.max_chars // self.max_seq_len} characters each, so a prompt of more than "
+                                 f"{self.max_chars} characters cannot fit", self.form.prompt_field,
+                                 code="context_length_exceeded")
             try:
                 text.encode("utf-8")
             except UnicodeEncodeError:
-                raise BadRequest(f"prompt {i} is not valid UTF-8 (it holds a lone surrogate)", "prompt") from None
+                raise BadRequest(f"{self.form.prompt_name(i)} is not valid UTF-8 (it holds a lone surrogate)",
+                                 self.form.prompt_field) from None
         return [prompt_ids(self.tokenizer, text) for text in texts]
+
+
+def _string(body: dict, name: str) -> str | None:
+    """A string field (None: absent), valid UTF-8."""
+    value = body.get(name)
+    if value is not None and not isinstance(value, str):
+        raise BadRequest(f"{name} must be a string, got {type(value).__name__}", name)
+    try:
+        return None if value is None else check_text(value, name)
+    except ValueError as e:
+        raise BadRequest(str(e), name) from None
+
+
+def _bool(name: str, value) -> bool:
+    """A boolean field's value (None: absent, false)."""
+    if value is not None and not isinstance(value, bool):
+        raise BadRequest(f"{name} must be true or false, got {value!r}", name)
+    return bool(value)
 
 
 def _int(body: dict, name: str, default: int, low: int, high: int) -> int:
@@ -178,6 +224,7 @@ class Choice:
     def __init__(self, index: int, tokenizer, stops: list[str], stop_tokens: frozenset, logprobs: int | None):
         self.index, self.tokenizer, self.stops, self.stop_tokens = index, tokenizer, stops, stop_tokens
         self.tokens: list[int] = []
+        self.made = 0         # tokens received until it ended: its text's and the stop token that ended it
         self.text = ""        # decoded so far (whole characters)
         self.sent = 0         # characters of text already given out
         self.finish = None
@@ -185,6 +232,7 @@ class Choice:
         self.lp = {"tokens": [], "token_logprobs": [], "top_logprobs": []}
 
     def add(self, token: int, log_probs) -> None:
+        self.made += 1
         if log_probs is not None:
             self.lp["tokens"].append(self.tokenizer.decode([token]))
             self.lp["token_logprobs"].append(float(log_probs[token]))
@@ -220,12 +268,16 @@ class Choice:
 
 
 class TextForm:
-    """/v1/completions: the request as it comes, choices as texts."""
+    """/v1/completions: prompts as texts or token ids, choices as texts; max_tokens 16 by default,
+    as OpenAI's."""
     prefix, object, chunk_object = "cmpl", "text_completion", "text_completion"
-    stops = ()
+    fields, prompt_field, max_tokens, stops = _FIELDS, "prompt", 16, ()
 
-    def body(self, body: dict) -> dict:
-        return body
+    def prompts(self, body: dict, text_ids) -> list[list[int]]:
+        return _prompts(body.get("prompt"), text_ids)
+
+    def prompt_name(self, i: int) -> str:
+        return f"prompt {i}"
 
     def choice(self, c: Choice) -> dict:
         return {"index": c.index, "text": c.text, "logprobs": c.logprobs_since(0), "finish_reason": c.finish}
@@ -240,28 +292,32 @@ class TextForm:
 
 
 class ChatForm:
-    """/v1/chat/completions: the messages rendered by a chat template into a completions request;
-    choices as assistant messages, streamed as deltas (the role, then the content, then the
-    finish reason)."""
+    """/v1/chat/completions: the messages rendered by a chat template into one prompt; choices as
+    assistant messages, streamed as deltas (the role, then the content, then the finish reason);
+    max_tokens by default as many as fit the context (OpenAI's chat default). A template's
+    failure (palmcore.chat.TemplateError) is the server's: it reaches the 500 handler."""
     prefix, object, chunk_object = "chatcmpl", "chat.completion", "chat.completion.chunk"
+    fields, prompt_field, max_tokens = _CHAT_FIELDS, "messages", None
 
     def __init__(self, template: ChatTemplate):
         self.template, self.stops = template, template.stops
 
-    def body(self, body: dict) -> dict:
-        unknown = sorted(set(body) - _CHAT_FIELDS)
-        if unknown:
-            raise BadRequest(f"unknown or unsupported field '{unknown[0]}'", unknown[0])
-        if "max_tokens" in body and "max_completion_tokens" in body:
-            raise BadRequest("give max_completion_tokens or max_tokens, not both", "max_completion_tokens")
+    def prompts(self, body: dict, text_ids) -> list[list[int]]:
+        # rendering stops where the text can no longer fit the context (text_ids would refuse it)
+        max_chars = text_ids.max_chars or MAX_RENDER_CHARS
         try:
-            prompt = self.template.render(check_messages(body.get("messages")))
-        except ValueError as e:
+            prompt = self.template.render(check_messages(body.get("messages")), max_chars=max_chars)
+        except TooLong as e:
+            raise BadRequest(f"{e}: more than a prompt can have here (this model's maximum context length is "
+                             f"{text_ids.max_seq_len} tokens)", "messages", code="context_length_exceeded") from None
+        except TemplateError:  # the template's own failure: a 500
+            raise
+        except ValueError as e:  # the messages, or the template's raise_exception
             raise BadRequest(str(e), "messages") from None
-        request = {k: v for k, v in body.items() if k not in ("messages", "max_completion_tokens")}
-        if "max_completion_tokens" in body:
-            request["max_tokens"] = body["max_completion_tokens"]
-        return {**request, "prompt": prompt}
+        return text_ids([prompt])
+
+    def prompt_name(self, i: int) -> str:
+        return "the conversation as the chat template renders it"
 
     def choice(self, c: Choice) -> dict:
         return {"index": c.index, "message": {"role": "assistant", "content": c.text}, "logprobs": None,
@@ -357,14 +413,22 @@ def make_app(model, tokenizer, model_name: str, slots: int = 16, queue: int = 64
     async def server_error(_request, e: Exception):  # a bug: the log has its traceback
         return error_response(f"internal server error: {type(e).__name__}: {e}", 500, "server_error")
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         return {"status": "ok"}
 
+    card = {"id": model_name, "object": "model", "created": created, "owned_by": "palmcore"}
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "palmcore"}]}
+        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str):
+        if name != model_name:
+            return error_response(f"the model {name!r} does not exist; this server has {model_name!r}", 404,
+                                  param="model", code="model_not_found")
+        return card
 
     @app.get("/metrics")
     async def metrics():
@@ -384,14 +448,13 @@ def make_app(model, tokenizer, model_name: str, slots: int = 16, queue: int = 64
             body = json.loads(raw.decode("utf-8"))
         except UnicodeDecodeError:
             raise BadRequest("the request body is not valid UTF-8") from None
-        except json.JSONDecodeError as e:
+        except ValueError as e:  # JSONDecodeError, or an integer of more digits than Python converts
             raise BadRequest(f"the request body is not valid JSON: {e}") from None
         except RecursionError:
             raise BadRequest("the request body nests arrays or objects too deeply") from None
         if not isinstance(body, dict):
             raise BadRequest("the request body must be a JSON object")
-        return Completion(form.body(body), tokenizer, max_seq_len, model_name, slots + queue, max_prompt_chars,
-                          form.stops)
+        return Completion(body, form, tokenizer, max_seq_len, model_name, slots + queue, max_prompt_chars)
 
     async def respond(request: Request, form):
         loop = asyncio.get_running_loop()
@@ -418,11 +481,13 @@ def make_app(model, tokenizer, model_name: str, slots: int = 16, queue: int = 64
             engine.submit(sequences)
         except QueueFull as e:
             return error_response(str(e), 429, "rate_limit_exceeded", code="rate_limit_exceeded")
+        except Closed as e:
+            return error_response(str(e), 503, "server_error", code="service_unavailable")
         head = {"id": f"{form.prefix}-{uuid.uuid4().hex}", "object": form.object, "created": int(time.time()),
                 "model": model_name}
 
-        def usage():
-            prompt, made = sum(len(p) for p in req.prompts), sum(len(s.tokens) for s in sequences)
+        def usage():  # the tokens of the texts returned (the engine may have made more before a stop landed)
+            prompt, made = sum(len(p) for p in req.prompts), sum(c.made for c in choices)
             return {"prompt_tokens": prompt, "completion_tokens": made, "total_tokens": prompt + made}
 
         async def updates():

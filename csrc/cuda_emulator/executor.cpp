@@ -17,11 +17,13 @@
 // are carried out of the fiber as an exception_ptr (no exception crosses a context switch) and
 // rethrown by run_grid as std::runtime_error naming the kernel, block and thread.
 #include "executor.h"
+#include "palmcore_emu/tensor_core.h"
 
 #include <sys/mman.h>
 #include <ucontext.h>
 
 #include <algorithm>
+#include <climits>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -60,6 +62,32 @@ struct Fiber {
   int lane_arg = 0, width = kWarpSize;
   const char* file = "";
   int line = 0;
+  // a warp_exchange's data and what it is
+  const void* in = nullptr;
+  void* out = nullptr;
+  WarpCombine combine = nullptr;
+  const char* what = "";
+  // cp.async copies not yet done: group -1 until committed
+  struct Copy {
+    void* dst;
+    const void* src;
+    size_t bytes;
+    int group;
+  };
+  std::vector<Copy> copies;
+  int committed = 0;
+  // Does the copies of the groups before `group` (all committed ones for INT_MAX, and the
+  // uncommitted too when `uncommitted`).
+  void finish_copies(int group, bool uncommitted) {
+    size_t kept = 0;
+    for (const Copy& c : copies) {
+      if ((c.group >= 0 && c.group < group) || (c.group < 0 && uncommitted))
+        std::memcpy(c.dst, c.src, c.bytes);
+      else
+        copies[kept++] = c;
+    }
+    copies.resize(kept);
+  }
 };
 
 std::string describe(const uint3& t) {
@@ -76,6 +104,7 @@ const char* op_name(WarpOp op) {
     case WarpOp::Ballot: return "__ballot_sync";
     case WarpOp::Any: return "__any_sync";
     case WarpOp::All: return "__all_sync";
+    case WarpOp::Exchange: return "a warp-wide instruction";
   }
   return "?";
 }
@@ -176,7 +205,9 @@ void fiber_main() {
   } catch (...) {
     if (!b.error) b.error = std::current_exception();
   }
-  b.running().state = State::Exited;
+  Fiber& f = b.running();
+  f.finish_copies(INT_MAX, true);  // a GPU completes a thread's copies after it exits too
+  f.state = State::Exited;
   // returning resumes uc_link: the scheduler
 }
 
@@ -198,6 +229,8 @@ void Block::run(const LaunchConfig& cfg, const uint3& block_index, const std::fu
     f.linear = i;
     f.thread = {i % cfg.block.x, (i / cfg.block.x) % cfg.block.y, i / (cfg.block.x * cfg.block.y)};
     f.state = State::Runnable;
+    f.copies.clear();
+    f.committed = 0;
     f.context.uc_stack.ss_sp = arena + i * slot + kGuardBytes;
     f.context.uc_stack.ss_size = kStackBytes;
     f.context.uc_link = &scheduler;
@@ -335,7 +368,20 @@ bool Block::meet_warp_waits() {
       if (!(f.mask >> l & 1u))
         fail("thread " + describe(f.thread) + " at " + site(f.file, f.line) + ": " + op_name(f.op) +
              " with a mask that leaves out its own lane " + std::to_string(l));
-      for (int m : lanes) compute_collective(fibers[base + m], lanes, base);
+      if (f.op == WarpOp::Exchange) {
+        if (lanes.size() != kWarpSize)
+          fail("thread " + describe(f.thread) + " at " + site(f.file, f.line) + ": " + f.what +
+               " needs all 32 lanes of the warp");
+        const void* ins[kWarpSize];
+        void* outs[kWarpSize];
+        for (int m = 0; m < kWarpSize; ++m) {
+          ins[m] = fibers[base + m].in;
+          outs[m] = fibers[base + m].out;
+        }
+        f.combine(ins, outs);
+      } else {
+        for (int m : lanes) compute_collective(fibers[base + m], lanes, base);
+      }
       for (int m : lanes) fibers[base + m].state = State::Runnable;
       met = true;
     }
@@ -455,6 +501,33 @@ uint64_t warp_collective(WarpOp op, unsigned mask, uint64_t value, int lane_arg,
   f.file = file;
   f.line = line;
   return wait_here(b);
+}
+
+void warp_exchange(const void* in, void* out, WarpCombine combine, const char* what, const char* file, int line) {
+  Block& b = in_kernel(what);
+  Fiber& f = b.running();
+  f.in = in;
+  f.out = out;
+  f.combine = combine;
+  f.what = what;
+  warp_collective(WarpOp::Exchange, 0xffffffffu, 0, 0, kWarpSize, file, line);
+}
+
+void cp_async(void* dst, const void* src, size_t bytes) {
+  Block& b = in_kernel("cp.async");
+  b.running().copies.push_back({dst, src, bytes, -1});
+}
+
+void cp_async_commit() {
+  Fiber& f = in_kernel("cp.async.commit_group").running();
+  for (Fiber::Copy& c : f.copies)
+    if (c.group < 0) c.group = f.committed;
+  ++f.committed;
+}
+
+void cp_async_wait(int pending_groups) {
+  Fiber& f = in_kernel("cp.async.wait_group").running();
+  f.finish_copies(f.committed - pending_groups, false);
 }
 
 unsigned active_mask() {

@@ -84,10 +84,15 @@ int block_barrier(BarrierKind kind, int predicate, const char* file, int line);
 // Warp collectives: the lanes named in `mask` (all of which must call the same operation with
 // the same mask) exchange 64-bit values; a named lane that exits or waits elsewhere fails the
 // launch. Returns this lane's result (see executor.cpp for each operation's rule).
-enum class WarpOp { Sync, Shfl, ShflUp, ShflDown, ShflXor, Ballot, Any, All };
+enum class WarpOp { Sync, Shfl, ShflUp, ShflDown, ShflXor, Ballot, Any, All, Exchange };
 uint64_t warp_collective(WarpOp op, unsigned mask, uint64_t value, int lane_arg, int width, const char* file,
                          int line);
 unsigned active_mask();
+// A collective of all 32 lanes over data of any size (the tensor-core instructions,
+// tensor_core.cpp): once every lane of the warp has called it at the same place,
+// combine(ins, outs) runs once with each lane's `in` and `out`, indexed by lane.
+using WarpCombine = void (*)(const void* const* ins, void* const* outs);
+void warp_exchange(const void* in, void* out, WarpCombine combine, const char* what, const char* file, int line);
 
 // Shared memory of the running block (16-byte aligned, 0xFF-filled at the block's start).
 void* shared_static_bytes(int id, size_t bytes, size_t alignment);

@@ -109,10 +109,6 @@ std::unique_ptr<Communicator> make_nccl_communicator(const std::string& unique_i
   if (size < 1 || rank < 0 || rank >= size)
     throw std::invalid_argument("NCCL rank " + std::to_string(rank) + " of " + std::to_string(size) +
                                 " does not exist");
-#ifdef PALMCORE_CUDA_EMULATED
-  throw std::runtime_error("NCCL is not emulated: the emulated CUDA device (PALMCORE_CUDA=EMULATE) has no NCCL "
-                           "communicators; a mesh on GPUs needs real GPUs");
-#endif
   nccl::UniqueId id{};
   std::memcpy(id.internal, unique_id.data(), sizeof(id.internal));
   return std::make_unique<Nccl>(id, rank, size);

@@ -1,6 +1,6 @@
 // Running a grid on the emulated device: blocks one after another on the calling OS thread, the
-// threads of a block as ucontext fibers (small stacks from one mmap'ed arena) switched only
-// where they wait for each other.
+// threads of a block as fibers (small stacks from one mmap'ed arena, switched by
+// fiber_switch.h) switched only where they wait for each other.
 //
 // A block runs in phases. In a phase every runnable thread runs, one after another in the
 // phase's order (PALMCORE_EMULATE_ORDER: forward, reverse, or shuffle[:seed], a fresh seeded
@@ -17,10 +17,10 @@
 // are carried out of the fiber as an exception_ptr (no exception crosses a context switch) and
 // rethrown by run_grid as std::runtime_error naming the kernel, block and thread.
 #include "executor.h"
+#include "fiber_switch.h"
 #include "palmcore_emu/tensor_core.h"
 
 #include <sys/mman.h>
-#include <ucontext.h>
 
 #include <algorithm>
 #include <climits>
@@ -50,7 +50,8 @@ constexpr size_t kStaticSharedBytes = 48 << 10;
 enum class State { Runnable, AtBarrier, AtWarp, Exited };
 
 struct Fiber {
-  ucontext_t context;
+  void* sp = nullptr;  // its saved stack pointer while it is not running
+  char* stack = nullptr;
   uint3 thread;
   int linear = 0;
   State state = State::Runnable;
@@ -155,7 +156,8 @@ struct Block {
   std::vector<Fiber> fibers;
   int count = 0;    // threads of this block
   int current = -1;  // the running fiber
-  ucontext_t scheduler;
+  void* scheduler = nullptr;  // the scheduler's saved stack pointer while a fiber runs
+  FiberStacks asan;           // (AddressSanitizer's view of the switches)
   std::exception_ptr error;
   // stacks: kMaxThreads of kStackBytes, each above a guard page
   char* arena = nullptr;
@@ -176,7 +178,7 @@ struct Block {
     arena = static_cast<char*>(p);
     for (int i = 0; i < kMaxThreads; ++i) {
       mprotect(arena + i * slot, kGuardBytes, PROT_NONE);
-      getcontext(&fibers[i].context);
+      fibers[i].stack = arena + i * slot + kGuardBytes;
     }
   }
   Block(const Block&) = delete;
@@ -208,7 +210,18 @@ void fiber_main() {
   Fiber& f = b.running();
   f.finish_copies(INT_MAX, true);  // a GPU completes a thread's copies after it exits too
   f.state = State::Exited;
-  // returning resumes uc_link: the scheduler
+}
+
+// Where a fiber starts (fiber_switch.h's first switch to it returns here): runs the kernel body,
+// then goes back to the scheduler for good.
+[[noreturn]] void fiber_start() {
+  Block& b = *running_block;
+  b.asan.entered(nullptr);
+  fiber_main();
+  b.asan.leave(nullptr);
+  void* unused = nullptr;
+  fiber_switch(&unused, b.scheduler);
+  __builtin_unreachable();
 }
 
 void Block::run(const LaunchConfig& cfg, const uint3& block_index, const std::function<void()>& body) {
@@ -223,7 +236,6 @@ void Block::run(const LaunchConfig& cfg, const uint3& block_index, const std::fu
     dynamic_bytes = cfg.shared_bytes;
   }
   std::memset(dynamic_shared.get(), 0xFF, cfg.shared_bytes);
-  const size_t slot = kStackBytes + kGuardBytes;
   for (int i = 0; i < count; ++i) {
     Fiber& f = fibers[i];
     f.linear = i;
@@ -231,10 +243,7 @@ void Block::run(const LaunchConfig& cfg, const uint3& block_index, const std::fu
     f.state = State::Runnable;
     f.copies.clear();
     f.committed = 0;
-    f.context.uc_stack.ss_sp = arena + i * slot + kGuardBytes;
-    f.context.uc_stack.ss_size = kStackBytes;
-    f.context.uc_link = &scheduler;
-    makecontext(&f.context, fiber_main, 0);
+    f.sp = fiber_stack_start(f.stack, kStackBytes, fiber_start);
   }
   running_block = this;
   running_body = &body;
@@ -261,7 +270,9 @@ void Block::schedule() {
     for (int i : sequence) {
       if (fibers[i].state != State::Runnable) continue;
       current = i;
-      swapcontext(&scheduler, &fibers[i].context);
+      asan.enter(fibers[i].stack, kStackBytes);
+      fiber_switch(&scheduler, fibers[i].sp);
+      asan.back();
       current = -1;
       if (error) {
         const uint3 t = fibers[i].thread;
@@ -307,7 +318,8 @@ void Block::compute_collective(Fiber& f, const std::vector<int>& lanes, int base
          std::to_string(width) + " (a power of two up to 32)");
   const int segment = lane / width * width;
   switch (f.op) {
-    case WarpOp::Sync: f.result = 0; break;
+    case WarpOp::Sync:
+    case WarpOp::Exchange: f.result = 0; break;  // (an exchange's results come from its combine)
     case WarpOp::Shfl: f.result = value_of(segment + ((f.lane_arg % width) + width) % width); break;
     case WarpOp::ShflUp: {
       const int source = lane - f.lane_arg;
@@ -466,7 +478,10 @@ Block& in_kernel(const char* what) {
 // Suspends the running fiber until the scheduler has met its wait.
 uint64_t wait_here(Block& b) {
   Fiber& f = b.running();
-  swapcontext(&f.context, &b.scheduler);
+  void* fake_stack = nullptr;  // AddressSanitizer's, kept on this fiber's stack meanwhile
+  b.asan.leave(&fake_stack);
+  fiber_switch(&f.sp, b.scheduler);
+  b.asan.entered(fake_stack);
   return f.result;
 }
 

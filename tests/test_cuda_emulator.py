@@ -55,3 +55,58 @@ def test_rewrite_keeps_explicit_template_arguments_and_deduces_the_others():
     assert out.count("\n") == text.count("\n") + 1
     with pytest.raises(SyntaxError):
         rewrite.rewrite("void f() { k<<<1>>>(x); }", "t.cu")
+
+
+@pytest.mark.skipif(not __import__("palmcore")._core.build_info()["cuda_emulated"], reason="not the emulated build")
+def test_the_kernels_give_the_same_bits_in_every_thread_order(monkeypatch):
+    """A training step (forward, backward, every gradient; fp32 and bf16, flash and plain) and
+    a few sampled decode steps, run with the threads of each phase in forward, reverse and two
+    shuffled orders: the same bits (a kernel with a race would differ; tests/checks.cu shows the
+    emulator telling such a kernel apart)."""
+    import numpy as np  # noqa: PLC0415
+
+    import palmcore  # noqa: PLC0415
+    from helpers import random_params, random_tokens  # noqa: PLC0415
+
+    cfg = palmcore.PaLMConfig(vocab_size=97, d_model=64, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=64,
+                              ffn_dim=100, max_seq_len=80, z_loss=1e-2)
+    params = {n: w.astype(np.float32) for n, w in random_params(cfg, 3).items()}
+    tokens = random_tokens(cfg, 2, 70, seed=1)
+
+    def run():
+        results = []
+        for precision, kernels in (("fp32", "plain"), ("bf16", "fast"), ("bf16", "plain")):
+            palmcore.set_kernels(kernels)
+            model = palmcore.PaLM(cfg, device="cuda", precision=precision)
+            model.load_state_dict(params)
+            model.zero_grad()
+            loss = model.forward_backward(tokens[:, :-1], tokens[:, 1:])
+            results.append((model.forward(tokens[:, :-1]), loss, model.grads()))
+            cache = model.kv_cache(1)
+            results.append([cache.feed(tokens[0, :5])] + [cache.feed([t]) for t in tokens[0, 5:9]])
+        return results
+
+    before = palmcore.get_kernels()
+    try:
+        runs = {}
+        for order in ("forward", "reverse", "shuffle:1", "shuffle:2"):
+            monkeypatch.setenv("PALMCORE_EMULATE_ORDER", order)
+            runs[order] = run()
+    finally:
+        palmcore.set_kernels(before)
+    flat = {order: [np.asarray(a) for a in _leaves(r)] for order, r in runs.items()}
+    for order, leaves in flat.items():
+        assert len(leaves) == len(flat["forward"])
+        for a, b in zip(leaves, flat["forward"]):
+            np.testing.assert_array_equal(a, b, err_msg=order)
+
+
+def _leaves(x):
+    if isinstance(x, dict):
+        for k in sorted(x):
+            yield from _leaves(x[k])
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            yield from _leaves(v)
+    else:
+        yield x

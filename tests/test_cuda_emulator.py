@@ -31,6 +31,24 @@ def test_emulator_checks_pass(tmp_path):
     assert "FAIL" not in done.stdout
 
 
+@needs_compiler
+def test_address_sanitizer_catches_a_kernel_writing_out_of_bounds(tmp_path):
+    """The emulator's memcheck: built with -fsanitize=address, a kernel's write one element past
+    a device buffer stops the process with a report naming the kernel's source line; built
+    without, the same write goes unnoticed (so the report is the sanitizer's doing)."""
+    script = str(EMULATOR / "tests" / "run_checks.sh")
+    env = {**os.environ, "PYTHON": sys.executable, "ASAN_OPTIONS": "detect_leaks=0"}
+    plain = subprocess.run(["sh", script, "out_of_bounds"], capture_output=True, text=True, timeout=600,
+                           env={**env, "BUILD_DIR": str(tmp_path / "plain")})
+    assert plain.returncode == 0 and "went unnoticed" in plain.stdout, plain.stdout + plain.stderr
+    asan = subprocess.run(["sh", script, "out_of_bounds"], capture_output=True, text=True, timeout=600,
+                          env={**env, "BUILD_DIR": str(tmp_path / "asan"), "CXXFLAGS": "-fsanitize=address"})
+    if "cannot find" in asan.stderr and "asan" in asan.stderr:
+        pytest.skip("the compiler has no AddressSanitizer runtime")
+    assert asan.returncode != 0 and "heap-buffer-overflow" in asan.stderr, asan.stdout + asan.stderr
+    assert re.search(r"in write_past_end .*checks\.cu:\d+", asan.stderr), asan.stderr
+
+
 def test_rewrite_handles_every_launch_and_shared_declaration():
     sources = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
     assert sources

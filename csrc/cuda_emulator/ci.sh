@@ -21,8 +21,10 @@ export PYTHONPATH="$build/site"
 blas=$("$python" -c "import scipy_openblas32 as o; print(o.get_lib_dir())")
 export LD_LIBRARY_PATH="$blas${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 if [ "${PALMCORE_SANITIZE:-}" = address ]; then
-  # the interpreter is not instrumented: ASan's runtime goes first; leaks of the interpreter itself are not ours
-  export LD_PRELOAD="$(gcc -print-file-name=libasan.so)" ASAN_OPTIONS=detect_leaks=0:detect_stack_use_after_return=0
+  # the interpreter is not instrumented: ASan's runtime goes first (and libstdc++, whose __cxa_throw it
+  # intercepts); the interpreter's own leaks are not ours
+  export LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so.6)"
+  export ASAN_OPTIONS=detect_leaks=0:detect_stack_use_after_return=0
 fi
 "$python" -c "import palmcore; assert palmcore._core.build_info()['cuda_emulated'] and palmcore.cuda_available()"
 cd "$root"

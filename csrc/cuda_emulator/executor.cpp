@@ -243,6 +243,7 @@ void Block::run(const LaunchConfig& cfg, const uint3& block_index, const std::fu
     f.state = State::Runnable;
     f.copies.clear();
     f.committed = 0;
+    asan.reuse(f.stack, kStackBytes);
     f.sp = fiber_stack_start(f.stack, kStackBytes, fiber_start);
   }
   running_block = this;

@@ -12,6 +12,7 @@
 #endif
 
 #if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #endif
 
@@ -40,8 +41,10 @@ inline void* fiber_stack_start(char* stack, size_t bytes, void (*start)()) {
 // AddressSanitizer's bookkeeping of the switches (its fake stacks and stack bounds); nothing
 // without it. The scheduler calls enter() before switching to a fiber and back() after; a fiber
 // calls entered() after each switch into it and leave() before each switch out (null: for good).
+// reuse() forgets what the frames of a stack's last fiber left poisoned, before it starts anew.
 struct FiberStacks {
 #if defined(__SANITIZE_ADDRESS__)
+  void reuse(char* stack, size_t bytes) { __asan_unpoison_memory_region(stack, bytes); }
   const void* scheduler_bottom = nullptr;
   size_t scheduler_size = 0;
   void* scheduler_fake = nullptr;
@@ -50,6 +53,7 @@ struct FiberStacks {
   void entered(void* fake) { __sanitizer_finish_switch_fiber(fake, &scheduler_bottom, &scheduler_size); }
   void leave(void** fake) { __sanitizer_start_switch_fiber(fake, scheduler_bottom, scheduler_size); }
 #else
+  void reuse(char*, size_t) {}
   void enter(const void*, size_t) {}
   void back() {}
   void entered(void*) {}

@@ -155,6 +155,11 @@ __global__ void add_const(int* x, int n) {
   if (i < n) x[i] += kBy;
 }
 
+// Writes one element past the end of an n-element buffer (thread n - 1 of the block).
+__global__ void write_past_end(float* out, int n) {
+  if (static_cast<int>(threadIdx.x) == n - 1) out[threadIdx.x + 1] = 1.0f;
+}
+
 // ---- host helpers ----------------------------------------------------------------------------
 
 struct Failure : std::runtime_error {
@@ -451,8 +456,19 @@ const std::vector<std::pair<std::string, std::function<void()>>> kChecks = {
 
 }  // namespace
 
+// `checks out_of_bounds`: a kernel writes past a device buffer's end. Under AddressSanitizer
+// (CXXFLAGS=-fsanitize=address) the process stops there with a heap-buffer-overflow report
+// naming checks.cu's line; without it the write goes unnoticed and this returns 0.
+int out_of_bounds() {
+  float* out = device_array<float>(8);
+  write_past_end<<<1, 8>>>(out, 8);
+  std::printf("the write past the end went unnoticed: %s\n", cudaGetErrorString(cudaGetLastError()));
+  return 0;
+}
+
 int main(int argc, char** argv) {
   std::vector<std::string> wanted(argv + 1, argv + argc);
+  if (wanted == std::vector<std::string>{"out_of_bounds"}) return out_of_bounds();
   int failed = 0, ran = 0;
   for (const auto& [name, check] : kChecks) {
     if (!wanted.empty() && std::find(wanted.begin(), wanted.end(), name) == wanted.end()) continue;

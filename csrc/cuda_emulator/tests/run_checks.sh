@@ -8,6 +8,6 @@ build=${BUILD_DIR:-$(mktemp -d)}
 mkdir -p "$build"
 "${PYTHON:-python3}" "$here/rewrite.py" "$here/tests/checks.cu" "$build/checks.cpp"
 "${CXX:-g++}" -std=c++17 -O1 -g -Wall -Wextra ${CXXFLAGS:-} -I"$here/include" -I"$here" \
-  "$build/checks.cpp" "$here/executor.cpp" "$here/runtime.cpp" "$here/intrinsics.cpp" "$here/fiber_switch.S" \
+  "$build/checks.cpp" "$here/executor.cpp" "$here/runtime.cpp" "$here/intrinsics.cpp" "$here/tensor_core.cpp" "$here/fiber_switch.S" \
   -o "$build/checks" -lpthread
 exec "$build/checks" "$@"

@@ -98,6 +98,9 @@ BuildInfo build_info() {
   info.cuda_architectures_default = std::string(PALMCORE_CUDA_ARCHS_SOURCE) == "default";
   info.nccl = true;
 #endif
+#ifdef PALMCORE_CUDA_EMULATED
+  info.cuda_emulated = true;
+#endif
   return info;
 }
 

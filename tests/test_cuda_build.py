@@ -29,16 +29,19 @@ def nvcc_findable() -> bool:
 
 
 def test_build_info_reports_what_was_compiled():
-    assert INFO["cuda_option"] in ("AUTO", "ON", "OFF")
+    assert INFO["cuda_option"] in ("AUTO", "ON", "OFF", "EMULATE")
     assert isinstance(INFO["mpi"], bool) and INFO["nccl"] is INFO["cuda"]  # NCCL comes with the CUDA backend
     assert INFO["blas"].startswith("scipy-openblas32")
+    assert INFO["cuda_emulated"] is (INFO["cuda_option"] == "EMULATE")
     if INFO["cuda_option"] == "OFF":
         assert not INFO["cuda"]
+    elif INFO["cuda_emulated"]:
+        assert INFO["cuda"] and INFO["cuda_version"] == "emulated" and INFO["cuda_architectures"] == [90]
     elif INFO["cuda_option"] == "ON" or nvcc_findable():
         assert INFO["cuda"], "nvcc was there at build time but the CUDA backend is not compiled in"
 
 
-@pytest.mark.skipif(not INFO["cuda"], reason="built without CUDA")
+@pytest.mark.skipif(not INFO["cuda"] or INFO["cuda_emulated"], reason="built without nvcc")
 def test_cuda_build_targets_sm80_and_sm90_by_default():
     assert INFO["cuda_runtime_version"] >= 12000 and re.fullmatch(r"\d+\.\d+\.\d+", INFO["cuda_version"])
     if INFO["cuda_architectures_default"]:
@@ -94,7 +97,9 @@ def test_palmcore_info_tells_the_truth():
                          timeout=120)
     assert out.returncode == 0, out.stderr
     text = out.stdout
-    assert re.search(r"CUDA\s+yes: CUDA \d+\.\d+" if INFO["cuda"] else r"CUDA\s+no", text), text
+    expected = r"CUDA\s+EMULATED on the CPU" if INFO["cuda_emulated"] else r"CUDA\s+yes: CUDA \d+\.\d+" if INFO["cuda"] \
+        else r"CUDA\s+no"
+    assert re.search(expected, text), text
     assert ("NCCL      yes, loaded at run time" if INFO["nccl"] else "NCCL      no") in text
     assert "BLAS      scipy-openblas32" in text
     assert ("MPI       yes" if INFO["mpi"] else "MPI       no") in text

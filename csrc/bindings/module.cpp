@@ -127,6 +127,7 @@ static void bind_build_info(py::module_& m) {
     d["mpi"] = b.mpi;
     d["cuda_option"] = b.cuda_option;
     d["cuda"] = b.cuda;
+    d["cuda_emulated"] = b.cuda_emulated;
     d["cuda_version"] = b.cuda_version;
     d["cuda_runtime_version"] = b.cuda_runtime_version;
     d["cuda_architectures"] = b.cuda_architectures;

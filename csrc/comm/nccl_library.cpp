@@ -16,6 +16,10 @@
 
 #include "palmcore/communicator.h"
 
+#ifdef PALMCORE_CUDA_EMULATED
+#include "palmcore_emu/nccl.h"
+#endif
+
 namespace palmcore::nccl {
 namespace {
 
@@ -74,6 +78,9 @@ Library open_library() {
   if (lib.get_version(&lib.version) != kSuccess || lib.version < 21000 || lib.version >= 30000)
     throw std::runtime_error("NCCL library " + lib.path + " reports version " + std::to_string(lib.version) +
                              "; palmcore needs NCCL 2.10 or newer with major version 2 (bfloat16, the ABI it uses)");
+#ifdef PALMCORE_CUDA_EMULATED
+  palmcore_emu::use_single_rank_nccl(lib);  // the emulated device has no GPU for NCCL's own calls
+#endif
   return lib;
 }
 

@@ -12,8 +12,13 @@ const CublasLt* cublaslt(std::string* error) {
     // The soname of the major version palmcore was built against first, then whatever
     // libcublasLt.so the loader finds (checked to be that major version).
     const std::string versioned = "libcublasLt.so." + std::to_string(CUBLAS_VER_MAJOR);
+#ifdef PALMCORE_CUDA_EMULATED
+    // The emulated device's reference cuBLASLt (csrc/cuda_emulator/cublaslt.cpp), in this module.
+    void* lib = palmcore_emu::cublaslt_library();
+#else
     void* lib = dlopen(versioned.c_str(), RTLD_NOW | RTLD_LOCAL);
     if (!lib) lib = dlopen("libcublasLt.so", RTLD_NOW | RTLD_LOCAL);
+#endif
     if (!lib) {
       load_error = "cuBLASLt not found (" + versioned +
                    " is not on the library path: install the CUDA toolkit or nvidia-cublas-cu" +

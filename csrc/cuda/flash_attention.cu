@@ -51,6 +51,7 @@
 #include "cuda/context.h"
 #include "cuda/flash_attention.h"
 #include "cuda/mma_fragments.h"
+#include "cuda/tensor_core.h"
 
 namespace palmcore::cuda {
 namespace {
@@ -94,62 +95,6 @@ __device__ QueryBlock query_block(const Dims& dims) {
   const int cta = static_cast<int>(blockIdx.x);
   const int h = cta % dims.H, b = (cta / dims.H) % dims.B, qb = dims.blocks - 1 - cta / (dims.H * dims.B);
   return {h, b, dims.kv_head(h), qb, qb * kBlock};
-}
-
-// ---- PTX ------------------------------------------------------------------------------------
-// bf16 mma.sync, ldmatrix and cp.async need sm_80. Compiled for an older architecture (a build
-// that lists one), each wrapper traps instead, and flash_attention_supports() keeps such a
-// device on the plain kernels.
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
-#define PALMCORE_SM80(...) __trap()
-#else
-#define PALMCORE_SM80(...) __VA_ARGS__
-#endif
-
-[[maybe_unused]] __device__ __forceinline__ uint32_t shared_address(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
-  PALMCORE_SM80(asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(shared_address(dst)),
-               "l"(__cvta_generic_to_global(src))
-               : "memory"));
-}
-
-__device__ __forceinline__ void cp_async4(void* dst, const void* src) {
-  PALMCORE_SM80(asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(shared_address(dst)),
-               "l"(__cvta_generic_to_global(src))
-               : "memory"));
-}
-
-__device__ __forceinline__ void cp_async_commit() { PALMCORE_SM80(asm volatile("cp.async.commit_group;\n" ::: "memory")); }
-
-// Wait until at most `kPending` of this thread's committed groups are still in flight.
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-  PALMCORE_SM80(asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory"));
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const bf16* p) {
-  PALMCORE_SM80(asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(shared_address(p))
-               : "memory"));
-}
-
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const bf16* p) {
-  PALMCORE_SM80(asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(shared_address(p))
-               : "memory"));
-}
-
-// c += a · b (16x16 bf16 times 16x8 bf16, float accumulators).
-__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  PALMCORE_SM80(asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1)));
 }
 
 // ---- tiles ----------------------------------------------------------------------------------

@@ -15,8 +15,9 @@ struct BuildInfo {
   std::string blas;                     // "scipy-openblas32 0.3.x" (the build's wheel)
   std::string blas_config;              // what the loaded OpenBLAS says of itself
   bool mpi = false;                     // MPI collectives compiled in (PALMCORE_MPI)
-  std::string cuda_option;              // PALMCORE_CUDA at configure time: AUTO, ON or OFF
+  std::string cuda_option;              // PALMCORE_CUDA at configure time: AUTO, ON, OFF or EMULATE
   bool cuda = false;                    // the CUDA backend compiled in
+  bool cuda_emulated = false;           // ... for the emulated device on the CPU (PALMCORE_CUDA=EMULATE)
   std::string cuda_version;             // nvcc's version, "13.0.88"
   int cuda_runtime_version = 0;         // CUDART_VERSION, 13000 for 13.0
   std::vector<int> cuda_architectures;  // "80;90" -> {80, 90}

@@ -340,7 +340,10 @@ def build_report() -> list[str]:
              f"  CPU       {' '.join(b['cpu_features']) or 'baseline (no SIMD extensions beyond the default)'}",
              f"  BLAS      {b['blas']}" + (f" ({b['blas_config']})" if b["blas_config"] else ""),
              f"  MPI       {'yes (MPICH ABI, loaded at run time)' if b['mpi'] else 'no'}"]
-    if b["cuda"]:
+    if b["cuda_emulated"]:
+        lines.append(f"  CUDA      EMULATED on the CPU (PALMCORE_CUDA={b['cuda_option']}: csrc/cuda_emulator, a "
+                     "correctness tool for the CUDA code, not a backend), reference cuBLASLt")
+    elif b["cuda"]:
         v = b["cuda_runtime_version"]
         archs = ", ".join(f"sm_{a}" for a in b["cuda_architectures"])
         lines.append(f"  CUDA      yes: CUDA {v // 1000}.{v % 1000 // 10} (nvcc {b['cuda_version']}), {archs}, "

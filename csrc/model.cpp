@@ -924,9 +924,10 @@ KVCache Model::make_cache(int64_t slots, int64_t capacity) const {
                              config_.head_dim * 2 * config_.n_layers;
   require(floats < 0x1p40L, "a cache of " + std::to_string(slots) + " slots x " + std::to_string(capacity) +
                                 " positions is too large");
-  require_memory("the key/value cache", static_cast<uint64_t>(floats) * dtype_size(activation_dtype()),
-                 "the keys and values of " + std::to_string(slots) + " slots x " + std::to_string(capacity) +
-                     " positions");
+  if (device_ == Device::CPU)  // a device cache is checked against the device's memory as it is allocated
+    require_memory("the key/value cache", static_cast<uint64_t>(floats) * dtype_size(activation_dtype()),
+                   "the keys and values of " + std::to_string(slots) + " slots x " + std::to_string(capacity) +
+                       " positions");
   static std::atomic<uint64_t> caches_made{0};
   KVCache cache;
   cache.id = ++caches_made;

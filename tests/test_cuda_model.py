@@ -155,6 +155,24 @@ def test_the_device_memory_guard_refuses_what_the_device_cannot_hold(monkeypatch
     assert gpu.forward(np.array([[1, 2, 3]])).shape == (1, 3, CFG.vocab_size)   # still works
 
 
+@pytest.mark.skipif(not palmcore._core.build_info()["cuda_emulated"], reason="no CUDA device (emulated) here")
+def test_a_device_cache_is_held_to_the_devices_memory_not_the_hosts(monkeypatch):
+    """A CUDA model's key/value cache lives on the device: the host's memory (here a small
+    palmcore.set_memory_limit) does not refuse it, the device's does."""
+    _, gpu = pair("fp32")
+    before = palmcore.get_memory_limit()
+    try:
+        palmcore.set_memory_limit(palmcore._core.allocated_bytes() + (1 << 20))  # 1 MiB more on the host
+        cache = gpu.kv_cache(slots=64)  # 64 slots x 128 positions x 12 x 2 (k, v) x 2 layers: 1.5 MiB
+        assert cache.feed([1, 2, 3]).shape == (1, CFG.vocab_size)
+        del cache
+        monkeypatch.setenv("PALMCORE_EMULATE_MEMORY", str(1 << 20))  # a device of 1 MiB
+        with pytest.raises(ValueError, match=r"out of memory: palmcore needs .* on cuda:0"):
+            gpu.kv_cache(slots=64)
+    finally:
+        palmcore.set_memory_limit(before)
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_a_short_cuda_training_run_follows_the_cpu(corpus, tmp_path, precision):
     """`palmcore train --device cuda`: the loss curve of 8 steps follows the CPU's run of the same

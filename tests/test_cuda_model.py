@@ -79,7 +79,11 @@ def test_bf16_storage_with_flash_or_plain_attention_matches_the_cpu_oracle(kerne
     """The GPU's bf16 mode keeps its activations, weight copy and cache in bfloat16 (the CPU's
     default keeps them in float32); with the flash kernels (fast) or the plain ones, its logits
     and gradients follow the CPU's bf16 oracle (the near/far criterion above), two AdamW steps
-    (which write the bf16 weight copy in their pass) keep it so, and a rerun gives the same bits."""
+    (which write the bf16 weight copy in their pass) keep it so, and a rerun gives the same bits.
+    After each GPU step the CPU models take the GPU's weights: AdamW's first update is about
+    lr · sign(g) per element, so a gradient element near 0 whose sign the bf16 roundings decide
+    (a legitimate difference within the 1/2 above) moves that weight by 2 lr on one side and
+    not the other, and separately stepped models end as far apart as bf16 is from fp32."""
     before = palmcore.get_kernels()
     palmcore.set_kernels(kernels)
     try:
@@ -88,15 +92,16 @@ def test_bf16_storage_with_flash_or_plain_attention_matches_the_cpu_oracle(kerne
             cpu16, gpu16 = pair("bf16", FLASH_CFG)
             assert (cpu16.core.activation_dtype(), gpu16.core.activation_dtype()) == ("float32", "bfloat16")
             cpu32, _ = pair("fp32", FLASH_CFG)
-            opts = [palmcore.AdamW(m) for m in (cpu16, gpu16, cpu32)]
+            opt = palmcore.AdamW(gpu16)
             for k in range(2):
                 tokens = random_tokens(FLASH_CFG, 2, 131, seed=k)
                 (lc, _, gc), (lg, og, gg), (l32, _, g32) = (step(m, tokens) for m in (cpu16, gpu16, cpu32))
                 assert fro(lg, lc) <= fro(lg, l32) / 20
                 for name in gc:
                     assert fro(gg[name], gc[name]) <= fro(gg[name], g32[name]) / 2, name
-                for opt in opts:
-                    opt.step(1e-3)
+                opt.step(1e-3)
+                for m in (cpu16, cpu32):
+                    m.load_state_dict(gpu16.state_dict())
             runs.append((lg, og, gg, gpu16.state_dict()))
         (l1, o1, g1, w1), (l2, o2, g2, w2) = runs
         assert np.array_equal(l1, l2) and o1 == o2

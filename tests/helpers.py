@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
+import subprocess
 import sys
+import time
+import urllib.request
 
 import numpy as np
 import pytest
@@ -131,3 +135,37 @@ def mpiexec() -> str:
     if found is None:
         pytest.skip("no mpiexec: install palmcore with the mpi extra (mpi4py, mpich)")
     return found
+
+
+def start_server(run: str, *flags: str, timeout: float = 120.0) -> tuple[subprocess.Popen, int]:
+    """`palmcore serve --checkpoint run` with `flags` on a free port, once /health answers:
+    (the process, its stderr a text pipe; the port). The caller stops it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "palmcore", "serve", "--checkpoint", run, "--port", str(port),
+                             *flags], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(f"palmcore serve exited: {proc.stderr.read()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                return proc, port
+        except OSError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise AssertionError(f"palmcore serve did not answer /health within {timeout} s") from None
+            time.sleep(0.05)
+
+
+def norm_scales_off_one(model, seed: int):
+    """model with its norm scales set to 1 + 0.3 N(0, 1) (deterministic in seed), so that a
+    misplaced or dropped scale shows; returns the model."""
+    state = model.state_dict()
+    rng = np.random.default_rng(seed)
+    for name in state:
+        if name.endswith("norm.scale"):
+            state[name] = (1 + 0.3 * rng.standard_normal(state[name].shape)).astype(np.float32)
+    model.load_state_dict(state)
+    return model

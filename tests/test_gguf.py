@@ -27,6 +27,7 @@ from gguf.quants import dequantize
 
 import palmcore
 from command_r_numpy import CommandRNumpy
+from helpers import norm_scales_off_one
 from llama_spm import LlamaSPM
 from palmcore import checkpoint, gguf_export
 from palmcore.cli import main as cli
@@ -45,14 +46,7 @@ def make_model(vocab=1000, seed=0, **fields) -> palmcore.PaLM:
     """A small model whose rows are multiples of 32 (q8_0 blocks), norm scales away from 1."""
     cfg = palmcore.PaLMConfig(**{**dict(vocab_size=vocab, d_model=64, n_layers=2, n_heads=4, n_kv_heads=1,
                                         ffn_dim=96, max_seq_len=64), **fields})
-    model = palmcore.PaLM(cfg, seed=seed)
-    state = model.state_dict()
-    rng = np.random.default_rng(seed)
-    for name in state:
-        if name.endswith("norm.scale"):
-            state[name] = (1 + 0.3 * rng.standard_normal(state[name].shape)).astype(np.float32)
-    model.load_state_dict(state)
-    return model
+    return norm_scales_off_one(palmcore.PaLM(cfg, seed=seed), seed)
 
 
 def values(path) -> dict:

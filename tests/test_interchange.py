@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 
 import palmcore
 from cohere_numpy import CohereNumpy, read_safetensors
+from helpers import norm_scales_off_one
 from palmcore import checkpoint, interchange
 from palmcore.cli import main as cli
 from palmcore.interchange import export_hf, import_hf
@@ -44,14 +45,7 @@ def make_model(vocab=600, seed=0, **fields) -> palmcore.PaLM:
     """A tiny model whose norm scales are away from 1 (a misplaced scale shows)."""
     cfg = palmcore.PaLMConfig(**{**dict(vocab_size=vocab, d_model=48, n_layers=2, n_heads=4, n_kv_heads=1,
                                         ffn_dim=80, max_seq_len=64), **fields})
-    model = palmcore.PaLM(cfg, seed=seed)
-    state = model.state_dict()
-    rng = np.random.default_rng(seed)
-    for name in state:
-        if name.endswith("norm.scale"):
-            state[name] = (1 + 0.3 * rng.standard_normal(state[name].shape)).astype(np.float32)
-    model.load_state_dict(state)
-    return model
+    return norm_scales_off_one(palmcore.PaLM(cfg, seed=seed), seed)
 
 
 def rel(a, b) -> float:

@@ -9,16 +9,13 @@ import pathlib
 import re
 import shlex
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 
 import pytest
 
 import palmcore
 from palmcore.cli import build_parser, parse_arguments
+
+from helpers import start_server
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
@@ -77,28 +74,11 @@ def test_the_readme_marks_only_the_blocks_it_means_to():
     assert len(python_blocks()) >= 6
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def serving(run: str):
-    """`palmcore serve --checkpoint run` on a free port, until /health answers; yields the port."""
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "palmcore", "serve", "--checkpoint", run, "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    """`palmcore serve --checkpoint run` on a free port while the block runs; yields the port."""
+    server, port = start_server(run)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, f"palmcore serve exited: {server.stderr.read().decode()[-2000:]}"
-            assert time.monotonic() < deadline, "palmcore serve did not answer /health within 120 s"
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                    break
-            except OSError:
-                time.sleep(0.2)
         yield port
     finally:
         server.terminate()

@@ -22,7 +22,7 @@ import palmcore  # noqa: E402
 from palmcore.serve import make_app  # noqa: E402
 from palmcore.training import run  # noqa: E402
 
-from helpers import tiny_run_settings  # noqa: E402
+from helpers import start_server, tiny_run_settings  # noqa: E402
 
 SAMPLING = dict(temperature=0.9, top_k=20, top_p=0.9)
 
@@ -304,25 +304,10 @@ def test_models_health_and_metrics(server):
 def test_sigterm_drains_and_exits(run_dir):
     import os  # noqa: PLC0415
     import signal  # noqa: PLC0415
-    import subprocess  # noqa: PLC0415
-    import sys  # noqa: PLC0415
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "palmcore", "serve", "--checkpoint", run_dir, "--port", str(port),
-                             "--slots", "2", "--threads", "1"], stderr=subprocess.PIPE, text=True)
+    proc, port = start_server(run_dir, "--slots", "2", "--threads", "1")
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.stderr.read()
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "the server did not start"
-                time.sleep(0.05)
         body = {"model": os.path.basename(run_dir), "prompt": "def", "max_tokens": 20, "stream": True, "seed": 2}
         with httpx.stream("POST", url + "/v1/completions", json=body) as response:
             lines = response.iter_lines()

@@ -8,8 +8,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -25,7 +23,7 @@ from palmcore.serve import MAX_REQUEST_BYTES, make_app, serve  # noqa: E402
 from palmcore.tokenizer import Tokenizer  # noqa: E402
 from palmcore.training import run  # noqa: E402
 
-from helpers import tiny_run_settings  # noqa: E402
+from helpers import start_server, tiny_run_settings  # noqa: E402
 from test_serve import Gate, Server, post, reference, run_dir, want, wait_for  # noqa: E402,F401
 
 LIMIT = 4096  # the request-size limit of the servers here
@@ -281,24 +279,10 @@ def long_run(corpus, tmp_path_factory):
 def test_sigterm_with_stalled_clients_exits_within_the_shutdown_timeout(long_run):
     """Item 9: a client holding half a body and a streaming client that never reads: SIGTERM ends
     the server within --shutdown-timeout (plus the engine's close), by the signal."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "palmcore", "serve", "--checkpoint", long_run, "--port", str(port),
-                             "--slots", "4", "--threads", "1", "--shutdown-timeout", "2"], stderr=subprocess.PIPE,
-                            text=True)
+    proc, port = start_server(long_run, "--slots", "4", "--threads", "1", "--shutdown-timeout", "2")
     clients = []
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.stderr.read()
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "the server did not start"
-                time.sleep(0.05)
         half = socket.create_connection(("127.0.0.1", port))
         half.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Content-Length: 100\r\n\r\n" + b'{"prompt": "' + b" " * 38)

@@ -152,9 +152,13 @@ Model::Model(const ModelConfig& config, uint64_t seed, Device device, ModelShard
                                  std::to_string(extent) + ")");
   // Refused before building anything as large as n_layers (info_ below, then the buffers).
   const int64_t local_params = local_param_count(config_, M);
-  const uint64_t param_bytes = static_cast<uint64_t>(local_params) * 2 * sizeof(float);  // params, grads
+  // On the CPU the parameters and gradients live in host memory; on a GPU the host only stages the
+  // initial parameters (the device's own memory is checked as its buffers are allocated).
+  const bool on_host = device == Device::CPU;
+  const uint64_t param_bytes = static_cast<uint64_t>(local_params) * (on_host ? 2 : 1) * sizeof(float);
   require_memory("the model", param_bytes,
-                 "its parameters and gradients (" + std::to_string(local_params) + " parameters" +
+                 std::string(on_host ? "its parameters and gradients (" : "staging its parameters (") +
+                     std::to_string(local_params) + " parameters" +
                      (M > 1 ? " on this rank of " + std::to_string(M) : "") + ", float32)");
   const int64_t V = config_.vocab_size, D = config_.d_model, F = config_.ffn_dim;
   const int64_t q_width = config_.n_heads * config_.head_dim;

@@ -174,6 +174,22 @@ def test_the_device_memory_guard_refuses_what_the_device_cannot_hold(monkeypatch
     assert gpu.forward(np.array([[1, 2, 3]])).shape == (1, 3, CFG.vocab_size)   # still works
 
 
+def test_a_cuda_model_needs_host_memory_only_to_stage_its_parameters():
+    """The host holds a CUDA model's initial parameters on their way to the device, not its
+    gradients: a host limit that fits the parameters once (but not with gradients, as a CPU
+    model needs) lets the CUDA model be made, and the CPU model is refused."""
+    cfg = palmcore.PaLMConfig(vocab_size=4096, d_model=128, n_layers=2, n_heads=4, n_kv_heads=1, max_seq_len=64)
+    param_bytes = 4 * cfg.num_params()
+    before = palmcore.get_memory_limit()
+    try:
+        palmcore.set_memory_limit(palmcore._core.allocated_bytes() + int(1.5 * param_bytes))
+        with pytest.raises(ValueError, match="parameters and gradients"):
+            palmcore.PaLM(cfg)
+        assert palmcore.PaLM(cfg, device="cuda").forward(np.array([[1, 2, 3]])).shape == (1, 3, 4096)
+    finally:
+        palmcore.set_memory_limit(before)
+
+
 @pytest.mark.skipif(not palmcore._core.build_info()["cuda_emulated"], reason="no CUDA device (emulated) here")
 def test_a_device_cache_is_held_to_the_devices_memory_not_the_hosts(monkeypatch):
     """A CUDA model's key/value cache lives on the device: the host's memory (here a small

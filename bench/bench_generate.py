@@ -138,8 +138,8 @@ def decode_bytes(model, weights: str) -> int:
     per_weight = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0 + 4.0 / 32}[weights]
     gemm = ("attn.wq", "attn.wk", "attn.wv", "attn.wo", "mlp.w_gate", "mlp.w_up", "mlp.w_down")
     total = 0.0
-    for name in model.state_dict():
-        n = int(np.prod(model.param_shape(name)))
+    for name, shape in model.config.param_shapes().items():
+        n = int(np.prod(shape))
         total += n * (per_weight if name == "embed" or name.endswith(gemm) else 4.0)
     return int(total)
 

@@ -303,7 +303,6 @@ void Model::set_weight_format(WeightFormat format) {
           "compact decode weights are weight-only, with float32 activations: set the precision to fp32 first");
   weight_format_ = format;
   compact_ = CompactWeights{};
-  decode_recording_.reset();
   if (format == WeightFormat::F32) {
     gemm_params_ = params_;
     gemm_weights_ = weights_;
